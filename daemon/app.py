@@ -1,0 +1,208 @@
+"""The daemon: startup order, the task group, readiness, staged shutdown, signals.
+
+Start: plugins -> rules -> journal -> HTTP + MQTT (alerts are journalled while the model
+loads) -> model -> review workers -> READY=1 once subscribed.
+Stop: STOPPING=1 -> close HTTP and MQTT intake (unacknowledged MQTT alerts are redelivered
+by the broker later) -> let in-flight reviews finish within a grace period -> publish what
+the outbox holds -> retained `offline` -> disconnect. Anything cut short stays journalled
+and is resumed at the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+
+from daemon.config import Settings
+from daemon.http_api import HttpApi
+from daemon.journal import Journal
+from daemon.mqtt import MqttLink
+from daemon.outbox import Outbox
+from daemon.pipeline import Pipeline
+from daemon.plugins import Registry, make_plugin_manager
+from daemon.rules import RuleBook
+from daemon.sdnotify import notify
+from daemon.topics import check_topic_template
+
+log = structlog.get_logger(__name__)
+
+JOURNAL_FILE = "journal.sqlite3"
+#: in-flight reviews get this long to finish at shutdown (the unit's TimeoutStopSec is 60)
+SHUTDOWN_GRACE_S = 20.0
+
+
+class StartupError(Exception):
+    """A setting that names something that does not exist (format, backend ...)."""
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, extra_plugins: Iterable[object] = ()) -> None:
+        self.settings = settings
+        self.pm = make_plugin_manager(extra_plugins)
+        self.registry = Registry.collect(self.pm)
+        self._check_settings()
+        self.rules = RuleBook(settings.rules.dir, self.registry.rule_kinds)
+        self.backend = self.registry.backends[settings.model.backend](settings.model)
+        self.ready = asyncio.Event()
+        self.stopping = False
+        self.journal: Journal | None = None
+        self.pipeline: Pipeline | None = None
+        self.link: MqttLink | None = None
+        self.outbox: Outbox | None = None
+
+    def _check_settings(self) -> None:
+        s = self.settings
+        if s.mqtt.format not in self.registry.alert_formats:
+            known = ", ".join(sorted(self.registry.alert_formats))
+            raise StartupError(f"[mqtt] format {s.mqtt.format!r} is unknown; known: {known}")
+        if s.model.backend not in self.registry.backends:
+            known = ", ".join(sorted(self.registry.backends))
+            raise StartupError(f"[model] backend {s.model.backend!r} is unknown; known: {known}")
+        try:
+            check_topic_template(s.mqtt.verdict_topic)
+        except ValueError as exc:
+            raise StartupError(f"[mqtt] verdict_topic: {exc}") from exc
+
+    def reload_rules(self) -> None:
+        errors = self.rules.load()
+        log.info("rules reloaded", rules=len(self.rules.rules), errors=len(errors))
+
+    async def health(self) -> dict[str, Any]:
+        status = "stopping" if self.stopping else "ok" if self.ready.is_set() else "starting"
+        mqtt = "disabled"
+        if self.link is not None:
+            mqtt = "connected" if self.link.connected.is_set() else "disconnected"
+        return {
+            "status": status,
+            "model": self.backend.model_name,
+            "mqtt": mqtt,
+            "rules": [rule.name for rule in self.rules.rules],
+            "rule_errors": [str(error) for error in self.rules.errors],
+            "queued": self.pipeline.queue.qsize() if self.pipeline else 0,
+            "unpublished": await self.journal.count_unpublished() if self.journal else 0,
+        }
+
+    async def open(self) -> Pipeline:
+        """Load the rules, open the journal, wire the pipeline (no network, no model yet)."""
+        s = self.settings
+        self.rules.load()
+        self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
+        if s.mqtt.enabled:
+            self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
+            self.outbox = Outbox(journal, self.link)
+            self.link.on_connected = self.outbox.wake
+        self.pipeline = Pipeline(
+            settings=s,
+            journal=journal,
+            rules=self.rules,
+            registry=self.registry,
+            backend=self.backend,
+            hooks=self.pm.hook,
+            on_verdicts=self.outbox.wake if self.outbox else lambda: None,
+        )
+        return self.pipeline
+
+    async def close(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.snapshots.close()
+        await self.backend.close()
+        if self.journal is not None:
+            await self.journal.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down in stages."""
+        s = self.settings
+        pipeline = await self.open()
+        api = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if s.http.enabled:
+                    max_body = int(s.http.max_body_mb * 1024 * 1024)
+                    api = HttpApi(pipeline, self.health, max_body_bytes=max_body)
+                    await api.start(s.http.host, s.http.port)
+                background = []
+                if self.link is not None and self.outbox is not None:
+                    background += [
+                        tg.create_task(self.link.run()),
+                        tg.create_task(self.outbox.run()),
+                    ]
+                notify("STATUS=loading model")
+                log.info("loading model", backend=s.model.backend, model=s.model.path)
+                await self.backend.start()
+                await pipeline.requeue_pending()
+                background += [
+                    tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
+                ]
+                if self.link is not None:
+                    await _first(self.link.subscribed.wait(), stop.wait())
+                if not stop.is_set():
+                    self.ready.set()
+                    notify("READY=1\nSTATUS=reviewing alerts")
+                    log.info("ready", rules=len(self.rules.rules), model=self.backend.model_name)
+                await stop.wait()
+                await self._shutdown(api, pipeline)
+                for task in background:
+                    task.cancel()
+        finally:
+            if api is not None:
+                await api.stop()
+            await self.close()
+            log.info("stopped")
+
+    async def _mqtt_alert(self, topic: str, payload: bytes) -> None:
+        assert self.pipeline is not None
+        await self.pipeline.ingest(payload, source="mqtt", topic=topic)
+
+    async def _shutdown(self, api: HttpApi | None, pipeline: Pipeline) -> None:
+        self.stopping = True
+        notify("STOPPING=1")
+        log.info("stopping: intake closed, finishing in-flight reviews")
+        if api is not None:
+            await api.stop()
+        if self.link is not None:
+            self.link.close_intake()
+        if not await pipeline.drain(SHUTDOWN_GRACE_S):
+            log.warning("reviews still running at the deadline; they resume at next start")
+        if self.outbox is not None and self.link is not None and self.link.connected.is_set():
+            await self.outbox.flush()
+            await self.link.announce_offline()
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of several awaitables finishes; cancel the rest."""
+    tasks = [asyncio.ensure_future(aw) for aw in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def run_daemon(settings: Settings) -> None:
+    """Run under asyncio with signal handling: TERM/INT stop (twice: at once), HUP reloads."""
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        daemon = Daemon(settings)
+        loop = asyncio.get_running_loop()
+
+        def on_stop(signum: int) -> None:
+            if stop.is_set():
+                log.warning("second stop signal: exiting at once")
+                os._exit(1)
+            log.info("stop signal", signal=signal.Signals(signum).name)
+            stop.set()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_stop, signum)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload_rules)
+        await daemon.run(stop)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())

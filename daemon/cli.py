@@ -1,0 +1,168 @@
+"""The `secondlook` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+import structlog
+from rich.console import Console
+
+from daemon.config import ConfigError, Settings, load_settings
+from daemon.logs import configure_logging
+
+
+def _settings(
+    config: Path | None, *, model_path: str | None = None, rules_dir: Path | None = None
+) -> Settings:
+    """The config file's settings with the command line's overrides."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    updates = {}
+    if model_path:
+        updates["model"] = settings.model.model_copy(update={"path": model_path})
+    if rules_dir is not None:
+        updates["rules"] = settings.rules.model_copy(update={"dir": rules_dir})
+    return settings.model_copy(update=updates)
+
+
+MODEL_OPTION = click.option(
+    "--model", "model_path", help="Hub id or local model directory (overrides the config)."
+)
+
+
+@click.group()
+@click.version_option(package_name="secondlook")
+def main() -> None:
+    """A local multimodal LLM takes a second look at the alerts of AI camera boxes."""
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML config file (default: built-in defaults).",
+)
+@MODEL_OPTION
+def run(config: Path | None, model_path: str | None) -> None:
+    """Run the daemon: MQTT/HTTP in, rules, model, verdicts out."""
+    settings = _settings(config, model_path=model_path)
+    from daemon.app import StartupError, run_daemon
+    from daemon.plugin_api import ModelLoadError
+
+    configure_logging(settings.log)
+    try:
+        run_daemon(settings)
+    except* (StartupError, ModelLoadError) as group:
+        for exc in group.exceptions:
+            click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML config file (its rules and model).",
+)
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Rules directory (overrides the config).",
+)
+@MODEL_OPTION
+@click.option(
+    "--json", "as_json", is_flag=True, help="One verdict JSON per line instead of a table."
+)
+def replay(
+    paths: tuple[Path, ...],
+    config: Path | None,
+    rules_dir: Path | None,
+    model_path: str | None,
+    as_json: bool,
+) -> None:
+    """Run alert files (or directories of *.json) through the pipeline, without a broker."""
+    from daemon.replay import alert_files, verdict_table
+    from daemon.replay import replay as run_replay
+
+    settings = _settings(config, model_path=model_path, rules_dir=rules_dir)
+    files = alert_files(paths)
+    with tempfile.TemporaryDirectory(prefix="secondlook-replay-") as scratch:
+        # no broker, no HTTP, a journal of its own: every file is reviewed afresh
+        updates = {
+            "mqtt": settings.mqtt.model_copy(update={"enabled": False}),
+            "http": settings.http.model_copy(update={"enabled": False}),
+            "storage": settings.storage.model_copy(update={"dir": Path(scratch)}),
+        }
+        settings = settings.model_copy(update=updates)
+        console = Console(stderr=True)
+        configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
+        rows = asyncio.run(run_replay(settings, files, console))
+    if as_json:
+        for row in rows:
+            if row.verdict is not None:
+                click.echo(row.verdict.to_json())
+            else:
+                click.echo(json.dumps({"file": str(row.file), "error": row.error}))
+    else:
+        Console().print(verdict_table(rows))
+    if any(row.verdict is None for row in rows):
+        sys.exit(1)
+
+
+@main.group()
+def rules() -> None:
+    """Work with rule files."""
+
+
+@rules.command("check")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+def rules_check(directory: Path) -> None:
+    """Validate every *.toml in DIRECTORY; exit 1 naming each bad file."""
+    from daemon.plugins import Registry, make_plugin_manager
+    from daemon.rules import RuleBook
+
+    # this command reports on stdout/stderr itself: no log lines
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    book = RuleBook(directory, Registry.collect(make_plugin_manager()).rule_kinds)
+    errors = book.load()
+    for rule in book.rules:
+        click.echo(
+            f"ok    {rule.path}  rule={rule.name} kind={rule.kind} "
+            f"events={','.join(rule.match.event_types)}"
+        )
+    for error in errors:
+        click.echo(f"error {error}", err=True)
+    if not book.rules and not errors:
+        click.echo(f"no *.toml rule files in {directory}", err=True)
+    if errors:
+        sys.exit(1)
+
+
+@main.command("tiny-model")
+@click.argument("out_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option(
+    "--family",
+    type=click.Choice(["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]),
+    default="qwen2-vl",
+    show_default=True,
+)
+def tiny_model(out_dir: Path, family: str) -> None:
+    """Write a tiny random model (hub snapshot layout) for offline tests and demos.
+
+    Its answers are noise; it exercises the real loading and inference code.
+    """
+    from daemon.inference.synthetic import build_tiny_model
+
+    build_tiny_model(out_dir, family)
+    click.echo(str(out_dir))

@@ -1,0 +1,152 @@
+"""Daemon settings from a TOML file: every key has a default, unknown keys are errors."""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_VERDICT_TOPIC = "secondlook/verdicts/{verdict}/{box_id}/{camera_id}/{event_type}"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be read or does not validate."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MqttSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    subscribe: list[str] = Field(default_factory=lambda: ["secondlook/alerts/#"])
+    #: alert format of the subscribed topics (a registered alert format's name)
+    format: str = "canonical"
+    #: fixed so the broker keeps our session (and queued alerts) across restarts
+    client_id: str = Field(default_factory=lambda: f"secondlook-{socket.gethostname()}")
+    clean_session: bool = False
+    keepalive_s: int = Field(default=30, ge=5)
+    status_topic: str = "secondlook/status"
+    verdict_topic: str = DEFAULT_VERDICT_TOPIC
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+
+class HttpSettings(_Section):
+    enabled: bool = True
+    listen: str = "127.0.0.1:8080"
+    max_body_mb: float = Field(default=20, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class ModelSettings(_Section):
+    backend: str = "transformers"
+    #: hub id or local directory
+    path: str = "Qwen/Qwen2-VL-2B-Instruct"
+    #: name reported in verdicts; defaults to the last part of `path`
+    name: str | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    #: token budget: each image is scaled to at most this many pixels before the processor
+    image_max_pixels: int = Field(default=448 * 448, ge=28 * 28)
+    #: the longest answer an extract rule may generate
+    max_new_tokens: int = Field(default=256, ge=1, le=4096)
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class ImageSettings(_Section):
+    #: larger snapshots are refused from their header, before decoding
+    max_input_pixels: int = Field(default=40_000_000, ge=1)
+    max_bytes_mb: float = Field(default=15, gt=0)
+    #: hosts `image_url` may point to; empty refuses every `image_url`
+    url_hosts: list[str] = Field(default_factory=list)
+    url_timeout_s: float = Field(default=5.0, gt=0)
+
+
+class RulesSettings(_Section):
+    dir: Path = Path("rules")
+    #: what to do with an alert no rule matches
+    unmatched: Literal["forward", "drop"] = "forward"
+
+
+class StorageSettings(_Section):
+    dir: Path = Path("var")
+
+
+class PipelineSettings(_Section):
+    #: concurrent reviews (image preparation overlaps model work)
+    workers: int = Field(default=2, ge=1, le=64)
+    #: reviews interrupted this many times end as `unreviewed`
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    #: auto: readable on a terminal, JSON lines otherwise
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    rules: RulesSettings = Field(default_factory=RulesSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    def resolve_paths(self, base: Path) -> Settings:
+        """Relative directories are taken relative to `base` (the config file's folder)."""
+        rules = self.rules.model_copy(update={"dir": base / self.rules.dir})
+        storage = self.storage.model_copy(update={"dir": base / self.storage.dir})
+        return self.model_copy(update={"rules": rules, "storage": storage})
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem: `key.path: reason`."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        lines.append(f"{prefix}{key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read a config file; no file means all defaults, relative to the working directory."""
+    if path is None:
+        return Settings()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, prefix=f"{path}: ")) from exc
+    return settings.resolve_paths(path.resolve().parent)

@@ -1,0 +1,36 @@
+"""Every hook secondlook calls. Plugins implement them with `@hookimpl` (see docs/hooks.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("secondlook")
+hookimpl = pluggy.HookimplMarker("secondlook")
+
+
+@hookspec
+def register_rule_kinds(register: Callable[[Any], None]) -> None:
+    """Register rule kinds: call `register(kind)` with an object that has `name`, an
+    `Options` pydantic model for the kind's `[review]` keys, `compose(alert, rule)` returning
+    a ChoiceQuery or GenerateQuery, and `interpret(answer, rule)` returning a Judgement."""
+
+
+@hookspec
+def register_alert_formats(register: Callable[[Any], None]) -> None:
+    """Register alert formats: call `register(fmt)` with an object that has `name` and
+    `parse(payload, *, topic)` returning an IncomingAlert or raising AlertError."""
+
+
+@hookspec
+def register_backends(register: Callable[[str, Any], None]) -> None:
+    """Register model backends: call `register(name, factory)`; `factory(model_settings)`
+    returns a Backend (`start`, `run(request)`, `close`, `model_name`)."""
+
+
+@hookspec
+def verdict_ready(alert: Any, rule: Any, verdict: Any) -> Any:
+    """Called once a verdict is journalled, before it is published. `rule` is None when no
+    rule matched. May return an awaitable, which the host awaits; errors are logged."""

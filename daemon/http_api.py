@@ -1,0 +1,112 @@
+"""HTTP ingest and status, served by aiohttp inside the daemon's event loop.
+
+POST /v1/alerts            an alert (contract JSON; `?format=` picks another alert format)
+GET  /v1/alerts/{alert_id} its state and verdicts (`?box_id=` when several boxes used the id)
+GET  /healthz              readiness and counters
+Errors are JSON: {"error": "...", "field": "..."}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from daemon.pipeline import Pipeline
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def error(status: int, message: str, field: str | None = None, **headers: str) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status, headers=headers or None)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer is JSON, including aiohttp's own (404, 405, 413)."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app._client_max_size
+        return error(413, f"request body over the limit of {limit} bytes", "payload")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    except Exception:
+        log.exception("http handler failed", path=request.path)
+        return error(500, "internal error")
+
+
+class HttpApi:
+    def __init__(self, pipeline: Pipeline, health: HealthProbe, *, max_body_bytes: int) -> None:
+        self.pipeline = pipeline
+        self.health = health
+        self.app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+        self.app.add_routes(
+            [
+                web.post("/v1/alerts", self.post_alert),
+                web.get("/v1/alerts/{alert_id}", self.get_alert),
+                web.get("/healthz", self.healthz),
+            ]
+        )
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port).start()
+        log.info("http listening", host=host, port=port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def post_alert(self, request: web.Request) -> web.Response:
+        if request.content_type not in ("application/json", "application/octet-stream", ""):
+            return error(
+                415, f"expected application/json, got {request.content_type}", "Content-Type"
+            )
+        body = await request.read()
+        result = await self.pipeline.ingest(
+            body, source="http", fmt=request.query.get("format", "canonical")
+        )
+        if result.status == "refused":
+            assert result.error is not None
+            return error(400, result.error.message, result.error.field)
+        assert result.alert is not None
+        alert = result.alert
+        return web.json_response(
+            {
+                "alert_id": alert.alert_id,
+                "box_id": alert.box_id,
+                "status": result.status,
+                "url": f"/v1/alerts/{alert.alert_id}?box_id={alert.box_id}",
+            },
+            status=202,
+        )
+
+    async def get_alert(self, request: web.Request) -> web.Response:
+        alert_id = request.match_info["alert_id"]
+        found = await self.pipeline.journal.find_alerts(alert_id, request.query.get("box_id"))
+        if not found:
+            return error(404, f"no alert {alert_id!r}", "alert_id")
+        if len(found) > 1:
+            boxes = ", ".join(item["box_id"] for item in found)
+            return error(
+                409, f"alert {alert_id!r} came from several boxes ({boxes}); add ?box_id=", "box_id"
+            )
+        return web.json_response(found[0])
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        report = await self.health()
+        return web.json_response(report, status=200 if report["status"] == "ok" else 503)

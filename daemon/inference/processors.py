@@ -1,0 +1,107 @@
+"""The model's processor, or an image-only stand-in where torchvision is missing.
+
+Qwen2-VL-family processors also build a video processor, which needs torchvision; alerts
+carry still images only, so the stand-in wires the tokenizer and the image processor the way
+the Qwen processors do: each image placeholder is expanded to one token per merged patch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers.utils import cached_file
+
+log = structlog.get_logger(__name__)
+
+IMAGE_TOKEN = "<|image_pad|>"
+
+
+class ImageOnlyProcessor:
+    """Tokenizer + image processor with the call signature of a Qwen2-VL processor."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {self.image_token} token")
+
+    @classmethod
+    def from_pretrained(cls, path: str, **kwargs: Any) -> ImageOnlyProcessor:
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
+        template = tokenizer.chat_template or read_chat_template(path, **kwargs)
+        if not template:
+            raise ValueError(f"{path} has no chat template")
+        return cls(tokenizer, image_processor, template)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, chat_template=self.chat_template, **kwargs
+        )
+
+    def __call__(
+        self,
+        *,
+        text: list[str],
+        images: list[Any] | None = None,
+        padding: bool = True,
+        return_tensors: str = "pt",
+    ) -> BatchFeature:
+        vision: dict[str, Any] = {}
+        if images:
+            vision = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            merge = self.image_processor.merge_size**2
+            counts = [int(grid.prod()) // merge for grid in vision["image_grid_thw"]]
+            text = self._expand_placeholders(text, counts)
+        encoded = self.tokenizer(text, padding=padding, return_tensors=return_tensors)
+        ids = encoded["input_ids"]
+        encoded["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
+        return BatchFeature({**encoded, **vision})
+
+    def _expand_placeholders(self, texts: list[str], counts: list[int]) -> list[str]:
+        remaining = iter(counts)
+        expanded = []
+        for text in texts:
+            parts = text.split(self.image_token)
+            out = parts[0]
+            for part in parts[1:]:
+                n = next(remaining, None)
+                if n is None:
+                    raise ValueError("more image placeholders in the text than images")
+                out += self.image_token * n + part
+            expanded.append(out)
+        if next(remaining, None) is not None:
+            raise ValueError("more images than image placeholders in the text")
+        return expanded
+
+
+def read_chat_template(path: str, **kwargs: Any) -> str | None:
+    """The processor-level chat template of a snapshot (chat_template.jinja or .json)."""
+    for name in ("chat_template.jinja", "chat_template.json"):
+        found = cached_file(path, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+        if found is None:
+            continue
+        text = Path(found).read_text(encoding="utf-8")
+        return json.loads(text)["chat_template"] if name.endswith(".json") else text
+    return None
+
+
+def load_processor(path: str, **kwargs: Any) -> Any:
+    """AutoProcessor where it loads; the image-only stand-in where torchvision is missing."""
+    try:
+        processor = AutoProcessor.from_pretrained(path, padding_side="left", **kwargs)
+    except ImportError as exc:
+        if "torchvision" not in str(exc).lower():
+            raise
+        log.info("torchvision missing: using the image-only processor", model=path)
+        return ImageOnlyProcessor.from_pretrained(path, **kwargs)
+    processor.tokenizer.padding_side = "left"
+    return processor

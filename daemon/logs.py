@@ -1,0 +1,40 @@
+"""structlog setup: readable lines on a terminal, JSON lines otherwise (journald, files)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import TextIO
+
+import structlog
+
+from daemon.config import LogSettings
+
+
+def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+    )
+    level = getattr(logging, settings.level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info if use_json else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    # libraries log through the standard library: warnings and worse only
+    logging.basicConfig(level=logging.WARNING, stream=stream, force=True)
+    for noisy in ("transformers", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # download/loading progress bars are noise in a service log
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

@@ -1,0 +1,251 @@
+"""Per alert: parse -> journal -> match -> prepare -> infer -> interpret -> journal verdicts.
+
+Publishing is the outbox's job: every verdict goes out from the journal, so one code path
+serves fresh verdicts, reconnects and restarts alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import structlog
+from PIL.Image import Image
+
+from daemon.config import Settings
+from daemon.contract import Alert, Verdict, VerdictKind, utc_now
+from daemon.journal import Journal, PlannedVerdict, StoredAlert
+from daemon.plugin_api import AlertError, Backend, Judgement, ModelRequest
+from daemon.plugins import Registry
+from daemon.rules import Rule, RuleBook
+from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
+from daemon.topics import render_topic
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: Literal["accepted", "duplicate", "refused"]
+    alert: Alert | None = None
+    error: AlertError | None = None
+
+
+class Pipeline:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        journal: Journal,
+        rules: RuleBook,
+        registry: Registry,
+        backend: Backend,
+        hooks: Any,
+        on_verdicts: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.rules = rules
+        self.registry = registry
+        self.backend = backend
+        self.hooks = hooks
+        self.on_verdicts = on_verdicts
+        self.snapshots = SnapshotLoader(settings.images)
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        self._closed = False
+        self._busy = 0
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+
+    async def ingest(
+        self, payload: bytes, *, source: str, topic: str | None = None, fmt: str | None = None
+    ) -> IngestResult:
+        """Parse, check and journal one payload; queue it for review if it is new.
+
+        A refused payload is logged and recorded with the field at fault.
+        """
+        format_name = fmt or self.settings.mqtt.format
+        try:
+            parser = self.registry.alert_formats.get(format_name)
+            if parser is None:
+                raise AlertError("format", f"unknown alert format {format_name!r}")
+            incoming = parser.parse(payload, topic=topic)
+            for image in incoming.images:
+                check_raw_image(image, self.settings.images)
+            if incoming.alert.image_url and not incoming.images:
+                check_image_url(incoming.alert.image_url, self.settings.images)
+        except AlertError as exc:
+            log.error(
+                "alert refused", source=source, topic=topic, field=exc.field, error=exc.message
+            )
+            await self.journal.record_reject(
+                source=source, topic=topic, field=exc.field, error=exc.message, payload=payload
+            )
+            return IngestResult("refused", error=exc)
+        alert = incoming.alert
+        ref, new = await self.journal.record_alert(
+            alert, incoming.images, source=source, topic=topic
+        )
+        if not new:
+            log.info("duplicate alert ignored", alert_id=alert.alert_id, box_id=alert.box_id)
+            return IngestResult("duplicate", alert)
+        log.info(
+            "alert received",
+            alert_id=alert.alert_id,
+            box_id=alert.box_id,
+            event_type=alert.event_type,
+            source=source,
+        )
+        self.queue.put_nowait(ref)
+        return IngestResult("accepted", alert)
+
+    async def requeue_pending(self) -> int:
+        """Queue alerts journalled but never reviewed (a crash or stop interrupted them)."""
+        pending = await self.journal.pending_reviews()
+        for ref in pending:
+            self.queue.put_nowait(ref)
+        if pending:
+            log.info("resuming interrupted reviews", count=len(pending))
+        return len(pending)
+
+    async def run_worker(self) -> None:
+        while not self._closed:
+            ref = await self.queue.get()
+            if self._closed:
+                break
+            self._busy += 1
+            self._quiet.clear()
+            try:
+                await self.review(ref)
+            except Exception:
+                log.exception("review crashed; the alert stays in the journal", ref=ref)
+            finally:
+                self._busy -= 1
+                if self._busy == 0:
+                    self._quiet.set()
+
+    async def drain(self, grace_s: float) -> bool:
+        """Start no more reviews; wait for those running. False if `grace_s` ran out first."""
+        self._closed = True
+        try:
+            await asyncio.wait_for(self._quiet.wait(), grace_s)
+        except TimeoutError:
+            return False
+        return True
+
+    async def review(self, ref: int) -> list[Verdict]:
+        """Review one journalled alert with every matching rule; journal the verdicts."""
+        stored = await self.journal.load_alert(ref)
+        alert = stored.alert
+        with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
+            attempts = await self.journal.begin_review(ref)
+            planned = await self._verdicts_for(stored, attempts)
+            await self.journal.finish_review(ref, planned)
+            for item in planned:
+                log.info(
+                    "verdict",
+                    rule=item.verdict.rule,
+                    verdict=item.verdict.verdict.value,
+                    confidence=item.verdict.confidence,
+                    latency_ms=item.verdict.latency_ms,
+                )
+            await self._announce(alert, planned)
+        self.on_verdicts()
+        return [item.verdict for item in planned]
+
+    async def _verdicts_for(self, stored: StoredAlert, attempts: int) -> list[PlannedVerdict]:
+        alert = stored.alert
+        if attempts > self.settings.pipeline.max_attempts:
+            reason = f"review interrupted {attempts - 1} times; giving up"
+            return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, reason))]
+        rules = self.rules.match(alert)
+        if not rules:
+            if self.settings.rules.unmatched == "drop":
+                log.info("no rule matches; dropped by config")
+                return []
+            return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, "no rule"))]
+        images: list[Image] | Exception
+        try:
+            images = await self.snapshots.prepare(
+                stored.images,
+                alert.image_url,
+                max_pixels=self.settings.model.image_max_pixels,
+                factor=self.backend.image_factor,
+            )
+        except Exception as exc:
+            images = exc
+        planned = []
+        for rule in rules:
+            with structlog.contextvars.bound_contextvars(rule=rule.name):
+                judgement = await self._judge(alert, rule, images)
+            if judgement is not None:
+                planned.append(self._plan(stored, rule, judgement))
+        return planned
+
+    async def _judge(
+        self, alert: Alert, rule: Rule, images: list[Image] | Exception
+    ) -> Judgement | None:
+        """The rule's judgement, or its `on_error` outcome (None: drop)."""
+        kind = self.registry.rule_kinds[rule.kind]
+        try:
+            if isinstance(images, Exception):
+                raise images
+            query = kind.compose(alert, rule)
+            answer = await self.backend.run(ModelRequest(query, images))
+            return kind.interpret(answer, rule)
+        except Exception as exc:
+            log.error(
+                "review failed",
+                error=str(exc),
+                error_type=type(exc).__name__,
+                on_error=rule.on_error,
+            )
+            if rule.on_error == "drop":
+                return None
+            return Judgement(VerdictKind.UNREVIEWED, None, f"review failed: {exc}")
+
+    def _plan(self, stored: StoredAlert, rule: Rule | None, judgement: Judgement) -> PlannedVerdict:
+        alert = stored.alert
+        reviewed_at = utc_now()
+        verdict = Verdict(
+            alert_id=alert.alert_id,
+            box_id=alert.box_id,
+            camera_id=alert.camera_id,
+            event_type=alert.event_type,
+            site=alert.site,
+            occurred_at=alert.occurred_at,
+            rule=rule.name if rule else None,
+            verdict=judgement.verdict,
+            confidence=judgement.confidence,
+            reason=judgement.reason,
+            fields=dict(judgement.fields),
+            model=self.backend.model_name if rule else None,
+            received_at=stored.received_at.isoformat(),
+            reviewed_at=reviewed_at.isoformat(),
+            latency_ms=_ms_between(stored.received_at, reviewed_at),
+        )
+        template = (rule.topic if rule else None) or self.settings.mqtt.verdict_topic
+        topic = render_topic(template, alert, rule=verdict.rule, verdict=verdict.verdict.value)
+        return PlannedVerdict(verdict, topic)
+
+    async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
+        """Run `verdict_ready` hooks; their failures are logged, never fatal."""
+        by_name = {rule.name: rule for rule in self.rules.rules}
+        for item in planned:
+            rule = by_name.get(item.verdict.rule or "")
+            try:
+                for result in self.hooks.verdict_ready(
+                    alert=alert, rule=rule, verdict=item.verdict
+                ):
+                    if inspect.isawaitable(result):
+                        await result
+            except Exception:
+                log.exception("verdict_ready hook failed")
+
+
+def _ms_between(start: datetime, end: datetime) -> int:
+    return max(0, round((end - start).total_seconds() * 1000))

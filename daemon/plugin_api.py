@@ -1,0 +1,150 @@
+"""The types plugins implement or receive: rule kinds, alert formats, backends.
+
+A rule kind turns an alert into a model query and the model's answer into a judgement;
+it never calls the model itself, so the host can batch, retry and time model calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+from daemon.contract import Alert, VerdictKind
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+    from daemon.config import ModelSettings
+    from daemon.rules import Rule
+
+
+class AlertError(ValueError):
+    """A payload that is not a valid alert; `field` names what is wrong."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ModelLoadError(RuntimeError):
+    """A backend could not load its model; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RawImage:
+    """Snapshot bytes as received; `source` names the payload field it came from."""
+
+    source: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class IncomingAlert:
+    """An alert parsed by an alert format: contract fields plus its snapshots' bytes."""
+
+    alert: Alert
+    images: Sequence[RawImage] = ()
+
+
+@dataclass(frozen=True)
+class ChoiceQuery:
+    """Score answer choices from the first answer token's logits, in one forward pass.
+
+    `choices` maps a label to its surface forms ("yes", "Yes", " yes" ...); a label's
+    score is the log-sum-exp of the logits of its forms' first tokens.
+    """
+
+    prompt: str
+    choices: Mapping[str, Sequence[str]]
+
+
+@dataclass(frozen=True)
+class GenerateQuery:
+    """Generate text greedily, e.g. a JSON object of extracted fields."""
+
+    prompt: str
+    #: None: the backend's configured limit
+    max_new_tokens: int | None = None
+
+
+Query = ChoiceQuery | GenerateQuery
+
+
+@dataclass(frozen=True)
+class ChoiceAnswer:
+    """Probabilities (softmax over the labels' scores) and the scores themselves."""
+
+    probabilities: Mapping[str, float]
+    logits: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class TextAnswer:
+    text: str
+
+
+Answer = ChoiceAnswer | TextAnswer
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """A query plus the images (already scaled to the token budget) it is about."""
+
+    query: Query
+    images: Sequence[Image] = ()
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """A rule kind's reading of the model's answer."""
+
+    verdict: VerdictKind
+    confidence: float | None
+    reason: str
+    fields: Mapping[str, Any] = field(default_factory=dict)
+
+
+class RuleKind(Protocol):
+    """A kind of review (`[review] kind = ...` in a rule file)."""
+
+    name: ClassVar[str]
+    #: validates the kind's own keys of the rule's `[review]` table (extra keys forbidden)
+    Options: ClassVar[type[BaseModel]]
+
+    def compose(self, alert: Alert, rule: Rule) -> Query: ...
+
+    def interpret(self, answer: Answer, rule: Rule) -> Judgement: ...
+
+
+class AlertFormat(Protocol):
+    """Turns a payload in some box vendor's shape into an IncomingAlert."""
+
+    name: ClassVar[str]
+
+    def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert: ...
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs model requests. `start` loads the model; `run` may be called concurrently.
+
+    `image_factor` is the side, in pixels, of the square one visual token covers; the host
+    scales images to multiples of it within the token budget.
+    """
+
+    model_name: str
+    image_factor: int
+
+    async def start(self) -> None: ...
+
+    async def run(self, request: ModelRequest) -> Answer: ...
+
+    async def close(self) -> None: ...
+
+
+class BackendFactory(Protocol):
+    def __call__(self, settings: ModelSettings) -> Backend: ...

@@ -1,0 +1,85 @@
+"""The plugin manager: built-in plugins, entry points of the `secondlook` group, registries."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from daemon import hookspecs
+from daemon.plugin_api import AlertFormat, BackendFactory, RuleKind
+
+ENTRY_POINT_GROUP = "secondlook"
+
+#: built-in plugins; installed packages also declare them in the entry point group
+DEFAULT_PLUGINS: dict[str, str] = {
+    "canonical": "plugins.canonical",
+    "verdict": "plugins.verdict",
+    "extract": "plugins.extract",
+    "transformers": "daemon.inference.transformers_backend",
+}
+
+
+class PluginError(Exception):
+    """A plugin that does not fit its hook (duplicate name, missing attribute ...)."""
+
+
+def make_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    """Entry points first, then any built-in not already loaded, then `extra_plugins`."""
+    pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+    pm.add_hookspecs(hookspecs)
+    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    for name, module in DEFAULT_PLUGINS.items():
+        if pm.get_plugin(name) is None:
+            pm.register(importlib.import_module(module), name=name)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+@dataclass
+class Registry:
+    """What the plugins registered, by name."""
+
+    rule_kinds: dict[str, RuleKind] = field(default_factory=dict)
+    alert_formats: dict[str, AlertFormat] = field(default_factory=dict)
+    backends: dict[str, BackendFactory] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, pm: pluggy.PluginManager) -> Registry:
+        registry = cls()
+        pm.hook.register_rule_kinds(register=registry._add_kind)
+        pm.hook.register_alert_formats(register=registry._add_format)
+        pm.hook.register_backends(register=registry._add_backend)
+        return registry
+
+    def _add_kind(self, kind: Any) -> None:
+        _require(kind, "rule kind", ("name", "Options", "compose", "interpret"))
+        _unique(self.rule_kinds, kind.name, "rule kind")
+        self.rule_kinds[kind.name] = kind
+
+    def _add_format(self, fmt: Any) -> None:
+        _require(fmt, "alert format", ("name", "parse"))
+        _unique(self.alert_formats, fmt.name, "alert format")
+        self.alert_formats[fmt.name] = fmt
+
+    def _add_backend(self, name: str, factory: Any) -> None:
+        if not callable(factory):
+            raise PluginError(f"backend {name!r}: factory is not callable")
+        _unique(self.backends, name, "backend")
+        self.backends[name] = factory
+
+
+def _require(obj: Any, what: str, attributes: tuple[str, ...]) -> None:
+    missing = [a for a in attributes if not hasattr(obj, a)]
+    if missing:
+        raise PluginError(f"{what} {obj!r} lacks {', '.join(missing)}")
+
+
+def _unique(registered: dict[str, Any], name: str, what: str) -> None:
+    if name in registered:
+        raise PluginError(f"two plugins register the {what} {name!r}")

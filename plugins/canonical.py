@@ -1,0 +1,73 @@
+"""Alert format: the canonical JSON alert of the public contract."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+from daemon.contract import Alert
+from daemon.hookspecs import hookimpl
+from daemon.plugin_api import AlertError, IncomingAlert, RawImage
+
+
+def field_path(loc: tuple[Any, ...]) -> str:
+    """('boxes', 0, 'x1') -> 'boxes[0].x1'."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path or "payload"
+
+
+def decode_base64_image(value: Any, field: str) -> RawImage:
+    """Decode a base64 string (a `data:` URL prefix is allowed) into image bytes."""
+    if not isinstance(value, str):
+        raise AlertError(field, f"expected a base64 string, got {type(value).__name__}")
+    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise AlertError(field, f"not valid base64: {exc}") from exc
+    return RawImage(field, data)
+
+
+def load_json_object(payload: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(payload.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise AlertError("payload", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+    except json.JSONDecodeError as exc:
+        raise AlertError("payload", f"not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise AlertError("payload", f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class CanonicalFormat:
+    name: ClassVar[str] = "canonical"
+
+    def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert:
+        data = load_json_object(payload)
+        try:
+            alert = Alert.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise AlertError(field_path(first["loc"]), first["msg"]) from exc
+        images = []
+        if data.get("image") is not None:
+            images.append(decode_base64_image(data["image"], "image"))
+        elif alert.image_url is None:
+            raise AlertError("image", "one of image or image_url is required")
+        extra = data.get("images") or []
+        if not isinstance(extra, list):
+            raise AlertError("images", f"expected a list, got {type(extra).__name__}")
+        images += [decode_base64_image(value, f"images[{i}]") for i, value in enumerate(extra)]
+        return IncomingAlert(alert, images)
+
+
+@hookimpl
+def register_alert_formats(register):
+    register(CanonicalFormat())

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The main job: the daemon, with the default config, reviews every sample alert.
+#   ./scripts/demo.sh                        # default model Qwen/Qwen2-VL-2B-Instruct (hub)
+#   MODEL=/path/to/model ./scripts/demo.sh   # a local snapshot directory
+# Starts a mosquitto on 127.0.0.1:1883 if none listens there, publishes sample_alerts/*.json
+# to secondlook/alerts/<box_id>, and prints the verdicts that come back over MQTT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$PWD
+./scripts/setup.sh
+MODEL=${MODEL:-Qwen/Qwen2-VL-2B-Instruct}
+py=$repo/.venv/bin/python
+
+# the default config reads rules/ and writes var/ in the working directory: a fresh one
+work=$(mktemp -d /tmp/secondlook-demo.XXXXXX)
+ln -s "$repo/rules" "$work/rules"
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
+    echo "starting mosquitto on 127.0.0.1:1883"
+    mosquitto -p 1883 >"$work/mosquitto.log" 2>&1 &
+    pids+=($!)
+    sleep 1
+fi
+
+echo "starting secondlook with model $MODEL (logs: $work/secondlook.log)"
+(cd "$work" && exec "$repo/.venv/bin/secondlook" run --model "$MODEL") >"$work/secondlook.log" 2>&1 &
+daemon=$!
+pids+=($daemon)
+if ! "$py" - "$daemon" <<'PY'
+import json, os, sys, time, urllib.request
+pid = int(sys.argv[1])
+while True:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        sys.exit("secondlook exited during start-up; its log:")
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:8080/healthz", timeout=2) as r:
+            if json.load(r)["status"] == "ok":
+                break
+    except Exception:
+        pass
+    time.sleep(1)
+PY
+then
+    tail -n 20 "$work/secondlook.log"
+    exit 1
+fi
+
+samples=(sample_alerts/*.json)
+echo "ready; publishing ${#samples[@]} sample alerts"
+mosquitto_sub -h 127.0.0.1 -q 1 -v -t 'secondlook/verdicts/#' -t 'alarms/#' \
+    -C "${#samples[@]}" -W 3600 >"$work/verdicts.txt" &
+sub=$!
+sleep 0.5
+for file in "${samples[@]}"; do
+    box=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["box_id"])' "$file")
+    mosquitto_pub -h 127.0.0.1 -q 1 -t "secondlook/alerts/$box" -f "$file"
+done
+wait "$sub" || echo "some verdicts did not arrive in time"
+
+"$py" - "$work/verdicts.txt" <<'PY'
+import json, sys
+print(f"{'alert':<12} {'event':<20} {'rule':<22} {'verdict':<11} {'P(real)':>7}  topic / reason")
+for line in open(sys.argv[1], encoding="utf-8"):
+    topic, _, payload = line.strip().partition(" ")
+    v = json.loads(payload)
+    p = "" if v["confidence"] is None else f"{v['confidence']:.3f}"
+    print(f"{v['alert_id']:<12} {v['event_type']:<20} {v['rule'] or '-':<22} {v['verdict']:<11} {p:>7}  {topic}")
+    print(f"{'':<12} {v['reason'][:110]}" + (f" {v['fields']}" if v["fields"] else ""))
+PY
+kill -TERM "$daemon"
+wait "$daemon" || true
+echo "journal: $work/var/journal.sqlite3"

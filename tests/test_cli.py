@@ -1,0 +1,201 @@
+"""The `secondlook` command as users run it: a subprocess with signals and sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import (
+    FIRE_RULE,
+    ROOT,
+    collect,
+    free_port,
+    make_alert,
+    publish,
+)
+
+
+def write_config(tmp_path: Path, broker_port: int, model: Path) -> tuple[Path, str]:
+    http = f"127.0.0.1:{free_port()}"
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    config = tmp_path / "secondlook.toml"
+    config.write_text(
+        f"""
+[mqtt]
+port = {broker_port}
+client_id = "cli-test-{tmp_path.name}"
+status_topic = "cli/{tmp_path.name}/status"
+[http]
+listen = "{http}"
+[model]
+path = "{model}"
+[rules]
+dir = "rules"
+[storage]
+dir = "var"
+"""
+    )
+    return config, http
+
+
+class Notifications:
+    """A NOTIFY_SOCKET like systemd's, collecting what the daemon sends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.received: list[str] = []
+
+    def read(self) -> list[str]:
+        while True:
+            try:
+                self.received.append(self.sock.recv(4096).decode())
+            except BlockingIOError:
+                return self.received
+
+
+async def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "daemon exited during start-up"
+            try:
+                async with session.get(f"{url}/healthz") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError("daemon never became healthy")
+
+
+def start(config: Path, notify: Notifications | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if notify is not None:
+        env["NOTIFY_SOCKET"] = str(notify.path)
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def test_run_signals_readiness_reloads_on_hup_and_stops_cleanly_on_term(
+    tmp_path, broker, tiny_model
+):
+    config, http = write_config(tmp_path, broker.port, tiny_model)
+    notify = Notifications(tmp_path / "notify.sock")
+    status_topic = f"cli/{tmp_path.name}/status"
+    async with collect(broker, status_topic, "secondlook/verdicts/#") as out:
+        proc = start(config, notify)
+        try:
+            await wait_http_ok(f"http://{http}", proc)
+            assert "READY=1" in "\n".join(notify.read())
+            await out.wait_until(status_topic, b"online")
+            # no rules yet: forwarded unreviewed; then a rule appears and SIGHUP loads it
+            await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("cli-1")))
+            [(_, first)] = await out.wait_for(1)
+            assert first["reason"] == "no rule"
+            (config.parent / "rules" / "fire.toml").write_text(FIRE_RULE)
+            proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("cli-2")))
+            verdicts = await out.wait_for(2)
+            assert verdicts[1][1]["rule"] == "fire"
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+        events = [line["event"] for line in lines]
+        assert "rules reloaded" in events and "stopped" in events
+        # per-alert log lines carry the alert id and the rule
+        assert any(line.get("alert_id") == "cli-2" and line.get("rule") == "fire" for line in lines)
+        assert "STOPPING=1" in notify.read()
+        await out.wait_until(status_topic, b"offline")
+
+
+async def test_a_killed_daemon_is_announced_offline_by_its_last_will(tmp_path, broker, tiny_model):
+    config, http = write_config(tmp_path, broker.port, tiny_model)
+    status_topic = f"cli/{tmp_path.name}/status"
+    proc = start(config)
+    try:
+        await wait_http_ok(f"http://{http}", proc)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    async with collect(broker, status_topic) as out:
+        await out.wait_until(status_topic, b"offline")
+        assert out.messages[-1][1:] == (b"offline", True)
+
+
+def test_run_refuses_a_bad_config_with_the_key(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text("[mqtt]\nport = 'one'\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "mqtt.port: Input should be a valid integer" in result.stderr
+
+
+def test_run_exits_non_zero_when_the_model_cannot_be_loaded(tmp_path):
+    config, _ = write_config(tmp_path, free_port(), tmp_path / "missing-model")
+    config.write_text(config.read_text().replace("[mqtt]", "[mqtt]\nenabled = false"))
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "cannot load model" in result.stderr
+
+
+def test_replay_prints_a_table_of_verdicts_for_the_samples(tiny_model):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "replay",
+            str(ROOT / "sample_alerts"),
+            "--rules",
+            str(ROOT / "rules"),
+            "--model",
+            str(tiny_model),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    verdicts = [json.loads(line) for line in result.stdout.splitlines()]
+    samples = sorted((ROOT / "sample_alerts").glob("*.json"))
+    assert [v["alert_id"] for v in verdicts] == [
+        json.loads(path.read_text())["alert_id"] for path in samples
+    ]
+    assert all(v["rule"] is not None for v in verdicts)

@@ -1,0 +1,131 @@
+"""HTTP ingest against a running daemon (HTTP only: no broker needed)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from structlog.testing import capture_logs
+
+from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
+
+CONTRACT_FIELDS = {
+    "schema",
+    "alert_id",
+    "box_id",
+    "camera_id",
+    "event_type",
+    "site",
+    "occurred_at",
+    "rule",
+    "verdict",
+    "confidence",
+    "reason",
+    "fields",
+    "model",
+    "received_at",
+    "reviewed_at",
+    "latency_ms",
+}
+
+
+async def test_posted_alert_is_read_back_with_its_verdict(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        alert = make_alert("http-1")
+        status, body = await d.post_alert(alert)
+        assert status == 202
+        assert body["alert_id"] == "http-1" and body["status"] == "accepted"
+        record = await d.wait_reviewed("http-1")
+        assert record["box_id"] == "box-t" and record["source"] == "http"
+        [verdict] = record["verdicts"]
+        assert verdict.keys() >= CONTRACT_FIELDS
+        assert verdict["rule"] == "fire"
+        assert verdict["verdict"] in ("confirmed", "rejected", "uncertain")
+        assert 0.0 <= verdict["confidence"] <= 1.0
+        assert verdict["occurred_at"] == alert["occurred_at"]
+        assert verdict["model"] == tiny_model.name
+
+
+async def test_unknown_alert_is_404_and_ambiguous_id_is_409(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings) as d:
+        status, body = await d.get_alert("nope")
+        assert status == 404 and body["field"] == "alert_id"
+        for box in ("box-a", "box-b"):
+            status, _ = await d.post_alert(make_alert("shared-id", box_id=box))
+            assert status == 202
+        status, body = await d.get_alert("shared-id")
+        assert status == 409 and "box-a" in body["error"]
+        status, body = await d.get_alert("shared-id", box_id="box-b")
+        assert status == 200 and body["box_id"] == "box-b"
+
+
+def _truncated_jpeg() -> str:
+    return base64.b64encode(jpeg_bytes()[:-200]).decode()
+
+
+BAD_ALERTS = [
+    (b"{not json", "payload", "not valid JSON"),
+    (b"[1, 2]", "payload", "expected a JSON object"),
+    ({k: v for k, v in make_alert().items() if k != "camera_id"}, "camera_id", "required"),
+    (make_alert(score="high"), "score", "valid number"),
+    (make_alert(alert_id=42), "alert_id", "valid string"),
+    (make_alert(occurred_at="yesterday"), "occurred_at", "RFC 3339"),
+    (make_alert(image="***not base64***"), "image", "base64"),
+    (make_alert(image=_truncated_jpeg()), "image", "truncated JPEG"),
+    (
+        make_alert(image=base64.b64encode(b"GIF89a not a photo").decode()),
+        "image",
+        "not a JPEG or PNG",
+    ),
+    (make_alert(image=None), "image", "one of image or image_url"),
+    (make_alert(image=None, image_url="http://169.254.169.254/x"), "image_url", "allowed hosts"),
+    (make_alert(boxes=[{"x1": 5, "y1": 5, "x2": 1, "y2": 9}]), "boxes[0]", "x2/y2"),
+]
+
+
+async def test_malformed_alerts_are_refused_naming_the_field(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        with capture_logs() as logs:
+            for alert, field, message in BAD_ALERTS:
+                status, body = await d.post_alert(alert)
+                assert status == 400, (field, body)
+                assert body["field"] == field, body
+                assert message in body["error"], body
+        refusals = [entry for entry in logs if entry["event"] == "alert refused"]
+        assert [entry["field"] for entry in refusals] == [field for _, field, _ in BAD_ALERTS]
+        # every refusal is recorded in the journal with the field at fault
+        journal = d.daemon.journal
+        async with journal._db.execute("SELECT field FROM rejects ORDER BY id") as rows:
+            assert [row[0] for row in await rows.fetchall()] == [f for _, f, _ in BAD_ALERTS]
+        # and the next good alert is still reviewed
+        status, _ = await d.post_alert(make_alert("good-after-bad"))
+        assert status == 202
+        record = await d.wait_reviewed("good-after-bad")
+        assert record["verdicts"][0]["rule"] == "fire"
+
+
+async def test_body_over_the_limit_is_413_and_wrong_type_is_415(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model, http={"max_body_mb": 0.01})
+    async with run_daemon(settings) as d:
+        status, body = await d.post_alert(make_alert(extra={"pad": "x" * 20_000}))
+        assert status == 413 and body["field"] == "payload"
+        async with d.http.post(
+            f"{d.base_url}/v1/alerts", data=b"x", headers={"Content-Type": "text/plain"}
+        ) as response:
+            assert response.status == 415
+            assert (await response.json())["field"] == "Content-Type"
+
+
+async def test_healthz_reports_ready_state(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d, d.http.get(f"{d.base_url}/healthz") as response:
+        assert response.status == 200
+        body = json.loads(await response.text())
+        assert body["status"] == "ok" and body["mqtt"] == "disabled"
+        assert body["rules"] == ["fire"] and body["rule_errors"] == []

@@ -1,0 +1,142 @@
+"""The model path with real transformers code on tiny Qwen2-VL and Qwen2.5-VL models."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+from daemon.config import ModelSettings
+from daemon.inference.processors import ImageOnlyProcessor, load_processor
+from daemon.inference.transformers_backend import ModelRunner
+from daemon.plugin_api import ModelLoadError
+from plugins.verdict import NO_FORMS, YES_FORMS
+from tests.conftest import EXTRACT_RULE, FIRE_RULE, make_alert, make_settings, run_daemon
+
+FAMILIES = ["qwen2-vl", "qwen2.5-vl"]
+
+
+def png_b64(size: tuple[int, int]) -> tuple[str, Image.Image]:
+    image = Image.new("RGB", size)
+    image.putdata(
+        [
+            ((x * 7) % 256, (y * 5) % 256, (x * y) % 256)
+            for y in range(size[1])
+            for x in range(size[0])
+        ]
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode(), image
+
+
+def direct_p_yes(model_dir, prompt: str, image: Image.Image) -> float:
+    """P(yes) computed here from scratch: chat template, placeholder expansion, forward."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    template = json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    vision = image_processor(images=[image], return_tensors="pt")
+    n_tokens = int(vision["image_grid_thw"][0].prod()) // image_processor.merge_size**2
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
+    ids = tokenizer(text, return_tensors="pt")
+    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    with torch.no_grad():
+        logits = model(
+            **ids, **vision, mm_token_type_ids=(ids["input_ids"] == image_id).int()
+        ).logits[0, -1]
+
+    def single_tokens(forms):
+        encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
+        return [tokens[0] for tokens in encoded if len(tokens) == 1]
+
+    yes = torch.logsumexp(logits[single_tokens(YES_FORMS)], 0)
+    no = torch.logsumexp(logits[single_tokens(NO_FORMS)], 0)
+    return float(torch.softmax(torch.stack([yes, no]), 0)[0])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_verdict_confidence_is_the_softmax_of_the_models_yes_no_logits(
+    tmp_path, model_dirs, family
+):
+    model_dir = model_dirs[family]
+    settings = make_settings(tmp_path, broker=None, model=model_dir)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    # 448x224: a multiple of 28 within the token budget, so the daemon does not rescale it
+    image_b64, image = png_b64((448, 224))
+    async with run_daemon(settings) as d:
+        status, _ = await d.post_alert(make_alert("logits-1", image=image_b64))
+        assert status == 202
+        record = await d.wait_reviewed("logits-1")
+    confidence = record["verdicts"][0]["confidence"]
+    expected = direct_p_yes(model_dir, "Is there a real open flame? Answer yes or no.", image)
+    assert confidence == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_extract_rule_reports_invalid_model_output(tmp_path, model_dirs, family):
+    """A random model does not write the JSON asked for: the verdict says what is wrong."""
+    settings = make_settings(tmp_path, broker=None, model=model_dirs[family])
+    (settings.rules.dir / "people.toml").write_text(EXTRACT_RULE)
+    async with run_daemon(settings) as d:
+        await d.post_alert(make_alert("extract-1", event_type="people_gathering"))
+        record = await d.wait_reviewed("extract-1")
+    [verdict] = record["verdicts"]
+    assert verdict["rule"] == "people"
+    assert verdict["verdict"] == "uncertain"
+    assert verdict["reason"].startswith("invalid model output")
+    assert verdict["fields"] == {}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_scores_equal_single_scores_and_generation_runs(model_dirs, family):
+    from daemon.plugin_api import ChoiceQuery, GenerateQuery, ModelRequest, TextAnswer
+
+    runner = ModelRunner.load(ModelSettings(path=str(model_dirs[family]), max_new_tokens=8))
+    assert isinstance(runner.processor, ImageOnlyProcessor)
+    images = [Image.new("RGB", (224, 224), (10, 200, 30)), Image.new("RGB", (336, 168), (90, 9, 9))]
+    requests = [
+        ModelRequest(ChoiceQuery("yes or no?", {"yes": YES_FORMS, "no": NO_FORMS}), [images[0]]),
+        ModelRequest(
+            ChoiceQuery(
+                "Is there a real open flame here? yes or no?", {"yes": YES_FORMS, "no": NO_FORMS}
+            ),
+            [images[1]],
+        ),
+    ]
+    batched = runner.score_choices(requests)
+    for request, together in zip(requests, batched, strict=True):
+        alone = runner.score_choices([request])[0]
+        assert sum(alone.probabilities.values()) == pytest.approx(1.0)
+        assert together.probabilities["yes"] == pytest.approx(alone.probabilities["yes"], abs=1e-4)
+    answer = runner.run(ModelRequest(GenerateQuery("Describe.", 5), images))
+    assert isinstance(answer, TextAnswer)
+
+
+def test_missing_model_is_a_clear_load_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        ModelRunner.load(ModelSettings(path=str(tmp_path / "no-such-model")))
+
+
+def test_processor_falls_back_without_torchvision(tiny_model):
+    processor = load_processor(str(tiny_model))
+    assert isinstance(processor, ImageOnlyProcessor)
+    batch = processor(
+        text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[Image.new("RGB", (56, 56))]
+    )
+    image_id = processor.image_token_id
+    # 56x56 pixels = 4x4 patches of 14 px, merged 2x2: 4 visual tokens
+    assert int((batch["input_ids"] == image_id).sum()) == 4
+    assert batch["mm_token_type_ids"].sum() == 4
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
+    with pytest.raises(ValueError, match="more images"):
+        processor(text=["no placeholder"], images=[Image.new("RGB", (56, 56))])

@@ -1,0 +1,137 @@
+"""Alerts in and verdicts out over a real mosquitto, with an independent MQTT client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from structlog.testing import capture_logs
+
+from tests.conftest import (
+    FIRE_RULE,
+    collect,
+    make_alert,
+    make_settings,
+    publish,
+    run_daemon,
+)
+
+VERDICTS = "secondlook/verdicts/#"
+
+
+async def test_alert_over_mqtt_yields_a_verdict_on_the_default_topic(tmp_path, broker, tiny_model):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, VERDICTS) as out, run_daemon(settings):
+        await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("mq-1")))
+        [(topic, verdict)] = await out.wait_for(1)
+    assert verdict["alert_id"] == "mq-1" and verdict["rule"] == "fire"
+    assert topic == f"secondlook/verdicts/{verdict['verdict']}/box-t/cam-1/fire"
+
+
+async def test_unmatched_alert_is_forwarded_unreviewed(tmp_path, broker, tiny_model):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, VERDICTS) as out, run_daemon(settings):
+        await publish(
+            broker, "secondlook/alerts/x", json.dumps(make_alert("nr-1", event_type="smoking"))
+        )
+        [(topic, verdict)] = await out.wait_for(1)
+    assert topic == "secondlook/verdicts/unreviewed/box-t/cam-1/smoking"
+    assert verdict["verdict"] == "unreviewed" and verdict["reason"] == "no rule"
+    assert verdict["rule"] is None and verdict["confidence"] is None
+
+
+async def test_unmatched_alert_can_be_dropped_by_config(tmp_path, broker, tiny_model):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model, rules={"unmatched": "drop"})
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        await publish(broker, "secondlook/alerts/x", json.dumps(make_alert("drop-1")))
+        record = await d.wait_reviewed("drop-1")
+        await asyncio.sleep(0.3)
+    assert record["verdicts"] == [] and out.verdicts() == []
+
+
+async def test_duplicate_alert_id_is_reviewed_once(tmp_path, broker, tiny_model):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    alert = json.dumps(make_alert("dup-1"))
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        await publish(broker, "secondlook/alerts/box-t", alert)
+        await out.wait_for(1)
+        await publish(broker, "secondlook/alerts/box-t", alert)
+        status, body = await d.post_alert(json.loads(alert))
+        assert status == 202 and body["status"] == "duplicate"
+        # the same alert_id from another box is another alert
+        await publish(broker, "secondlook/alerts/b2", json.dumps(make_alert("dup-1", box_id="b2")))
+        await out.wait_for(2)
+        await asyncio.sleep(0.5)
+        _, record = await d.get_alert("dup-1", box_id="box-t")
+    assert sorted(v["box_id"] for _, v in out.verdicts()) == ["b2", "box-t"]
+    assert record["attempts"] == 1 and len(record["verdicts"]) == 1
+
+
+async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    bad = [
+        b"\xff\xfe not utf-8",
+        b'{"alert_id": "m1"',
+        json.dumps({**make_alert(), "box_id": None}).encode(),
+        json.dumps(make_alert(image="aGVsbG8=")).encode(),  # base64 of "hello": not an image
+    ]
+    async with collect(broker, VERDICTS) as out, run_daemon(settings):
+        with capture_logs() as logs:
+            for payload in bad:
+                await publish(broker, "secondlook/alerts/box-t", payload)
+            await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("after-bad")))
+            [(_, verdict)] = await out.wait_for(1)
+    assert verdict["alert_id"] == "after-bad"
+    refused = [entry for entry in logs if entry["event"] == "alert refused"]
+    assert [entry["field"] for entry in refused] == ["payload", "payload", "box_id", "image"]
+    assert "not UTF-8" in refused[0]["error"] and "not a JPEG or PNG" in refused[3]["error"]
+
+
+async def test_broker_restart_mid_stream_loses_no_verdict(tmp_path, broker, tiny_model):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    first = [f"stream-{i}" for i in range(12)]
+    second = [f"stream-{i}" for i in range(12, 20)]
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        for alert_id in first:
+            await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert(alert_id)))
+        # stop the broker while reviews are still running: their verdicts wait in the journal
+        await asyncio.to_thread(broker.stop)
+        while d.daemon.link.connected.is_set() or await d.daemon.journal.count_unpublished() == 0:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(broker.start)
+        for alert_id in second:
+            for _ in range(50):
+                try:
+                    await publish(
+                        broker, "secondlook/alerts/box-t", json.dumps(make_alert(alert_id))
+                    )
+                    break
+                except Exception:
+                    await asyncio.sleep(0.1)
+        expected = set(first + second)
+        # at least once: a verdict whose PUBACK was lost with the connection is sent again
+        async with asyncio.timeout(60):
+            while {v["alert_id"] for _, v in out.verdicts()} != expected:
+                await out.wait_for(len(out.verdicts()) + 1)
+            while await d.daemon.journal.count_unpublished():
+                await asyncio.sleep(0.05)
+    assert {v["alert_id"] for _, v in out.verdicts()} == expected
+
+
+async def test_availability_topic_is_retained_online_then_offline(tmp_path, broker, tiny_model):
+    settings = make_settings(
+        tmp_path, broker=broker, model=tiny_model, mqtt={"status_topic": "test/status-a"}
+    )
+    async with run_daemon(settings), collect(broker, "test/status-a") as status:
+        await status.wait_until("test/status-a", b"online")
+        assert status.messages[0][1:] == (b"online", True)  # retained
+    async with collect(broker, "test/status-a") as status:
+        await status.wait_until("test/status-a", b"offline")
+        assert status.messages[0][1:] == (b"offline", True)

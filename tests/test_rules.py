@@ -1,0 +1,136 @@
+"""Rule files: validation errors name the file and the line or key; bad files are skipped."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from structlog.testing import capture_logs
+
+from daemon.cli import main
+from daemon.contract import Alert
+from daemon.plugins import Registry, make_plugin_manager
+from daemon.rules import RuleBook
+from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, publish, run_daemon
+
+KINDS = Registry.collect(make_plugin_manager()).rule_kinds
+
+BROKEN = {
+    "syntax.toml": ('[match]\nevent_types = "fire\n[review]\n', "line 2", "not valid TOML"),
+    "no_match.toml": ('[review]\nprompt = "x"\n', "match", "Field required"),
+    "typo.toml": (FIRE_RULE + "\nconfirm_att = 0.5\n", "confirm_att", "Extra inputs"),
+    "bad_kind.toml": (FIRE_RULE.replace('"verdict"', '"verdikt"'), "review.kind", "unknown kind"),
+    "thresholds.toml": (
+        FIRE_RULE + "confirm_at = 0.3\nreject_below = 0.5\n",
+        "review",
+        "reject_below",
+    ),
+    "field_type.toml": (
+        '[match]\nevent_types = ["p"]\n[review]\nkind = "extract"\nprompt = "x"\n'
+        '[review.fields]\nn = { type = "int" }\n',
+        "review.fields.n.type",
+        "Input should be",
+    ),
+    "topic.toml": (
+        FIRE_RULE + '[publish]\ntopic = "alarms/{zone}"\n',
+        "publish.topic",
+        "unknown field",
+    ),
+}
+
+
+def test_each_broken_file_is_reported_with_where_and_why_and_the_rest_load(tmp_path):
+    (tmp_path / "fire.toml").write_text(FIRE_RULE)
+    for name, (text, _, _) in BROKEN.items():
+        (tmp_path / name).write_text(text)
+    book = RuleBook(tmp_path, KINDS)
+    with capture_logs() as logs:
+        errors = book.load()
+    assert [rule.name for rule in book.rules] == ["fire"]
+    by_file = {error.path.name: error for error in errors}
+    assert by_file.keys() == BROKEN.keys()
+    for name, (_, where, reason) in BROKEN.items():
+        assert where in by_file[name].where, (name, by_file[name])
+        assert reason in str(by_file[name]), (name, by_file[name])
+    assert sum(entry["event"] == "rule file rejected" for entry in logs) == len(BROKEN)
+
+
+def test_syntax_error_names_the_line(tmp_path):
+    (tmp_path / "bad.toml").write_text('description = "x"\n[match]\nevent_types = ["fire"\n')
+    [error] = RuleBook(tmp_path, KINDS).load()
+    assert error.where == "line 4 (end of file)"
+
+
+def test_a_broken_edit_keeps_the_last_good_version(tmp_path):
+    path = tmp_path / "fire.toml"
+    path.write_text(FIRE_RULE)
+    book = RuleBook(tmp_path, KINDS)
+    assert book.load() == []
+    good = book.rules[0]
+    path.write_text(FIRE_RULE.replace("[review]", "[review\n"))
+    [error] = book.load()
+    assert error.path == path
+    assert book.rules == [good]
+    path.unlink()
+    assert book.load() == [] and book.rules == []
+
+
+def test_matching_by_event_type_and_camera_and_box_globs(tmp_path):
+    (tmp_path / "north.toml").write_text(
+        FIRE_RULE.replace(
+            'event_types = ["fire"]',
+            'event_types = ["fire"]\ncameras = ["cam-n*"]\nboxes = ["box-1", "box-2"]',
+        )
+    )
+    book = RuleBook(tmp_path, KINDS)
+    book.load()
+
+    def alert(**fields):
+        return Alert.model_validate({**make_alert(), **fields})
+
+    assert [r.name for r in book.match(alert(camera_id="cam-n7", box_id="box-2"))] == ["north"]
+    assert book.match(alert(camera_id="cam-s1", box_id="box-2")) == []
+    assert book.match(alert(camera_id="cam-n7", box_id="box-9")) == []
+    assert book.match(alert(camera_id="cam-n7", box_id="box-1", event_type="smoke")) == []
+
+
+def test_rules_check_command_exits_non_zero_naming_each_bad_file(tmp_path):
+    (tmp_path / "fire.toml").write_text(FIRE_RULE)
+    (tmp_path / "typo.toml").write_text(BROKEN["typo.toml"][0])
+    (tmp_path / "syntax.toml").write_text(BROKEN["syntax.toml"][0])
+    result = CliRunner().invoke(main, ["rules", "check", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "ok    " in result.output and "fire.toml" in result.output
+    assert "typo.toml: review.confirm_att" in result.output
+    assert "syntax.toml: line 2, column" in result.output
+    (tmp_path / "typo.toml").unlink()
+    (tmp_path / "syntax.toml").unlink()
+    assert CliRunner().invoke(main, ["rules", "check", str(tmp_path)]).exit_code == 0
+
+
+@pytest.mark.parametrize("rules_dir", ["rules"])
+def test_shipped_example_rules_are_valid(rules_dir):
+    from tests.conftest import ROOT
+
+    result = CliRunner().invoke(main, ["rules", "check", str(ROOT / rules_dir)])
+    assert result.exit_code == 0, result.output
+
+
+async def test_daemon_skips_a_broken_rule_file_and_reviews_with_the_rest(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "broken.toml").write_text(BROKEN["typo.toml"][0].replace("fire", "smoke"))
+    async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
+        health = await d.daemon.health()
+        assert health["rules"] == ["fire"]
+        assert "broken.toml: review.confirm_att" in health["rule_errors"][0]
+        await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("r-1")))
+        await publish(
+            broker, "secondlook/alerts/b", json.dumps(make_alert("r-2", event_type="smoke"))
+        )
+        verdicts = {v["alert_id"]: v for _, v in await out.wait_for(2)}
+    assert verdicts["r-1"]["rule"] == "fire"
+    assert verdicts["r-2"]["verdict"] == "unreviewed" and verdicts["r-2"]["reason"] == "no rule"

@@ -1,0 +1,252 @@
+"""Logic of small parts: images, topics, config, answer parsing, token choice, backoff."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from daemon.config import ConfigError, load_settings
+from daemon.contract import Alert, VerdictKind
+from daemon.images import ImageError, fit_to_budget, inspect_image, load_for_model
+from daemon.inference.synthetic import build_tokenizer
+from daemon.inference.transformers_backend import choice_token_ids, label_scores
+from daemon.mqtt import backoff_delays
+from daemon.plugin_api import ChoiceAnswer, TextAnswer
+from daemon.rules import parse_rule
+from daemon.topics import check_topic_template, render_topic
+from plugins.extract import JsonExtract, validate_fields
+from plugins.verdict import NO_FORMS, YES_FORMS, YesNoVerdict
+from tests.conftest import EXTRACT_RULE, FIRE_RULE, jpeg_bytes, make_alert
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+# images -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "factor"), [((1920, 1080), 28), ((1080, 1920), 28), ((640, 480), 32), ((600, 90), 28)]
+)
+def test_fit_to_budget_keeps_aspect_within_budget_in_multiples(size, factor):
+    budget = 448 * 448
+    w, h = fit_to_budget(*size, max_pixels=budget, factor=factor)
+    assert w % factor == 0 and h % factor == 0
+    assert w * h <= budget
+    assert abs(w / h - size[0] / size[1]) / (size[0] / size[1]) < 0.15
+
+
+def test_fit_to_budget_does_not_upscale_small_images():
+    assert fit_to_budget(280, 224, max_pixels=448 * 448, factor=28) == (280, 224)
+
+
+def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
+    data = jpeg_bytes((1920, 1080))
+    image = load_for_model(data, max_pixels=448 * 448, factor=28)
+    assert image.mode == "RGB"
+    assert image.size == fit_to_budget(1920, 1080, max_pixels=448 * 448, factor=28)
+
+
+def test_inspect_image_accepts_jpeg_and_png():
+    assert inspect_image(jpeg_bytes((64, 48)), max_pixels=10_000).format == "jpeg"
+    info = inspect_image(encode(Image.new("RGB", (30, 20)), "PNG"), max_pixels=10_000)
+    assert (info.format, info.width, info.height) == ("png", 30, 20)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty image"),
+        (b"GIF89a....", "not a JPEG or PNG"),
+        (jpeg_bytes((200, 100))[:-100], "truncated JPEG"),
+        (encode(Image.new("RGB", (30, 20)), "PNG")[:-20], "truncated PNG"),
+        (b"\xff\xd8\xff\xe0garbage-garbage\xff\xd9", "unreadable JPEG header"),
+        (jpeg_bytes((400, 300)), "over the limit"),
+    ],
+)
+def test_inspect_image_refuses_with_a_reason(data, message):
+    with pytest.raises(ImageError, match=message):
+        inspect_image(data, max_pixels=100_000)
+
+
+def test_a_decompression_bomb_is_refused_from_its_header():
+    # a 20000x20000 PNG compresses to a few hundred KB; the header alone refuses it
+    bomb = encode(Image.new("1", (20000, 20000)), "PNG")
+    with pytest.raises(ImageError, match="decompression bomb"):
+        inspect_image(bomb, max_pixels=40_000_000)
+
+
+# topics -------------------------------------------------------------------------------
+
+
+def test_topic_values_cannot_add_levels_or_wildcards():
+    alert = Alert.model_validate(make_alert(camera_id="cam/+/#", site=None))
+    topic = render_topic(
+        "a/{site}/{camera_id}/{verdict}/{rule}", alert, rule=None, verdict="confirmed"
+    )
+    assert topic == "a/_/cam____/confirmed/_"
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ("a/{zone}", "unknown field"),
+        ("a/#", "wildcards"),
+        ("a/{site!r}", "not allowed"),
+        ("", "empty"),
+    ],
+)
+def test_bad_topic_templates_are_refused(template, message):
+    with pytest.raises(ValueError, match=message):
+        check_topic_template(template)
+
+
+# config -------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_relative_paths(tmp_path):
+    path = tmp_path / "conf" / "secondlook.toml"
+    path.parent.mkdir()
+    path.write_text('[model]\npath = "/models/x"\n[storage]\ndir = "state"\n')
+    settings = load_settings(path)
+    assert settings.mqtt.subscribe == ["secondlook/alerts/#"]
+    assert settings.model.image_max_pixels == 448 * 448
+    assert settings.storage.dir == path.parent / "state"
+    assert settings.rules.dir == path.parent / "rules"
+    assert settings.model.display_name == "x"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[mqtt]\nport = 'x'\n", "mqtt.port: Input should be a valid integer"),
+        ("[mqtt]\nprot = 1\n", "mqtt.prot: Extra inputs are not permitted"),
+        ("[http]\nlisten = '8080'\n", "http.listen: Value error, expected HOST:PORT"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, text, message):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_settings(path)
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "nope.toml")
+
+
+# verdict and extract kinds --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kinds():
+    return {"verdict": YesNoVerdict(), "extract": JsonExtract()}
+
+
+@pytest.mark.parametrize(
+    ("p_yes", "verdict"),
+    [
+        (0.9, "confirmed"),
+        (0.6, "confirmed"),
+        (0.5, "uncertain"),
+        (0.4, "uncertain"),
+        (0.1, "rejected"),
+    ],
+)
+def test_verdict_thresholds(tmp_path, kinds, p_yes, verdict):
+    rule = parse_rule(tmp_path / "fire.toml", FIRE_RULE, kinds)
+    answer = ChoiceAnswer({"yes": p_yes, "no": 1 - p_yes}, {"yes": 0.0, "no": 0.0})
+    judgement = kinds["verdict"].interpret(answer, rule)
+    assert judgement.verdict == VerdictKind(verdict)
+    assert judgement.confidence == p_yes
+
+
+def test_extract_prompt_lists_the_fields_and_valid_json_is_confirmed(tmp_path, kinds):
+    rule = parse_rule(tmp_path / "people.toml", EXTRACT_RULE, kinds)
+    query = kinds["extract"].compose(Alert.model_validate(make_alert()), rule)
+    assert "people (integer): number of people visible" in query.prompt
+    assert query.max_new_tokens == 24
+    text = 'Sure:\n```json\n{"people": 4}\n```'
+    judgement = kinds["extract"].interpret(TextAnswer(text), rule)
+    assert judgement.verdict == VerdictKind.CONFIRMED
+    assert judgement.fields == {"people": 4}
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("four people", "no JSON object"),
+        ('{"people": "four"}', 'people: expected integer, got "four"'),
+        ('{"people": 4, "mood": "ok"}', "mood: not a field of this rule"),
+        ('{"people": 4', "not valid JSON"),
+        ("{}", "people: missing"),
+    ],
+)
+def test_extract_reports_what_is_invalid(tmp_path, kinds, text, reason):
+    rule = parse_rule(tmp_path / "people.toml", EXTRACT_RULE, kinds)
+    judgement = kinds["extract"].interpret(TextAnswer(text), rule)
+    assert judgement.verdict == VerdictKind.UNCERTAIN
+    assert reason in judgement.reason
+
+
+def test_field_types_are_checked_strictly():
+    from plugins.extract import FieldSpec
+
+    fields = {
+        "n": FieldSpec(type="integer"),
+        "x": FieldSpec(type="number"),
+        "b": FieldSpec(type="boolean"),
+        "s": FieldSpec(type="string", required=False),
+    }
+    valid, problems = validate_fields({"n": 3.0, "x": 2, "b": True, "s": None}, fields)
+    assert valid == {"n": 3, "x": 2, "b": True, "s": None} and problems == []
+    valid, problems = validate_fields({"n": True, "x": "2", "b": "yes", "s": 5}, fields)
+    assert valid == {} and len(problems) == 4
+
+
+# token choice ---------------------------------------------------------------------------
+
+
+def test_choice_tokens_cover_case_and_space_variants_and_stay_distinct():
+    tokenizer = build_tokenizer()
+    ids = choice_token_ids(tokenizer, {"yes": YES_FORMS, "no": NO_FORMS})
+    decoded = {
+        label: {tokenizer.decode([i]) for i in token_ids} for label, token_ids in ids.items()
+    }
+    assert {"yes", "Yes", " yes"} <= decoded["yes"]
+    assert {"no", "No", " no"} <= decoded["no"]
+    assert not set(ids["yes"]) & set(ids["no"])
+
+
+def test_colliding_first_tokens_are_an_error():
+    tokenizer = build_tokenizer()
+    with pytest.raises(ValueError, match="no first token distinct"):
+        choice_token_ids(tokenizer, {"a": ["yes"], "b": ["yes"]})
+
+
+def test_label_scores_are_a_softmax_of_log_sum_exps():
+    import torch
+
+    logits = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    answer = label_scores(logits, {"yes": [1, 2], "no": [3]})
+    yes = torch.logsumexp(torch.tensor([1.0, 2.0]), 0)
+    assert answer.logits["yes"] == pytest.approx(float(yes))
+    assert answer.probabilities["yes"] == pytest.approx(float(torch.sigmoid(yes - 3.0)))
+
+
+# backoff --------------------------------------------------------------------------------
+
+
+def test_backoff_grows_is_capped_and_jittered():
+    delays = backoff_delays(0.5, 4.0)
+    values = [delays() for _ in range(8)]
+    ceilings = [0.5, 1, 2, 4, 4, 4, 4, 4]
+    assert all(c / 2 <= v <= c for v, c in zip(values, ceilings, strict=True))
+    assert len({round(v, 6) for v in values[3:]}) > 1
