@@ -162,7 +162,10 @@ def tiny_model(out_dir: Path, family: str) -> None:
 
     Its answers are noise; it exercises the real loading and inference code.
     """
+    from transformers.utils import logging as hf_logging
+
     from daemon.inference.synthetic import build_tiny_model
 
+    hf_logging.disable_progress_bar()
     build_tiny_model(out_dir, family)
     click.echo(str(out_dir))

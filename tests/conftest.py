@@ -95,7 +95,8 @@ def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random models of each family, built once per session."""
     base = tmp_path_factory.mktemp("models")
     return {
-        family: build_tiny_model(base / family, family) for family in ("qwen2-vl", "qwen2.5-vl")
+        family: build_tiny_model(base / family, family)
+        for family in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
     }
 
 

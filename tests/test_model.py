@@ -18,7 +18,7 @@ from daemon.plugin_api import ModelLoadError
 from plugins.verdict import NO_FORMS, YES_FORMS
 from tests.conftest import EXTRACT_RULE, FIRE_RULE, make_alert, make_settings, run_daemon
 
-FAMILIES = ["qwen2-vl", "qwen2.5-vl"]
+FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 
 
 def png_b64(size: tuple[int, int]) -> tuple[str, Image.Image]:
@@ -71,7 +71,7 @@ async def test_verdict_confidence_is_the_softmax_of_the_models_yes_no_logits(
     model_dir = model_dirs[family]
     settings = make_settings(tmp_path, broker=None, model=model_dir)
     (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
-    # 448x224: a multiple of 28 within the token budget, so the daemon does not rescale it
+    # 448x224: a multiple of 28 and 32 within the token budget: the daemon does not rescale it
     image_b64, image = png_b64((448, 224))
     async with run_daemon(settings) as d:
         status, _ = await d.post_alert(make_alert("logits-1", image=image_b64))
