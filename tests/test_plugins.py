@@ -80,3 +80,23 @@ def test_an_unknown_hook_implementation_fails_at_start():
 
     with pytest.raises(PluginValidationError, match="unknown hook 'register_rule_kind'"):
         make_plugin_manager([Typo()])
+
+
+class VerdictSink:
+    """A side-effect plugin with an async `verdict_ready`."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None, str]] = []
+
+    @hookimpl
+    async def verdict_ready(self, alert, rule, verdict):
+        self.seen.append((alert.alert_id, rule.name if rule else None, verdict.verdict.value))
+
+
+async def test_verdict_ready_hooks_are_awaited_with_alert_rule_and_verdict(tmp_path, tiny_model):
+    sink = VerdictSink()
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings, extra_plugins=[sink]) as d:
+        await d.post_alert(make_alert("sink-1", event_type="unknown"))
+        await d.wait_reviewed("sink-1")
+    assert sink.seen == [("sink-1", None, "unreviewed")]

@@ -1,0 +1,56 @@
+"""Snapshots by URL: fetched from allowed hosts only; a failed fetch follows the rule's on_error."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from tests.conftest import FIRE_RULE, free_port, jpeg_bytes, make_alert, make_settings, run_daemon
+
+
+@contextlib.asynccontextmanager
+async def snapshot_server() -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_get(
+        "/snap.jpg", lambda _: web.Response(body=jpeg_bytes(), content_type="image/jpeg")
+    )
+    app.router.add_get("/elsewhere", lambda _: web.HTTPFound("http://169.254.169.254/"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def test_image_url_on_an_allowed_host_is_fetched_and_reviewed(tmp_path, tiny_model):
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, images={"url_hosts": ["127.0.0.1"]}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "smoke.toml").write_text(
+        FIRE_RULE.replace('"fire"', '"smoke"') + 'on_error = "drop"\n'
+    )
+    async with snapshot_server() as base, run_daemon(settings) as d:
+        alerts = {
+            "url-ok": make_alert("url-ok", image=None, image_url=f"{base}/snap.jpg"),
+            "url-404": make_alert("url-404", image=None, image_url=f"{base}/missing.jpg"),
+            "url-redirect": make_alert("url-redirect", image=None, image_url=f"{base}/elsewhere"),
+            "url-drop": make_alert(
+                "url-drop", event_type="smoke", image=None, image_url=f"{base}/missing.jpg"
+            ),
+        }
+        for alert in alerts.values():
+            assert (await d.post_alert(alert))[0] == 202
+        records = {name: await d.wait_reviewed(name) for name in alerts}
+    ok = records["url-ok"]["verdicts"][0]
+    assert ok["verdict"] in ("confirmed", "rejected", "uncertain") and ok["confidence"] is not None
+    for name, status in (("url-404", "404"), ("url-redirect", "302")):
+        [verdict] = records[name]["verdicts"]
+        assert verdict["verdict"] == "unreviewed"
+        assert f"image_url answered HTTP {status}" in verdict["reason"]
+    assert records["url-drop"]["verdicts"] == []
