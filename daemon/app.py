@@ -119,6 +119,8 @@ class Daemon:
         """Run until `stop` is set, then shut down in stages."""
         s = self.settings
         pipeline = await self.open()
+        # before intake starts, or an alert arriving now would be queued twice
+        await pipeline.requeue_pending()
         api = None
         try:
             async with asyncio.TaskGroup() as tg:
@@ -135,7 +137,6 @@ class Daemon:
                 notify("STATUS=loading model")
                 log.info("loading model", backend=s.model.backend, model=s.model.path)
                 await self.backend.start()
-                await pipeline.requeue_pending()
                 background += [
                     tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
                 ]

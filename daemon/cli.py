@@ -33,6 +33,11 @@ def _settings(
     return settings.model_copy(update=updates)
 
 
+CONFIG_OPTION = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="TOML config file (default: built-in defaults).",
+)
 MODEL_OPTION = click.option(
     "--model", "model_path", help="Hub id or local model directory (overrides the config)."
 )
@@ -45,12 +50,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML config file (default: built-in defaults).",
-)
+@CONFIG_OPTION
 @MODEL_OPTION
 def run(config: Path | None, model_path: str | None) -> None:
     """Run the daemon: MQTT/HTTP in, rules, model, verdicts out."""
@@ -69,11 +69,7 @@ def run(config: Path | None, model_path: str | None) -> None:
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--config",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="TOML config file (its rules and model).",
-)
+@CONFIG_OPTION
 @click.option(
     "--rules",
     "rules_dir",

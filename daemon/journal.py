@@ -74,6 +74,7 @@ class StoredAlert:
     images: list[RawImage]
     received_at: datetime
     attempts: int
+    state: str
 
 
 @dataclass(frozen=True)
@@ -187,6 +188,7 @@ class Journal:
             images=images,
             received_at=datetime.fromisoformat(row["received_at"]),
             attempts=int(row["attempts"]),
+            state=row["state"],
         )
 
     async def begin_review(self, ref: int) -> int:

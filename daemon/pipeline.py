@@ -140,6 +140,8 @@ class Pipeline:
     async def review(self, ref: int) -> list[Verdict]:
         """Review one journalled alert with every matching rule; journal the verdicts."""
         stored = await self.journal.load_alert(ref)
+        if stored.state == "reviewed":
+            return []
         alert = stored.alert
         with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
             attempts = await self.journal.begin_review(ref)

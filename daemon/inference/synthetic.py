@@ -125,29 +125,21 @@ def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
     if family == "qwen2-vl":
         vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}
         return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    # Qwen2.5-VL and Qwen3-VL share the shape of their vision towers
+    vision = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+    }
     if family == "qwen2.5-vl":
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "fullatt_block_indexes": [1],
-            "window_size": 112,
-        }
+        vision |= {"fullatt_block_indexes": [1], "window_size": 112}
         return Qwen25VLConfig(text_config=text, vision_config=vision, **ids)
     if family == "qwen3-vl":
         text = {**text, "head_dim": 16}
         text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
-        vision = {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": 64,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        }
+        vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
         return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
