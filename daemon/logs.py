@@ -32,8 +32,8 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     )
     # libraries log through the standard library: warnings and worse only
     logging.basicConfig(level=logging.WARNING, stream=stream, force=True)
-    for noisy in ("transformers", "httpx", "huggingface_hub"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # huggingface_hub prints its own warnings (download retries): once is enough
+    logging.getLogger("huggingface_hub").propagate = False
     # download/loading progress bars are noise in a service log
     from transformers.utils import logging as hf_logging
 

@@ -116,8 +116,9 @@ class ModelRunner:
             processor = load_processor(settings.path)
             model = AutoModelForImageTextToText.from_pretrained(settings.path, dtype=dtype)
         except (OSError, ValueError, ImportError) as exc:
+            reason = str(exc).rstrip(".")
             raise ModelLoadError(
-                f"cannot load model {settings.path!r}: {exc}. Set [model] path to a local "
+                f"cannot load model {settings.path!r}: {reason}. Set [model] path to a local "
                 "directory holding a Hugging Face snapshot, or download the hub id first."
             ) from exc
         model.to(device).eval()
