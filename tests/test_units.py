@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 from PIL import Image
@@ -250,3 +251,54 @@ def test_backoff_grows_is_capped_and_jittered():
     ceilings = [0.5, 1, 2, 4, 4, 4, 4, 4]
     assert all(c / 2 <= v <= c for v, c in zip(values, ceilings, strict=True))
     assert len({round(v, 6) for v in values[3:]}) > 1
+
+
+# structure and logs -------------------------------------------------------------------
+
+
+def test_only_the_mqtt_module_imports_aiomqtt():
+    from tests.conftest import ROOT
+
+    importers = [
+        path.relative_to(ROOT).as_posix()
+        for folder in ("daemon", "plugins")
+        for path in (ROOT / folder).rglob("*.py")
+        if "import aiomqtt" in path.read_text(encoding="utf-8")
+    ]
+    assert importers == ["daemon/mqtt.py"]
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [False, True])
+def test_logs_are_json_lines_off_a_terminal_and_readable_on_one(tty):
+    import json
+
+    import structlog
+
+    from daemon.config import LogSettings
+    from daemon.logs import configure_logging
+
+    stream = _Stream(tty)
+    try:
+        configure_logging(LogSettings(), stream)
+        with structlog.contextvars.bound_contextvars(alert_id="a-1", rule="fire"):
+            structlog.get_logger("t").info("verdict", verdict="confirmed")
+    finally:
+        structlog.reset_defaults()
+    line = stream.getvalue().strip().splitlines()[-1]
+    if tty:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", line)  # colours off
+        assert not plain.startswith("{")
+        assert "verdict" in plain and "alert_id=a-1" in plain and "rule=fire" in plain
+    else:
+        record = json.loads(line)
+        assert record["event"] == "verdict" and record["alert_id"] == "a-1"
+        assert record["rule"] == "fire" and record["level"] == "info"
