@@ -27,8 +27,9 @@ from daemon.outbox import Outbox
 from daemon.pipeline import Pipeline
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleBook
+from daemon.rules_watch import watch_rules
 from daemon.sdnotify import notify
-from daemon.topics import check_topic_template
+from daemon.templates import check_topic_template
 
 log = structlog.get_logger(__name__)
 
@@ -89,9 +90,8 @@ class Daemon:
         }
 
     async def open(self) -> Pipeline:
-        """Load the rules, open the journal, wire the pipeline (no network, no model yet)."""
+        """Open the journal and wire the pipeline (no network, no model, no rules yet)."""
         s = self.settings
-        self.rules.load()
         self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
         if s.mqtt.enabled:
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
@@ -107,6 +107,12 @@ class Daemon:
             on_verdicts=self.outbox.wake if self.outbox else lambda: None,
         )
         return self.pipeline
+
+    async def start_model(self) -> None:
+        """Load the model, then the rules, checked against the model's tokenizer."""
+        await self.backend.start()
+        self.rules.check_choices = getattr(self.backend, "check_choices", None)
+        self.rules.load()
 
     async def close(self) -> None:
         if self.pipeline is not None:
@@ -136,7 +142,8 @@ class Daemon:
                     ]
                 notify("STATUS=loading model")
                 log.info("loading model", backend=s.model.backend, model=s.model.path)
-                await self.backend.start()
+                await self.start_model()
+                background.append(tg.create_task(watch_rules(s.rules.dir, self.reload_rules)))
                 background += [
                     tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
                 ]

@@ -33,6 +33,8 @@ class MqttSettings(_Section):
     keepalive_s: int = Field(default=30, ge=5)
     status_topic: str = "secondlook/status"
     verdict_topic: str = DEFAULT_VERDICT_TOPIC
+    #: verdicts of rules in shadow mode go to this prefix + their usual topic
+    shadow_prefix: str = "secondlook/shadow"
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
 

@@ -30,6 +30,16 @@ def register_backends(register: Callable[[str, Any], None]) -> None:
     returns a Backend (`start`, `run(request)`, `close`, `model_name`)."""
 
 
+@hookspec(firstresult=True)
+def suppress_alert(alert: Any, rule: Any, recent: Any) -> Any:
+    """Spare the model a repeat: return a Judgement to use instead of a model call, or None.
+
+    `recent` lists the rule's model reviews (RecentReview) of the same camera and event
+    type within the rule's `[cooldown] window_s`, newest first. Called only for rules with a
+    cooldown window. Must be synchronous: the first non-None answer wins.
+    """
+
+
 @hookspec
 def verdict_ready(alert: Any, rule: Any, verdict: Any) -> Any:
     """Called once a verdict is journalled, before it is published. `rule` is None when no

@@ -6,7 +6,7 @@ import io
 import math
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,13 +70,14 @@ def fit_to_budget(width: int, height: int, *, max_pixels: int, factor: int) -> t
     return new_w, new_h
 
 
-def load_for_model(data: bytes, *, max_pixels: int, factor: int) -> Image.Image:
-    """Decode once, at reduced scale where JPEG allows, and resize once to the budget."""
+def decode(data: bytes, *, budget: tuple[int, int] | None = None) -> Image.Image:
+    """Decode to RGB. With a budget (max_pixels, factor), a JPEG decodes straight at the
+    smallest scale (1/2, 1/4, 1/8) that still covers the budget's size (draft mode)."""
     try:
         img = Image.open(io.BytesIO(data))
-        target = fit_to_budget(*img.size, max_pixels=max_pixels, factor=factor)
-        if img.format == "JPEG":
-            img.draft("RGB", target)
+        if budget is not None and img.format == "JPEG":
+            max_pixels, factor = budget
+            img.draft("RGB", fit_to_budget(*img.size, max_pixels=max_pixels, factor=factor))
         img.load()
     except (
         UnidentifiedImageError,
@@ -86,8 +87,47 @@ def load_for_model(data: bytes, *, max_pixels: int, factor: int) -> Image.Image:
         Image.DecompressionBombError,
     ) as exc:
         raise ImageError(f"corrupt image: {exc}") from exc
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if img.size != target:
-        img = img.resize(target, Image.Resampling.BICUBIC)
-    return img
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def to_budget(img: Image.Image, *, max_pixels: int, factor: int) -> Image.Image:
+    """Resize once to the token budget (a no-op when already there)."""
+    target = fit_to_budget(*img.size, max_pixels=max_pixels, factor=factor)
+    return img if img.size == target else img.resize(target, Image.Resampling.BICUBIC)
+
+
+def load_for_model(data: bytes, *, max_pixels: int, factor: int) -> Image.Image:
+    """Decode once, at reduced scale where JPEG allows, and resize once to the budget."""
+    img = decode(data, budget=(max_pixels, factor))
+    return to_budget(img, max_pixels=max_pixels, factor=factor)
+
+
+Region = tuple[float, float, float, float]
+
+
+def crop_region(size: tuple[int, int], boxes: list[Region], margin: float) -> tuple[int, ...]:
+    """The union of the boxes, grown by `margin` of its size on each side, inside the image."""
+    width, height = size
+    x1 = min(b[0] for b in boxes)
+    y1 = min(b[1] for b in boxes)
+    x2 = max(b[2] for b in boxes)
+    y2 = max(b[3] for b in boxes)
+    grow_x = max(x2 - x1, 1) * margin
+    grow_y = max(y2 - y1, 1) * margin
+    left, top = max(0, int(x1 - grow_x)), max(0, int(y1 - grow_y))
+    right, bottom = min(width, int(x2 + grow_x + 0.5)), min(height, int(y2 + grow_y + 0.5))
+    if right - left < 2 or bottom - top < 2:
+        raise ImageError("the detection boxes lie outside the image")
+    return left, top, right, bottom
+
+
+def draw_detections(img: Image.Image, boxes: list[Region], scale: float) -> Image.Image:
+    """A copy with each box outlined in red; `scale` maps box pixels to this image's."""
+    marked = img.copy()
+    draw = ImageDraw.Draw(marked)
+    width = max(2, round(min(img.size) / 150))
+    for x1, y1, x2, y2 in boxes:
+        draw.rectangle(
+            (x1 * scale, y1 * scale, x2 * scale, y2 * scale), outline=(255, 0, 0), width=width
+        )
+    return marked

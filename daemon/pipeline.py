@@ -14,23 +14,24 @@ from datetime import datetime
 from typing import Any, Literal
 
 import structlog
-from PIL.Image import Image
 
 from daemon.config import Settings
 from daemon.contract import Alert, Verdict, VerdictKind, utc_now
 from daemon.journal import Journal, PlannedVerdict, StoredAlert
-from daemon.plugin_api import AlertError, Backend, Judgement, ModelRequest
+from daemon.plugin_api import AlertError, Backend, Judgement
 from daemon.plugins import Registry
+from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
 from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
-from daemon.topics import render_topic
+from daemon.templates import check_topic_template, render_topic
 
 log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
 class IngestResult:
-    status: Literal["accepted", "duplicate", "refused"]
+    #: consumed: the payload carried no alert of its own (see AlertFormat.parse)
+    status: Literal["accepted", "duplicate", "refused", "consumed"]
     alert: Alert | None = None
     error: AlertError | None = None
 
@@ -55,6 +56,14 @@ class Pipeline:
         self.hooks = hooks
         self.on_verdicts = on_verdicts
         self.snapshots = SnapshotLoader(settings.images)
+        self.reviewer = Reviewer(
+            registry=registry,
+            backend=backend,
+            hooks=hooks,
+            snapshots=self.snapshots,
+            model=settings.model,
+        )
+        self.verdict_topic = check_topic_template(settings.mqtt.verdict_topic)
         self.queue: asyncio.Queue[int] = asyncio.Queue()
         self._closed = False
         self._busy = 0
@@ -74,6 +83,8 @@ class Pipeline:
             if parser is None:
                 raise AlertError("format", f"unknown alert format {format_name!r}")
             incoming = parser.parse(payload, topic=topic)
+            if incoming is None:
+                return IngestResult("consumed")
             for image in incoming.images:
                 check_raw_image(image, self.settings.images)
             if incoming.alert.image_url and not incoming.images:
@@ -170,45 +181,17 @@ class Pipeline:
                 log.info("no rule matches; dropped by config")
                 return []
             return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, "no rule"))]
-        images: list[Image] | Exception
-        try:
-            images = await self.snapshots.prepare(
-                stored.images,
-                alert.image_url,
-                max_pixels=self.settings.model.image_max_pixels,
-                factor=self.backend.image_factor,
-            )
-        except Exception as exc:
-            images = exc
-        planned = []
-        for rule in rules:
-            with structlog.contextvars.bound_contextvars(rule=rule.name):
-                judgement = await self._judge(alert, rule, images)
-            if judgement is not None:
-                planned.append(self._plan(stored, rule, judgement))
+        planned = [
+            self._plan(stored, rule, judgement)
+            for rule, judgement in await self.reviewer.judge_all(stored, rules)
+        ]
+        shadows = [rule.name for rule in rules if rule.shadow]
+        if len(shadows) == len(rules):
+            # rules under evaluation do not speak for the alert: it goes out unreviewed
+            reason = f"only rules in shadow mode matched: {', '.join(shadows)}"
+            forward = Judgement(VerdictKind.UNREVIEWED, None, reason)
+            planned.append(self._plan(stored, None, forward))
         return planned
-
-    async def _judge(
-        self, alert: Alert, rule: Rule, images: list[Image] | Exception
-    ) -> Judgement | None:
-        """The rule's judgement, or its `on_error` outcome (None: drop)."""
-        kind = self.registry.rule_kinds[rule.kind]
-        try:
-            if isinstance(images, Exception):
-                raise images
-            query = kind.compose(alert, rule)
-            answer = await self.backend.run(ModelRequest(query, images))
-            return kind.interpret(answer, rule)
-        except Exception as exc:
-            log.error(
-                "review failed",
-                error=str(exc),
-                error_type=type(exc).__name__,
-                on_error=rule.on_error,
-            )
-            if rule.on_error == "drop":
-                return None
-            return Judgement(VerdictKind.UNREVIEWED, None, f"review failed: {exc}")
 
     def _plan(self, stored: StoredAlert, rule: Rule | None, judgement: Judgement) -> PlannedVerdict:
         alert = stored.alert
@@ -230,15 +213,16 @@ class Pipeline:
             reviewed_at=reviewed_at.isoformat(),
             latency_ms=_ms_between(stored.received_at, reviewed_at),
         )
-        template = (rule.topic if rule else None) or self.settings.mqtt.verdict_topic
+        template = (rule.topic if rule else None) or self.verdict_topic
         topic = render_topic(template, alert, rule=verdict.rule, verdict=verdict.verdict.value)
+        if rule is not None and rule.shadow:
+            topic = f"{self.settings.mqtt.shadow_prefix}/{topic}"
         return PlannedVerdict(verdict, topic)
 
     async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
         """Run `verdict_ready` hooks; their failures are logged, never fatal."""
-        by_name = {rule.name: rule for rule in self.rules.rules}
         for item in planned:
-            rule = by_name.get(item.verdict.rule or "")
+            rule = self.rules.get(item.verdict.rule)
             try:
                 for result in self.hooks.verdict_ready(
                     alert=alert, rule=rule, verdict=item.verdict

@@ -109,7 +109,12 @@ class Judgement:
 
 
 class RuleKind(Protocol):
-    """A kind of review (`[review] kind = ...` in a rule file)."""
+    """A kind of review (`[review] kind = ...` in a rule file).
+
+    A kind that asks ChoiceQuery may also define `choices(rule)` returning the query's
+    choices: the host then checks, when the rule is loaded, that the model's tokenizer can
+    tell the answers apart by their first token.
+    """
 
     name: ClassVar[str]
     #: validates the kind's own keys of the rule's `[review]` table (extra keys forbidden)
@@ -121,11 +126,15 @@ class RuleKind(Protocol):
 
 
 class AlertFormat(Protocol):
-    """Turns a payload in some box vendor's shape into an IncomingAlert."""
+    """Turns a payload in some box vendor's shape into an IncomingAlert.
 
-    name: ClassVar[str]
+    `parse` may return None for a payload that carries no alert of its own (a format that
+    collects snapshots from one topic for events on another, say).
+    """
 
-    def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert: ...
+    name: str
+
+    def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert | None: ...
 
 
 @runtime_checkable
@@ -133,7 +142,9 @@ class Backend(Protocol):
     """Runs model requests. `start` loads the model; `run` may be called concurrently.
 
     `image_factor` is the side, in pixels, of the square one visual token covers; the host
-    scales images to multiples of it within the token budget.
+    scales images to multiples of it within the token budget. A backend that scores choices
+    from its own tokenizer may also define `check_choices(choices)`, raising ValueError when
+    two answers share their first token; rules are then checked against it when loaded.
     """
 
     model_name: str
@@ -144,6 +155,17 @@ class Backend(Protocol):
     async def run(self, request: ModelRequest) -> Answer: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RecentReview:
+    """A model review of a rule, kept a while so that repeats of its alert can reuse it."""
+
+    alert_id: str
+    boxes: Sequence[tuple[float, float, float, float]]
+    judgement: Judgement
+    #: time.monotonic() of the model call
+    at: float
 
 
 class BackendFactory(Protocol):

@@ -19,6 +19,8 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "canonical": "plugins.canonical",
     "verdict": "plugins.verdict",
     "extract": "plugins.extract",
+    "classify": "plugins.classify",
+    "cooldown": "plugins.cooldown",
     "transformers": "daemon.inference.transformers_backend",
 }
 

@@ -39,7 +39,7 @@ async def replay(settings: Settings, files: list[Path], console: Console) -> lis
     rows: list[ReplayRow] = []
     try:
         with console.status(f"loading model {settings.model.path}"):
-            await daemon.backend.start()
+            await daemon.start_model()
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("reviewing", total=len(files))
             for path in files:

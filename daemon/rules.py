@@ -1,80 +1,28 @@
-"""Rule files: load and validate the rules directory, keep the last good version, match alerts."""
+"""The rules directory: load and validate files, keep last good versions, pick rules per alert."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from daemon.config import describe_validation_error
-from daemon.contract import Alert, Name
+from daemon.contract import Alert
 from daemon.plugin_api import RuleKind
-from daemon.topics import check_topic_template
+from daemon.rule_file import CooldownSpec, ImageMode, MatchSpec, RuleFile
+from daemon.templates import Template, check_topic_template, render_prompt
 
 log = structlog.get_logger(__name__)
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class MatchSpec(_Strict):
-    """Which alerts a rule reviews: every list is a set of glob patterns."""
-
-    event_types: list[Name] = Field(min_length=1)
-    cameras: list[Name] = Field(default_factory=lambda: ["*"], min_length=1)
-    boxes: list[Name] = Field(default_factory=lambda: ["*"], min_length=1)
-
-    def matches(self, alert: Alert) -> bool:
-        return (
-            _any_glob(alert.event_type, self.event_types)
-            and _any_glob(alert.camera_id, self.cameras)
-            and _any_glob(alert.box_id, self.boxes)
-        )
-
-
-class ReviewSpec(BaseModel):
-    """The keys of `[review]` every kind shares; the rest go to the kind's Options."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-
-    kind: str = "verdict"
-    prompt: str = Field(min_length=1)
-    on_error: Literal["forward", "drop"] = "forward"
-
-    @field_validator("prompt")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt is blank")
-        return value.strip()
-
-
-class PublishSpec(_Strict):
-    topic: str | None = None
-
-    @field_validator("topic")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        if value is not None:
-            check_topic_template(value)
-        return value
-
-
-class RuleFile(_Strict):
-    name: Name | None = None
-    description: str = ""
-    match: MatchSpec
-    review: ReviewSpec
-    publish: PublishSpec = Field(default_factory=PublishSpec)
+#: checks that a kind's answers can be told apart by their first token (the model's tokenizer)
+ChoiceChecker = Callable[[Mapping[str, Sequence[str]]], None]
 
 
 @dataclass(frozen=True)
@@ -85,15 +33,26 @@ class Rule:
     path: Path
     digest: str
     description: str
+    enabled: bool
+    priority: int
+    exclusive: bool
+    shadow: bool
     match: MatchSpec
     kind: str
-    prompt: str
-    on_error: Literal["forward", "drop"]
+    prompt: Template
+    on_error: str
+    image: ImageMode
+    crop_margin: float
     options: BaseModel
-    topic: str | None
+    cooldown: CooldownSpec
+    topic: Template | None
 
     def matches(self, alert: Alert) -> bool:
-        return self.match.matches(alert)
+        return self.enabled and self.match.matches(alert)
+
+    def prompt_for(self, alert: Alert) -> str:
+        """The prompt with the alert's fields filled in (as plain text, never evaluated)."""
+        return render_prompt(self.prompt, alert)
 
 
 class RuleError(Exception):
@@ -104,10 +63,6 @@ class RuleError(Exception):
         self.path = path
         self.where = where
         self.reason = reason
-
-
-def _any_glob(value: str, patterns: list[str]) -> bool:
-    return any(fnmatchcase(value, pattern) for pattern in patterns)
 
 
 def _toml_error_line(message: str, text: str) -> str:
@@ -125,7 +80,12 @@ def _validation_error(path: Path, exc: ValidationError, prefix: str = "") -> Rul
     return RuleError(path, where, first["msg"] if exc.error_count() == 1 else reasons)
 
 
-def parse_rule(path: Path, text: str, kinds: Mapping[str, RuleKind]) -> Rule:
+def parse_rule(
+    path: Path,
+    text: str,
+    kinds: Mapping[str, RuleKind],
+    check_choices: ChoiceChecker | None = None,
+) -> Rule:
     """Validate one rule file's text; raise RuleError naming the line or key at fault."""
     try:
         data: dict[str, Any] = tomllib.loads(text)
@@ -143,34 +103,65 @@ def parse_rule(path: Path, text: str, kinds: Mapping[str, RuleKind]) -> Rule:
         options = kind.Options.model_validate(dict(spec.review.model_extra or {}))
     except ValidationError as exc:
         raise _validation_error(path, exc, prefix="review.") from exc
-    return Rule(
+    review = spec.review
+    rule = Rule(
         name=spec.name or path.stem,
         path=path,
         digest=hashlib.sha256(text.encode()).hexdigest()[:12],
         description=spec.description,
+        enabled=spec.enabled,
+        priority=spec.priority,
+        exclusive=spec.exclusive,
+        shadow=spec.shadow,
         match=spec.match,
-        kind=spec.review.kind,
-        prompt=spec.review.prompt,
-        on_error=spec.review.on_error,
+        kind=review.kind,
+        prompt=Template.parse(review.prompt),
+        on_error=review.on_error,
+        image=review.image,
+        crop_margin=review.crop_margin,
         options=options,
-        topic=spec.publish.topic,
+        cooldown=spec.cooldown,
+        topic=check_topic_template(spec.publish.topic) if spec.publish.topic else None,
     )
+    choices = getattr(kind, "choices", None)
+    if check_choices is not None and choices is not None:
+        try:
+            check_choices(choices(rule))
+        except ValueError as exc:
+            raise RuleError(path, "review", f"answers cannot be told apart: {exc}") from exc
+    return rule
 
 
-def load_rule(path: Path, kinds: Mapping[str, RuleKind]) -> Rule:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RuleError(path, "", f"cannot read: {exc}") from exc
-    return parse_rule(path, text, kinds)
+def select_rules(candidates: Sequence[Rule]) -> list[Rule]:
+    """The rules that review an alert, from those that match it.
+
+    Highest `priority` first (then by name). Every matching rule reviews, except that once an
+    `exclusive` rule is chosen, rules of lower priority are not. Shadow rules never exclude.
+    """
+    chosen: list[Rule] = []
+    floor: int | None = None
+    for rule in sorted(candidates, key=lambda r: (-r.priority, r.name)):
+        if floor is not None and rule.priority < floor:
+            continue
+        chosen.append(rule)
+        if rule.exclusive and not rule.shadow and floor is None:
+            floor = rule.priority
+    return chosen
 
 
 class RuleBook:
     """The rules of one directory. A file that breaks keeps its last good version."""
 
-    def __init__(self, directory: Path, kinds: Mapping[str, RuleKind]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        kinds: Mapping[str, RuleKind],
+        check_choices: ChoiceChecker | None = None,
+    ) -> None:
         self.directory = directory
         self._kinds = kinds
+        #: set once the model's tokenizer is known; rules are then re-checked
+        self.check_choices = check_choices
         self._by_path: dict[Path, Rule] = {}
         self.errors: list[RuleError] = []
 
@@ -178,26 +169,28 @@ class RuleBook:
     def rules(self) -> list[Rule]:
         return sorted(self._by_path.values(), key=lambda rule: rule.name)
 
+    def get(self, name: str | None) -> Rule | None:
+        return next((rule for rule in self._by_path.values() if rule.name == name), None)
+
     def load(self) -> list[RuleError]:
         """(Re)read every `*.toml`; report and skip bad files; forget deleted ones."""
         if not self.directory.is_dir():
             self.errors = [RuleError(self.directory, "", "rules directory does not exist")]
             log.error("rules directory missing", path=str(self.directory))
             return self.errors
-        paths = sorted(self.directory.glob("*.toml"))
         errors: list[RuleError] = []
         loaded: dict[Path, Rule] = {}
         names: dict[str, Path] = {}
-        for path in paths:
+        for path in sorted(self.directory.glob("*.toml")):
+            previous = self._by_path.get(path)
             try:
-                rule = load_rule(path, self._kinds)
+                rule = self._load_file(path)
                 if rule.name in names:
                     raise RuleError(
                         path, "name", f"rule {rule.name!r} already in {names[rule.name]}"
                     )
             except RuleError as exc:
                 errors.append(exc)
-                previous = self._by_path.get(path)
                 kept = "keeping last good version" if previous else "skipped"
                 log.error(
                     "rule file rejected",
@@ -205,27 +198,38 @@ class RuleBook:
                     where=exc.where,
                     reason=exc.reason,
                     action=kept,
+                    digest=previous.digest if previous else None,
                 )
                 if previous is not None:
                     loaded[path] = previous
                     names[previous.name] = path
                 continue
-            if self._by_path.get(path) != rule:
+            if previous is None:
+                log.info("rule loaded", rule=rule.name, path=str(path), digest=rule.digest)
+            elif previous.digest != rule.digest:
                 log.info(
-                    "rule loaded",
+                    "rule changed",
                     rule=rule.name,
                     path=str(path),
                     digest=rule.digest,
-                    kind=rule.kind,
+                    previous_digest=previous.digest,
                 )
             loaded[path] = rule
             names[rule.name] = path
         for path in self._by_path.keys() - loaded.keys():
-            log.info("rule removed", rule=self._by_path[path].name, path=str(path))
+            removed = self._by_path[path]
+            log.info("rule removed", rule=removed.name, path=str(path), digest=removed.digest)
         self._by_path = loaded
         self.errors = errors
         return errors
 
+    def _load_file(self, path: Path) -> Rule:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RuleError(path, "", f"cannot read: {exc}") from exc
+        return parse_rule(path, text, self._kinds, self.check_choices)
+
     def match(self, alert: Alert) -> list[Rule]:
-        """Every rule that matches, by name."""
-        return [rule for rule in self.rules if rule.matches(alert)]
+        """The rules that review this alert (see `select_rules`)."""
+        return select_rules([rule for rule in self._by_path.values() if rule.matches(alert)])

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
+import io
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
+from PIL import Image as PILImage
 from PIL.Image import Image
 
 from daemon.config import ImageSettings
-from daemon.images import ImageError, inspect_image, load_for_model
+from daemon.images import (
+    ImageError,
+    Region,
+    crop_region,
+    decode,
+    draw_detections,
+    inspect_image,
+    load_for_model,
+    to_budget,
+)
 from daemon.plugin_api import AlertError, RawImage
+from daemon.rule_file import ImageMode
 
 
 def check_raw_image(image: RawImage, settings: ImageSettings) -> None:
@@ -72,15 +83,70 @@ class SnapshotLoader:
             raise ImageError(str(exc)) from exc
         return image
 
-    async def prepare(
-        self, images: Sequence[RawImage], image_url: str | None, *, max_pixels: int, factor: int
-    ) -> list[Image]:
-        """Decode every snapshot off the event loop, scaled to the token budget."""
+    async def collect(self, images: Sequence[RawImage], image_url: str | None) -> list[RawImage]:
+        """The alert's snapshots, the one behind `image_url` fetched first if needed."""
         raw = list(images)
         if image_url and not any(image.source == "image" for image in raw):
             raw.insert(0, await self.fetch(image_url))
         if not raw:
             raise ImageError("the alert has no snapshot")
-        return await asyncio.to_thread(
-            lambda: [load_for_model(i.data, max_pixels=max_pixels, factor=factor) for i in raw]
-        )
+        return raw
+
+
+class SnapshotSet:
+    """One alert's snapshots, each decoded at most once, prepared per rule's image mode.
+
+    The first snapshot is the frame the boxes refer to; the others (`images`) follow it, each
+    scaled to the budget. Methods decode and resize: call them off the event loop.
+    """
+
+    def __init__(
+        self, raw: Sequence[RawImage], boxes: Sequence[Region], *, max_pixels: int, factor: int
+    ) -> None:
+        self.raw = raw
+        self.boxes = list(boxes)
+        self.budget = {"max_pixels": max_pixels, "factor": factor}
+        self._frame: Image | None = None
+        self._full: Image | None = None
+        self._extras: list[Image] | None = None
+
+    def for_rule(self, mode: ImageMode, margin: float) -> list[Image]:
+        if mode == "frame" or (mode != "boxes" and not self.boxes):
+            first = [self.frame()]  # nothing to crop: the whole frame
+        elif mode == "boxes":
+            first = [self.marked()]
+        elif mode == "crop":
+            first = [self.crop(margin)]
+        else:  # crop+frame
+            first = [self.crop(margin), self.frame()]
+        return first + self.extras()
+
+    def frame(self) -> Image:
+        if self._frame is None:
+            if self._full is not None:
+                self._frame = to_budget(self._full, **self.budget)
+            else:
+                budget = (self.budget["max_pixels"], self.budget["factor"])
+                self._frame = to_budget(decode(self.raw[0].data, budget=budget), **self.budget)
+        return self._frame
+
+    def full(self) -> Image:
+        if self._full is None:
+            self._full = decode(self.raw[0].data)
+        return self._full
+
+    def crop(self, margin: float) -> Image:
+        full = self.full()
+        region = crop_region(full.size, self.boxes, margin)
+        return to_budget(full.crop(region), **self.budget)
+
+    def marked(self) -> Image:
+        frame = self.frame()
+        with PILImage.open(io.BytesIO(self.raw[0].data)) as original:
+            scale = frame.width / original.width
+        return draw_detections(frame, self.boxes, scale)
+
+    def extras(self) -> list[Image]:
+        if self._extras is None:
+            self._extras = [load_for_model(image.data, **self.budget) for image in self.raw[1:]]
+        return self._extras

@@ -99,7 +99,7 @@ class JsonExtract:
     def compose(self, alert: Alert, rule: Rule) -> GenerateQuery:
         options = rule.options
         assert isinstance(options, ExtractOptions)
-        prompt = f"{rule.prompt}\n\n{schema_instructions(options.fields)}"
+        prompt = f"{rule.prompt_for(alert)}\n\n{schema_instructions(options.fields)}"
         return GenerateQuery(prompt=prompt, max_new_tokens=options.max_new_tokens)
 
     def interpret(self, answer: Answer, rule: Rule) -> Judgement:

@@ -43,8 +43,11 @@ class YesNoVerdict:
     name: ClassVar[str] = "verdict"
     Options: ClassVar[type[BaseModel]] = VerdictOptions
 
+    def choices(self, rule: Rule) -> dict[str, tuple[str, ...]]:
+        return {"yes": YES_FORMS, "no": NO_FORMS}
+
     def compose(self, alert: Alert, rule: Rule) -> ChoiceQuery:
-        return ChoiceQuery(prompt=rule.prompt, choices={"yes": YES_FORMS, "no": NO_FORMS})
+        return ChoiceQuery(prompt=rule.prompt_for(alert), choices=self.choices(rule))
 
     def interpret(self, answer: Answer, rule: Rule) -> Judgement:
         if not isinstance(answer, ChoiceAnswer):

@@ -37,7 +37,7 @@ class SmokeKind:
     Options: ClassVar[type[BaseModel]] = SmokeOptions
 
     def compose(self, alert, rule):
-        return ChoiceQuery(f"[{alert.camera_id}] {rule.prompt}", {"yes": ["yes"], "no": ["no"]})
+        return ChoiceQuery(rule.prompt_for(alert), {"yes": ["yes"], "no": ["no"]})
 
     def interpret(self, answer, rule):
         p = answer.probabilities["yes"]

@@ -12,7 +12,7 @@ from daemon.config import DEFAULT_VERDICT_TOPIC
 from daemon.contract import Alert
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleBook
-from daemon.topics import render_topic
+from daemon.templates import check_topic_template, render_topic
 from tests.conftest import RULES, SAMPLES, collect, make_settings, publish, run_daemon
 from tests.test_http_api import CONTRACT_FIELDS
 
@@ -69,7 +69,7 @@ async def test_every_sample_yields_one_verdict_with_every_field_on_its_topic(
         assert verdict["rule"] == rule.name
         assert verdict["verdict"] in ("confirmed", "rejected", "uncertain")
         expected = render_topic(
-            rule.topic or DEFAULT_VERDICT_TOPIC,
+            rule.topic or check_topic_template(DEFAULT_VERDICT_TOPIC),
             Alert.model_validate(alert),
             rule=rule.name,
             verdict=verdict["verdict"],

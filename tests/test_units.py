@@ -16,7 +16,7 @@ from daemon.inference.transformers_backend import choice_token_ids, label_scores
 from daemon.mqtt import backoff_delays
 from daemon.plugin_api import ChoiceAnswer, TextAnswer
 from daemon.rules import parse_rule
-from daemon.topics import check_topic_template, render_topic
+from daemon.templates import check_topic_template, render_topic
 from plugins.extract import JsonExtract, validate_fields
 from plugins.verdict import NO_FORMS, YES_FORMS, YesNoVerdict
 from tests.conftest import EXTRACT_RULE, FIRE_RULE, jpeg_bytes, make_alert
@@ -87,9 +87,8 @@ def test_a_decompression_bomb_is_refused_from_its_header():
 
 def test_topic_values_cannot_add_levels_or_wildcards():
     alert = Alert.model_validate(make_alert(camera_id="cam/+/#", site=None))
-    topic = render_topic(
-        "a/{site}/{camera_id}/{verdict}/{rule}", alert, rule=None, verdict="confirmed"
-    )
+    template = check_topic_template("a/{site}/{camera_id}/{verdict}/{rule}")
+    topic = render_topic(template, alert, rule=None, verdict="confirmed")
     assert topic == "a/_/cam____/confirmed/_"
 
 

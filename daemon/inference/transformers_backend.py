@@ -207,6 +207,10 @@ class TransformersBackend:
             raise RuntimeError("the model is not loaded yet")
         return self._runner
 
+    def check_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
+        """Raise ValueError if two answers share every first token (see choice_token_ids)."""
+        choice_token_ids(self._require_runner().tokenizer, choices)
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._runner = await loop.run_in_executor(self._executor, ModelRunner.load, self.settings)

@@ -1,0 +1,139 @@
+"""The schema of a rule file, and the `[match]` logic: which alerts a rule reviews."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from daemon.contract import Alert, Name
+from daemon.templates import Template, check_topic_template
+
+_WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """'22:00-06:00' -> (1320, 360), minutes after midnight; may wrap past midnight."""
+    found = _WINDOW.match(text.strip())
+    if not found:
+        raise ValueError(f"{text!r} is not a time window like '22:00-06:00'")
+    start = int(found[1]) * 60 + int(found[2])
+    end = int(found[3]) * 60 + int(found[4])
+    if start == end or end > 24 * 60:
+        raise ValueError(f"{text!r} is an empty or impossible window")
+    return start, end
+
+
+def in_window(minute: int, window: tuple[int, int]) -> bool:
+    start, end = window
+    return start <= minute < end if start < end else minute >= start or minute < end
+
+
+class MatchSpec(_Strict):
+    """Which alerts a rule reviews. Lists hold glob patterns (`cam-0*`, `*`)."""
+
+    event_types: list[Name] = Field(min_length=1)
+    cameras: list[Name] = Field(default_factory=lambda: ["*"], min_length=1)
+    boxes: list[Name] = Field(default_factory=lambda: ["*"], min_length=1)
+    #: an alert without `site` matches only the pattern "*"
+    sites: list[Name] = Field(default_factory=lambda: ["*"], min_length=1)
+    #: alerts whose box score is below are left to other rules; alerts without a score pass
+    min_score: float = Field(default=0.0, ge=0, le=1)
+    #: local time of day of `occurred_at` (the box's own UTC offset), e.g. ["22:00-06:00"]
+    hours: list[str] = Field(default_factory=list)
+
+    @field_validator("hours")
+    @classmethod
+    def _windows(cls, value: list[str]) -> list[str]:
+        for text in value:
+            parse_window(text)
+        return value
+
+    def matches(self, alert: Alert) -> bool:
+        if not (
+            _any_glob(alert.event_type, self.event_types)
+            and _any_glob(alert.camera_id, self.cameras)
+            and _any_glob(alert.box_id, self.boxes)
+            and (_any_glob(alert.site, self.sites) if alert.site else "*" in self.sites)
+        ):
+            return False
+        if alert.score is not None and alert.score < self.min_score:
+            return False
+        if self.hours:
+            local = datetime.fromisoformat(alert.occurred_at)
+            minute = local.hour * 60 + local.minute
+            return any(in_window(minute, parse_window(text)) for text in self.hours)
+        return True
+
+
+def _any_glob(value: str, patterns: list[str]) -> bool:
+    return any(fnmatchcase(value, pattern) for pattern in patterns)
+
+
+ImageMode = Literal["frame", "crop", "boxes", "crop+frame"]
+
+
+class ReviewSpec(BaseModel):
+    """The keys of `[review]` every kind shares; the rest go to the kind's Options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    kind: str = "verdict"
+    prompt: str = Field(min_length=1)
+    on_error: Literal["forward", "drop"] = "forward"
+    #: what the model sees: the frame, the detection's crop, the frame with the boxes drawn,
+    #: or the crop followed by the frame
+    image: ImageMode = "frame"
+    #: context around the detection when cropping, as a fraction of its size on each side
+    crop_margin: float = Field(default=0.25, ge=0, le=5)
+
+    @field_validator("prompt")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt is blank")
+        Template.parse(value)
+        return value.strip()
+
+
+class CooldownSpec(_Strict):
+    """Repeats of an alert (same camera and event, overlapping boxes) reuse its verdict."""
+
+    #: 0: off. A repeat within this many seconds of the last model call reuses its verdict.
+    window_s: float = Field(default=0, ge=0, le=24 * 3600)
+    #: boxes overlap when their intersection over union reaches this
+    iou: float = Field(default=0.5, ge=0, le=1)
+
+
+class PublishSpec(_Strict):
+    topic: str | None = None
+
+    @field_validator("topic")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_topic_template(value)
+        return value
+
+
+class RuleFile(_Strict):
+    name: Name | None = None
+    description: str = ""
+    enabled: bool = True
+    #: higher first when several rules match one alert
+    priority: int = 0
+    #: rules of lower priority do not review the alerts this rule reviews
+    exclusive: bool = False
+    #: verdicts go to the shadow topic prefix; the alert itself is forwarded unreviewed
+    shadow: bool = False
+    match: MatchSpec
+    review: ReviewSpec
+    cooldown: CooldownSpec = Field(default_factory=CooldownSpec)
+    publish: PublishSpec = Field(default_factory=PublishSpec)
