@@ -45,8 +45,8 @@ class StartupError(Exception):
 class Daemon:
     def __init__(self, settings: Settings, *, extra_plugins: Iterable[object] = ()) -> None:
         self.settings = settings
-        self.pm = make_plugin_manager(extra_plugins)
-        self.registry = Registry.collect(self.pm)
+        self.pm = make_plugin_manager(extra_plugins, settings.plugins.dir)
+        self.registry = Registry.collect(self.pm, settings)
         self._check_settings()
         self.rules = RuleBook(settings.rules.dir, self.registry.rule_kinds)
         self.backend = self.registry.backends[settings.model.backend](settings.model)
@@ -59,9 +59,13 @@ class Daemon:
 
     def _check_settings(self) -> None:
         s = self.settings
-        if s.mqtt.format not in self.registry.alert_formats:
-            known = ", ".join(sorted(self.registry.alert_formats))
-            raise StartupError(f"[mqtt] format {s.mqtt.format!r} is unknown; known: {known}")
+        for subscription in s.mqtt.all_subscriptions():
+            if subscription.format not in self.registry.alert_formats:
+                known = ", ".join(sorted(self.registry.alert_formats))
+                raise StartupError(
+                    f"[mqtt] format {subscription.format!r} of {subscription.topic!r} is "
+                    f"unknown; known: {known}"
+                )
         if s.model.backend not in self.registry.backends:
             known = ", ".join(sorted(self.registry.backends))
             raise StartupError(f"[model] backend {s.model.backend!r} is unknown; known: {known}")
@@ -163,9 +167,9 @@ class Daemon:
             await self.close()
             log.info("stopped")
 
-    async def _mqtt_alert(self, topic: str, payload: bytes) -> None:
+    async def _mqtt_alert(self, topic: str, payload: bytes, fmt: str) -> None:
         assert self.pipeline is not None
-        await self.pipeline.ingest(payload, source="mqtt", topic=topic)
+        await self.pipeline.ingest(payload, source="mqtt", topic=topic, fmt=fmt)
 
     async def _shutdown(self, api: HttpApi | None, pipeline: Pipeline) -> None:
         self.stopping = True

@@ -57,11 +57,12 @@ def run(config: Path | None, model_path: str | None) -> None:
     settings = _settings(config, model_path=model_path)
     from daemon.app import StartupError, run_daemon
     from daemon.plugin_api import ModelLoadError
+    from daemon.plugins import PluginError
 
     configure_logging(settings.log)
     try:
         run_daemon(settings)
-    except* (StartupError, ModelLoadError) as group:
+    except* (StartupError, ModelLoadError, PluginError) as group:
         for exc in group.exceptions:
             click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -20,13 +20,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class Subscription(_Section):
+    """A topic filter and the alert format of what arrives on it."""
+
+    topic: str = Field(min_length=1)
+    format: str = "canonical"
+
+
 class MqttSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     subscribe: list[str] = Field(default_factory=lambda: ["secondlook/alerts/#"])
-    #: alert format of the subscribed topics (a registered alert format's name)
+    #: alert format of the `subscribe` topics (a registered alert format's name)
     format: str = "canonical"
+    #: more topics, each with its own format: [[mqtt.subscriptions]] topic = "..." format = "..."
+    subscriptions: list[Subscription] = Field(default_factory=list)
     #: fixed so the broker keeps our session (and queued alerts) across restarts
     client_id: str = Field(default_factory=lambda: f"secondlook-{socket.gethostname()}")
     clean_session: bool = False
@@ -37,6 +46,11 @@ class MqttSettings(_Section):
     shadow_prefix: str = "secondlook/shadow"
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    def all_subscriptions(self) -> list[Subscription]:
+        """`subscribe` (in `format`) then `subscriptions`; the first filter that matches wins."""
+        plain = [Subscription(topic=topic, format=self.format) for topic in self.subscribe]
+        return plain + self.subscriptions
 
 
 class HttpSettings(_Section):
@@ -111,6 +125,69 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class FrigateSettings(_Section):
+    """The `frigate` alert format: Frigate's `frigate/events` and snapshot topics."""
+
+    #: the `box_id` of alerts from this Frigate instance
+    box_id: str = "frigate"
+    site: str | None = None
+    #: Frigate's HTTP API (e.g. http://frigate:5000): snapshots of events that arrive before
+    #: their snapshot topic; its host must be in [images] url_hosts
+    api_url: str | None = None
+    #: which event messages are reviewed: new, update, end (one review per event id)
+    review: list[Literal["new", "update", "end"]] = Field(default_factory=lambda: ["new"])
+
+
+class MappingFormat(_Section):
+    """An alert format made of configuration: where each contract field is in a payload.
+
+    Paths are dotted (`alarm.device.sn`, `pictures.0.data`); a value starting with `=` is a
+    constant (`site = "=plant-north"`).
+    """
+
+    fields: dict[str, str]
+    #: how `occurred_at` is written: rfc3339, epoch_s, epoch_ms, or a strptime pattern
+    time_format: str = "rfc3339"
+    #: the UTC offset of times written without one
+    utc_offset: str = "+00:00"
+    #: value translations per contract field, e.g. values.event_type = { "1001" = "fire" }
+    values: dict[str, dict[str, str]] = Field(default_factory=dict)
+    #: keys of the alert's `extra` and the paths they come from
+    extra: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("fields")
+    @classmethod
+    def _contract_fields(cls, value: dict[str, str]) -> dict[str, str]:
+        allowed = {
+            "alert_id",
+            "box_id",
+            "camera_id",
+            "event_type",
+            "occurred_at",
+            "image",
+            "image_url",
+            "images",
+            "score",
+            "boxes",
+            "site",
+        }
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"not contract fields: {', '.join(unknown)}")
+        required = {"alert_id", "box_id", "camera_id", "event_type", "occurred_at"}
+        missing = sorted(required - set(value))
+        if missing:
+            raise ValueError(f"missing required fields: {', '.join(missing)}")
+        if "image" not in value and "image_url" not in value:
+            raise ValueError("one of image or image_url is required")
+        return value
+
+
+class PluginSettings(_Section):
+    #: a folder of loose `*.py` plugin files, loaded at start
+    dir: Path | None = None
+
+
 class Settings(_Section):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
@@ -120,12 +197,19 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    frigate: FrigateSettings = Field(default_factory=FrigateSettings)
+    #: field-mapping alert formats, by name: [formats.<name>]
+    formats: dict[str, MappingFormat] = Field(default_factory=dict)
+    plugins: PluginSettings = Field(default_factory=PluginSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
         """Relative directories are taken relative to `base` (the config file's folder)."""
         rules = self.rules.model_copy(update={"dir": base / self.rules.dir})
         storage = self.storage.model_copy(update={"dir": base / self.storage.dir})
-        return self.model_copy(update={"rules": rules, "storage": storage})
+        updates: dict[str, object] = {"rules": rules, "storage": storage}
+        if self.plugins.dir is not None:
+            updates["plugins"] = self.plugins.model_copy(update={"dir": base / self.plugins.dir})
+        return self.model_copy(update=updates)
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:

@@ -19,9 +19,10 @@ def register_rule_kinds(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
-def register_alert_formats(register: Callable[[Any], None]) -> None:
+def register_alert_formats(register: Callable[[Any], None], settings: Any) -> None:
     """Register alert formats: call `register(fmt)` with an object that has `name` and
-    `parse(payload, *, topic)` returning an IncomingAlert or raising AlertError."""
+    `parse(payload, *, topic)` returning an IncomingAlert (or None for a payload that is not
+    an alert of its own) or raising AlertError. `settings` is the daemon's configuration."""
 
 
 @hookspec

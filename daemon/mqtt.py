@@ -30,7 +30,8 @@ class PublishError(Exception):
     """A publish that the broker did not acknowledge (not connected, timeout, error)."""
 
 
-MessageHandler = Callable[[str, bytes], Awaitable[None]]
+#: (topic, payload, alert format of the subscription it arrived on)
+MessageHandler = Callable[[str, bytes, str], Awaitable[None]]
 
 
 def backoff_delays(minimum: float, maximum: float) -> Callable[[], float]:
@@ -55,6 +56,7 @@ class MqttLink:
         on_connected: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
+        self.subscriptions = settings.all_subscriptions()
         self._on_message = on_message
         #: called after every (re)connection, once subscribed
         self.on_connected = on_connected
@@ -89,14 +91,15 @@ class MqttLink:
             try:
                 async with self._make_client() as client:
                     await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
-                    for topic in s.subscribe:
-                        await client.subscribe(topic, qos=1)
+                    for subscription in self.subscriptions:
+                        await client.subscribe(subscription.topic, qos=1)
                     self._client = client
                     self._lost = asyncio.Event()
                     self.connected.set()
                     self.subscribed.set()
                     next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
-                    log.info("mqtt connected", host=s.host, port=s.port, subscribed=s.subscribe)
+                    topics = [subscription.topic for subscription in self.subscriptions]
+                    log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
                     self.on_connected()
                     async for message in client.messages:
                         await self._handle(client, message)
@@ -119,8 +122,12 @@ class MqttLink:
             return
         payload = message.payload
         data = payload if isinstance(payload, bytes | bytearray) else str(payload or "").encode()
+        fmt = next(
+            (sub.format for sub in self.subscriptions if message.topic.matches(sub.topic)),
+            self.settings.format,
+        )
         try:
-            await self._on_message(str(message.topic), bytes(data))
+            await self._on_message(str(message.topic), bytes(data), fmt)
         except Exception as exc:
             # not journalled: no PUBACK; reconnecting makes the broker deliver it again
             log.exception("alert intake failed", topic=str(message.topic))

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pluggy
 
 from daemon import hookspecs
+from daemon.config import Settings
 from daemon.plugin_api import AlertFormat, BackendFactory, RuleKind
 
 ENTRY_POINT_GROUP = "secondlook"
@@ -21,6 +25,8 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "extract": "plugins.extract",
     "classify": "plugins.classify",
     "cooldown": "plugins.cooldown",
+    "frigate": "plugins.frigate",
+    "mapping": "plugins.mapping",
     "transformers": "daemon.inference.transformers_backend",
 }
 
@@ -29,18 +35,37 @@ class PluginError(Exception):
     """A plugin that does not fit its hook (duplicate name, missing attribute ...)."""
 
 
-def make_plugin_manager(extra_plugins: Iterable[object] = ()) -> pluggy.PluginManager:
-    """Entry points first, then any built-in not already loaded, then `extra_plugins`."""
+def make_plugin_manager(
+    extra_plugins: Iterable[object] = (), plugins_dir: Path | None = None
+) -> pluggy.PluginManager:
+    """Entry points first, then any built-in not already loaded, then the loose files of
+    `plugins_dir`, then `extra_plugins`. Hook implementations that match no hook fail here."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for name, module in DEFAULT_PLUGINS.items():
         if pm.get_plugin(name) is None:
             pm.register(importlib.import_module(module), name=name)
+    if plugins_dir is not None:
+        for path in sorted(plugins_dir.glob("*.py")):
+            pm.register(load_plugin_file(path), name=f"file:{path.name}")
     for plugin in extra_plugins:
         pm.register(plugin)
     pm.check_pending()
     return pm
+
+
+def load_plugin_file(path: Path) -> ModuleType:
+    """Import one loose plugin file as a module of its own."""
+    spec = importlib.util.spec_from_file_location(f"secondlook_plugin_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise PluginError(f"{path}: cannot be imported as a module")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise PluginError(f"{path}: {type(exc).__name__}: {exc}") from exc
+    return module
 
 
 @dataclass
@@ -52,10 +77,12 @@ class Registry:
     backends: dict[str, BackendFactory] = field(default_factory=dict)
 
     @classmethod
-    def collect(cls, pm: pluggy.PluginManager) -> Registry:
+    def collect(cls, pm: pluggy.PluginManager, settings: Settings | None = None) -> Registry:
         registry = cls()
         pm.hook.register_rule_kinds(register=registry._add_kind)
-        pm.hook.register_alert_formats(register=registry._add_format)
+        pm.hook.register_alert_formats(
+            register=registry._add_format, settings=settings or Settings()
+        )
         pm.hook.register_backends(register=registry._add_backend)
         return registry
 

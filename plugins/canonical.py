@@ -50,22 +50,26 @@ class CanonicalFormat:
     name: ClassVar[str] = "canonical"
 
     def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert:
-        data = load_json_object(payload)
-        try:
-            alert = Alert.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise AlertError(field_path(first["loc"]), first["msg"]) from exc
-        images = []
-        if data.get("image") is not None:
-            images.append(decode_base64_image(data["image"], "image"))
-        elif alert.image_url is None:
-            raise AlertError("image", "one of image or image_url is required")
-        extra = data.get("images") or []
-        if not isinstance(extra, list):
-            raise AlertError("images", f"expected a list, got {type(extra).__name__}")
-        images += [decode_base64_image(value, f"images[{i}]") for i, value in enumerate(extra)]
-        return IncomingAlert(alert, images)
+        return alert_from_dict(load_json_object(payload))
+
+
+def alert_from_dict(data: dict[str, Any]) -> IncomingAlert:
+    """Validate a dict in the canonical shape; AlertError names the field at fault."""
+    try:
+        alert = Alert.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise AlertError(field_path(first["loc"]), first["msg"]) from exc
+    images = []
+    if data.get("image") is not None:
+        images.append(decode_base64_image(data["image"], "image"))
+    elif alert.image_url is None:
+        raise AlertError("image", "one of image or image_url is required")
+    extra = data.get("images") or []
+    if not isinstance(extra, list):
+        raise AlertError("images", f"expected a list, got {type(extra).__name__}")
+    images += [decode_base64_image(value, f"images[{i}]") for i, value in enumerate(extra)]
+    return IncomingAlert(alert, images)
 
 
 @hookimpl

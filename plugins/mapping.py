@@ -1,0 +1,112 @@
+"""Alert formats made of configuration: `[formats.<name>]` maps contract fields to paths.
+
+A new box vendor needs a table in the config, not code:
+
+    [formats.acme]
+    time_format = "%Y-%m-%d %H:%M:%S"
+    utc_offset = "+08:00"
+    [formats.acme.fields]
+    alert_id = "alarm.id"
+    box_id = "device.sn"
+    camera_id = "alarm.channel"
+    event_type = "alarm.type"
+    occurred_at = "alarm.time"
+    image = "alarm.picture"        # base64; or image_url = "alarm.pictureUrl"
+    site = "=plant-north"          # a constant
+    [formats.acme.values.event_type]
+    "1001" = "fire"
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from daemon.config import MappingFormat, Settings
+from daemon.hookspecs import hookimpl
+from daemon.plugin_api import AlertError, IncomingAlert
+from plugins.canonical import alert_from_dict, load_json_object
+
+_MISSING = object()
+
+
+def lookup(data: Any, path: str) -> Any:
+    """The value at a dotted path (list items by index), or _MISSING."""
+    value = data
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+    return value
+
+
+def to_rfc3339(value: Any, time_format: str, utc_offset: str) -> str:
+    """A vendor's time as RFC 3339 text."""
+    offset = datetime.fromisoformat(f"2000-01-01T00:00:00{utc_offset}").tzinfo
+    if time_format in ("epoch_s", "epoch_ms"):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"expected a number of {time_format}, got {value!r}")
+        seconds = float(value) / (1000 if time_format == "epoch_ms" else 1)
+        return datetime.fromtimestamp(seconds, UTC).astimezone(offset).isoformat()
+    if not isinstance(value, str):
+        raise ValueError(f"expected a time string, got {value!r}")
+    if time_format == "rfc3339":
+        parsed = datetime.fromisoformat(value)
+    else:
+        parsed = datetime.strptime(value, time_format)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=offset)
+    return parsed.isoformat()
+
+
+class MappedFormat:
+    def __init__(self, name: str, spec: MappingFormat) -> None:
+        self.name = name
+        self.spec = spec
+
+    def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert:
+        data = load_json_object(payload)
+        canonical: dict[str, Any] = {}
+        for field, path in self.spec.fields.items():
+            value = path[1:] if path.startswith("=") else lookup(data, path)
+            if value is _MISSING:
+                continue
+            translations = self.spec.values.get(field)
+            if translations is not None:
+                value = translations.get(str(value), value)
+            if field == "occurred_at":
+                try:
+                    value = to_rfc3339(value, self.spec.time_format, self.spec.utc_offset)
+                except ValueError as exc:
+                    raise AlertError(f"{path} (occurred_at)", str(exc)) from exc
+            elif field in ("alert_id", "box_id", "camera_id", "event_type") and isinstance(
+                value, int
+            ):
+                value = str(value)
+            canonical[field] = value
+        canonical["extra"] = {
+            key: value
+            for key, path in self.spec.extra.items()
+            if (value := lookup(data, path)) is not _MISSING
+        }
+        try:
+            return alert_from_dict(canonical)
+        except AlertError as exc:
+            raise self._vendor_error(exc) from exc
+
+    def _vendor_error(self, exc: AlertError) -> AlertError:
+        """Name the vendor's path next to the contract field."""
+        field = exc.field.split("[")[0].split(".")[0]
+        path = self.spec.fields.get(field)
+        if path is None or path.startswith("="):
+            return exc
+        return AlertError(f"{path} ({exc.field})", exc.message)
+
+
+@hookimpl
+def register_alert_formats(register, settings: Settings):
+    for name, spec in settings.formats.items():
+        register(MappedFormat(name, spec))
