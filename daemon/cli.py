@@ -117,6 +117,23 @@ def replay(
         sys.exit(1)
 
 
+@main.command()
+@CONFIG_OPTION
+def plugins(config: Path | None) -> None:
+    """List the loaded plugins, the hooks each implements and what they register."""
+    from daemon.plugins import Registry, describe_plugins, make_plugin_manager
+
+    settings = _settings(config)
+    pm = make_plugin_manager(plugins_dir=settings.plugins.dir)
+    for info in describe_plugins(pm):
+        click.echo(f"{info.name}  [{info.source}]")
+        click.echo(f"    hooks: {', '.join(info.hooks) or '-'}")
+    registry = Registry.collect(pm, settings)
+    click.echo(f"rule kinds:    {', '.join(sorted(registry.rule_kinds))}")
+    click.echo(f"alert formats: {', '.join(sorted(registry.alert_formats))}")
+    click.echo(f"backends:      {', '.join(sorted(registry.backends))}")
+
+
 @main.group()
 def rules() -> None:
     """Work with rule files."""

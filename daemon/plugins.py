@@ -112,3 +112,31 @@ def _require(obj: Any, what: str, attributes: tuple[str, ...]) -> None:
 def _unique(registered: dict[str, Any], name: str, what: str) -> None:
     if name in registered:
         raise PluginError(f"two plugins register the {what} {name!r}")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    #: the module, file or distribution the plugin comes from
+    source: str
+    hooks: list[str]
+
+
+def describe_plugins(pm: pluggy.PluginManager) -> list[PluginInfo]:
+    """Every registered plugin with the hooks it implements, by name."""
+    dists = {
+        id(plugin): f"{dist.project_name} {dist.version}"
+        for plugin, dist in pm.list_plugin_distinfo()
+    }
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        source = getattr(plugin, "__file__", None) or type(plugin).__module__
+        if id(plugin) in dists:
+            source = f"{getattr(plugin, '__name__', source)} ({dists[id(plugin)]})"
+        elif isinstance(plugin, ModuleType) and not name.startswith("file:"):
+            source = plugin.__name__
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        infos.append(PluginInfo(name, source, hooks))
+    return sorted(infos, key=lambda info: info.name)

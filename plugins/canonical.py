@@ -53,13 +53,18 @@ class CanonicalFormat:
         return alert_from_dict(load_json_object(payload))
 
 
-def alert_from_dict(data: dict[str, Any]) -> IncomingAlert:
-    """Validate a dict in the canonical shape; AlertError names the field at fault."""
+def validate_alert(data: dict[str, Any]) -> Alert:
+    """The contract's fields of a dict; AlertError names the field at fault."""
     try:
-        alert = Alert.model_validate(data)
+        return Alert.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise AlertError(field_path(first["loc"]), first["msg"]) from exc
+
+
+def alert_from_dict(data: dict[str, Any]) -> IncomingAlert:
+    """Validate a dict in the canonical shape, images included (base64)."""
+    alert = validate_alert(data)
     images = []
     if data.get("image") is not None:
         images.append(decode_base64_image(data["image"], "image"))

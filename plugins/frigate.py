@@ -26,7 +26,7 @@ from typing import Any
 from daemon.config import FrigateSettings, Settings
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert, RawImage
-from plugins.canonical import alert_from_dict, load_json_object
+from plugins.canonical import load_json_object, validate_alert
 
 #: snapshots kept (one per camera and label); the oldest is dropped past this
 MAX_SNAPSHOTS = 256
@@ -87,19 +87,17 @@ class FrigateFormat:
                 dict(zip(("x1", "y1", "x2", "y2"), box, strict=True), label=event["label"])
             ]
         snapshot = self._snapshots.get((str(event["camera"]), str(event["label"])))
-        if snapshot is None:
-            if not self.settings.api_url:
-                raise AlertError(
-                    "image",
-                    f"no snapshot received for {event['camera']}/{event['label']} and no "
-                    "[frigate] api_url to fetch one from",
-                )
-            api = self.settings.api_url.rstrip("/")
-            canonical["image_url"] = f"{api}/api/events/{event['id']}/snapshot.jpg"
-        incoming = alert_from_dict(canonical)
-        if snapshot is None:
-            return incoming
-        return IncomingAlert(incoming.alert, [RawImage("image", snapshot)])
+        if snapshot is not None:
+            return IncomingAlert(validate_alert(canonical), [RawImage("image", snapshot)])
+        if not self.settings.api_url:
+            raise AlertError(
+                "image",
+                f"no snapshot received for {event['camera']}/{event['label']} and no "
+                "[frigate] api_url to fetch one from",
+            )
+        api = self.settings.api_url.rstrip("/")
+        canonical["image_url"] = f"{api}/api/events/{event['id']}/snapshot.jpg"
+        return IncomingAlert(validate_alert(canonical))
 
 
 @hookimpl

@@ -24,7 +24,10 @@ from PIL import Image
 
 from daemon.app import Daemon
 from daemon.config import Settings
+from daemon.hookspecs import hookimpl
 from daemon.inference.synthetic import build_tiny_model
+from daemon.inference.transformers_backend import TransformersBackend
+from daemon.plugin_api import ModelRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_alerts"
@@ -220,6 +223,7 @@ class RunningDaemon:
 
 @contextlib.asynccontextmanager
 async def run_daemon(settings: Settings, **kwargs: Any) -> AsyncIterator[RunningDaemon]:
+    """Start a daemon in this event loop; stop it (in stages, as on SIGTERM) on exit."""
     daemon = Daemon(settings, **kwargs)
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
@@ -307,3 +311,30 @@ async def collect(broker: Broker, *topics: str) -> AsyncIterator[Collector]:
 async def publish(broker: Broker, topic: str, payload: bytes | str) -> None:
     async with aiomqtt.Client("127.0.0.1", broker.port) as client:
         await client.publish(topic, payload, qos=1)
+
+
+class RecordingBackend(TransformersBackend):
+    """The real transformers backend, also recording every request it answers."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.requests: list[ModelRequest] = []
+
+    async def run(self, request: ModelRequest) -> Any:
+        self.requests.append(request)
+        return await super().run(request)
+
+
+class RecordingPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("recording", RecordingBackend)
+
+
+def recording(settings: Settings) -> dict[str, Any]:
+    """Daemon arguments and settings that use the recording backend."""
+    model = settings.model.model_copy(update={"backend": "recording"})
+    return {
+        "settings": settings.model_copy(update={"model": model}),
+        "extra_plugins": [RecordingPlugin()],
+    }

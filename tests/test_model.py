@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import base64
-import io
-import json
-
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from daemon.config import ModelSettings
 from daemon.inference.processors import ImageOnlyProcessor, load_processor
@@ -17,51 +11,14 @@ from daemon.inference.transformers_backend import ModelRunner
 from daemon.plugin_api import ModelLoadError
 from plugins.verdict import NO_FORMS, YES_FORMS
 from tests.conftest import EXTRACT_RULE, FIRE_RULE, make_alert, make_settings, run_daemon
+from tests.direct import label_probabilities, next_token_logits, png_b64
 
 FAMILIES = ["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 
 
-def png_b64(size: tuple[int, int]) -> tuple[str, Image.Image]:
-    image = Image.new("RGB", size)
-    image.putdata(
-        [
-            ((x * 7) % 256, (y * 5) % 256, (x * y) % 256)
-            for y in range(size[1])
-            for x in range(size[0])
-        ]
-    )
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode(), image
-
-
 def direct_p_yes(model_dir, prompt: str, image: Image.Image) -> float:
-    """P(yes) computed here from scratch: chat template, placeholder expansion, forward."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    image_processor = AutoImageProcessor.from_pretrained(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    template = json.loads((model_dir / "chat_template.json").read_text())["chat_template"]
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    text = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
-    )
-    vision = image_processor(images=[image], return_tensors="pt")
-    n_tokens = int(vision["image_grid_thw"][0].prod()) // image_processor.merge_size**2
-    text = text.replace("<|image_pad|>", "<|image_pad|>" * n_tokens)
-    ids = tokenizer(text, return_tensors="pt")
-    image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-    with torch.no_grad():
-        logits = model(
-            **ids, **vision, mm_token_type_ids=(ids["input_ids"] == image_id).int()
-        ).logits[0, -1]
-
-    def single_tokens(forms):
-        encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
-        return [tokens[0] for tokens in encoded if len(tokens) == 1]
-
-    yes = torch.logsumexp(logits[single_tokens(YES_FORMS)], 0)
-    no = torch.logsumexp(logits[single_tokens(NO_FORMS)], 0)
-    return float(torch.softmax(torch.stack([yes, no]), 0)[0])
+    logits, tokenizer = next_token_logits(model_dir, prompt, image)
+    return label_probabilities(logits, tokenizer, {"yes": YES_FORMS, "no": NO_FORMS})["yes"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

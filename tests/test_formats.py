@@ -1,0 +1,153 @@
+"""Alert formats over a real broker: Frigate's topics and a configured field mapping."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import (
+    FIRE_RULE,
+    collect,
+    jpeg_bytes,
+    make_settings,
+    publish,
+    run_daemon,
+)
+from tests.test_image_url import snapshot_server
+
+PERSON_RULE = FIRE_RULE.replace('event_types = ["fire"]', 'event_types = ["person"]')
+FRIGATE_SUBSCRIPTIONS = [
+    {"topic": "frigate/events", "format": "frigate"},
+    {"topic": "frigate/+/+/snapshot", "format": "frigate"},
+]
+
+
+def frigate_event(kind: str, event_id: str, camera: str = "loading_dock") -> str:
+    """A `frigate/events` message in the shape of Frigate's MQTT documentation."""
+    after = {
+        "id": event_id,
+        "camera": camera,
+        "frame_time": 1763647392.5,
+        "label": "person",
+        "sub_label": None,
+        "top_score": 0.83,
+        "false_positive": False,
+        "start_time": 1763647390.25,
+        "end_time": None if kind != "end" else 1763647400.0,
+        "score": 0.79,
+        "box": [424, 300, 536, 512],
+        "area": 23744,
+        "region": [264, 250, 667, 653],
+        "current_zones": ["dock"],
+        "entered_zones": ["yard", "dock"],
+        "has_snapshot": True,
+        "has_clip": False,
+        "active": True,
+    }
+    return json.dumps({"type": kind, "before": after, "after": after})
+
+
+async def test_a_frigate_event_and_its_snapshot_yield_one_verdict(tmp_path, broker, tiny_model):
+    settings = make_settings(
+        tmp_path,
+        broker=broker,
+        model=tiny_model,
+        mqtt={"subscriptions": FRIGATE_SUBSCRIPTIONS},
+        frigate={"box_id": "frigate-nvr", "site": "plant-north"},
+    )
+    (settings.rules.dir / "person.toml").write_text(PERSON_RULE)
+    async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
+        await publish(broker, "frigate/loading_dock/person/snapshot", jpeg_bytes((1280, 720)))
+        for kind in ("new", "update", "update", "end"):
+            await publish(broker, "frigate/events", frigate_event(kind, "1763647390.25-abc123"))
+        [(topic, verdict)] = await out.wait_for(1)
+        _, record = await d.get_alert("1763647390.25-abc123")
+    assert topic == f"secondlook/verdicts/{verdict['verdict']}/frigate-nvr/loading_dock/person"
+    assert verdict["rule"] == "person" and verdict["confidence"] is not None
+    assert verdict["site"] == "plant-north"
+    assert verdict["occurred_at"] == "2025-11-20T14:03:10.250000+00:00"  # start_time, UTC
+    assert record["attempts"] == 1  # updates and the end message are not reviewed again
+
+
+async def test_a_frigate_event_without_a_snapshot_uses_the_frigate_api(tmp_path, tiny_model):
+    async with snapshot_server() as base:
+        settings = make_settings(
+            tmp_path,
+            broker=None,
+            model=tiny_model,
+            frigate={"api_url": base},
+            images={"url_hosts": ["127.0.0.1"]},
+        )
+        (settings.rules.dir / "person.toml").write_text(PERSON_RULE)
+        async with run_daemon(settings) as d:
+            async with d.http.post(
+                f"{d.base_url}/v1/alerts?format=frigate",
+                data=frigate_event("new", "evt-api", camera="gate"),
+                headers={"Content-Type": "application/json"},
+            ) as response:
+                assert response.status == 202
+            record = await d.wait_reviewed("evt-api")
+    [verdict] = record["verdicts"]
+    # the test server answers /snap.jpg only: Frigate's API path is what was asked for
+    assert "image_url answered HTTP 404" in verdict["reason"]
+
+
+ACME = {
+    "time_format": "%Y-%m-%d %H:%M:%S",
+    "utc_offset": "+08:00",
+    "fields": {
+        "alert_id": "data.eventId",
+        "box_id": "device.sn",
+        "camera_id": "data.channel",
+        "event_type": "data.alarmType",
+        "occurred_at": "data.time",
+        "image": "data.pictures.0.base64",
+        "score": "data.confidence",
+        "site": "=plant-east",
+    },
+    "values": {"event_type": {"1001": "fire", "1002": "smoke"}},
+    "extra": {"zone": "data.area"},
+}
+
+
+def acme_payload(event_id: int, picture: str) -> str:
+    return json.dumps(
+        {
+            "device": {"sn": "ACME-77", "model": "AI-Box 4"},
+            "data": {
+                "eventId": event_id,
+                "channel": "ch-02",
+                "alarmType": 1001,
+                "time": "2026-11-20 21:15:00",
+                "confidence": 0.66,
+                "area": "tank farm",
+                "pictures": [{"base64": picture}],
+            },
+        }
+    )
+
+
+async def test_a_field_mapping_ingests_a_vendor_payload(tmp_path, broker, tiny_model):
+    import base64
+
+    settings = make_settings(
+        tmp_path,
+        broker=broker,
+        model=tiny_model,
+        mqtt={"subscriptions": [{"topic": "acme/+/alarm", "format": "acme"}]},
+        formats={"acme": ACME},
+    )
+    (settings.rules.dir / "fire.toml").write_text(
+        FIRE_RULE.replace("Is there a real open flame?", "Fire in {extra.zone}?")
+    )
+    picture = base64.b64encode(jpeg_bytes()).decode()
+    async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
+        await publish(broker, "acme/ACME-77/alarm", acme_payload(9001, "not-base64!"))
+        await publish(broker, "acme/ACME-77/alarm", acme_payload(9002, picture))
+        [(topic, verdict)] = await out.wait_for(1)
+        async with d.daemon.journal._db.execute("SELECT field, error FROM rejects") as rows:
+            [(field, error)] = await rows.fetchall()
+    assert field == "data.pictures.0.base64 (image)" and "base64" in error
+    assert topic == f"secondlook/verdicts/{verdict['verdict']}/ACME-77/ch-02/fire"
+    assert verdict["alert_id"] == "9002" and verdict["site"] == "plant-east"
+    assert verdict["occurred_at"] == "2026-11-20T21:15:00+08:00"
+    assert verdict["rule"] == "fire"

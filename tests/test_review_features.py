@@ -1,0 +1,177 @@
+"""Per-rule review features against a running daemon: classify, cooldown, shadow, images."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from daemon.plugin_api import RawImage
+from daemon.rules import RuleBook
+from daemon.snapshots import SnapshotSet
+from plugins.classify import surface_forms
+from tests.conftest import (
+    FIRE_RULE,
+    collect,
+    make_alert,
+    make_settings,
+    publish,
+    recording,
+    run_daemon,
+)
+from tests.direct import label_probabilities, next_token_logits, png_b64
+
+CLASSIFY_RULE = """
+[match]
+event_types = ["fire"]
+[review]
+kind = "classify"
+prompt = "What is the bright thing: fire, lamp, reflection or sunlight?"
+labels = ["fire", "lamp", "reflection", "sunlight"]
+confirm = ["fire"]
+reject = ["lamp", "reflection", "sunlight"]
+min_confidence = 0.0
+"""
+
+
+async def test_classify_returns_the_label_the_model_scores_highest(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "what.toml").write_text(CLASSIFY_RULE)
+    image_b64, image = png_b64((448, 224))
+    async with run_daemon(settings) as d:
+        await d.post_alert(make_alert("cls-1", image=image_b64))
+        [verdict] = (await d.wait_reviewed("cls-1"))["verdicts"]
+    logits, tokenizer = next_token_logits(
+        tiny_model, "What is the bright thing: fire, lamp, reflection or sunlight?", image
+    )
+    labels = ["fire", "lamp", "reflection", "sunlight"]
+    expected = label_probabilities(logits, tokenizer, {x: surface_forms(x) for x in labels})
+    assert verdict["fields"]["label"] == max(expected, key=expected.__getitem__)
+    for label in labels:
+        assert verdict["fields"]["scores"][label] == pytest.approx(expected[label], abs=1e-5)
+    assert verdict["confidence"] == pytest.approx(expected["fire"], abs=1e-5)
+    top = verdict["fields"]["label"]
+    assert verdict["verdict"] == ("confirmed" if top == "fire" else "rejected")
+
+
+def test_labels_whose_first_tokens_collide_are_a_load_error(tmp_path, tiny_model):
+    from daemon.config import ModelSettings
+    from daemon.inference.transformers_backend import ModelRunner, choice_token_ids
+    from daemon.plugins import Registry, make_plugin_manager
+
+    tokenizer = ModelRunner.load(ModelSettings(path=str(tiny_model))).tokenizer
+    (tmp_path / "clash.toml").write_text(
+        CLASSIFY_RULE.replace('"fire", "lamp", "reflection", "sunlight"', '"yes", "yesterday"')
+        .replace('confirm = ["fire"]', 'confirm = ["yes"]')
+        .replace('reject = ["lamp", "reflection", "sunlight"]', 'reject = ["yesterday"]')
+    )
+    kinds = Registry.collect(make_plugin_manager()).rule_kinds
+    book = RuleBook(tmp_path, kinds, lambda choices: choice_token_ids(tokenizer, choices))
+    [error] = book.load()
+    assert error.where == "review" and "cannot be told apart" in error.reason
+    assert book.rules == []
+
+
+COOLDOWN = FIRE_RULE + "[cooldown]\nwindow_s = 60\niou = 0.5\n"
+
+
+async def test_cooldown_reuses_the_verdict_of_an_overlapping_repeat(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(COOLDOWN)
+    sign = [{"x1": 100, "y1": 100, "x2": 200, "y2": 200}]
+    nudged = [{"x1": 105, "y1": 102, "x2": 205, "y2": 198}]
+    elsewhere = [{"x1": 400, "y1": 100, "x2": 500, "y2": 200}]
+    args = recording(settings)
+    async with run_daemon(**args) as d:
+        # a red sign seen as fire every 10 s: one model call for the window
+        for i, boxes in enumerate([sign, nudged, sign, sign, nudged]):
+            await d.post_alert(make_alert(f"sign-{i}", boxes=boxes))
+            await d.wait_reviewed(f"sign-{i}")
+        assert len(d.daemon.backend.requests) == 1
+        # another place in the frame, another camera: reviewed by the model
+        await d.post_alert(make_alert("other-place", boxes=elsewhere))
+        await d.post_alert(make_alert("other-cam", camera_id="cam-2", boxes=sign))
+        first = (await d.wait_reviewed("sign-0"))["verdicts"][0]
+        repeat = (await d.wait_reviewed("sign-3"))["verdicts"][0]
+        await d.wait_reviewed("other-place")
+        await d.wait_reviewed("other-cam")
+        assert len(d.daemon.backend.requests) == 3
+    assert repeat["reason"].startswith("cooldown: as alert sign-0")
+    assert (repeat["verdict"], repeat["confidence"]) == (first["verdict"], first["confidence"])
+
+
+async def test_shadow_rule_publishes_on_the_shadow_prefix_and_forwards_unreviewed(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire_v2.toml").write_text("shadow = true\n" + FIRE_RULE)
+    topics = ("secondlook/verdicts/#", "secondlook/shadow/#")
+    async with collect(broker, *topics) as out, run_daemon(settings):
+        await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("shadow-1")))
+        by_topic = dict(await out.wait_for(2))
+    [shadow_topic] = [t for t in by_topic if t.startswith("secondlook/shadow/")]
+    assert shadow_topic.startswith("secondlook/shadow/secondlook/verdicts/")
+    assert by_topic[shadow_topic]["rule"] == "fire_v2"
+    assert by_topic[shadow_topic]["confidence"] is not None
+    live = by_topic["secondlook/verdicts/unreviewed/box-t/cam-1/fire"]
+    assert live["rule"] is None
+    assert live["reason"] == "only rules in shadow mode matched: fire_v2"
+
+
+def scene_jpeg() -> bytes:
+    image = Image.new("RGB", (1280, 720), (0, 0, 255))
+    ImageDraw.Draw(image).rectangle((600, 300, 699, 399), fill=(255, 0, 0))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def redness(image: Image.Image) -> float:
+    """The share of clearly red pixels."""
+    pixels = np.asarray(image)
+    return float(((pixels[..., 0] > 200) & (pixels[..., 2] < 80)).mean())
+
+
+def test_image_modes_frame_crop_boxes_and_crop_plus_frame():
+    raw = [RawImage("image", scene_jpeg()), RawImage("images[0]", scene_jpeg())]
+    boxes = [(580.0, 280.0, 720.0, 420.0)]  # around the red square (600..699, 300..399)
+    snapshots = SnapshotSet(raw, boxes, max_pixels=448 * 448, factor=28)
+    [frame, extra] = snapshots.for_rule("frame", 0.25)
+    assert frame.size == extra.size == (588, 336)
+    assert redness(frame) < 0.02  # the detection is small in the whole frame
+    [crop, _] = snapshots.for_rule("crop", 0.25)
+    assert redness(crop) > 0.15  # the detection is a good part of the crop
+    assert abs(crop.width / crop.height - 1.0) < 0.15
+    [marked, _] = snapshots.for_rule("boxes", 0.25)
+    at = (int(580 * 588 / 1280) + 1, int(350 * 336 / 720))  # on the box's left edge
+    assert frame.getpixel(at)[2] > 200 and marked.getpixel(at)[0] > 200  # blue, now red
+    assert marked.size == frame.size
+    crop2, frame2, extra2 = snapshots.for_rule("crop+frame", 0.25)
+    assert redness(crop2) > 0.15 and frame2.size == frame.size and extra2.size == extra.size
+
+
+async def test_rule_image_mode_and_extra_frames_reach_the_model(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(
+        FIRE_RULE + 'image = "crop+frame"\ncrop_margin = 0.5\n'
+    )
+    jpeg = base64.b64encode(scene_jpeg()).decode()
+    alert = make_alert(
+        "modes-1",
+        image=jpeg,
+        images=[jpeg, jpeg],
+        boxes=[{"x1": 600, "y1": 300, "x2": 700, "y2": 400}],
+    )
+    args = recording(settings)
+    async with run_daemon(**args) as d:
+        await d.post_alert(alert)
+        await d.wait_reviewed("modes-1")
+        [request] = d.daemon.backend.requests
+    crop, frame, *extras = request.images
+    assert len(extras) == 2
+    assert redness(crop) > 0.2 and redness(frame) < 0.02
+    assert frame.size == (588, 336)
