@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import tempfile
@@ -79,7 +78,10 @@ def run(config: Path | None, model_path: str | None) -> None:
 )
 @MODEL_OPTION
 @click.option(
-    "--json", "as_json", is_flag=True, help="One verdict JSON per line instead of a table."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='One JSON per line instead of a table: {"file", "topic", "verdict"} or {"file", "error"}.',
 )
 def replay(
     paths: tuple[Path, ...],
@@ -107,12 +109,11 @@ def replay(
         rows = asyncio.run(run_replay(settings, files, console))
     if as_json:
         for row in rows:
-            if row.verdict is not None:
-                click.echo(row.verdict.to_json())
-            else:
-                click.echo(json.dumps({"file": str(row.file), "error": row.error}))
+            click.echo(row.to_json())
     else:
-        Console().print(verdict_table(rows))
+        # piped: wide rows rather than wrapped cells
+        out = Console() if sys.stdout.isatty() else Console(width=200)
+        out.print(verdict_table(rows, settings.mqtt.shadow_prefix))
     if any(row.verdict is None for row in rows):
         sys.exit(1)
 

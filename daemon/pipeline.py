@@ -148,7 +148,7 @@ class Pipeline:
             return False
         return True
 
-    async def review(self, ref: int) -> list[Verdict]:
+    async def review(self, ref: int) -> list[PlannedVerdict]:
         """Review one journalled alert with every matching rule; journal the verdicts."""
         stored = await self.journal.load_alert(ref)
         if stored.state == "reviewed":
@@ -168,7 +168,7 @@ class Pipeline:
                 )
             await self._announce(alert, planned)
         self.on_verdicts()
-        return [item.verdict for item in planned]
+        return planned
 
     async def _verdicts_for(self, stored: StoredAlert, attempts: int) -> list[PlannedVerdict]:
         alert = stored.alert

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,15 @@ from daemon.pipeline import Pipeline
 class ReplayRow:
     file: Path
     verdict: Verdict | None = None
+    #: where the daemon would publish the verdict
+    topic: str | None = None
     error: str | None = None
+
+    def to_json(self) -> str:
+        if self.verdict is None:
+            return json.dumps({"file": str(self.file), "error": self.error})
+        verdict = self.verdict.model_dump(mode="json", by_alias=True)
+        return json.dumps({"file": str(self.file), "topic": self.topic, "verdict": verdict})
 
 
 def alert_files(paths: Iterable[Path]) -> list[Path]:
@@ -60,31 +69,33 @@ async def _replay_one(pipeline: Pipeline, path: Path) -> list[ReplayRow]:
         return [ReplayRow(path, error=str(result.error))]
     if result.status == "duplicate":
         return [ReplayRow(path, error="duplicate alert_id: reviewed once already")]
-    verdicts = await pipeline.review(pipeline.queue.get_nowait())
-    return [ReplayRow(path, verdict=v) for v in verdicts] or [ReplayRow(path, error="dropped")]
+    planned = await pipeline.review(pipeline.queue.get_nowait())
+    rows = [ReplayRow(path, verdict=p.verdict, topic=p.topic) for p in planned]
+    return rows or [ReplayRow(path, error="dropped")]
 
 
-def verdict_table(rows: list[ReplayRow]) -> Table:
+def verdict_table(rows: list[ReplayRow], shadow_prefix: str | None = None) -> Table:
     table = Table(title="secondlook replay")
-    for column in ("file", "alert", "event", "rule", "verdict", "P(real)", "ms", "reason"):
+    for column in ("file", "alert", "rule", "verdict", "P(real)", "ms", "reason"):
         table.add_column(column, overflow="fold")
     colours = {"confirmed": "red", "rejected": "green", "uncertain": "yellow"}
     for row in rows:
         v = row.verdict
         if v is None:
-            table.add_row(row.file.name, "", "", "", "[bold]refused[/]", "", "", row.error or "")
+            table.add_row(row.file.stem, "", "", "[bold]refused[/]", "", "", row.error or "")
             continue
+        shadow = bool(shadow_prefix and row.topic and row.topic.startswith(shadow_prefix))
         colour = colours.get(v.verdict.value, "dim")
         confidence = "" if v.confidence is None else f"{v.confidence:.3f}"
-        reason = v.reason + (f" {v.fields}" if v.fields else "")
+        extracted = {k: f for k, f in v.fields.items() if k != "scores"}
+        reason = v.reason + (f" {json.dumps(extracted)}" if extracted else "")
         table.add_row(
-            row.file.name,
+            row.file.stem,
             v.alert_id,
-            v.event_type,
-            v.rule or "-",
+            (v.rule or "-") + (" (shadow)" if shadow else ""),
             f"[{colour}]{v.verdict.value}[/]",
             confidence,
             str(v.latency_ms),
-            reason,
+            reason[:160],
         )
     return table

@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 import aiomqtt
 import pytest
+import structlog
 from PIL import Image
 
 from daemon.app import Daemon
@@ -32,6 +33,13 @@ from daemon.plugin_api import ModelRequest
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_alerts"
 RULES = ROOT / "rules"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Commands run in-process (CliRunner) configure structlog globally: undo it after each test."""
+    yield
+    structlog.reset_defaults()
 
 
 def free_port() -> int:

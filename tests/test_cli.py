@@ -193,9 +193,12 @@ def test_replay_prints_a_table_of_verdicts_for_the_samples(tiny_model):
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    verdicts = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    live = [row for row in rows if not row["topic"].startswith("secondlook/shadow/")]
     samples = sorted((ROOT / "sample_alerts").glob("*.json"))
-    assert [v["alert_id"] for v in verdicts] == [
+    assert [row["verdict"]["alert_id"] for row in live] == [
         json.loads(path.read_text())["alert_id"] for path in samples
     ]
-    assert all(v["rule"] is not None for v in verdicts)
+    assert all(row["verdict"]["rule"] is not None for row in live)
+    shadow = [row["verdict"] for row in rows if row not in live]
+    assert {v["rule"] for v in shadow} == {"fire_source"} and len(shadow) == 2

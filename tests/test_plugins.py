@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+import sys
+import tomllib
+import types
 from typing import ClassVar
 
 import pytest
+from click.testing import CliRunner
 from pydantic import BaseModel, ConfigDict
 
+from daemon import hookspecs
+from daemon.cli import main
 from daemon.contract import VerdictKind
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import ChoiceQuery, Judgement
 from daemon.plugins import ENTRY_POINT_GROUP, PluginError, Registry, make_plugin_manager
-from tests.conftest import make_alert, make_settings, run_daemon
+from tests.conftest import FIRE_RULE, ROOT, make_alert, make_settings, run_daemon
 
 
 def test_built_in_plugins_are_loaded_from_the_entry_point_group():
@@ -100,3 +108,119 @@ async def test_verdict_ready_hooks_are_awaited_with_alert_rule_and_verdict(tmp_p
         await d.post_alert(make_alert("sink-1", event_type="unknown"))
         await d.wait_reviewed("sink-1")
     assert sink.seen == [("sink-1", None, "unreviewed")]
+
+
+# third-party packages, loose files, the plugins command, the hooks documentation ---------
+
+EXAMPLE = ROOT / "tests" / "example_plugin"
+
+
+@pytest.fixture
+def example_installed(tmp_path, monkeypatch):
+    """The example package made importable with its entry point, as pip would install it."""
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    dist_info = tmp_path / f"secondlook_example-{project['version']}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n"
+    )
+    points = project["entry-points"]["secondlook"]
+    (dist_info / "entry_points.txt").write_text(
+        "[secondlook]\n" + "".join(f"{name} = {target}\n" for name, target in points.items())
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    yield
+    sys.modules.pop("secondlook_example", None)
+
+
+async def test_an_installed_plugin_package_is_loaded_through_its_entry_point(
+    tmp_path, tiny_model, example_installed
+):
+    pm = make_plugin_manager()
+    assert "example" in {name for name, _ in pm.list_name_plugin()}
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "binary.toml").write_text(
+        '[match]\nevent_types = ["fire"]\n[review]\nkind = "binary"\n'
+        'prompt = "Real fire or fake?"\nthreshold = 0.0\n'
+    )
+    async with run_daemon(settings) as d:
+        await d.post_alert(make_alert("pkg-1"))
+        [verdict] = (await d.wait_reviewed("pkg-1"))["verdicts"]
+    import secondlook_example
+
+    assert verdict["rule"] == "binary" and verdict["verdict"] == "confirmed"
+    assert verdict["reason"].startswith("binary: P(real)=")
+    assert ("pkg-1", "binary", "confirmed") in secondlook_example.VERDICTS
+
+
+LOOSE_PLUGIN = """
+from daemon.contract import VerdictKind
+from daemon.hookspecs import hookimpl
+from daemon.plugin_api import Judgement
+
+
+@hookimpl
+def suppress_alert(alert, rule, recent):
+    if alert.extra.get("test_pattern"):
+        return Judgement(VerdictKind.REJECTED, 0.0, "camera test pattern")
+    return None
+"""
+
+
+async def test_loose_plugin_files_are_loaded_and_listed(tmp_path, tiny_model):
+    plugin_dir = tmp_path / "plugins.d"
+    plugin_dir.mkdir()
+    (plugin_dir / "test_pattern.py").write_text(LOOSE_PLUGIN)
+    config = tmp_path / "c.toml"
+    config.write_text('[plugins]\ndir = "plugins.d"\n')
+    listing = CliRunner().invoke(main, ["plugins", "--config", str(config)])
+    assert listing.exit_code == 0, listing.output
+    assert f"file:test_pattern.py  [{plugin_dir / 'test_pattern.py'}]" in listing.output
+    assert "hooks: suppress_alert" in listing.output
+    assert "rule kinds:    classify, extract, verdict" in listing.output
+
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, plugins={"dir": str(plugin_dir)}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE + "[cooldown]\nwindow_s = 30\n")
+    async with run_daemon(settings) as d:
+        await d.post_alert(make_alert("pattern-1", extra={"test_pattern": True}))
+        [verdict] = (await d.wait_reviewed("pattern-1"))["verdicts"]
+    assert verdict["verdict"] == "rejected" and verdict["reason"] == "camera test pattern"
+
+
+def test_a_broken_plugin_file_stops_the_start_naming_the_file(tmp_path):
+    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(PluginError, match=r"broken\.py: ModuleNotFoundError"):
+        make_plugin_manager(plugins_dir=tmp_path)
+
+
+HOOKS_DOC = ROOT / "docs" / "hooks.md"
+
+
+def undocumented_hooks(spec_module, doc: str) -> list[str]:
+    """Hooks of `spec_module` without a `## name` section showing their signature."""
+    missing = []
+    for name, function in inspect.getmembers(spec_module, inspect.isfunction):
+        if not hasattr(function, "secondlook_spec"):
+            continue
+        section = re.search(rf"^## {name}\n(.*?)(?=^## |\Z)", doc, re.S | re.M)
+        params = ", ".join(inspect.signature(function).parameters)
+        if section is None or f"def {name}({params})" not in section.group(1):
+            missing.append(name)
+    return missing
+
+
+def test_every_hook_is_documented_with_its_signature():
+    assert undocumented_hooks(hookspecs, HOOKS_DOC.read_text()) == []
+
+
+def test_an_undocumented_hook_fails_the_documentation_check():
+    extra = types.ModuleType("more_specs")
+    exec(
+        "from daemon.hookspecs import hookspec\n"
+        "@hookspec\ndef alert_expired(alert):\n    '''A new hook nobody documented.'''\n",
+        extra.__dict__,
+    )
+    assert undocumented_hooks(extra, HOOKS_DOC.read_text()) == ["alert_expired"]
