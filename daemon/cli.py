@@ -142,14 +142,28 @@ def rules() -> None:
 
 @rules.command("check")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
-def rules_check(directory: Path) -> None:
+@click.option(
+    "--model",
+    "model_path",
+    help="Also check that the model's tokenizer tells each rule's answers apart (classify labels).",
+)
+def rules_check(directory: Path, model_path: str | None) -> None:
     """Validate every *.toml in DIRECTORY; exit 1 naming each bad file."""
     from daemon.plugins import Registry, make_plugin_manager
-    from daemon.rules import RuleBook
+    from daemon.rules import ChoiceChecker, RuleBook
 
     # this command reports on stdout/stderr itself: no log lines
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    book = RuleBook(directory, Registry.collect(make_plugin_manager()).rule_kinds)
+    check_choices: ChoiceChecker | None = None
+    if model_path:
+        from transformers import AutoTokenizer
+
+        from daemon.inference.transformers_backend import choice_token_ids
+
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        check_choices = lambda choices: choice_token_ids(tokenizer, choices)  # noqa: E731
+    kinds = Registry.collect(make_plugin_manager()).rule_kinds
+    book = RuleBook(directory, kinds, check_choices)
     errors = book.load()
     for rule in book.rules:
         click.echo(

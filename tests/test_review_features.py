@@ -8,8 +8,10 @@ import json
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
+from daemon.cli import main
 from daemon.plugin_api import RawImage
 from daemon.rules import RuleBook
 from daemon.snapshots import SnapshotSet
@@ -74,6 +76,14 @@ def test_labels_whose_first_tokens_collide_are_a_load_error(tmp_path, tiny_model
     [error] = book.load()
     assert error.where == "review" and "cannot be told apart" in error.reason
     assert book.rules == []
+    # `rules check` finds it too when given the model; without one it cannot know
+    args = ["rules", "check", str(tmp_path)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--model", str(tiny_model)])
+    assert (
+        result.exit_code == 1
+        and "clash.toml: review: answers cannot be told apart" in result.output
+    )
 
 
 COOLDOWN = FIRE_RULE + "[cooldown]\nwindow_s = 60\niou = 0.5\n"
