@@ -83,7 +83,8 @@ class HttpApi:
         if result.status == "refused":
             assert result.error is not None
             return error(400, result.error.message, result.error.field)
-        assert result.alert is not None
+        if result.alert is None:  # consumed: a payload that carries no alert of its own
+            return web.json_response({"status": result.status}, status=202)
         alert = result.alert
         return web.json_response(
             {

@@ -151,3 +151,17 @@ async def test_a_field_mapping_ingests_a_vendor_payload(tmp_path, broker, tiny_m
     assert verdict["alert_id"] == "9002" and verdict["site"] == "plant-east"
     assert verdict["occurred_at"] == "2026-11-20T21:15:00+08:00"
     assert verdict["rule"] == "fire"
+
+
+async def test_frigate_messages_that_are_not_reviewed_are_consumed(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings) as d:
+        async with d.http.post(
+            f"{d.base_url}/v1/alerts?format=frigate",
+            data=frigate_event("update", "evt-upd"),
+            headers={"Content-Type": "application/json"},
+        ) as response:
+            assert response.status == 202
+            assert await response.json() == {"status": "consumed"}
+        status, _ = await d.get_alert("evt-upd")
+    assert status == 404
