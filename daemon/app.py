@@ -29,6 +29,7 @@ from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleBook
 from daemon.rules_watch import watch_rules
 from daemon.sdnotify import notify
+from daemon.stats import StageStats
 from daemon.templates import check_topic_template
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,7 @@ class Daemon:
         self.rules = RuleBook(settings.rules.dir, self.registry.rule_kinds)
         self.backend = self.registry.backends[settings.model.backend](settings.model)
         self.ready = asyncio.Event()
+        self.stats = StageStats()
         self.stopping = False
         self.journal: Journal | None = None
         self.pipeline: Pipeline | None = None
@@ -99,7 +101,7 @@ class Daemon:
         self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
         if s.mqtt.enabled:
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
-            self.outbox = Outbox(journal, self.link)
+            self.outbox = Outbox(journal, self.link, self.stats)
             self.link.on_connected = self.outbox.wake
         self.pipeline = Pipeline(
             settings=s,
@@ -109,6 +111,7 @@ class Daemon:
             backend=self.backend,
             hooks=self.pm.hook,
             on_verdicts=self.outbox.wake if self.outbox else lambda: None,
+            stats=self.stats,
         )
         return self.pipeline
 
@@ -120,7 +123,7 @@ class Daemon:
 
     async def close(self) -> None:
         if self.pipeline is not None:
-            await self.pipeline.snapshots.close()
+            await self.pipeline.close()
         await self.backend.close()
         if self.journal is not None:
             await self.journal.close()

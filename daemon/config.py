@@ -100,6 +100,9 @@ class ImageSettings(_Section):
     #: hosts `image_url` may point to; empty refuses every `image_url`
     url_hosts: list[str] = Field(default_factory=list)
     url_timeout_s: float = Field(default=5.0, gt=0)
+    #: the last resize step after a JPEG draft decode: fast (nearest, when the step is mild)
+    #: or bicubic (see daemon.images.Budget for the measured difference)
+    resample: Literal["fast", "bicubic"] = "fast"
 
 
 class RulesSettings(_Section):
@@ -113,8 +116,9 @@ class StorageSettings(_Section):
 
 
 class PipelineSettings(_Section):
-    #: concurrent reviews (image preparation overlaps model work)
-    workers: int = Field(default=2, ge=1, le=64)
+    #: concurrent reviews: images are prepared while the model works, and the model batches
+    #: what waits for it
+    workers: int = Field(default=16, ge=1, le=256)
     #: reviews interrupted this many times end as `unreviewed`
     max_attempts: int = Field(default=3, ge=1)
 

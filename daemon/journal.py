@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Sequence
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -92,93 +93,189 @@ class PlannedVerdict:
     topic: str
 
 
+WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+
+
 class Journal:
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self._db = db
+    """Two connections to one file: writes go through a group-commit queue on one, reads use
+    the other (WAL lets them run side by side, and readers only ever see committed data)."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path):
+        self._db = writer
+        self._reader = reader
         self.path = path
-        # one connection: write transactions must not interleave across coroutines
-        self._write = asyncio.Lock()
+        self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
+        self._flushing: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = await aiosqlite.connect(path)
-        db.row_factory = aiosqlite.Row
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute("PRAGMA synchronous = FULL")
-        await db.execute("PRAGMA foreign_keys = ON")
-        await db.executescript(SCHEMA)
-        await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        await db.commit()
-        return cls(db, path)
+        # autocommit mode: the writer opens and commits its transactions itself
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        await writer.execute("PRAGMA journal_mode = WAL")
+        await writer.execute("PRAGMA synchronous = FULL")
+        await writer.execute("PRAGMA foreign_keys = ON")
+        await writer.executescript(SCHEMA)
+        await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        reader = await aiosqlite.connect(path, isolation_level=None)
+        reader.row_factory = aiosqlite.Row
+        return cls(writer, reader, path)
 
     async def close(self) -> None:
+        if self._flushing is not None:
+            await self._flushing
         await self._db.close()
+        await self._reader.close()
+
+    # writes ------------------------------------------------------------------------------
+
+    async def _write(self, op: WriteOp) -> Any:
+        """Run `op` in the next group commit; return once that commit is on disk.
+
+        Writes that arrive while a commit is under way share the next one: one fsync for
+        many alerts under load, and no waiting at all when idle.
+        """
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            try:
+                await self._db.execute("BEGIN IMMEDIATE")
+                for op, future in batch:
+                    # a savepoint each: one failing write does not undo the others
+                    await self._db.execute("SAVEPOINT op")
+                    try:
+                        results.append((future, await op(self._db), None))
+                        await self._db.execute("RELEASE op")
+                    except sqlite3.Error as exc:
+                        await self._db.execute("ROLLBACK TO op")
+                        await self._db.execute("RELEASE op")
+                        results.append((future, None, exc))
+                await self._db.execute("COMMIT")
+            except BaseException as exc:
+                # the commit itself failed (disk full, I/O error): nothing in it is durable
+                if self._db.in_transaction:
+                    await self._db.execute("ROLLBACK")
+                results = [(future, None, exc) for _, future in batch]
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                for future, value, error in results:
+                    if future.done():
+                        continue
+                    if error is None:
+                        future.set_result(value)
+                    else:
+                        future.set_exception(error)
 
     async def record_alert(
-        self, alert: Alert, images: Sequence[RawImage], *, source: str, topic: str | None
+        self,
+        alert: Alert,
+        images: Sequence[RawImage],
+        *,
+        source: str,
+        topic: str | None,
+        received_at: datetime | None = None,
     ) -> tuple[int, bool]:
         """(row id, True) for a new alert; (existing row id, False) for a resend."""
-        async with self._write:
-            cursor = await self._db.execute(
+        received = (received_at or utc_now()).isoformat()
+
+        async def op(db: aiosqlite.Connection) -> tuple[int, bool]:
+            cursor = await db.execute(
                 "INSERT INTO alerts (box_id, alert_id, alert, source, topic, received_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (box_id, alert_id) DO NOTHING",
-                (
-                    alert.box_id,
-                    alert.alert_id,
-                    alert.model_dump_json(),
-                    source,
-                    topic,
-                    utc_now().isoformat(),
-                ),
+                (alert.box_id, alert.alert_id, alert.model_dump_json(), source, topic, received),
             )
             if cursor.rowcount == 0:
-                await self._db.rollback()
-                async with self._db.execute(
+                async with db.execute(
                     "SELECT id FROM alerts WHERE box_id = ? AND alert_id = ?",
                     (alert.box_id, alert.alert_id),
                 ) as rows:
                     row = await rows.fetchone()
                 assert row is not None
-                return int(row["id"]), False
+                return int(row[0]), False
             ref = int(cursor.lastrowid or 0)
-            await self._db.executemany(
+            await db.executemany(
                 "INSERT INTO alert_images (alert_ref, idx, source, data) VALUES (?, ?, ?, ?)",
                 [(ref, i, image.source, image.data) for i, image in enumerate(images)],
             )
-            await self._db.commit()
             return ref, True
+
+        return await self._write(op)
 
     async def record_reject(
         self, *, source: str, topic: str | None, field: str, error: str, payload: bytes
     ) -> None:
-        async with self._write:
-            await self._db.execute(
+        row = (utc_now().isoformat(), source, topic, field, error, payload[:REJECT_PAYLOAD_BYTES])
+        await self._write(
+            lambda db: db.execute(
                 "INSERT INTO rejects (received_at, source, topic, field, error, payload) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    utc_now().isoformat(),
-                    source,
-                    topic,
-                    field,
-                    error,
-                    payload[:REJECT_PAYLOAD_BYTES],
-                ),
+                row,
             )
-            await self._db.commit()
+        )
+
+    async def begin_review(self, ref: int) -> int:
+        """Count one more review attempt, durably before the review starts, so that an alert
+        that crashes the daemon is given up after a few attempts instead of forever."""
+
+        async def op(db: aiosqlite.Connection) -> int:
+            await db.execute("UPDATE alerts SET attempts = attempts + 1 WHERE id = ?", (ref,))
+            async with db.execute("SELECT attempts FROM alerts WHERE id = ?", (ref,)) as rows:
+                row = await rows.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._write(op)
+
+    async def finish_review(self, ref: int, planned: Sequence[PlannedVerdict]) -> None:
+        """Store the alert's verdicts and mark it reviewed, in one transaction."""
+        now = utc_now().isoformat()
+        verdicts = [
+            (ref, p.verdict.rule, p.verdict.verdict.value, p.topic, p.verdict.to_json(), now)
+            for p in planned
+        ]
+
+        async def op(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                verdicts,
+            )
+            await db.execute(
+                "UPDATE alerts SET state = 'reviewed', reviewed_at = ? WHERE id = ?", (now, ref)
+            )
+
+        await self._write(op)
+
+    async def mark_published(self, verdict_ids: Sequence[int]) -> None:
+        now = utc_now().isoformat()
+        await self._write(
+            lambda db: db.executemany(
+                "UPDATE verdicts SET published_at = ? WHERE id = ?",
+                [(now, verdict_id) for verdict_id in verdict_ids],
+            )
+        )
+
+    # reads -------------------------------------------------------------------------------
 
     async def pending_reviews(self) -> list[int]:
-        async with self._db.execute(
+        async with self._reader.execute(
             "SELECT id FROM alerts WHERE state = 'received' ORDER BY id"
         ) as rows:
             return [int(row["id"]) for row in await rows.fetchall()]
 
     async def load_alert(self, ref: int) -> StoredAlert:
-        async with self._db.execute("SELECT * FROM alerts WHERE id = ?", (ref,)) as rows:
+        async with self._reader.execute("SELECT * FROM alerts WHERE id = ?", (ref,)) as rows:
             row = await rows.fetchone()
         if row is None:
             raise KeyError(ref)
-        async with self._db.execute(
+        async with self._reader.execute(
             "SELECT source, data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,)
         ) as rows:
             images = [RawImage(r["source"], bytes(r["data"])) for r in await rows.fetchall()]
@@ -191,61 +288,25 @@ class Journal:
             state=row["state"],
         )
 
-    async def begin_review(self, ref: int) -> int:
-        """Count one more review attempt (committed first, so a crash loop is bounded)."""
-        async with self._write:
-            await self._db.execute("UPDATE alerts SET attempts = attempts + 1 WHERE id = ?", (ref,))
-            await self._db.commit()
-            async with self._db.execute("SELECT attempts FROM alerts WHERE id = ?", (ref,)) as rows:
-                row = await rows.fetchone()
-            return int(row["attempts"]) if row else 0
-
-    async def finish_review(self, ref: int, planned: Sequence[PlannedVerdict]) -> None:
-        """Store the alert's verdicts and mark it reviewed, in one transaction."""
-        async with self._write:
-            now = utc_now().isoformat()
-            await self._db.executemany(
-                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        ref,
-                        p.verdict.rule,
-                        p.verdict.verdict.value,
-                        p.topic,
-                        p.verdict.to_json(),
-                        now,
-                    )
-                    for p in planned
-                ],
-            )
-            await self._db.execute(
-                "UPDATE alerts SET state = 'reviewed', reviewed_at = ? WHERE id = ?", (now, ref)
-            )
-            await self._db.commit()
-
     async def unpublished(self, limit: int = 100) -> list[OutboxItem]:
-        async with self._db.execute(
+        async with self._reader.execute(
             "SELECT id, topic, payload FROM verdicts WHERE published_at IS NULL "
             "ORDER BY id LIMIT ?",
             (limit,),
         ) as rows:
             return [OutboxItem(r["id"], r["topic"], r["payload"]) for r in await rows.fetchall()]
 
-    async def mark_published(self, verdict_id: int) -> None:
-        async with self._write:
-            await self._db.execute(
-                "UPDATE verdicts SET published_at = ? WHERE id = ?",
-                (utc_now().isoformat(), verdict_id),
-            )
-            await self._db.commit()
-
     async def count_unpublished(self) -> int:
-        async with self._db.execute(
+        async with self._reader.execute(
             "SELECT count(*) FROM verdicts WHERE published_at IS NULL"
         ) as rows:
             row = await rows.fetchone()
         return int(row[0]) if row else 0
+
+    async def rejects(self) -> list[tuple[str, str]]:
+        """(field, error) of every refused payload, oldest first."""
+        async with self._reader.execute("SELECT field, error FROM rejects ORDER BY id") as rows:
+            return [(r["field"], r["error"]) for r in await rows.fetchall()]
 
     async def find_alerts(self, alert_id: str, box_id: str | None = None) -> list[dict[str, Any]]:
         """Alerts with this id (one per box unless `box_id` narrows it), with their verdicts."""
@@ -254,11 +315,11 @@ class Journal:
         if box_id is not None:
             sql += " AND box_id = ?"
             args += (box_id,)
-        async with self._db.execute(sql + " ORDER BY id", args) as rows:
+        async with self._reader.execute(sql + " ORDER BY id", args) as rows:
             alerts = list(await rows.fetchall())
         found = []
         for row in alerts:
-            async with self._db.execute(
+            async with self._reader.execute(
                 "SELECT payload, published_at FROM verdicts WHERE alert_ref = ? ORDER BY id",
                 (row["id"],),
             ) as rows:

@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 ONLINE = b"online"
 OFFLINE = b"offline"
 PUBLISH_TIMEOUT_S = 10.0
+#: alerts being journalled at once per connection; the next waits (back-pressure on the broker)
+INTAKE_WINDOW = 64
 
 
 class PublishError(Exception):
@@ -79,8 +81,10 @@ class MqttLink:
             will=aiomqtt.Will(s.status_topic, OFFLINE, qos=1, retain=True),
             timeout=10,
         )
-        # hold each PUBACK until the alert is journalled (see `_handle`)
+        # hold each PUBACK until the alert is journalled (see `_acknowledge_in_order`)
         client._client.manual_ack_set(True)
+        # the outbox keeps a batch of publishes in flight: that is no reason to warn
+        client.pending_calls_threshold = 1000
         return client
 
     async def run(self) -> None:
@@ -101,8 +105,7 @@ class MqttLink:
                     topics = [subscription.topic for subscription in self.subscriptions]
                     log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
                     self.on_connected()
-                    async for message in client.messages:
-                        await self._handle(client, message)
+                    await self._intake(client)
             except aiomqtt.MqttError as exc:
                 error = str(exc)
             finally:
@@ -117,23 +120,47 @@ class MqttLink:
         """Stop taking alerts; later ones stay unacknowledged, and the broker redelivers them."""
         self._intake_open = False
 
-    async def _handle(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
-        if not self._intake_open:
-            return
+    async def _intake(self, client: aiomqtt.Client) -> None:
+        """Journal alerts concurrently (so their writes share commits), acknowledge them in
+        the order they arrived (as MQTT requires), at most INTAKE_WINDOW at a time."""
+        window: asyncio.Queue[tuple[asyncio.Task[None], aiomqtt.Message]] = asyncio.Queue(
+            INTAKE_WINDOW
+        )
+        acker = asyncio.create_task(self._acknowledge_in_order(client, window))
+        try:
+            async for message in client.messages:
+                if not self._intake_open:
+                    continue  # unacknowledged: the broker delivers it again next session
+                await window.put((asyncio.create_task(self._ingest(message)), message))
+        finally:
+            acker.cancel()
+
+    async def _ingest(self, message: aiomqtt.Message) -> None:
         payload = message.payload
         data = payload if isinstance(payload, bytes | bytearray) else str(payload or "").encode()
         fmt = next(
             (sub.format for sub in self.subscriptions if message.topic.matches(sub.topic)),
             self.settings.format,
         )
-        try:
-            await self._on_message(str(message.topic), bytes(data), fmt)
-        except Exception as exc:
-            # not journalled: no PUBACK; reconnecting makes the broker deliver it again
-            log.exception("alert intake failed", topic=str(message.topic))
-            raise aiomqtt.MqttError(f"alert intake failed: {exc}") from exc
-        # PUBACK now: the handler journalled the alert (or recorded why it refused it)
-        client._client.ack(message.mid, message.qos)
+        await self._on_message(str(message.topic), bytes(data), fmt)
+
+    async def _acknowledge_in_order(
+        self,
+        client: aiomqtt.Client,
+        window: asyncio.Queue[tuple[asyncio.Task[None], aiomqtt.Message]],
+    ) -> None:
+        while True:
+            task, message = await window.get()
+            try:
+                await task
+            except Exception:
+                # not journalled: no PUBACK. Dropping the connection makes the broker deliver
+                # it (and everything after it) again on the next one.
+                log.exception("alert intake failed; reconnecting", topic=str(message.topic))
+                client._client.disconnect()
+                return
+            # PUBACK now: the alert is journalled (or the reason it was refused is)
+            client._client.ack(message.mid, message.qos)
 
     async def publish(self, topic: str, payload: str | bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement."""
@@ -163,3 +190,31 @@ class MqttLink:
             await self.publish(self.settings.status_topic, OFFLINE, retain=True)
         except PublishError as exc:
             log.warning("could not publish offline status", error=str(exc))
+
+
+async def publish_all(host: str, port: int, topic: str, payloads: list[str | bytes]) -> None:
+    """Publish every payload at QoS 1 from a client of its own, as fast as the broker takes
+    them (benchmarks and tools)."""
+    async with aiomqtt.Client(host, port, max_inflight_messages=1000) as client:
+        client.pending_calls_threshold = len(payloads) + 1
+        await asyncio.gather(*(client.publish(topic, payload, qos=1) for payload in payloads))
+
+
+async def count_messages(
+    host: str,
+    port: int,
+    topic: str,
+    count: int,
+    on_message: Callable[[], None],
+    ready: asyncio.Event,
+) -> None:
+    """Subscribe to `topic`, set `ready`, call `on_message` per message until `count` came."""
+    async with aiomqtt.Client(host, port) as client:
+        await client.subscribe(topic, qos=1)
+        ready.set()
+        seen = 0
+        async for _ in client.messages:
+            on_message()
+            seen += 1
+            if seen >= count:
+                return

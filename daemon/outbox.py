@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Protocol
 
 import structlog
 
 from daemon.journal import Journal
+from daemon.stats import StageStats
 
 log = structlog.get_logger(__name__)
 
 #: a missed wake-up costs at most this long
 IDLE_CHECK_S = 5.0
+#: verdicts published (and marked published) together
+BATCH = 200
 
 
 class Publisher(Protocol):
@@ -23,9 +27,10 @@ class Publisher(Protocol):
 
 
 class Outbox:
-    def __init__(self, journal: Journal, publisher: Publisher) -> None:
+    def __init__(self, journal: Journal, publisher: Publisher, stats: StageStats) -> None:
         self.journal = journal
         self.publisher = publisher
+        self.stats = stats
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -41,15 +46,24 @@ class Outbox:
                 await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_S)
 
     async def flush(self) -> int:
-        """Publish what is unpublished, oldest first; stop at the first failure."""
+        """Publish what is unpublished, oldest first, a batch at a time: the batch's PUBACKs
+        are awaited together and its rows marked in one commit. Stops at the first failure."""
         sent = 0
-        while batch := await self.journal.unpublished():
-            for item in batch:
-                try:
-                    await self.publisher.publish(item.topic, item.payload)
-                except Exception as exc:
-                    log.warning("verdict not published yet", topic=item.topic, error=str(exc))
-                    return sent
-                await self.journal.mark_published(item.id)
-                sent += 1
+        while batch := await self.journal.unpublished(limit=BATCH):
+            started = time.perf_counter()
+            results = await asyncio.gather(
+                *(self.publisher.publish(item.topic, item.payload) for item in batch),
+                return_exceptions=True,
+            )
+            self.stats.add("publish", time.perf_counter() - started, len(batch))
+            done = [item.id for item, result in zip(batch, results, strict=True) if result is None]
+            if done:
+                await self.journal.mark_published(done)
+            sent += len(done)
+            if len(done) < len(batch):
+                error = next(r for r in results if r is not None)
+                log.warning(
+                    "verdicts not published yet", pending=len(batch) - len(done), error=str(error)
+                )
+                return sent
         return sent

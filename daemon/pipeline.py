@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,14 +19,18 @@ import structlog
 from daemon.config import Settings
 from daemon.contract import Alert, Verdict, VerdictKind, utc_now
 from daemon.journal import Journal, PlannedVerdict, StoredAlert
-from daemon.plugin_api import AlertError, Backend, Judgement
+from daemon.plugin_api import AlertError, Backend, IncomingAlert, Judgement
 from daemon.plugins import Registry
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
 from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
+from daemon.stats import StageStats
 from daemon.templates import check_topic_template, render_topic
 
 log = structlog.get_logger(__name__)
+
+#: alerts kept in memory between intake and review; older ones are read from the journal
+FRESH_IN_MEMORY = 256
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class Pipeline:
         backend: Backend,
         hooks: Any,
         on_verdicts: Callable[[], None] = lambda: None,
+        stats: StageStats | None = None,
     ) -> None:
         self.settings = settings
         self.journal = journal
@@ -55,6 +61,7 @@ class Pipeline:
         self.backend = backend
         self.hooks = hooks
         self.on_verdicts = on_verdicts
+        self.stats = stats or StageStats()
         self.snapshots = SnapshotLoader(settings.images)
         self.reviewer = Reviewer(
             registry=registry,
@@ -62,9 +69,13 @@ class Pipeline:
             hooks=hooks,
             snapshots=self.snapshots,
             model=settings.model,
+            stats=self.stats,
+            resample=settings.images.resample,
         )
         self.verdict_topic = check_topic_template(settings.mqtt.verdict_topic)
         self.queue: asyncio.Queue[int] = asyncio.Queue()
+        #: alerts just journalled, by row id, so that their review need not read them back
+        self._fresh: OrderedDict[int, StoredAlert] = OrderedDict()
         self._closed = False
         self._busy = 0
         self._quiet = asyncio.Event()
@@ -79,16 +90,8 @@ class Pipeline:
         """
         format_name = fmt or self.settings.mqtt.format
         try:
-            parser = self.registry.alert_formats.get(format_name)
-            if parser is None:
-                raise AlertError("format", f"unknown alert format {format_name!r}")
-            incoming = parser.parse(payload, topic=topic)
-            if incoming is None:
-                return IngestResult("consumed")
-            for image in incoming.images:
-                check_raw_image(image, self.settings.images)
-            if incoming.alert.image_url and not incoming.images:
-                check_image_url(incoming.alert.image_url, self.settings.images)
+            with self.stats.time("parse"):
+                incoming = self._parse(payload, topic, format_name)
         except AlertError as exc:
             log.error(
                 "alert refused", source=source, topic=topic, field=exc.field, error=exc.message
@@ -97,10 +100,14 @@ class Pipeline:
                 source=source, topic=topic, field=exc.field, error=exc.message, payload=payload
             )
             return IngestResult("refused", error=exc)
+        if incoming is None:
+            return IngestResult("consumed")
         alert = incoming.alert
-        ref, new = await self.journal.record_alert(
-            alert, incoming.images, source=source, topic=topic
-        )
+        received_at = utc_now()
+        with self.stats.time("journal_alert"):
+            ref, new = await self.journal.record_alert(
+                alert, incoming.images, source=source, topic=topic, received_at=received_at
+            )
         if not new:
             log.info("duplicate alert ignored", alert_id=alert.alert_id, box_id=alert.box_id)
             return IngestResult("duplicate", alert)
@@ -111,8 +118,32 @@ class Pipeline:
             event_type=alert.event_type,
             source=source,
         )
+        # hand the alert to its review in memory; the journal copy is for restarts
+        self._fresh[ref] = StoredAlert(
+            ref, alert, list(incoming.images), received_at, 0, "received"
+        )
+        while len(self._fresh) > FRESH_IN_MEMORY:
+            self._fresh.popitem(last=False)
         self.queue.put_nowait(ref)
         return IngestResult("accepted", alert)
+
+    def _parse(self, payload: bytes, topic: str | None, format_name: str) -> IncomingAlert | None:
+        """The alert in a payload, its snapshots checked from their headers."""
+        parser = self.registry.alert_formats.get(format_name)
+        if parser is None:
+            raise AlertError("format", f"unknown alert format {format_name!r}")
+        incoming = parser.parse(payload, topic=topic)
+        if incoming is None:
+            return None
+        for image in incoming.images:
+            check_raw_image(image, self.settings.images)
+        if incoming.alert.image_url and not incoming.images:
+            check_image_url(incoming.alert.image_url, self.settings.images)
+        return incoming
+
+    async def close(self) -> None:
+        await self.snapshots.close()
+        self.reviewer.close()
 
     async def requeue_pending(self) -> int:
         """Queue alerts journalled but never reviewed (a crash or stop interrupted them)."""
@@ -150,14 +181,15 @@ class Pipeline:
 
     async def review(self, ref: int) -> list[PlannedVerdict]:
         """Review one journalled alert with every matching rule; journal the verdicts."""
-        stored = await self.journal.load_alert(ref)
+        stored = self._fresh.pop(ref, None) or await self.journal.load_alert(ref)
         if stored.state == "reviewed":
             return []
         alert = stored.alert
         with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
             attempts = await self.journal.begin_review(ref)
             planned = await self._verdicts_for(stored, attempts)
-            await self.journal.finish_review(ref, planned)
+            with self.stats.time("journal_verdict"):
+                await self.journal.finish_review(ref, planned)
             for item in planned:
                 log.info(
                     "verdict",

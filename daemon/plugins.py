@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "frigate": "plugins.frigate",
     "mapping": "plugins.mapping",
     "transformers": "daemon.inference.transformers_backend",
+    "instant": "daemon.inference.instant",
 }
 
 

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import structlog
 
 from daemon.config import ModelSettings
 from daemon.contract import Alert, VerdictKind
+from daemon.images import Budget, Resample
 from daemon.journal import StoredAlert
 from daemon.plugin_api import Backend, Judgement, ModelRequest, RecentReview
 from daemon.plugins import Registry
 from daemon.rules import Rule
 from daemon.snapshots import SnapshotLoader, SnapshotSet
+from daemon.stats import StageStats
 
 log = structlog.get_logger(__name__)
 
@@ -63,13 +67,23 @@ class Reviewer:
         hooks: Any,
         snapshots: SnapshotLoader,
         model: ModelSettings,
+        stats: StageStats,
+        resample: Resample = "fast",
+        prep_pool: Executor | None = None,
     ) -> None:
         self.registry = registry
         self.backend = backend
         self.hooks = hooks
         self.snapshots = snapshots
         self.model = model
+        self.stats = stats
+        self.resample = resample
+        #: decoding and resizing (Pillow releases the GIL): one thread per core by default
+        self.prep_pool = prep_pool or ThreadPoolExecutor(os.cpu_count(), "prepare")
         self.recent = RecentReviews()
+
+    def close(self) -> None:
+        self.prep_pool.shutdown(wait=False, cancel_futures=True)
 
     async def judge_all(
         self, stored: StoredAlert, rules: list[Rule]
@@ -91,9 +105,8 @@ class Reviewer:
         async def load() -> SnapshotSet:
             raw = await self.snapshots.collect(stored.images, stored.alert.image_url)
             boxes = [(b.x1, b.y1, b.x2, b.y2) for b in stored.alert.boxes]
-            return SnapshotSet(
-                raw, boxes, max_pixels=self.model.image_max_pixels, factor=self.backend.image_factor
-            )
+            budget = Budget(self.model.image_max_pixels, self.backend.image_factor, self.resample)
+            return SnapshotSet(raw, boxes, budget)
 
         def get() -> Awaitable[SnapshotSet]:
             nonlocal task
@@ -116,9 +129,13 @@ class Reviewer:
                 return reused
         kind = self.registry.rule_kinds[rule.kind]
         try:
-            snapshot_set = await images()
-            pictures = await asyncio.to_thread(snapshot_set.for_rule, rule.image, rule.crop_margin)
-            answer = await self.backend.run(ModelRequest(kind.compose(alert, rule), pictures))
+            with self.stats.time("prepare"):
+                snapshot_set = await images()
+                pictures = await asyncio.get_running_loop().run_in_executor(
+                    self.prep_pool, snapshot_set.for_rule, rule.image, rule.crop_margin
+                )
+            with self.stats.time("model"):
+                answer = await self.backend.run(ModelRequest(kind.compose(alert, rule), pictures))
             judgement = kind.interpret(answer, rule)
         except Exception as exc:
             log.error(

@@ -12,6 +12,7 @@ from PIL.Image import Image
 
 from daemon.config import ImageSettings
 from daemon.images import (
+    Budget,
     ImageError,
     Region,
     crop_region,
@@ -100,12 +101,10 @@ class SnapshotSet:
     scaled to the budget. Methods decode and resize: call them off the event loop.
     """
 
-    def __init__(
-        self, raw: Sequence[RawImage], boxes: Sequence[Region], *, max_pixels: int, factor: int
-    ) -> None:
+    def __init__(self, raw: Sequence[RawImage], boxes: Sequence[Region], budget: Budget) -> None:
         self.raw = raw
         self.boxes = list(boxes)
-        self.budget = {"max_pixels": max_pixels, "factor": factor}
+        self.budget = budget
         self._frame: Image | None = None
         self._full: Image | None = None
         self._extras: list[Image] | None = None
@@ -124,10 +123,9 @@ class SnapshotSet:
     def frame(self) -> Image:
         if self._frame is None:
             if self._full is not None:
-                self._frame = to_budget(self._full, **self.budget)
+                self._frame = to_budget(self._full, self.budget)
             else:
-                budget = (self.budget["max_pixels"], self.budget["factor"])
-                self._frame = to_budget(decode(self.raw[0].data, budget=budget), **self.budget)
+                self._frame = load_for_model(self.raw[0].data, self.budget)
         return self._frame
 
     def full(self) -> Image:
@@ -138,7 +136,7 @@ class SnapshotSet:
     def crop(self, margin: float) -> Image:
         full = self.full()
         region = crop_region(full.size, self.boxes, margin)
-        return to_budget(full.crop(region), **self.budget)
+        return to_budget(full.crop(region), self.budget)
 
     def marked(self) -> Image:
         frame = self.frame()
@@ -148,5 +146,5 @@ class SnapshotSet:
 
     def extras(self) -> list[Image]:
         if self._extras is None:
-            self._extras = [load_for_model(image.data, **self.budget) for image in self.raw[1:]]
+            self._extras = [load_for_model(image.data, self.budget) for image in self.raw[1:]]
         return self._extras

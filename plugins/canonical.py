@@ -28,9 +28,12 @@ def decode_base64_image(value: Any, field: str) -> RawImage:
         raise AlertError(field, f"expected a base64 string, got {type(value).__name__}")
     text = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
-        data = base64.b64decode("".join(text.split()), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise AlertError(field, f"not valid base64: {exc}") from exc
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        try:  # line-wrapped base64 (MIME style) is still base64
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise AlertError(field, f"not valid base64: {exc}") from exc
     return RawImage(field, data)
 
 

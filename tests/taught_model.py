@@ -12,17 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from daemon.images import fit_to_budget
+from daemon.images import Budget, load_for_model
 from daemon.inference.processors import load_processor
 
 
 @dataclass(frozen=True)
 class Lesson:
     prompt: str
-    image: Image.Image
+    #: the snapshot as the alert carries it (JPEG or PNG bytes)
+    snapshot: bytes
     answer: str
 
 
@@ -33,9 +33,8 @@ def teach(base: Path, out: Path, lessons: list[Lesson], steps: int = 30, seed: i
     model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
     batches = []
     for lesson in lessons:
-        # the daemon scales images to the token budget before the processor: do the same
-        size = fit_to_budget(*lesson.image.size, max_pixels=448 * 448, factor=28)
-        image = lesson.image.resize(size) if size != lesson.image.size else lesson.image
+        # exactly the pixels the daemon will show the model
+        image = load_for_model(lesson.snapshot, Budget(448 * 448, 28))
         content = [{"type": "image"}, {"type": "text", "text": lesson.prompt}]
         messages = [{"role": "user", "content": content}]
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

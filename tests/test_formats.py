@@ -144,8 +144,7 @@ async def test_a_field_mapping_ingests_a_vendor_payload(tmp_path, broker, tiny_m
         await publish(broker, "acme/ACME-77/alarm", acme_payload(9001, "not-base64!"))
         await publish(broker, "acme/ACME-77/alarm", acme_payload(9002, picture))
         [(topic, verdict)] = await out.wait_for(1)
-        async with d.daemon.journal._db.execute("SELECT field, error FROM rejects") as rows:
-            [(field, error)] = await rows.fetchall()
+        [(field, error)] = await d.daemon.journal.rejects()
     assert field == "data.pictures.0.base64 (image)" and "base64" in error
     assert topic == f"secondlook/verdicts/{verdict['verdict']}/ACME-77/ch-02/fire"
     assert verdict["alert_id"] == "9002" and verdict["site"] == "plant-east"

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from daemon.cli import main
+from daemon.images import Budget
 from daemon.plugin_api import RawImage
 from daemon.rules import RuleBook
 from daemon.snapshots import SnapshotSet
@@ -149,7 +150,7 @@ def redness(image: Image.Image) -> float:
 def test_image_modes_frame_crop_boxes_and_crop_plus_frame():
     raw = [RawImage("image", scene_jpeg()), RawImage("images[0]", scene_jpeg())]
     boxes = [(580.0, 280.0, 720.0, 420.0)]  # around the red square (600..699, 300..399)
-    snapshots = SnapshotSet(raw, boxes, max_pixels=448 * 448, factor=28)
+    snapshots = SnapshotSet(raw, boxes, Budget(448 * 448, 28))
     [frame, extra] = snapshots.for_rule("frame", 0.25)
     assert frame.size == extra.size == (588, 336)
     assert redness(frame) < 0.02  # the detection is small in the whole frame

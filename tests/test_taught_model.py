@@ -30,10 +30,6 @@ def scene(kind: str) -> bytes:
     return buffer.getvalue()
 
 
-def decoded(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
-
-
 @pytest.fixture(scope="module")
 def taught(model_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("taught")
@@ -41,9 +37,9 @@ def taught(model_dirs, tmp_path_factory):
     extract_prompt = JsonExtract().compose(Alert.model_validate(make_alert()), rule).prompt
     verdict_prompt = "Is there a real open flame? Answer yes or no."
     lessons = [
-        Lesson(verdict_prompt, decoded(scene("fire")), "yes"),
-        Lesson(verdict_prompt, decoded(scene("lamp")), "no"),
-        Lesson(extract_prompt, decoded(scene("crowd")), '{"people": 4}'),
+        Lesson(verdict_prompt, scene("fire"), "yes"),
+        Lesson(verdict_prompt, scene("lamp"), "no"),
+        Lesson(extract_prompt, scene("crowd"), '{"people": 4}'),
     ]
     return teach(model_dirs["qwen2-vl"], tmp / "model", lessons)
 

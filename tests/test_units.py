@@ -10,7 +10,7 @@ from PIL import Image
 
 from daemon.config import ConfigError, load_settings
 from daemon.contract import Alert, VerdictKind
-from daemon.images import ImageError, fit_to_budget, inspect_image, load_for_model
+from daemon.images import Budget, ImageError, fit_to_budget, inspect_image, load_for_model
 from daemon.inference.synthetic import build_tokenizer
 from daemon.inference.transformers_backend import choice_token_ids, label_scores
 from daemon.mqtt import backoff_delays
@@ -48,7 +48,7 @@ def test_fit_to_budget_does_not_upscale_small_images():
 
 def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
     data = jpeg_bytes((1920, 1080))
-    image = load_for_model(data, max_pixels=448 * 448, factor=28)
+    image = load_for_model(data, Budget(448 * 448, 28))
     assert image.mode == "RGB"
     assert image.size == fit_to_budget(1920, 1080, max_pixels=448 * 448, factor=28)
 
