@@ -92,6 +92,7 @@ class Daemon:
             "rules": [rule.name for rule in self.rules.rules],
             "rule_errors": [str(error) for error in self.rules.errors],
             "queued": self.pipeline.queue.qsize() if self.pipeline else 0,
+            "model_worker": getattr(self.backend, "health", dict)(),
             "unpublished": await self.journal.count_unpublished() if self.journal else 0,
         }
 

@@ -158,7 +158,7 @@ def rules_check(directory: Path, model_path: str | None) -> None:
     if model_path:
         from transformers import AutoTokenizer
 
-        from daemon.inference.transformers_backend import choice_token_ids
+        from daemon.inference.runner import choice_token_ids
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         check_choices = lambda choices: choice_token_ids(tokenizer, choices)  # noqa: E731

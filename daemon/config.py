@@ -83,6 +83,16 @@ class ModelSettings(_Section):
     name: str | None = None
     device: str = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    #: auto: flash_attention_2 on CUDA when installed, else sdpa
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    #: torch.compile the model at start (slower start, faster passes on a GPU)
+    compile: bool = False
+    #: one small pass before READY, so the first alert does not pay for initialisation
+    warmup: bool = True
+    #: requests sharing one pass at most
+    max_batch: int = Field(default=16, ge=1, le=512)
+    #: how long the oldest waiting request waits for company before its batch runs
+    max_wait_ms: float = Field(default=10.0, ge=0, le=1000)
     #: token budget: each image is scaled to at most this many pixels before the processor
     image_max_pixels: int = Field(default=448 * 448, ge=28 * 28)
     #: the longest answer an extract rule may generate

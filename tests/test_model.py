@@ -7,7 +7,7 @@ from PIL import Image
 
 from daemon.config import ModelSettings
 from daemon.inference.processors import ImageOnlyProcessor, load_processor
-from daemon.inference.transformers_backend import ModelRunner
+from daemon.inference.runner import ModelRunner
 from daemon.plugin_api import ModelLoadError
 from plugins.verdict import NO_FORMS, YES_FORMS
 from tests.conftest import EXTRACT_RULE, FIRE_RULE, make_alert, make_settings, run_daemon
@@ -70,9 +70,9 @@ def test_left_padded_batch_scores_equal_single_scores_and_generation_runs(model_
             [images[1]],
         ),
     ]
-    batched = runner.score_choices(requests)
+    batched = runner.run_batch(requests)
     for request, together in zip(requests, batched, strict=True):
-        alone = runner.score_choices([request])[0]
+        alone = runner.run(request)
         assert sum(alone.probabilities.values()) == pytest.approx(1.0)
         assert together.probabilities["yes"] == pytest.approx(alone.probabilities["yes"], abs=1e-4)
     answer = runner.run(ModelRequest(GenerateQuery("Describe.", 5), images))

@@ -63,7 +63,7 @@ async def test_classify_returns_the_label_the_model_scores_highest(tmp_path, tin
 
 def test_labels_whose_first_tokens_collide_are_a_load_error(tmp_path, tiny_model):
     from daemon.config import ModelSettings
-    from daemon.inference.transformers_backend import ModelRunner, choice_token_ids
+    from daemon.inference.runner import ModelRunner, choice_token_ids
     from daemon.plugins import Registry, make_plugin_manager
 
     tokenizer = ModelRunner.load(ModelSettings(path=str(tiny_model))).tokenizer

@@ -11,8 +11,8 @@ from PIL import Image
 from daemon.config import ConfigError, load_settings
 from daemon.contract import Alert, VerdictKind
 from daemon.images import Budget, ImageError, fit_to_budget, inspect_image, load_for_model
+from daemon.inference.runner import choice_token_ids, label_scores
 from daemon.inference.synthetic import build_tokenizer
-from daemon.inference.transformers_backend import choice_token_ids, label_scores
 from daemon.mqtt import backoff_delays
 from daemon.plugin_api import ChoiceAnswer, TextAnswer
 from daemon.rules import parse_rule

@@ -1,202 +1,36 @@
-"""Backend `transformers`: a local Qwen2-VL-family model, run on one worker thread.
-
-Choice queries (verdicts) cost one forward pass: the next-token logits after the prompt,
-reduced to one score per label (log-sum-exp over the first tokens of its surface forms).
-Generate queries (extraction) decode greedily.
-"""
+"""Backend `transformers`: a local Qwen2-VL-family model, micro-batched on its own thread."""
 
 from __future__ import annotations
 
 import asyncio
-import math
+import os
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import structlog
-import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
 
 from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
-from daemon.inference.processors import load_processor
-from daemon.plugin_api import (
-    Answer,
-    ChoiceAnswer,
-    ChoiceQuery,
-    GenerateQuery,
-    ModelLoadError,
-    ModelRequest,
-    TextAnswer,
-)
+from daemon.inference.batcher import MicroBatcher
+from daemon.inference.runner import ModelRunner, choice_token_ids
+from daemon.plugin_api import Answer, ModelRequest
 
 log = structlog.get_logger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
-    """Token ids that start each label's answer.
-
-    Forms that are one token are used as they are; a label none of whose forms is one token
-    falls back to its forms' first tokens. Ids shared by two labels tell nothing and are
-    dropped; a label left with no id is an error.
-    """
-    ids: dict[str, set[int]] = {}
-    for label, forms in choices.items():
-        encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
-        single = {tokens[0] for tokens in encoded if len(tokens) == 1}
-        ids[label] = single or {tokens[0] for tokens in encoded if tokens}
-    counts: dict[int, int] = {}
-    for token_ids in ids.values():
-        for token_id in token_ids:
-            counts[token_id] = counts.get(token_id, 0) + 1
-    result = {}
-    for label, token_ids in ids.items():
-        distinct = sorted(t for t in token_ids if counts[t] == 1)
-        if not distinct:
-            raise ValueError(f"answer {label!r} has no first token distinct from the others")
-        result[label] = distinct
-    return result
-
-
-def label_scores(logits: torch.Tensor, token_ids: Mapping[str, list[int]]) -> ChoiceAnswer:
-    """Per label: log-sum-exp of its tokens' logits; probabilities: softmax over labels."""
-    scores = {
-        label: float(torch.logsumexp(logits[ids].float(), dim=0))
-        for label, ids in token_ids.items()
-    }
-    top = max(scores.values())
-    weights = {label: math.exp(score - top) for label, score in scores.items()}
-    total = sum(weights.values())
-    return ChoiceAnswer(
-        probabilities={label: w / total for label, w in weights.items()}, logits=scores
-    )
-
-
-class ModelRunner:
-    """The loaded model and processor; every method runs on the model thread."""
-
-    def __init__(self, model: Any, processor: Any, device: torch.device, max_new_tokens: int):
-        self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        self.device = device
-        self.max_new_tokens = max_new_tokens
-        image_processor = processor.image_processor
-        self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
-        self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
-
-    @classmethod
-    def load(cls, settings: ModelSettings) -> ModelRunner:
-        device = pick_device(settings.device)
-        dtype = pick_dtype(settings.dtype, device)
-        try:
-            config = AutoConfig.from_pretrained(settings.path)
-            if config.model_type not in SUPPORTED_MODEL_TYPES:
-                log.warning(
-                    "model type not tested",
-                    model_type=config.model_type,
-                    supported=SUPPORTED_MODEL_TYPES,
-                )
-            processor = load_processor(settings.path)
-            model = AutoModelForImageTextToText.from_pretrained(settings.path, dtype=dtype)
-        except (OSError, ValueError, ImportError) as exc:
-            reason = str(exc).rstrip(".")
-            raise ModelLoadError(
-                f"cannot load model {settings.path!r}: {reason}. Set [model] path to a local "
-                "directory holding a Hugging Face snapshot, or download the hub id first."
-            ) from exc
-        model.to(device).eval()
-        log.info(
-            "model loaded",
-            model=settings.path,
-            model_type=config.model_type,
-            device=str(device),
-            dtype=str(dtype).removeprefix("torch."),
-            processor=type(processor).__name__,
-        )
-        return cls(model, processor, device, settings.max_new_tokens)
-
-    def run(self, request: ModelRequest) -> Answer:
-        if isinstance(request.query, ChoiceQuery):
-            return self.score_choices([request])[0]
-        return self.generate([request])[0]
-
-    def _inputs(self, requests: Sequence[ModelRequest]) -> Any:
-        texts = []
-        for request in requests:
-            content = [{"type": "image"} for _ in request.images]
-            content.append({"type": "text", "text": request.query.prompt})
-            messages = [{"role": "user", "content": content}]
-            texts.append(
-                self.processor.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            )
-        images = [image for request in requests for image in request.images]
-        inputs = self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt"
-        )
-        return inputs.to(self.device)
-
-    def _token_ids(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
-        key = tuple((label, tuple(forms)) for label, forms in choices.items())
-        if key not in self._choice_ids:
-            self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
-        return self._choice_ids[key]
-
-    @torch.inference_mode()
-    def score_choices(self, requests: Sequence[ModelRequest]) -> list[ChoiceAnswer]:
-        inputs = self._inputs(requests)
-        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        answers = []
-        for row, request in zip(logits, requests, strict=True):
-            assert isinstance(request.query, ChoiceQuery)
-            answers.append(label_scores(row, self._token_ids(request.query.choices)))
-        return answers
-
-    @torch.inference_mode()
-    def generate(self, requests: Sequence[ModelRequest]) -> list[TextAnswer]:
-        inputs = self._inputs(requests)
-        limits = [
-            r.query.max_new_tokens
-            for r in requests
-            if isinstance(r.query, GenerateQuery) and r.query.max_new_tokens
-        ]
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max(limits, default=self.max_new_tokens),
-            do_sample=False,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        return [TextAnswer(text.strip()) for text in texts]
-
 
 class TransformersBackend:
-    """Loads the model once; runs requests one at a time on a dedicated thread."""
+    """Loads the model once (then a warm-up pass); batches requests for it."""
 
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         self.model_name = settings.display_name
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._prep_pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="collate")
         self._runner: ModelRunner | None = None
+        self._batcher: MicroBatcher | None = None
+        self._batching: asyncio.Task[None] | None = None
 
     @property
     def image_factor(self) -> int:
@@ -213,14 +47,35 @@ class TransformersBackend:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._runner = await loop.run_in_executor(self._executor, ModelRunner.load, self.settings)
+        runner = await loop.run_in_executor(self._model_pool, ModelRunner.load, self.settings)
+        if self.settings.warmup:
+            started = time.perf_counter()
+            await loop.run_in_executor(self._model_pool, runner.warm_up)
+            log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
+        self._runner = runner
+        self._batcher = MicroBatcher(
+            runner,
+            max_batch=self.settings.max_batch,
+            max_wait_s=self.settings.max_wait_ms / 1000,
+            model_pool=self._model_pool,
+            prep_pool=self._prep_pool,
+        )
+        self._batching = asyncio.create_task(self._batcher.run())
 
     async def run(self, request: ModelRequest) -> Answer:
-        runner = self._require_runner()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, runner.run, request)
+        if self._batcher is None:
+            raise RuntimeError("the model is not loaded yet")
+        return await self._batcher.submit(request)
+
+    def health(self) -> dict[str, Any]:
+        return self._batcher.report() if self._batcher else {"state": "loading"}
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if self._batching is not None:
+            self._batching.cancel()
+            await asyncio.gather(self._batching, return_exceptions=True)
+        for pool in (self._prep_pool, self._model_pool):
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
 
 @hookimpl

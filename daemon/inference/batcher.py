@@ -1,0 +1,215 @@
+"""Micro-batching: requests waiting for one model share its passes.
+
+Two stages run side by side. The collector takes the oldest waiting request and those of
+the same kind behind it — up to `max_batch`, waiting at most `max_wait_s` after the oldest
+arrived for company — and collates them on the preparation pool (chat template, tokens,
+image patches: CPU work). The model stage runs collated batches one at a time on the
+model's own thread. So the next batch is prepared while the model works on this one.
+
+A batch that runs out of accelerator memory is split in halves and retried; a single
+request that still does not fit fails alone (its rule's `on_error` decides what follows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import structlog
+import torch
+
+from daemon.inference.runner import query_kind
+from daemon.plugin_api import Answer, ModelRequest
+
+log = structlog.get_logger(__name__)
+
+
+class BatchRunner(Protocol):
+    def collate(self, requests: Sequence[ModelRequest]) -> Any: ...
+
+    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]: ...
+
+
+@dataclass
+class _Waiting:
+    request: ModelRequest
+    future: asyncio.Future[Answer]
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class WorkerHealth:
+    """What the model worker has done, for /healthz and the watchdog."""
+
+    batches: int = 0
+    requests: int = 0
+    oom_splits: int = 0
+    failures: int = 0
+    #: time.monotonic() when the running batch started (None: idle)
+    busy_since: float | None = None
+    last_batch_at: float | None = None
+    largest_batch: int = 0
+
+    def report(self, waiting: int) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "state": "busy" if self.busy_since is not None else "idle",
+            "busy_for_s": round(now - self.busy_since, 3) if self.busy_since else 0.0,
+            "last_batch_s_ago": round(now - self.last_batch_at, 3) if self.last_batch_at else None,
+            "batches": self.batches,
+            "requests": self.requests,
+            "largest_batch": self.largest_batch,
+            "oom_splits": self.oom_splits,
+            "failures": self.failures,
+            "waiting": waiting,
+        }
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        runner: BatchRunner,
+        *,
+        max_batch: int,
+        max_wait_s: float,
+        model_pool: Executor,
+        prep_pool: Executor,
+        out_of_memory: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,),
+    ) -> None:
+        self.runner = runner
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.model_pool = model_pool
+        self.prep_pool = prep_pool
+        self.out_of_memory = out_of_memory
+        self.health = WorkerHealth()
+        self._waiting: deque[_Waiting] = deque()
+        self._arrived = asyncio.Event()
+        self._collated: asyncio.Queue[tuple[list[_Waiting], Any]] = asyncio.Queue(maxsize=1)
+
+    async def submit(self, request: ModelRequest) -> Answer:
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._waiting.append(_Waiting(request, future))
+        self._arrived.set()
+        return await future
+
+    async def run(self) -> None:
+        """Both stages, until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._collect())
+            group.create_task(self._run_batches())
+
+    # collector -----------------------------------------------------------------------------
+
+    async def _collect(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                inputs = await self._in(self.prep_pool, self.runner.collate, _requests(batch))
+            except Exception as exc:
+                _fail(batch, exc)
+                continue
+            await self._collated.put((batch, inputs))
+
+    async def _next_batch(self) -> list[_Waiting]:
+        """The oldest waiting request and up to max_batch - 1 of its kind behind it."""
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        kind = query_kind(self._waiting[0].request)
+        deadline = self._waiting[0].since + self.max_wait_s
+        while self._count(kind) < self.max_batch and (wait := deadline - time.monotonic()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), wait)
+            except TimeoutError:
+                break
+        batch, rest = [], deque()
+        while self._waiting:
+            item = self._waiting.popleft()
+            if item.future.done():
+                continue  # its caller gave up (shutdown)
+            if query_kind(item.request) == kind and len(batch) < self.max_batch:
+                batch.append(item)
+            else:
+                rest.append(item)
+        self._waiting = rest
+        return batch
+
+    def _count(self, kind: str) -> int:
+        return sum(1 for item in self._waiting if query_kind(item.request) == kind)
+
+    # model stage ---------------------------------------------------------------------------
+
+    async def _run_batches(self) -> None:
+        while True:
+            batch, inputs = await self._collated.get()
+            await self._forward(batch, inputs)
+
+    async def _forward(self, batch: list[_Waiting], inputs: Any) -> None:
+        health = self.health
+        health.busy_since = time.monotonic()
+        try:
+            answers = await self._in(self.model_pool, self.runner.forward, _requests(batch), inputs)
+        except self.out_of_memory as exc:
+            health.busy_since = None
+            _release_cached_memory()
+            if len(batch) == 1:
+                health.failures += 1
+                _fail(batch, exc)
+                return
+            health.oom_splits += 1
+            half = len(batch) // 2
+            log.warning("out of memory: splitting the batch", size=len(batch))
+            for part in (batch[:half], batch[half:]):
+                try:
+                    part_inputs = await self._in(
+                        self.prep_pool, self.runner.collate, _requests(part)
+                    )
+                except Exception as error:
+                    _fail(part, error)
+                    continue
+                await self._forward(part, part_inputs)
+            return
+        except Exception as exc:
+            health.failures += 1
+            _fail(batch, exc)
+            return
+        finally:
+            health.busy_since = None
+        health.batches += 1
+        health.requests += len(batch)
+        health.largest_batch = max(health.largest_batch, len(batch))
+        health.last_batch_at = time.monotonic()
+        for item, answer in zip(batch, answers, strict=True):
+            if not item.future.done():
+                item.future.set_result(answer)
+
+    @staticmethod
+    async def _in(pool: Executor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    def report(self) -> dict[str, Any]:
+        return self.health.report(len(self._waiting))
+
+
+def _requests(batch: list[_Waiting]) -> list[ModelRequest]:
+    return [item.request for item in batch]
+
+
+def _fail(batch: list[_Waiting], error: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
+def _release_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,225 @@
+"""The loaded model and processor: inputs for a batch (CPU), one pass over it (model device).
+
+Choice queries (verdicts, classify) cost one forward pass: the next-token logits after the
+prompt, reduced to one score per label (log-sum-exp over the first tokens of its surface
+forms). Generate queries (extraction) decode greedily. A batch is left-padded, so the last
+position of every row is where its answer starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+import torch
+from PIL import Image
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+from daemon.config import ModelSettings
+from daemon.inference.processors import load_processor
+from daemon.plugin_api import (
+    Answer,
+    ChoiceAnswer,
+    ChoiceQuery,
+    GenerateQuery,
+    ModelLoadError,
+    ModelRequest,
+    TextAnswer,
+)
+
+log = structlog.get_logger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting != "auto":
+        return torch.device(setting)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+    """Token ids that start each label's answer.
+
+    Forms that are one token are used as they are; a label none of whose forms is one token
+    falls back to its forms' first tokens. Ids shared by two labels tell nothing and are
+    dropped; a label left with no id is an error.
+    """
+    ids: dict[str, set[int]] = {}
+    for label, forms in choices.items():
+        encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
+        single = {tokens[0] for tokens in encoded if len(tokens) == 1}
+        ids[label] = single or {tokens[0] for tokens in encoded if tokens}
+    counts: dict[int, int] = {}
+    for token_ids in ids.values():
+        for token_id in token_ids:
+            counts[token_id] = counts.get(token_id, 0) + 1
+    result = {}
+    for label, token_ids in ids.items():
+        distinct = sorted(t for t in token_ids if counts[t] == 1)
+        if not distinct:
+            raise ValueError(f"answer {label!r} has no first token distinct from the others")
+        result[label] = distinct
+    return result
+
+
+def label_scores(logits: torch.Tensor, token_ids: Mapping[str, list[int]]) -> ChoiceAnswer:
+    """Per label: log-sum-exp of its tokens' logits; probabilities: softmax over labels."""
+    scores = {
+        label: float(torch.logsumexp(logits[ids].float(), dim=0))
+        for label, ids in token_ids.items()
+    }
+    top = max(scores.values())
+    weights = {label: math.exp(score - top) for label, score in scores.items()}
+    total = sum(weights.values())
+    return ChoiceAnswer(
+        probabilities={label: w / total for label, w in weights.items()}, logits=scores
+    )
+
+
+def pick_attention(setting: str, device: torch.device) -> str:
+    """auto: FlashAttention 2 on CUDA when the package is installed, else PyTorch's SDPA."""
+    if setting != "auto":
+        return setting
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def query_kind(request: ModelRequest) -> str:
+    """Requests of one kind share a pass: "choice" (one forward) or "generate"."""
+    return "choice" if isinstance(request.query, ChoiceQuery) else "generate"
+
+
+class ModelRunner:
+    """The loaded model and processor. `collate` is CPU work (any thread); `forward` runs
+    on the model's own thread."""
+
+    def __init__(self, model: Any, processor: Any, device: torch.device, max_new_tokens: int):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.device = device
+        self.max_new_tokens = max_new_tokens
+        image_processor = processor.image_processor
+        self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
+        self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
+
+    @classmethod
+    def load(cls, settings: ModelSettings) -> ModelRunner:
+        device = pick_device(settings.device)
+        dtype = pick_dtype(settings.dtype, device)
+        attention = pick_attention(settings.attn_implementation, device)
+        try:
+            config = AutoConfig.from_pretrained(settings.path)
+            if config.model_type not in SUPPORTED_MODEL_TYPES:
+                log.warning(
+                    "model type not tested",
+                    model_type=config.model_type,
+                    supported=SUPPORTED_MODEL_TYPES,
+                )
+            processor = load_processor(settings.path)
+            model = AutoModelForImageTextToText.from_pretrained(
+                settings.path, dtype=dtype, attn_implementation=attention
+            )
+        except (OSError, ValueError, ImportError) as exc:
+            reason = str(exc).rstrip(".")
+            raise ModelLoadError(
+                f"cannot load model {settings.path!r}: {reason}. Set [model] path to a local "
+                "directory holding a Hugging Face snapshot, or download the hub id first."
+            ) from exc
+        model.to(device).eval()
+        if settings.compile:
+            model.compile(dynamic=True)
+        log.info(
+            "model loaded",
+            model=settings.path,
+            model_type=config.model_type,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            attention=attention,
+            compiled=settings.compile,
+            processor=type(processor).__name__,
+        )
+        return cls(model, processor, device, settings.max_new_tokens)
+
+    def collate(self, requests: Sequence[ModelRequest]) -> Any:
+        """The processor's tensors for a batch: chat template, placeholders, image patches."""
+        texts = []
+        for request in requests:
+            content = [{"type": "image"} for _ in request.images]
+            content.append({"type": "text", "text": request.query.prompt})
+            messages = [{"role": "user", "content": content}]
+            texts.append(
+                self.processor.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            )
+        images = [image for request in requests for image in request.images]
+        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
+        """One pass over a collated batch of one kind."""
+        kinds = {query_kind(request) for request in requests}
+        if len(kinds) != 1:
+            raise ValueError("a batch must hold choice queries or generate queries, not both")
+        inputs = inputs.to(self.device)
+        if kinds == {"choice"}:
+            return list(self._score_choices(requests, inputs))
+        return list(self._generate(requests, inputs))
+
+    def run_batch(self, requests: Sequence[ModelRequest]) -> list[Answer]:
+        return self.forward(requests, self.collate(requests))
+
+    def run(self, request: ModelRequest) -> Answer:
+        return self.run_batch([request])[0]
+
+    def warm_up(self) -> None:
+        """One small pass before the daemon reports ready: lazy initialisation, kernel
+        selection and compilation happen here, not on the first alert."""
+        image = Image.new("RGB", (self.image_factor * 4, self.image_factor * 4), (128, 128, 128))
+        query = ChoiceQuery("Is this grey? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
+        self.run(ModelRequest(query, [image]))
+
+    def _token_ids(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+        key = tuple((label, tuple(forms)) for label, forms in choices.items())
+        if key not in self._choice_ids:
+            self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
+        return self._choice_ids[key]
+
+    @torch.inference_mode()
+    def _score_choices(self, requests: Sequence[ModelRequest], inputs: Any) -> list[ChoiceAnswer]:
+        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
+        answers = []
+        for row, request in zip(logits, requests, strict=True):
+            assert isinstance(request.query, ChoiceQuery)
+            answers.append(label_scores(row, self._token_ids(request.query.choices)))
+        return answers
+
+    @torch.inference_mode()
+    def _generate(self, requests: Sequence[ModelRequest], inputs: Any) -> list[TextAnswer]:
+        limits = [
+            r.query.max_new_tokens
+            for r in requests
+            if isinstance(r.query, GenerateQuery) and r.query.max_new_tokens
+        ]
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max(limits, default=self.max_new_tokens),
+            do_sample=False,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [TextAnswer(text.strip()) for text in texts]

@@ -1,0 +1,141 @@
+"""Micro-batching on the real model: batched equals alone; out-of-memory splits and falls back."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+from daemon.config import ModelSettings
+from daemon.hookspecs import hookimpl
+from daemon.inference.batcher import MicroBatcher
+from daemon.inference.runner import ModelRunner
+from daemon.inference.transformers_backend import TransformersBackend
+from daemon.plugin_api import ChoiceAnswer, ChoiceQuery, GenerateQuery, ModelRequest
+from plugins.verdict import NO_FORMS, YES_FORMS
+from tests.conftest import FIRE_RULE, make_alert, make_settings, run_daemon
+
+YES_NO = {"yes": YES_FORMS, "no": NO_FORMS}
+
+
+def mixed_requests() -> list[ModelRequest]:
+    """Choice and generate queries, prompts of different lengths, images of different sizes."""
+    sizes = [(224, 224), (448, 224), (336, 168), (168, 336), (280, 280), (56, 112)]
+    choice = [
+        ModelRequest(
+            ChoiceQuery("Is there fire? " + "Answer yes or no. " * (i % 3), YES_NO),
+            [Image.new("RGB", size, (40 * i, 200 - 30 * i, 90))],
+        )
+        for i, size in enumerate(sizes)
+    ]
+    generate = [
+        ModelRequest(GenerateQuery("Count the people." + " Be brief." * i, 6), [image])
+        for i, image in enumerate(
+            [Image.new("RGB", (224, 112), (i * 60, 10, 10)) for i in range(3)]
+        )
+    ]
+    return [choice[0], generate[0], *choice[1:4], generate[1], *choice[4:], generate[2]]
+
+
+def assert_same(together, alone) -> None:
+    if isinstance(alone, ChoiceAnswer):
+        for label in alone.probabilities:
+            assert together.probabilities[label] == pytest.approx(
+                alone.probabilities[label], abs=1e-4
+            )
+    else:
+        assert together.text == alone.text
+
+
+async def test_batched_answers_equal_answers_alone(tiny_model):
+    settings = ModelSettings(path=str(tiny_model), max_batch=8, max_wait_ms=300)
+    backend = TransformersBackend(settings)
+    await backend.start()
+    try:
+        requests = mixed_requests()
+        together = await asyncio.gather(*(backend.run(request) for request in requests))
+        health = backend.health()
+    finally:
+        await backend.close()
+    runner = ModelRunner.load(settings)
+    for request, answer in zip(requests, together, strict=True):
+        assert_same(answer, runner.run(request))
+    # 6 choice queries in one pass, 3 generate queries in another
+    assert health["batches"] == 2 and health["largest_batch"] == 6 and health["requests"] == 9
+
+
+class OutOfMemoryAbove:
+    """The real runner, except that batches larger than `limit` raise CUDA's out-of-memory
+    error (injected: this machine has no GPU to run out of)."""
+
+    def __init__(self, runner: ModelRunner, limit: int) -> None:
+        self.runner = runner
+        self.limit = limit
+        self.sizes: list[int] = []
+
+    def collate(self, requests):
+        return self.runner.collate(requests)
+
+    def forward(self, requests, inputs):
+        self.sizes.append(len(requests))
+        if len(requests) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.runner.forward(requests, inputs)
+
+
+async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    flaky = OutOfMemoryAbove(runner, limit=2)
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        requests = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
+        answers = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        running.cancel()
+    for request, answer in zip(requests, answers, strict=True):
+        assert_same(answer, runner.run(request))
+    assert (
+        flaky.sizes[0] == 6 and max(flaky.sizes[1:]) <= 3 and sum(s <= 2 for s in flaky.sizes) >= 3
+    )
+    assert batcher.health.oom_splits >= 2 and batcher.health.failures == 0
+
+
+class NeverFits(TransformersBackend):
+    """A backend whose every pass runs out of memory."""
+
+    async def start(self) -> None:
+        await super().start()
+        self._batcher.runner = OutOfMemoryAbove(self._runner, limit=0)
+
+
+class NeverFitsPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("never-fits", NeverFits)
+
+
+async def test_a_request_that_never_fits_falls_back_to_on_error(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"backend": "never-fits"})}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "smoke.toml").write_text(
+        FIRE_RULE.replace('"fire"', '"smoke"') + 'on_error = "drop"\n'
+    )
+    async with run_daemon(settings, extra_plugins=[NeverFitsPlugin()]) as d:
+        await d.post_alert(make_alert("oom-1"))
+        await d.post_alert(make_alert("oom-2", event_type="smoke"))
+        forwarded = (await d.wait_reviewed("oom-1"))["verdicts"]
+        dropped = (await d.wait_reviewed("oom-2"))["verdicts"]
+        async with d.http.get(f"{d.base_url}/healthz") as response:
+            worker = (await response.json())["model_worker"]
+    [verdict] = forwarded
+    assert verdict["verdict"] == "unreviewed" and "CUDA out of memory" in verdict["reason"]
+    assert dropped == []
+    assert worker["failures"] == 2 and worker["state"] == "idle"
