@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 import structlog
@@ -14,6 +17,9 @@ from rich.console import Console
 
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
+
+#: the architectures `bench --arch` knows (kept here so that --help needs no torch import)
+ARCH_NAMES = ("qwen2-vl-2b", "qwen2-vl-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-2b")
 
 
 def _settings(
@@ -133,6 +139,133 @@ def plugins(config: Path | None) -> None:
     click.echo(f"rule kinds:    {', '.join(sorted(registry.rule_kinds))}")
     click.echo(f"alert formats: {', '.join(sorted(registry.alert_formats))}")
     click.echo(f"backends:      {', '.join(sorted(registry.backends))}")
+
+
+def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
+    width, _, height = value.lower().partition("x")
+    if not (width.isdigit() and height.isdigit()) or int(width) < 28 or int(height) < 28:
+        raise click.BadParameter("expected WIDTHxHEIGHT, e.g. 1920x1080")
+    return int(width), int(height)
+
+
+@main.command()
+@click.option(
+    "--backend",
+    type=click.Choice(["model", "instant"]),
+    default="model",
+    show_default=True,
+    help="model: the model path against the naive one; instant: the whole pipeline "
+    "through a broker with a backend that answers at once.",
+)
+@click.option(
+    "--arch",
+    type=click.Choice(sorted(ARCH_NAMES)),
+    default="qwen2-vl-2b",
+    show_default=True,
+    help="Full-size architecture with random weights.",
+)
+@click.option(
+    "--model",
+    "model_path",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="A snapshot directory instead of --arch.",
+)
+@click.option(
+    "--image-size",
+    default="1920x1080",
+    show_default=True,
+    callback=_size,
+    help="Synthetic snapshots' size.",
+)
+@click.option(
+    "--alerts",
+    type=click.IntRange(1),
+    default=None,
+    help="How many alerts (default: 8 for the model, 2000 for instant).",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Also print one JSON object as the last line."
+)
+def bench(
+    backend: str,
+    arch: str,
+    model_path: Path | None,
+    image_size: tuple[int, int],
+    alerts: int | None,
+    device: str,
+    dtype: str,
+    as_json: bool,
+) -> None:
+    """Measure: verdicts per second and latency, secondlook against the naive path."""
+    from rich.progress import Progress
+
+    from daemon.config import ModelSettings
+
+    configure_logging(Settings().log.model_copy(update={"level": "warning"}))
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as bars:
+
+        def progress(name: str, total: int) -> Callable[[], None]:
+            task = bars.add_task(name, total=total)
+            return lambda: bars.advance(task)
+
+        if backend == "instant":
+            from daemon.bench_pipeline import run_pipeline_bench
+
+            count = alerts or 2000
+            tick = progress("verdicts", count)
+            result = asyncio.run(run_pipeline_bench(count, image_size, lambda _: tick()))
+        else:
+            from daemon.bench_model import model_from, run_model_bench
+
+            settings = ModelSettings(device=device, dtype=dtype)
+            with console.status(f"building {model_path or arch}"):
+                runner = model_from(model_path, None if model_path else arch, settings)
+            result = run_model_bench(runner, alerts or 8, image_size, settings, progress)
+    _print_bench(result)
+    if as_json:
+        click.echo(json.dumps(result))
+
+
+def _print_bench(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    if "stages" in result:
+        table = Table(
+            title=f"pipeline, instant backend: {result['alerts_per_s']} alerts/s "
+            f"({result['alerts']} alerts of {result['image_size']}, "
+            f"{result['daemon_cpu_ms_per_alert']} ms daemon CPU per alert)"
+        )
+        for column in ("stage", "count", "total s", "mean ms"):
+            table.add_column(column)
+        for stage, row in result["stages"].items():
+            table.add_row(stage, str(row["count"]), str(row["total_s"]), str(row["mean_ms"]))
+    else:
+        table = Table(
+            title=f"{result['snapshot']} on {result['device']}: speed-up x{result['speedup']}"
+        )
+        keys = (
+            "alerts_per_s",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "peak_rss_mb",
+            "peak_gpu_mb",
+            "visual_tokens",
+        )
+        table.add_column("")
+        for key in keys:
+            table.add_column(key)
+        for side in ("baseline", "secondlook"):
+            table.add_row(side, *(str(result[side][key]) for key in keys))
+    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
 
 @main.group()

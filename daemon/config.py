@@ -75,6 +75,29 @@ class HttpSettings(_Section):
         return int(self.listen.rpartition(":")[2])
 
 
+class RemoteSettings(_Section):
+    """The `openai` backend: an OpenAI-compatible chat-completions server (vLLM, SGLang,
+    LMDeploy, Ollama) that serves a vision model."""
+
+    #: base URL, e.g. http://gpu-box:8000/v1 (POST {url}/chat/completions)
+    url: str = "http://127.0.0.1:8000/v1"
+    #: the served model's name; default: [model] path
+    model: str | None = None
+    #: a file holding the API key (systemd LoadCredential puts it in $CREDENTIALS_DIRECTORY)
+    api_key_file: Path | None = None
+    timeout_s: float = Field(default=30.0, gt=0)
+    #: retries after a timeout, a connection error, HTTP 429 or 5xx (not after other 4xx)
+    max_retries: int = Field(default=3, ge=0, le=20)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
+    #: requests in flight at once
+    concurrency: int = Field(default=16, ge=1, le=1024)
+    #: how many alternatives per answer token the server lists (OpenAI allows at most 20)
+    top_logprobs: int = Field(default=20, ge=1, le=20)
+    #: pixels per side of one visual token of the served model: 28 (Qwen2-VL, Qwen2.5-VL),
+    #: 32 (Qwen3-VL)
+    image_factor: int = Field(default=28, ge=1)
+
+
 class ModelSettings(_Section):
     backend: str = "transformers"
     #: hub id or local directory
@@ -93,6 +116,8 @@ class ModelSettings(_Section):
     max_batch: int = Field(default=16, ge=1, le=512)
     #: how long the oldest waiting request waits for company before its batch runs
     max_wait_ms: float = Field(default=10.0, ge=0, le=1000)
+    #: the `openai` backend's server
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
     #: token budget: each image is scaled to at most this many pixels before the processor
     image_max_pixels: int = Field(default=448 * 448, ge=28 * 28)
     #: the longest answer an extract rule may generate

@@ -79,6 +79,15 @@ class StoredAlert:
 
 
 @dataclass(frozen=True)
+class Recorded:
+    """The journal row of an alert: new, or the first one of a resend."""
+
+    ref: int
+    new: bool
+    reviewed: bool
+
+
+@dataclass(frozen=True)
 class OutboxItem:
     id: int
     topic: str
@@ -182,11 +191,11 @@ class Journal:
         source: str,
         topic: str | None,
         received_at: datetime | None = None,
-    ) -> tuple[int, bool]:
-        """(row id, True) for a new alert; (existing row id, False) for a resend."""
+    ) -> Recorded:
+        """Journal a new alert; for a resend, say where the first one stands."""
         received = (received_at or utc_now()).isoformat()
 
-        async def op(db: aiosqlite.Connection) -> tuple[int, bool]:
+        async def op(db: aiosqlite.Connection) -> Recorded:
             cursor = await db.execute(
                 "INSERT INTO alerts (box_id, alert_id, alert, source, topic, received_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (box_id, alert_id) DO NOTHING",
@@ -194,18 +203,18 @@ class Journal:
             )
             if cursor.rowcount == 0:
                 async with db.execute(
-                    "SELECT id FROM alerts WHERE box_id = ? AND alert_id = ?",
+                    "SELECT id, state FROM alerts WHERE box_id = ? AND alert_id = ?",
                     (alert.box_id, alert.alert_id),
                 ) as rows:
                     row = await rows.fetchone()
                 assert row is not None
-                return int(row[0]), False
+                return Recorded(int(row[0]), new=False, reviewed=row[1] == "reviewed")
             ref = int(cursor.lastrowid or 0)
             await db.executemany(
                 "INSERT INTO alert_images (alert_ref, idx, source, data) VALUES (?, ?, ?, ?)",
                 [(ref, i, image.source, image.data) for i, image in enumerate(images)],
             )
-            return ref, True
+            return Recorded(ref, new=True, reviewed=False)
 
         return await self._write(op)
 

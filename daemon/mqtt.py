@@ -152,7 +152,9 @@ class MqttLink:
         while True:
             task, message = await window.get()
             try:
-                await task
+                # shielded: when the connection drops and this coroutine is cancelled, the
+                # alert's intake still runs to the end (its journal write, its review)
+                await asyncio.shield(task)
             except Exception:
                 # not journalled: no PUBACK. Dropping the connection makes the broker deliver
                 # it (and everything after it) again on the next one.

@@ -76,6 +76,8 @@ class Pipeline:
         self.queue: asyncio.Queue[int] = asyncio.Queue()
         #: alerts just journalled, by row id, so that their review need not read them back
         self._fresh: OrderedDict[int, StoredAlert] = OrderedDict()
+        #: row ids queued or under review in this process
+        self._scheduled: set[int] = set()
         self._closed = False
         self._busy = 0
         self._quiet = asyncio.Event()
@@ -105,11 +107,17 @@ class Pipeline:
         alert = incoming.alert
         received_at = utc_now()
         with self.stats.time("journal_alert"):
-            ref, new = await self.journal.record_alert(
+            recorded = await self.journal.record_alert(
                 alert, incoming.images, source=source, topic=topic, received_at=received_at
             )
-        if not new:
-            log.info("duplicate alert ignored", alert_id=alert.alert_id, box_id=alert.box_id)
+        ref = recorded.ref
+        if not recorded.new:
+            if not recorded.reviewed and ref not in self._scheduled:
+                # the first delivery was journalled but its intake cut short: review it now
+                log.info("resend of an unreviewed alert: reviewing it", alert_id=alert.alert_id)
+                self._schedule(ref)
+            else:
+                log.info("duplicate alert ignored", alert_id=alert.alert_id, box_id=alert.box_id)
             return IngestResult("duplicate", alert)
         log.info(
             "alert received",
@@ -124,8 +132,12 @@ class Pipeline:
         )
         while len(self._fresh) > FRESH_IN_MEMORY:
             self._fresh.popitem(last=False)
-        self.queue.put_nowait(ref)
+        self._schedule(ref)
         return IngestResult("accepted", alert)
+
+    def _schedule(self, ref: int) -> None:
+        self._scheduled.add(ref)
+        self.queue.put_nowait(ref)
 
     def _parse(self, payload: bytes, topic: str | None, format_name: str) -> IncomingAlert | None:
         """The alert in a payload, its snapshots checked from their headers."""
@@ -149,7 +161,7 @@ class Pipeline:
         """Queue alerts journalled but never reviewed (a crash or stop interrupted them)."""
         pending = await self.journal.pending_reviews()
         for ref in pending:
-            self.queue.put_nowait(ref)
+            self._schedule(ref)
         if pending:
             log.info("resuming interrupted reviews", count=len(pending))
         return len(pending)
@@ -166,6 +178,7 @@ class Pipeline:
             except Exception:
                 log.exception("review crashed; the alert stays in the journal", ref=ref)
             finally:
+                self._scheduled.discard(ref)
                 self._busy -= 1
                 if self._busy == 0:
                     self._quiet.set()

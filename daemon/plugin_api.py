@@ -69,6 +69,8 @@ class GenerateQuery:
     prompt: str
     #: None: the backend's configured limit
     max_new_tokens: int | None = None
+    #: JSON schema the answer must follow, for backends that can constrain generation
+    json_schema: Mapping[str, Any] | None = None
 
 
 Query = ChoiceQuery | GenerateQuery

@@ -29,6 +29,7 @@ DEFAULT_PLUGINS: dict[str, str] = {
     "mapping": "plugins.mapping",
     "transformers": "daemon.inference.transformers_backend",
     "instant": "daemon.inference.instant",
+    "openai": "daemon.inference.openai_backend",
 }
 
 

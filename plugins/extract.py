@@ -40,6 +40,26 @@ def schema_instructions(fields: dict[str, FieldSpec]) -> str:
     return "\n".join(lines)
 
 
+JSON_TYPES = {"integer": "integer", "number": "number", "boolean": "boolean", "string": "string"}
+
+
+def json_schema(fields: dict[str, FieldSpec]) -> dict[str, Any]:
+    """The JSON schema of the answer, for backends that constrain generation with it."""
+    properties: dict[str, Any] = {}
+    for name, spec in fields.items():
+        kind: Any = JSON_TYPES[spec.type] if spec.required else [JSON_TYPES[spec.type], "null"]
+        properties[name] = {
+            "type": kind,
+            **({"description": spec.description} if spec.description else {}),
+        }
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": list(fields),
+        "additionalProperties": False,
+    }
+
+
 def find_json_object(text: str) -> dict[str, Any]:
     """The first {...} object in the text (code fences and chatter around it are ignored)."""
     start = text.find("{")
@@ -100,7 +120,11 @@ class JsonExtract:
         options = rule.options
         assert isinstance(options, ExtractOptions)
         prompt = f"{rule.prompt_for(alert)}\n\n{schema_instructions(options.fields)}"
-        return GenerateQuery(prompt=prompt, max_new_tokens=options.max_new_tokens)
+        return GenerateQuery(
+            prompt=prompt,
+            max_new_tokens=options.max_new_tokens,
+            json_schema=json_schema(options.fields),
+        )
 
     def interpret(self, answer: Answer, rule: Rule) -> Judgement:
         if not isinstance(answer, TextAnswer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from daemon.app import JOURNAL_FILE
@@ -47,7 +48,9 @@ async def test_a_review_interrupted_too_often_ends_unreviewed(tmp_path, tiny_mod
     (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
     journal = await Journal.open(settings.storage.dir / JOURNAL_FILE)
     incoming = CanonicalFormat().parse(json.dumps(make_alert("loop-1")).encode(), topic=None)
-    ref, _ = await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
+    ref = (
+        await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
+    ).ref
     for _ in range(settings.pipeline.max_attempts):  # three starts that died mid-review
         await journal.begin_review(ref)
     await journal.close()
@@ -56,3 +59,23 @@ async def test_a_review_interrupted_too_often_ends_unreviewed(tmp_path, tiny_mod
     [verdict] = record["verdicts"]
     assert verdict["verdict"] == "unreviewed"
     assert verdict["reason"] == "review interrupted 3 times; giving up"
+
+
+async def test_a_resend_of_an_alert_whose_intake_was_cut_short_is_reviewed(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    alert = make_alert("cut-1")
+    async with run_daemon(settings) as d:
+        # journalled, but the intake stopped before queueing it (its connection dropped)
+        incoming = CanonicalFormat().parse(json.dumps(alert).encode(), topic=None)
+        await d.daemon.journal.record_alert(
+            incoming.alert, incoming.images, source="mqtt", topic="t"
+        )
+        status, body = await d.post_alert(alert)  # the broker's redelivery
+        assert status == 202 and body["status"] == "duplicate"
+        record = await d.wait_reviewed("cut-1")
+        # a later resend of the reviewed alert is only a duplicate
+        await d.post_alert(alert)
+        await asyncio.sleep(0.2)
+        record = (await d.get_alert("cut-1"))[1]
+    assert record["attempts"] == 1 and len(record["verdicts"]) == 1

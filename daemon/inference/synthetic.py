@@ -105,43 +105,89 @@ def _token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     return {key: tokenizer.convert_tokens_to_ids(token) for key, token in names.items()}
 
 
-def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
-    """A config of the family with two layers and 64-wide hidden states."""
-    text = {
+#: the tiny architectures: two layers, 64-wide hidden states. head_dim 16: the three M-RoPE
+#: sections must sum to head_dim / 2.
+_TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "mrope_section": [2, 3, 3],
+}
+#: Qwen2.5-VL and Qwen3-VL share the shape of their vision towers
+_TINY_VISION = {
+    "depth": 2,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_heads": 2,
+    "out_hidden_size": 64,
+}
+TINY: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "qwen2-vl": (
+        _TINY_TEXT,
+        {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2},
+    ),
+    "qwen2.5-vl": (
+        _TINY_TEXT,
+        {**_TINY_VISION, "fullatt_block_indexes": [1], "window_size": 112},
+    ),
+    "qwen3-vl": (
+        {**_TINY_TEXT, "head_dim": 16, "mrope_interleaved": True},
+        {**_TINY_VISION, "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+    ),
+}
+_CONFIG_CLASSES = {
+    "qwen2-vl": Qwen2VLConfig,
+    "qwen2.5-vl": Qwen25VLConfig,
+    "qwen3-vl": Qwen3VLConfig,
+}
+
+
+def config_for(
+    family: str, tokenizer: PreTrainedTokenizerFast, *, text: dict[str, Any], vision: dict[str, Any]
+) -> Any:
+    """A config of `family` with these text and vision sizes, wired to the tokenizer's ids.
+
+    `text` takes the text config's keys plus `mrope_section`, `mrope_interleaved`,
+    `rope_theta` and `tie_word_embeddings`; `vocab_size` defaults to the tokenizer's.
+    """
+    if family not in _CONFIG_CLASSES:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    text = dict(text)
+    rope = {
+        "rope_type": "default",
+        "rope_theta": text.pop("rope_theta", 1e6),
+        "mrope_section": text.pop("mrope_section"),
+    }
+    if text.pop("mrope_interleaved", False):
+        rope["mrope_interleaved"] = True
+    tie = text.pop("tie_word_embeddings", False)
+    text_config = {
         "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        # head_dim 16: the three M-RoPE sections must sum to head_dim / 2
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+        **text,
+        "rope_parameters": rope,
         "bos_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
-    ids = _token_ids(tokenizer)
-    if family == "qwen2-vl":
-        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 64, "num_heads": 2, "mlp_ratio": 2}
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    # Qwen2.5-VL and Qwen3-VL share the shape of their vision towers
-    vision = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-    }
-    if family == "qwen2.5-vl":
-        vision |= {"fullatt_block_indexes": [1], "window_size": 112}
-        return Qwen25VLConfig(text_config=text, vision_config=vision, **ids)
-    if family == "qwen3-vl":
-        text = {**text, "head_dim": 16}
-        text["rope_parameters"] = {**text["rope_parameters"], "mrope_interleaved": True}
-        vision |= {"num_position_embeddings": 64, "deepstack_visual_indexes": [0]}
-        return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
-    raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    if text_config["vocab_size"] < len(tokenizer):
+        raise ValueError("the model's vocabulary is smaller than the tokenizer's")
+    return _CONFIG_CLASSES[family](
+        text_config=text_config,
+        vision_config=dict(vision),
+        tie_word_embeddings=tie,
+        **_token_ids(tokenizer),
+    )
+
+
+def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
+    """A config of the family with two layers and 64-wide hidden states."""
+    if family not in TINY:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    text, vision = TINY[family]
+    return config_for(family, tokenizer, text=text, vision=vision)
 
 
 def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:

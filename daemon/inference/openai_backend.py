@@ -1,0 +1,240 @@
+"""Backend `openai`: an OpenAI-compatible chat-completions server serving a vision model.
+
+For when one local GPU is not enough: vLLM, SGLang, LMDeploy or Ollama on other machines.
+Images go as JPEG data URLs, already scaled to the token budget.
+
+- Choice queries ask for one token with `logprobs` and `top_logprobs`. A label's score is
+  the log-sum-exp of the listed tokens that are one of its surface forms. A label none of
+  whose forms is listed can only be less likely than the least likely listed token, so it
+  gets that token's logprob: an upper bound, which errs towards `uncertain`.
+- Servers that return no logprobs get a fallback: the answer's first word picks a label
+  with probability 1 (so such verdicts are never calibrated; `confirm_at`/`reject_below`
+  still apply).
+- Generate queries send the rule's JSON schema as `response_format` (`json_schema`).
+- Timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff; other
+  answers fail at once. At most `concurrency` requests are in flight.
+
+Response shapes follow vLLM's `ChatCompletionResponse`
+(vllm/entrypoints/openai/chat_completion/protocol.py), which follows OpenAI's API reference
+for chat completions: `choices[0].message.content` and
+`choices[0].logprobs.content[0].top_logprobs[] = {token, logprob, bytes}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+import structlog
+from PIL.Image import Image
+
+from daemon.config import ModelSettings
+from daemon.hookspecs import hookimpl
+from daemon.plugin_api import (
+    Answer,
+    ChoiceAnswer,
+    ChoiceQuery,
+    GenerateQuery,
+    ModelLoadError,
+    ModelRequest,
+    TextAnswer,
+)
+
+log = structlog.get_logger(__name__)
+
+JPEG_QUALITY = 90
+
+
+class RemoteError(RuntimeError):
+    """The server could not answer (after retries), or answered something unusable."""
+
+
+class _Retryable(RemoteError):
+    pass
+
+
+def data_url(image: Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=JPEG_QUALITY)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def chat_messages(request: ModelRequest) -> list[dict[str, Any]]:
+    content: list[dict[str, Any]] = [
+        {"type": "image_url", "image_url": {"url": data_url(image)}} for image in request.images
+    ]
+    content.append({"type": "text", "text": request.query.prompt})
+    return [{"role": "user", "content": content}]
+
+
+def choice_from_logprobs(
+    top: Sequence[Mapping[str, Any]], choices: Mapping[str, Sequence[str]]
+) -> ChoiceAnswer | None:
+    """Label probabilities from the first answer token's top logprobs (None: no label
+    appears among them)."""
+    if not top:
+        return None
+    floor = min(float(entry["logprob"]) for entry in top)
+    scores: dict[str, float] = {}
+    found = False
+    for label, forms in choices.items():
+        listed = [float(entry["logprob"]) for entry in top if entry["token"] in set(forms)]
+        found = found or bool(listed)
+        scores[label] = _logsumexp(listed) if listed else floor
+    if not found:
+        return None
+    top_score = max(scores.values())
+    weights = {label: math.exp(score - top_score) for label, score in scores.items()}
+    total = sum(weights.values())
+    return ChoiceAnswer({label: w / total for label, w in weights.items()}, scores)
+
+
+def choice_from_text(text: str, choices: Mapping[str, Sequence[str]]) -> ChoiceAnswer | None:
+    """Fallback without logprobs: the first word of the answer names the label."""
+    words = text.strip().split()
+    if not words:
+        return None
+    first = words[0].strip(".,:;!\"'").lower()
+    for label, forms in choices.items():
+        if first in {form.strip().lower() for form in forms}:
+            probabilities = {other: float(other == label) for other in choices}
+            logits = {other: 0.0 if other == label else -math.inf for other in choices}
+            return ChoiceAnswer(probabilities, logits)
+    return None
+
+
+def _logsumexp(values: Sequence[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+class OpenAIBackend:
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
+        self.remote = settings.remote
+        self.model_name = self.remote.model or settings.display_name
+        self.image_factor = self.remote.image_factor
+        self._served_model = self.remote.model or settings.path
+        self._limit = asyncio.Semaphore(self.remote.concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._headers: dict[str, str] = {}
+
+    async def start(self) -> None:
+        key_file = self.remote.api_key_file
+        if key_file is not None:
+            try:
+                key = (await asyncio.to_thread(key_file.read_text, encoding="utf-8")).strip()
+            except OSError as exc:
+                raise ModelLoadError(f"cannot read [model.remote] api_key_file: {exc}") from exc
+            self._headers["Authorization"] = f"Bearer {key}"
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.remote.timeout_s), headers=self._headers
+        )
+        log.info(
+            "remote backend",
+            url=self.remote.url,
+            model=self._served_model,
+            authenticated=key_file is not None,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def run(self, request: ModelRequest) -> Answer:
+        query = request.query
+        body: dict[str, Any] = {
+            "model": self._served_model,
+            "messages": await asyncio.to_thread(chat_messages, request),
+            "temperature": 0,
+        }
+        if isinstance(query, ChoiceQuery):
+            body |= {"max_tokens": 1, "logprobs": True, "top_logprobs": self.remote.top_logprobs}
+            return self._choice(await self._post(body), query)
+        assert isinstance(query, GenerateQuery)
+        body["max_tokens"] = query.max_new_tokens or self.settings.max_new_tokens
+        if query.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "fields", "schema": dict(query.json_schema)},
+            }
+        return TextAnswer(_message_text(await self._post(body)).strip())
+
+    def _choice(self, response: Mapping[str, Any], query: ChoiceQuery) -> ChoiceAnswer:
+        choice = _first_choice(response)
+        logprobs = (choice.get("logprobs") or {}).get("content") or []
+        if logprobs:
+            answer = choice_from_logprobs(logprobs[0].get("top_logprobs") or [], query.choices)
+            if answer is not None:
+                return answer
+        # no logprobs from this server, or no label among them: read the answer instead
+        text = _message_text(response)
+        answer = choice_from_text(text, query.choices)
+        if answer is None:
+            raise RemoteError(f"the answer {text[:40]!r} names none of {', '.join(query.choices)}")
+        return answer
+
+    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self._session is None:
+            raise RuntimeError("the backend is not started")
+        url = self.remote.url.rstrip("/") + "/chat/completions"
+        attempts = self.remote.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                async with self._limit:
+                    return await self._post_once(url, body)
+            except _Retryable as exc:
+                if attempt == attempts:
+                    raise RemoteError(f"{exc} (after {attempts} attempts)") from exc
+                delay = self.remote.retry_backoff_s * 2 ** (attempt - 1)
+                delay = random.uniform(delay / 2, delay)
+                log.warning(
+                    "remote model retry",
+                    attempt=attempt,
+                    error=str(exc),
+                    retry_in_s=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _post_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        assert self._session is not None
+        try:
+            async with self._session.post(url, json=body) as response:
+                if response.status == 429 or response.status >= 500:
+                    raise _Retryable(f"HTTP {response.status} from {url}")
+                if response.status != 200:
+                    detail = (await response.text())[:200]
+                    raise RemoteError(f"HTTP {response.status} from {url}: {detail}")
+                data = await response.json(content_type=None)
+        except TimeoutError as exc:
+            raise _Retryable(f"no answer from {url} within {self.remote.timeout_s} s") from exc
+        except aiohttp.ClientError as exc:
+            raise _Retryable(f"{url}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise RemoteError(f"{url} answered {type(data).__name__}, not a JSON object")
+        return data
+
+
+def _first_choice(response: Mapping[str, Any]) -> Mapping[str, Any]:
+    choices = response.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise RemoteError("the server's answer has no choices")
+    return choices[0]
+
+
+def _message_text(response: Mapping[str, Any]) -> str:
+    message = _first_choice(response).get("message") or {}
+    content = message.get("content")
+    return content if isinstance(content, str) else ""
+
+
+@hookimpl
+def register_backends(register):
+    register("openai", OpenAIBackend)

@@ -1,0 +1,153 @@
+"""The `openai` backend against an in-suite server that answers in vLLM's response shape."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+
+import pytest
+from PIL import Image
+
+from tests.conftest import EXTRACT_RULE, FIRE_RULE, free_port, make_alert, make_settings, run_daemon
+from tests.openai_server import Script, openai_server
+
+
+def remote_settings(tmp_path, url: str, **remote):
+    settings = make_settings(tmp_path, broker=None, model=tmp_path / "unused")
+    model = settings.model.model_copy(
+        update={
+            "backend": "openai",
+            "path": "Qwen/Qwen2-VL-7B-Instruct",
+            "remote": settings.model.remote.model_copy(
+                update={"url": url, "retry_backoff_s": 0.01, **remote}
+            ),
+        }
+    )
+    settings = settings.model_copy(update={"model": model})
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "people.toml").write_text(EXTRACT_RULE)
+    (settings.rules.dir / "smoke.toml").write_text(
+        FIRE_RULE.replace('"fire"', '"smoke"') + 'on_error = "drop"\n'
+    )
+    return settings
+
+
+def lse(*values: float) -> float:
+    return math.log(sum(math.exp(v) for v in values))
+
+
+async def review(settings, *alerts):
+    async with run_daemon(settings) as d:
+        for alert in alerts:
+            status, body = await d.post_alert(alert)
+            assert status == 202, body
+        return [(await d.wait_reviewed(a["alert_id"]))["verdicts"] for a in alerts]
+
+
+async def test_verdict_confidence_comes_from_the_first_tokens_logprobs(tmp_path):
+    script = Script()
+    async with openai_server(script) as url:
+        [[verdict]] = await review(remote_settings(tmp_path, url), make_alert("r-1"))
+    yes, no = lse(-0.25, -3.2), lse(-1.7, -4.0)
+    assert verdict["confidence"] == pytest.approx(1 / (1 + math.exp(no - yes)), abs=1e-9)
+    assert verdict["model"] == "Qwen2-VL-7B-Instruct"  # [model] name defaults to the last part
+    [body] = script.requests
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+    assert body["model"] == "Qwen/Qwen2-VL-7B-Instruct" and body["temperature"] == 0
+    image_part, text_part = body["messages"][0]["content"]
+    assert text_part == {"type": "text", "text": "Is there a real open flame? Answer yes or no."}
+    url = image_part["image_url"]["url"]
+    assert url.startswith("data:image/jpeg;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as sent:
+        assert sent.size == (588, 336)  # the 640x360 snapshot scaled to the token budget
+
+
+async def test_a_label_missing_from_the_top_logprobs_gets_the_lowest_listed(tmp_path):
+    script = Script(top_logprobs={"Yes": -0.1, "The": -2.0})
+    async with openai_server(script) as url:
+        [[verdict]] = await review(remote_settings(tmp_path, url), make_alert("r-2"))
+    assert verdict["confidence"] == pytest.approx(1 / (1 + math.exp(-2.0 + 0.1)), abs=1e-9)
+
+
+async def test_without_logprobs_the_answer_text_decides(tmp_path):
+    script = Script(top_logprobs=None, text="No, it is a lamp.")
+    async with openai_server(script) as url:
+        [[verdict]] = await review(remote_settings(tmp_path, url), make_alert("r-3"))
+    assert verdict["verdict"] == "rejected" and verdict["confidence"] == 0.0
+
+
+async def test_extraction_sends_the_rules_json_schema(tmp_path):
+    script = Script(text='{"people": 3}')
+    async with openai_server(script) as url:
+        [[verdict]] = await review(
+            remote_settings(tmp_path, url), make_alert("r-4", event_type="people_gathering")
+        )
+    assert verdict["verdict"] == "confirmed" and verdict["fields"] == {"people": 3}
+    [body] = script.requests
+    assert body["max_tokens"] == 24 and "logprobs" not in body
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "fields",
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "people": {"type": "integer", "description": "number of people visible"}
+                },
+                "required": ["people"],
+                "additionalProperties": False,
+            },
+        },
+    }
+
+
+async def test_server_errors_are_retried_with_backoff(tmp_path):
+    script = Script(fail_first=2)
+    async with openai_server(script) as url:
+        [[verdict]] = await review(remote_settings(tmp_path, url, max_retries=3), make_alert("r-5"))
+    assert verdict["confidence"] is not None and len(script.requests) == 3
+
+
+async def test_a_timeout_ends_in_the_rules_on_error(tmp_path):
+    script = Script(delay_s=2.0)
+    async with openai_server(script) as url:
+        settings = remote_settings(tmp_path, url, timeout_s=0.3, max_retries=1)
+        [[forwarded], dropped] = await review(
+            settings, make_alert("r-6"), make_alert("r-7", event_type="smoke")
+        )
+    assert forwarded["verdict"] == "unreviewed"
+    assert (
+        "no answer from" in forwarded["reason"]
+        and "within 0.3 s (after 2 attempts)" in forwarded["reason"]
+    )
+    assert dropped == []
+    assert len(script.requests) == 4  # two alerts, two attempts each
+
+
+async def test_a_server_that_is_down_ends_in_the_rules_on_error(tmp_path):
+    url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+    [[verdict]] = await review(remote_settings(tmp_path, url, max_retries=2), make_alert("r-8"))
+    assert verdict["verdict"] == "unreviewed"
+    assert "Cannot connect" in verdict["reason"] and "(after 3 attempts)" in verdict["reason"]
+
+
+async def test_the_api_key_comes_from_a_credentials_file_and_is_checked(tmp_path):
+    key_file = tmp_path / "api_key"
+    key_file.write_text("s3cret\n")
+    script = Script(api_key="s3cret")
+    async with openai_server(script) as url:
+        [[ok]] = await review(
+            remote_settings(tmp_path, url, api_key_file=key_file), make_alert("r-9")
+        )
+        wrong = tmp_path / "wrong_key"
+        wrong.write_text("nope")
+        other = tmp_path / "other"
+        other.mkdir()
+        [[refused]] = await review(
+            remote_settings(other, url, api_key_file=wrong), make_alert("r-10")
+        )
+    assert ok["confidence"] is not None
+    assert script.headers[0]["Authorization"] == "Bearer s3cret"
+    assert refused["verdict"] == "unreviewed" and "HTTP 401" in refused["reason"]
+    assert len(script.requests) == 2  # a refused key is not retried
