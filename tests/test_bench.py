@@ -1,0 +1,63 @@
+"""The bench commands: they run, compare, and print the figures they promise."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+from daemon.bench_model import ARCHS
+from daemon.cli import ARCH_NAMES, main
+
+SIDE_KEYS = {"alerts_per_s", "p50_ms", "p95_ms", "p99_ms", "peak_rss_mb", "visual_tokens"}
+
+
+def last_json_line(output: str) -> dict:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
+    result = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            "--model",
+            str(tiny_model),
+            "--alerts",
+            "3",
+            "--image-size",
+            "1280x720",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    figures = last_json_line(result.output)
+    for side in ("baseline", "secondlook"):
+        assert figures[side].keys() >= SIDE_KEYS
+        assert figures[side]["alerts"] == 3
+        assert 0 < figures[side]["p50_ms"] <= figures[side]["p95_ms"] <= figures[side]["p99_ms"]
+    # the processor's default resolution against the 448x448 budget
+    assert figures["baseline"]["visual_tokens"] == 1196
+    assert figures["secondlook"]["visual_tokens"] == 252
+    ratio = figures["secondlook"]["alerts_per_s"] / figures["baseline"]["alerts_per_s"]
+    assert abs(figures["speedup"] - ratio) < 0.01
+    assert "speed-up" in result.output  # the table
+
+
+def test_pipeline_bench_counts_every_stage(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        ["bench", "--backend", "instant", "--alerts", "40", "--image-size", "640x360", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    figures = last_json_line(result.output)
+    assert figures["alerts"] == 40 and figures["alerts_per_s"] > 0
+    assert figures["daemon_cpu_ms_per_alert"] > 0
+    stages = figures["stages"]
+    for stage in ("parse", "journal_alert", "prepare", "model", "journal_verdict"):
+        assert stages[stage]["count"] == 40, stage
+    assert stages["publish"]["count"] >= 40  # at least once
+
+
+def test_the_command_line_knows_the_same_architectures_as_the_bench():
+    assert set(ARCH_NAMES) == set(ARCHS)
