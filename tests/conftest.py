@@ -21,6 +21,7 @@ import aiohttp
 import aiomqtt
 import pytest
 import structlog
+from aiohttp import web
 from PIL import Image
 
 from daemon.app import Daemon
@@ -346,3 +347,16 @@ def recording(settings: Settings) -> dict[str, Any]:
         "settings": settings.model_copy(update={"model": model}),
         "extra_plugins": [RecordingPlugin()],
     }
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve an aiohttp app on a free local port; yields its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()

@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.conftest import free_port
+from tests.conftest import serve
 
 
 @dataclass
@@ -116,11 +116,5 @@ async def openai_server(script: Script) -> AsyncIterator[str]:
 
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", completions)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        await runner.cleanup()
+    async with serve(app) as base:
+        yield f"{base}/v1"

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from tests.conftest import FIRE_RULE, free_port, jpeg_bytes, make_alert, make_settings, run_daemon
+from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon, serve
 
 
 @contextlib.asynccontextmanager
@@ -17,14 +17,8 @@ async def snapshot_server() -> AsyncIterator[str]:
         "/snap.jpg", lambda _: web.Response(body=jpeg_bytes(), content_type="image/jpeg")
     )
     app.router.add_get("/elsewhere", lambda _: web.HTTPFound("http://169.254.169.254/"))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serve(app) as base:
+        yield base
 
 
 async def test_image_url_on_an_allowed_host_is_fetched_and_reviewed(tmp_path, tiny_model):
