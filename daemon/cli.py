@@ -183,7 +183,16 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     default=None,
     help="How many alerts (default: 8 for the model, 2000 for instant).",
 )
+@click.option(
+    "--baseline-alerts",
+    type=click.IntRange(1),
+    default=None,
+    help="Run the slow naive path on only the first N alerts (default: all).",
+)
+@click.option("--max-batch", type=click.IntRange(1), default=None, help="Default: the config's.")
+@click.option("--max-wait-ms", type=click.IntRange(0), default=None, help="Default: the config's.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
@@ -199,7 +208,11 @@ def bench(
     model_path: Path | None,
     image_size: tuple[int, int],
     alerts: int | None,
+    baseline_alerts: int | None,
+    max_batch: int | None,
+    max_wait_ms: int | None,
     device: str,
+    compile_model: bool,
     dtype: str,
     as_json: bool,
 ) -> None:
@@ -225,10 +238,18 @@ def bench(
         else:
             from daemon.bench_model import model_from, run_model_bench
 
-            settings = ModelSettings(device=device, dtype=dtype)
+            batching = {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
+            settings = ModelSettings(
+                device=device,
+                dtype=dtype,
+                compile=compile_model,
+                **{key: value for key, value in batching.items() if value is not None},
+            )
             with console.status(f"building {model_path or arch}"):
                 runner = model_from(model_path, None if model_path else arch, settings)
-            result = run_model_bench(runner, alerts or 8, image_size, settings, progress)
+            result = run_model_bench(
+                runner, alerts or 8, image_size, settings, progress, baseline_alerts
+            )
     _print_bench(result)
     if as_json:
         click.echo(json.dumps(result))
@@ -263,8 +284,8 @@ def _print_bench(result: dict[str, Any]) -> None:
         table.add_column("")
         for key in keys:
             table.add_column(key)
-        for side in ("baseline", "secondlook"):
-            table.add_row(side, *(str(result[side][key]) for key in keys))
+        for side in ("baseline", "secondlook", "light_load"):
+            table.add_row(side, *(str(result[side].get(key, "")) for key in keys))
     (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
 
 

@@ -25,6 +25,10 @@ def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
             str(tiny_model),
             "--alerts",
             "3",
+            "--baseline-alerts",
+            "2",
+            "--max-batch",
+            "2",
             "--image-size",
             "1280x720",
             "--json",
@@ -32,10 +36,13 @@ def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
     )
     assert result.exit_code == 0, result.output
     figures = last_json_line(result.output)
-    for side in ("baseline", "secondlook"):
+    for side, count in (("baseline", 2), ("secondlook", 3)):
         assert figures[side].keys() >= SIDE_KEYS
-        assert figures[side]["alerts"] == 3
+        assert figures[side]["alerts"] == count
         assert 0 < figures[side]["p50_ms"] <= figures[side]["p95_ms"] <= figures[side]["p99_ms"]
+    assert figures["secondlook"]["max_batch"] == 2
+    light = figures["light_load"]
+    assert light["alerts"] == 3 and 0 < light["p50_ms"] <= light["p99_ms"]
     # the processor's default resolution against the 448x448 budget
     assert figures["baseline"]["visual_tokens"] == 1196
     assert figures["secondlook"]["visual_tokens"] == 252

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from daemon.config import ModelSettings
+from daemon.inference.patches import can_patch_directly, patch_images
 from daemon.inference.processors import ImageOnlyProcessor, load_processor
 from daemon.inference.runner import ModelRunner
 from daemon.plugin_api import ModelLoadError
@@ -84,7 +87,7 @@ def test_missing_model_is_a_clear_load_error(tmp_path):
         ModelRunner.load(ModelSettings(path=str(tmp_path / "no-such-model")))
 
 
-def test_processor_falls_back_without_torchvision(tiny_model):
+def test_processor_expands_placeholders_to_visual_tokens(tiny_model):
     processor = load_processor(str(tiny_model))
     assert isinstance(processor, ImageOnlyProcessor)
     batch = processor(
@@ -97,3 +100,26 @@ def test_processor_falls_back_without_torchvision(tiny_model):
     assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
     with pytest.raises(ValueError, match="more images"):
         processor(text=["no placeholder"], images=[Image.new("RGB", (56, 56))])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_direct_patches_equal_the_image_processor(model_dirs, family):
+    processor = load_processor(str(model_dirs[family]))
+    factor = processor.image_processor.patch_size * processor.image_processor.merge_size
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (factor * h, factor * w, 3), dtype=np.uint8))
+        for h, w in ((3, 5), (4, 2))
+    ]
+    assert can_patch_directly(images, processor.image_processor)
+    direct = patch_images(images, processor.image_processor)
+    reference = processor.image_processor(images=images, return_tensors="pt")
+    assert direct["image_grid_thw"].tolist() == reference["image_grid_thw"].tolist()
+    assert direct["pixel_values"].shape == reference["pixel_values"].shape
+    torch.testing.assert_close(
+        direct["pixel_values"], reference["pixel_values"].float(), atol=1e-5, rtol=1e-5
+    )
+    # a size the processor would change goes through the processor itself
+    assert not can_patch_directly(
+        [Image.new("RGB", (factor + 1, factor))], processor.image_processor
+    )

@@ -1,8 +1,10 @@
-"""The model's processor, or an image-only stand-in where torchvision is missing.
+"""The model's processor for still images: tokenizer, chat template and image patches.
 
 Qwen2-VL-family processors also build a video processor, which needs torchvision; alerts
-carry still images only, so the stand-in wires the tokenizer and the image processor the way
-the Qwen processors do: each image placeholder is expanded to one token per merged patch.
+carry still images only, so secondlook wires the tokenizer and the snapshot's image
+processor itself, the way the Qwen processors do (each image placeholder is expanded to one
+token per merged patch), on every machine alike. Images already at a patch-aligned size (all
+that secondlook prepares) are patched directly (daemon.inference.patches).
 """
 
 from __future__ import annotations
@@ -11,12 +13,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import structlog
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.utils import cached_file
 
-log = structlog.get_logger(__name__)
+from daemon.inference.patches import can_patch_directly, patch_images
 
 IMAGE_TOKEN = "<|image_pad|>"
 
@@ -28,6 +29,9 @@ class ImageOnlyProcessor:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
+        #: dtype of directly patched pixel values; the runner sets the model's (the vision
+        #: tower casts to it anyway), so half as many bytes cross to the GPU
+        self.pixel_dtype = torch.float32
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
@@ -57,7 +61,10 @@ class ImageOnlyProcessor:
     ) -> BatchFeature:
         vision: dict[str, Any] = {}
         if images:
-            vision = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            if can_patch_directly(images, self.image_processor):
+                vision = patch_images(images, self.image_processor, self.pixel_dtype)
+            else:
+                vision = dict(self.image_processor(images=images, return_tensors=return_tensors))
             merge = self.image_processor.merge_size**2
             counts = [int(grid.prod()) // merge for grid in vision["image_grid_thw"]]
             text = self._expand_placeholders(text, counts)
@@ -94,14 +101,6 @@ def read_chat_template(path: str, **kwargs: Any) -> str | None:
     return None
 
 
-def load_processor(path: str, **kwargs: Any) -> Any:
-    """AutoProcessor where it loads; the image-only stand-in where torchvision is missing."""
-    try:
-        processor = AutoProcessor.from_pretrained(path, padding_side="left", **kwargs)
-    except ImportError as exc:
-        if "torchvision" not in str(exc).lower():
-            raise
-        log.info("torchvision missing: using the image-only processor", model=path)
-        return ImageOnlyProcessor.from_pretrained(path, **kwargs)
-    processor.tokenizer.padding_side = "left"
-    return processor
+def load_processor(path: str, **kwargs: Any) -> ImageOnlyProcessor:
+    """The still-image processor of a snapshot (a hub id or a local directory)."""
+    return ImageOnlyProcessor.from_pretrained(path, **kwargs)

@@ -112,6 +112,8 @@ class ModelRunner:
         self.tokenizer = processor.tokenizer
         self.device = device
         self.max_new_tokens = max_new_tokens
+        if hasattr(processor, "pixel_dtype") and hasattr(model, "dtype"):
+            processor.pixel_dtype = model.dtype
         image_processor = processor.image_processor
         self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
         self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
