@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
@@ -22,21 +22,34 @@ import structlog
 from daemon.config import Settings
 from daemon.http_api import HttpApi
 from daemon.journal import Journal
+from daemon.logs import configure_logging
 from daemon.mqtt import MqttLink
 from daemon.outbox import Outbox
 from daemon.pipeline import Pipeline
+from daemon.plugin_api import BackendUnusable
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleBook
 from daemon.rules_watch import watch_rules
 from daemon.sdnotify import notify
 from daemon.stats import StageStats
+from daemon.storage import StorageKeeper
 from daemon.templates import check_topic_template
+from daemon.watchdog import feed_watchdog, watchdog_interval_s, worker_problem
 
 log = structlog.get_logger(__name__)
 
 JOURNAL_FILE = "journal.sqlite3"
 #: in-flight reviews get this long to finish at shutdown (the unit's TimeoutStopSec is 60)
 SHUTDOWN_GRACE_S = 20.0
+#: while the journal cannot take an MQTT alert, it is retried this often (unacknowledged)
+BUSY_RETRY_S = 1.0
+#: settings that SIGHUP applies at once; the others take effect at the next start
+LIVE_SECTIONS = ("log", "images")
+LIVE_KEYS = {"pipeline": ("max_backlog",), "storage": StorageKeeper.LIVE_KEYS}
+
+
+class IntakeDeferred(Exception):
+    """An MQTT alert not taken before shutdown: it stays unacknowledged with the broker."""
 
 
 class StartupError(Exception):
@@ -44,8 +57,16 @@ class StartupError(Exception):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, extra_plugins: Iterable[object] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        extra_plugins: Iterable[object] = (),
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
+        #: reads the config file again (SIGHUP); None: only the rules are reloaded
+        self.reload_settings = reload_settings
         self.pm = make_plugin_manager(extra_plugins, settings.plugins.dir)
         self.registry = Registry.collect(self.pm, settings)
         self._check_settings()
@@ -58,6 +79,9 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.link: MqttLink | None = None
         self.outbox: Outbox | None = None
+        self.storage: StorageKeeper | None = None
+        #: why the backend became unusable (the daemon then exits non-zero)
+        self.fatal: str | None = None
 
     def _check_settings(self) -> None:
         s = self.settings
@@ -80,6 +104,39 @@ class Daemon:
         errors = self.rules.load()
         log.info("rules reloaded", rules=len(self.rules.rules), errors=len(errors))
 
+    def reload(self) -> None:
+        """SIGHUP: the rules, and the config file's settings that can change live."""
+        self.reload_rules()
+        if self.reload_settings is None:
+            return
+        try:
+            new = self.reload_settings()
+        except Exception as exc:
+            log.error("config not reloaded; the running settings stay", error=str(exc))
+            return
+        self.apply_settings(new)
+
+    def apply_settings(self, new: Settings) -> None:
+        old = self.settings
+        later = [
+            name
+            for name in Settings.model_fields
+            if name not in LIVE_SECTIONS
+            and _without(getattr(old, name), LIVE_KEYS.get(name, ()))
+            != _without(getattr(new, name), LIVE_KEYS.get(name, ()))
+        ]
+        updates: dict[str, Any] = {section: getattr(new, section) for section in LIVE_SECTIONS}
+        for section, keys in LIVE_KEYS.items():
+            values = {key: getattr(getattr(new, section), key) for key in keys}
+            updates[section] = getattr(old, section).model_copy(update=values)
+        self.settings = settings = old.model_copy(update=updates)
+        configure_logging(settings.log)
+        if self.pipeline is not None:
+            self.pipeline.apply_settings(settings)
+        if self.storage is not None:
+            self.storage.settings = settings.storage
+        log.info("config reloaded", restart_needed_for=later)
+
     async def health(self) -> dict[str, Any]:
         status = "stopping" if self.stopping else "ok" if self.ready.is_set() else "starting"
         mqtt = "disabled"
@@ -91,9 +148,12 @@ class Daemon:
             "mqtt": mqtt,
             "rules": [rule.name for rule in self.rules.rules],
             "rule_errors": [str(error) for error in self.rules.errors],
-            "queued": self.pipeline.queue.qsize() if self.pipeline else 0,
+            "queued": self.pipeline.backlog.queued if self.pipeline else 0,
+            "backlog": self.pipeline.backlog.pending if self.pipeline else 0,
+            "intake": (self.pipeline.busy_reason() if self.pipeline else None) or "open",
             "model_worker": getattr(self.backend, "health", dict)(),
             "unpublished": await self.journal.count_unpublished() if self.journal else 0,
+            "fatal": self.fatal,
         }
 
     async def open(self) -> Pipeline:
@@ -114,6 +174,9 @@ class Daemon:
             on_verdicts=self.outbox.wake if self.outbox else lambda: None,
             stats=self.stats,
         )
+        if self.link is not None:
+            self.link.intake_gate = self.pipeline.wait_for_intake
+        self.storage = StorageKeeper(s.storage, journal, self.pipeline)
         return self.pipeline
 
     async def start_model(self) -> None:
@@ -133,8 +196,17 @@ class Daemon:
         """Run until `stop` is set, then shut down in stages."""
         s = self.settings
         pipeline = await self.open()
+        assert self.storage is not None
         # before intake starts, or an alert arriving now would be queued twice
         await pipeline.requeue_pending()
+        self.storage.check_space()
+
+        def on_fatal(reason: str) -> None:
+            self.fatal = reason
+            log.critical("the backend is unusable: stopping so that systemd restarts us")
+            stop.set()
+
+        pipeline.on_fatal = on_fatal
         api = None
         try:
             async with asyncio.TaskGroup() as tg:
@@ -142,7 +214,9 @@ class Daemon:
                     max_body = int(s.http.max_body_mb * 1024 * 1024)
                     api = HttpApi(pipeline, self.health, max_body_bytes=max_body)
                     await api.start(s.http.host, s.http.port)
-                background = []
+                background = [tg.create_task(self.storage.run())]
+                if (interval := watchdog_interval_s()) is not None:
+                    background.append(tg.create_task(feed_watchdog(interval, self.unfit)))
                 if self.link is not None and self.outbox is not None:
                     background += [
                         tg.create_task(self.link.run()),
@@ -170,10 +244,27 @@ class Daemon:
                 await api.stop()
             await self.close()
             log.info("stopped")
+        if self.fatal is not None:
+            raise BackendUnusable(self.fatal)
+
+    def unfit(self) -> str | None:
+        """Why the watchdog must not be fed now, or None."""
+        if self.fatal is not None:
+            return self.fatal
+        report = getattr(self.backend, "health", dict)()
+        return worker_problem(report, self.settings.model.stall_timeout_s)
 
     async def _mqtt_alert(self, topic: str, payload: bytes, fmt: str) -> None:
+        """Ingest one MQTT alert; while the journal cannot take it, hold it (unacknowledged)
+        and try again."""
         assert self.pipeline is not None
-        await self.pipeline.ingest(payload, source="mqtt", topic=topic, fmt=fmt)
+        while True:
+            result = await self.pipeline.ingest(payload, source="mqtt", topic=topic, fmt=fmt)
+            if result.status != "busy":
+                return
+            if self.stopping:
+                raise IntakeDeferred(f"not journalled before shutdown: {result.busy_reason}")
+            await asyncio.sleep(BUSY_RETRY_S)
 
     async def _shutdown(self, api: HttpApi | None, pipeline: Pipeline) -> None:
         self.stopping = True
@@ -200,12 +291,17 @@ async def _first(*aws: Any) -> None:
             task.cancel()
 
 
-def run_daemon(settings: Settings) -> None:
+def _without(section: Any, keys: Iterable[str]) -> Any:
+    """A settings section minus some keys, for comparison."""
+    return section.model_copy(update=dict.fromkeys(keys)) if keys else section
+
+
+def run_daemon(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
     """Run under asyncio with signal handling: TERM/INT stop (twice: at once), HUP reloads."""
 
     async def main() -> None:
         stop = asyncio.Event()
-        daemon = Daemon(settings)
+        daemon = Daemon(settings, reload_settings=reload_settings)
         loop = asyncio.get_running_loop()
 
         def on_stop(signum: int) -> None:
@@ -217,7 +313,7 @@ def run_daemon(settings: Settings) -> None:
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_stop, signum)
-        loop.add_signal_handler(signal.SIGHUP, daemon.reload_rules)
+        loop.add_signal_handler(signal.SIGHUP, daemon.reload)
         await daemon.run(stop)
 
     with contextlib.suppress(KeyboardInterrupt):

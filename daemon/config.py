@@ -38,7 +38,14 @@ class MqttSettings(_Section):
     subscriptions: list[Subscription] = Field(default_factory=list)
     #: fixed so the broker keeps our session (and queued alerts) across restarts
     client_id: str = Field(default_factory=lambda: f"secondlook-{socket.gethostname()}")
-    clean_session: bool = False
+    #: "5" (clean start off, a session expiry, a receive maximum) or "3.1.1" for old brokers
+    protocol: Literal["5", "3.1.1"] = "5"
+    #: how long the broker keeps the session, and queues alerts, while the daemon is away
+    #: (0: a fresh session at each connect, nothing queued)
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    #: gateways with the same share group split the alert topics between them (MQTT shared
+    #: subscriptions, `$share/<group>/<topic>`): each alert is reviewed by one gateway
+    share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
     keepalive_s: int = Field(default=30, ge=5)
     status_topic: str = "secondlook/status"
     verdict_topic: str = DEFAULT_VERDICT_TOPIC
@@ -112,6 +119,9 @@ class ModelSettings(_Section):
     compile: bool = False
     #: one small pass before READY, so the first alert does not pay for initialisation
     warmup: bool = True
+    #: a batch running longer than this means the worker is stuck: the systemd watchdog is
+    #: no longer fed, and systemd restarts the daemon
+    stall_timeout_s: float = Field(default=120, gt=0)
     #: requests sharing one pass at most
     max_batch: int = Field(default=16, ge=1, le=512)
     #: how long the oldest waiting request waits for company before its batch runs
@@ -148,6 +158,19 @@ class RulesSettings(_Section):
 
 class StorageSettings(_Section):
     dir: Path = Path("var")
+    #: snapshots of alerts that are reviewed and published are deleted after this many days
+    snapshot_max_age_days: float = Field(default=7, gt=0)
+    #: ... and, oldest first, while all snapshots together exceed this
+    snapshot_max_mb: float = Field(default=2048, gt=0)
+    #: reviewed and published alerts, their verdicts and refused payloads: deleted after
+    journal_max_age_days: float = Field(default=90, gt=0)
+    #: how often the journal is pruned
+    prune_interval_s: float = Field(default=600, gt=0)
+    #: below this much free space on the journal's disk intake pauses (HTTP 503, MQTT
+    #: unacknowledged) until space is back
+    min_free_mb: float = Field(default=256, ge=0)
+    #: how often free space is checked
+    check_interval_s: float = Field(default=5, gt=0)
 
 
 class PipelineSettings(_Section):
@@ -156,6 +179,11 @@ class PipelineSettings(_Section):
     workers: int = Field(default=16, ge=1, le=256)
     #: reviews interrupted this many times end as `unreviewed`
     max_attempts: int = Field(default=3, ge=1)
+    #: row ids of waiting alerts kept in memory; the journal holds the rest
+    queue_size: int = Field(default=1024, ge=1)
+    #: alerts journalled but not reviewed, at most: beyond, HTTP intake answers 503 and MQTT
+    #: intake pauses (the broker holds the messages) until it falls below nine tenths
+    max_backlog: int = Field(default=20_000, ge=1)
 
 
 class LogSettings(_Section):

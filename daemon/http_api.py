@@ -1,6 +1,7 @@
 """HTTP ingest and status, served by aiohttp inside the daemon's event loop.
 
-POST /v1/alerts            an alert (contract JSON; `?format=` picks another alert format)
+POST /v1/alerts            an alert (contract JSON; `?format=` picks another alert format);
+                           503 + Retry-After while the backlog is full or the disk is
 GET  /v1/alerts/{alert_id} its state and verdicts (`?box_id=` when several boxes used the id)
 GET  /healthz              readiness and counters
 Errors are JSON: {"error": "...", "field": "..."}.
@@ -20,6 +21,8 @@ log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
+#: seconds a box is asked to wait before sending again while intake is paused
+RETRY_AFTER_S = 5
 
 
 def error(status: int, message: str, field: str | None = None, **headers: str) -> web.Response:
@@ -27,6 +30,12 @@ def error(status: int, message: str, field: str | None = None, **headers: str) -
     if field is not None:
         body["field"] = field
     return web.json_response(body, status=status, headers=headers or None)
+
+
+def busy(reason: str) -> web.Response:
+    """503: nothing was taken; the box keeps the alert and sends it again later."""
+    message = f"not taken now, try again later: {reason}"
+    return error(503, message, **{"Retry-After": str(RETRY_AFTER_S)})
 
 
 @web.middleware
@@ -76,6 +85,8 @@ class HttpApi:
             return error(
                 415, f"expected application/json, got {request.content_type}", "Content-Type"
             )
+        if reason := self.pipeline.busy_reason():
+            return busy(reason)  # before reading a body that would not be taken
         body = await request.read()
         result = await self.pipeline.ingest(
             body, source="http", fmt=request.query.get("format", "canonical")
@@ -83,6 +94,8 @@ class HttpApi:
         if result.status == "refused":
             assert result.error is not None
             return error(400, result.error.message, result.error.field)
+        if result.status == "busy":
+            return busy(result.busy_reason or "busy")
         if result.alert is None:  # consumed: a payload that carries no alert of its own
             return web.json_response({"status": result.status}, status=202)
         alert = result.alert

@@ -20,7 +20,7 @@ import aiosqlite
 from daemon.contract import Alert, Verdict, utc_now
 from daemon.plugin_api import RawImage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     id          INTEGER PRIMARY KEY,
@@ -33,9 +33,11 @@ CREATE TABLE IF NOT EXISTS alerts (
     state       TEXT NOT NULL DEFAULT 'received',   -- received | reviewed
     attempts    INTEGER NOT NULL DEFAULT 0,
     reviewed_at TEXT,
+    priority    INTEGER NOT NULL DEFAULT 0,  -- of the rules it matched at intake
     UNIQUE (box_id, alert_id)
 );
-CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (id) WHERE state = 'received';
+CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (priority DESC, id) WHERE state = 'received';
+CREATE INDEX IF NOT EXISTS alerts_reviewed ON alerts (reviewed_at) WHERE state = 'reviewed';
 CREATE INDEX IF NOT EXISTS alerts_by_alert_id ON alerts (alert_id);
 CREATE TABLE IF NOT EXISTS alert_images (
     alert_ref INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
@@ -102,6 +104,14 @@ class PlannedVerdict:
     topic: str
 
 
+@dataclass(frozen=True)
+class Pruned:
+    alerts: int
+    snapshots: int
+    #: all snapshots together, after pruning
+    snapshot_bytes: int
+
+
 WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
 
 
@@ -121,9 +131,12 @@ class Journal:
         path.parent.mkdir(parents=True, exist_ok=True)
         # autocommit mode: the writer opens and commits its transactions itself
         writer = await aiosqlite.connect(path, isolation_level=None)
+        # pages freed by pruning go back to the file system (takes effect in a new file)
+        await writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
         await writer.execute("PRAGMA journal_mode = WAL")
         await writer.execute("PRAGMA synchronous = FULL")
         await writer.execute("PRAGMA foreign_keys = ON")
+        await _migrate(writer)
         await writer.executescript(SCHEMA)
         await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         reader = await aiosqlite.connect(path, isolation_level=None)
@@ -163,6 +176,8 @@ class Journal:
                         results.append((future, await op(self._db), None))
                         await self._db.execute("RELEASE op")
                     except sqlite3.Error as exc:
+                        if not self._db.in_transaction:
+                            raise  # SQLite undid the whole transaction (disk full, I/O error)
                         await self._db.execute("ROLLBACK TO op")
                         await self._db.execute("RELEASE op")
                         results.append((future, None, exc))
@@ -191,15 +206,17 @@ class Journal:
         source: str,
         topic: str | None,
         received_at: datetime | None = None,
+        priority: int = 0,
     ) -> Recorded:
         """Journal a new alert; for a resend, say where the first one stands."""
         received = (received_at or utc_now()).isoformat()
+        values = (alert.box_id, alert.alert_id, alert.model_dump_json(), source, topic, received)
 
         async def op(db: aiosqlite.Connection) -> Recorded:
             cursor = await db.execute(
-                "INSERT INTO alerts (box_id, alert_id, alert, source, topic, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (box_id, alert_id) DO NOTHING",
-                (alert.box_id, alert.alert_id, alert.model_dump_json(), source, topic, received),
+                "INSERT INTO alerts (box_id, alert_id, alert, source, topic, received_at, "
+                "priority) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (box_id, alert_id) DO NOTHING",
+                (*values, priority),
             )
             if cursor.rowcount == 0:
                 async with db.execute(
@@ -271,13 +288,82 @@ class Journal:
             )
         )
 
+    async def prune(
+        self, *, snapshots_before: datetime, alerts_before: datetime, snapshot_max_bytes: int
+    ) -> Pruned:
+        """Forget what is done with: only alerts that are reviewed and whose verdicts are all
+        published are touched. Their snapshots go after `snapshots_before` (and, oldest first,
+        while all snapshots together exceed `snapshot_max_bytes`); the alerts themselves, with
+        their verdicts, and refused payloads go after `alerts_before`."""
+        done = (
+            "state = 'reviewed' AND reviewed_at < ? AND NOT EXISTS (SELECT 1 FROM verdicts v "
+            "WHERE v.alert_ref = alerts.id AND v.published_at IS NULL)"
+        )
+        far_future = "9999"
+
+        async def op(db: aiosqlite.Connection) -> Pruned:
+            cursor = await db.execute(
+                f"DELETE FROM alerts WHERE {done}", (alerts_before.isoformat(),)
+            )
+            alerts = cursor.rowcount
+            await db.execute(
+                "DELETE FROM rejects WHERE received_at < ?", (alerts_before.isoformat(),)
+            )
+            cursor = await db.execute(
+                f"DELETE FROM alert_images WHERE alert_ref IN (SELECT id FROM alerts WHERE {done})",
+                (snapshots_before.isoformat(),),
+            )
+            snapshots = cursor.rowcount
+            async with db.execute(
+                "SELECT coalesce(sum(length(data)), 0) FROM alert_images"
+            ) as rows:
+                total = int((await rows.fetchone() or (0,))[0])
+            if total > snapshot_max_bytes:
+                excess = total - snapshot_max_bytes
+                doomed: list[tuple[int]] = []
+                async with db.execute(
+                    "SELECT alert_ref, sum(length(data)) FROM alert_images JOIN alerts "
+                    f"ON alerts.id = alert_ref WHERE {done} GROUP BY alert_ref "
+                    "ORDER BY reviewed_at, alert_ref",
+                    (far_future,),
+                ) as rows:
+                    async for ref, size in rows:
+                        if excess <= 0:
+                            break
+                        doomed.append((ref,))
+                        excess -= size
+                for (ref,) in doomed:
+                    cursor = await db.execute(
+                        "DELETE FROM alert_images WHERE alert_ref = ?", (ref,)
+                    )
+                    snapshots += cursor.rowcount
+                total = excess + snapshot_max_bytes
+            # the pragma frees one page per step: run it to the end, or the savepoint
+            # cannot be released
+            async with db.execute("PRAGMA incremental_vacuum") as steps:
+                await steps.fetchall()
+            return Pruned(alerts=alerts, snapshots=snapshots, snapshot_bytes=max(0, total))
+
+        return await self._write(op)
+
     # reads -------------------------------------------------------------------------------
 
-    async def pending_reviews(self) -> list[int]:
+    async def pending_reviews(self, limit: int = -1) -> list[tuple[int, int]]:
+        """(row id, priority) of alerts journalled but not reviewed, highest priority and
+        then oldest first."""
         async with self._reader.execute(
-            "SELECT id FROM alerts WHERE state = 'received' ORDER BY id"
+            "SELECT id, priority FROM alerts WHERE state = 'received' "
+            "ORDER BY priority DESC, id LIMIT ?",
+            (limit,),
         ) as rows:
-            return [int(row["id"]) for row in await rows.fetchall()]
+            return [(int(row["id"]), int(row["priority"])) for row in await rows.fetchall()]
+
+    async def count_pending(self) -> int:
+        async with self._reader.execute(
+            "SELECT count(*) FROM alerts WHERE state = 'received'"
+        ) as rows:
+            row = await rows.fetchone()
+        return int(row[0]) if row else 0
 
     async def load_alert(self, ref: int) -> StoredAlert:
         async with self._reader.execute("SELECT * FROM alerts WHERE id = ?", (ref,)) as rows:
@@ -349,3 +435,13 @@ class Journal:
                 }
             )
         return found
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    """Bring a journal written by an older version up to SCHEMA_VERSION."""
+    async with db.execute("PRAGMA user_version") as rows:
+        row = await rows.fetchone()
+    version = int(row[0]) if row else 0
+    if version == 1:
+        await db.execute("ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+        await db.execute("DROP INDEX IF EXISTS alerts_pending")

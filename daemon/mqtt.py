@@ -13,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from daemon.config import MqttSettings
 
@@ -26,6 +29,8 @@ OFFLINE = b"offline"
 PUBLISH_TIMEOUT_S = 10.0
 #: alerts being journalled at once per connection; the next waits (back-pressure on the broker)
 INTAKE_WINDOW = 64
+#: ... and at most this many payload bytes among them (big snapshots: fewer at once)
+INTAKE_WINDOW_BYTES = 16 * 2**20
 
 
 class PublishError(Exception):
@@ -34,6 +39,37 @@ class PublishError(Exception):
 
 #: (topic, payload, alert format of the subscription it arrived on)
 MessageHandler = Callable[[str, bytes, str], Awaitable[None]]
+
+
+async def _open_gate() -> None:
+    return None
+
+
+def _size(message: aiomqtt.Message) -> int:
+    payload = message.payload
+    return len(payload) if isinstance(payload, bytes | bytearray | str) else 0
+
+
+class ByteBudget:
+    """Bytes in flight, at most `limit` (one item larger than the limit still goes alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    async def take(self, size: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + size <= self.limit)
+            self.used += size
+
+    def give(self, size: int) -> None:
+        self.used -= size
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
 
 def backoff_delays(minimum: float, maximum: float) -> Callable[[], float]:
@@ -62,6 +98,8 @@ class MqttLink:
         self._on_message = on_message
         #: called after every (re)connection, once subscribed
         self.on_connected = on_connected
+        #: awaited before each alert is taken in (the daemon pauses intake there)
+        self.intake_gate: Callable[[], Awaitable[None]] = _open_gate
         self._intake_open = True
         self._client: aiomqtt.Client | None = None
         #: set when the current connection ends; a new event for each connection
@@ -72,14 +110,31 @@ class MqttLink:
 
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
+        session: dict[str, Any]
+        if s.protocol == "5":
+            connect = Properties(PacketTypes.CONNECT)
+            connect.SessionExpiryInterval = s.session_expiry_s
+            # the broker sends no more unacknowledged alerts than this: a paused intake
+            # leaves the rest queued in the broker, not in our memory
+            connect.ReceiveMaximum = INTAKE_WINDOW
+            session = {
+                "protocol": aiomqtt.ProtocolVersion.V5,
+                "clean_start": s.session_expiry_s == 0,
+                "properties": connect,
+            }
+        else:
+            session = {
+                "protocol": aiomqtt.ProtocolVersion.V311,
+                "clean_session": s.session_expiry_s == 0,
+            }
         client = aiomqtt.Client(
             s.host,
             s.port,
             identifier=s.client_id,
-            clean_session=s.clean_session,
             keepalive=s.keepalive_s,
             will=aiomqtt.Will(s.status_topic, OFFLINE, qos=1, retain=True),
             timeout=10,
+            **session,
         )
         # hold each PUBACK until the alert is journalled (see `_acknowledge_in_order`)
         client._client.manual_ack_set(True)
@@ -96,7 +151,7 @@ class MqttLink:
                 async with self._make_client() as client:
                     await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
                     for subscription in self.subscriptions:
-                        await client.subscribe(subscription.topic, qos=1)
+                        await client.subscribe(self._filter(subscription.topic), qos=1)
                     self._client = client
                     self._lost = asyncio.Event()
                     self.connected.set()
@@ -116,21 +171,30 @@ class MqttLink:
             log.warning("mqtt disconnected", error=error, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
 
+    def _filter(self, topic: str) -> str:
+        group = self.settings.share_group
+        return f"$share/{group}/{topic}" if group else topic
+
     def close_intake(self) -> None:
         """Stop taking alerts; later ones stay unacknowledged, and the broker redelivers them."""
         self._intake_open = False
 
     async def _intake(self, client: aiomqtt.Client) -> None:
         """Journal alerts concurrently (so their writes share commits), acknowledge them in
-        the order they arrived (as MQTT requires), at most INTAKE_WINDOW at a time."""
+        the order they arrived (as MQTT requires), at most INTAKE_WINDOW alerts and
+        INTAKE_WINDOW_BYTES of payload at a time."""
         window: asyncio.Queue[tuple[asyncio.Task[None], aiomqtt.Message]] = asyncio.Queue(
             INTAKE_WINDOW
         )
-        acker = asyncio.create_task(self._acknowledge_in_order(client, window))
+        budget = ByteBudget(INTAKE_WINDOW_BYTES)
+        acker = asyncio.create_task(self._acknowledge_in_order(client, window, budget))
         try:
             async for message in client.messages:
                 if not self._intake_open:
                     continue  # unacknowledged: the broker delivers it again next session
+                # paused while the backlog is full: the broker holds what follows
+                await self.intake_gate()
+                await budget.take(_size(message))
                 await window.put((asyncio.create_task(self._ingest(message)), message))
         finally:
             acker.cancel()
@@ -148,6 +212,7 @@ class MqttLink:
         self,
         client: aiomqtt.Client,
         window: asyncio.Queue[tuple[asyncio.Task[None], aiomqtt.Message]],
+        budget: ByteBudget,
     ) -> None:
         while True:
             task, message = await window.get()
@@ -163,6 +228,7 @@ class MqttLink:
                 return
             # PUBACK now: the alert is journalled (or the reason it was refused is)
             client._client.ack(message.mid, message.qos)
+            budget.give(_size(message))
 
     async def publish(self, topic: str, payload: str | bytes, *, retain: bool = False) -> None:
         """Publish at QoS 1 and wait for the broker's acknowledgement."""

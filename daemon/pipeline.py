@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,10 +17,11 @@ from typing import Any, Literal
 
 import structlog
 
+from daemon.backlog import Backlog
 from daemon.config import Settings
 from daemon.contract import Alert, Verdict, VerdictKind, utc_now
 from daemon.journal import Journal, PlannedVerdict, StoredAlert
-from daemon.plugin_api import AlertError, Backend, IncomingAlert, Judgement
+from daemon.plugin_api import AlertError, Backend, BackendUnusable, IncomingAlert, Judgement
 from daemon.plugins import Registry
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
@@ -35,10 +37,13 @@ FRESH_IN_MEMORY = 256
 
 @dataclass(frozen=True)
 class IngestResult:
-    #: consumed: the payload carried no alert of its own (see AlertFormat.parse)
-    status: Literal["accepted", "duplicate", "refused", "consumed"]
+    #: consumed: the payload carried no alert of its own (see AlertFormat.parse);
+    #: busy: not taken now (backlog full, storage trouble), try again later
+    status: Literal["accepted", "duplicate", "refused", "consumed", "busy"]
     alert: Alert | None = None
     error: AlertError | None = None
+    #: why a busy payload was not taken
+    busy_reason: str | None = None
 
 
 class Pipeline:
@@ -61,6 +66,9 @@ class Pipeline:
         self.backend = backend
         self.hooks = hooks
         self.on_verdicts = on_verdicts
+        #: called once when the backend became unusable (the daemon then stops)
+        self.on_fatal: Callable[[str], None] = lambda reason: None
+        self.fatal: str | None = None
         self.stats = stats or StageStats()
         self.snapshots = SnapshotLoader(settings.images)
         self.reviewer = Reviewer(
@@ -73,11 +81,15 @@ class Pipeline:
             resample=settings.images.resample,
         )
         self.verdict_topic = check_topic_template(settings.mqtt.verdict_topic)
-        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        self.backlog = Backlog(
+            journal.pending_reviews,
+            capacity=settings.pipeline.queue_size,
+            max_backlog=settings.pipeline.max_backlog,
+        )
+        #: set while the journal cannot take alerts (disk full, write errors): intake waits
+        self.storage_problem: str | None = None
         #: alerts just journalled, by row id, so that their review need not read them back
         self._fresh: OrderedDict[int, StoredAlert] = OrderedDict()
-        #: row ids queued or under review in this process
-        self._scheduled: set[int] = set()
         self._closed = False
         self._busy = 0
         self._quiet = asyncio.Event()
@@ -88,8 +100,22 @@ class Pipeline:
     ) -> IngestResult:
         """Parse, check and journal one payload; queue it for review if it is new.
 
-        A refused payload is logged and recorded with the field at fault.
+        A refused payload is logged and recorded with the field at fault. While the backlog
+        is full or the journal cannot write, nothing is taken: the result is `busy`.
         """
+        if reason := self.busy_reason():
+            return IngestResult("busy", busy_reason=reason)
+        # count this payload against the backlog until it is queued (or turns out not to be
+        # new), so that concurrent intakes cannot overshoot max_backlog
+        self.backlog.reserve()
+        try:
+            return await self._ingest(payload, source, topic, fmt)
+        finally:
+            self.backlog.release()
+
+    async def _ingest(
+        self, payload: bytes, source: str, topic: str | None, fmt: str | None
+    ) -> IngestResult:
         format_name = fmt or self.settings.mqtt.format
         try:
             with self.stats.time("parse"):
@@ -98,24 +124,38 @@ class Pipeline:
             log.error(
                 "alert refused", source=source, topic=topic, field=exc.field, error=exc.message
             )
-            await self.journal.record_reject(
-                source=source, topic=topic, field=exc.field, error=exc.message, payload=payload
-            )
+            try:
+                await self.journal.record_reject(
+                    source=source, topic=topic, field=exc.field, error=exc.message, payload=payload
+                )
+            except sqlite3.Error as write_error:
+                log.error("could not record the refusal", error=str(write_error))
             return IngestResult("refused", error=exc)
         if incoming is None:
             return IngestResult("consumed")
         alert = incoming.alert
         received_at = utc_now()
-        with self.stats.time("journal_alert"):
-            recorded = await self.journal.record_alert(
-                alert, incoming.images, source=source, topic=topic, received_at=received_at
-            )
+        priority = max((rule.priority for rule in self.rules.match(alert)), default=0)
+        try:
+            with self.stats.time("journal_alert"):
+                recorded = await self.journal.record_alert(
+                    alert,
+                    incoming.images,
+                    source=source,
+                    topic=topic,
+                    received_at=received_at,
+                    priority=priority,
+                )
+        except sqlite3.Error as exc:
+            self.storage_problem = f"the journal cannot write: {exc}"
+            log.error("journal write failed; intake paused", error=str(exc))
+            return IngestResult("busy", alert, busy_reason=self.storage_problem)
         ref = recorded.ref
         if not recorded.new:
-            if not recorded.reviewed and ref not in self._scheduled:
+            if not recorded.reviewed and not self.backlog.is_scheduled(ref):
                 # the first delivery was journalled but its intake cut short: review it now
                 log.info("resend of an unreviewed alert: reviewing it", alert_id=alert.alert_id)
-                self._schedule(ref)
+                self.backlog.add(ref, priority, new=False)
             else:
                 log.info("duplicate alert ignored", alert_id=alert.alert_id, box_id=alert.box_id)
             return IngestResult("duplicate", alert)
@@ -130,14 +170,28 @@ class Pipeline:
         self._fresh[ref] = StoredAlert(
             ref, alert, list(incoming.images), received_at, 0, "received"
         )
-        while len(self._fresh) > FRESH_IN_MEMORY:
+        while len(self._fresh) > min(FRESH_IN_MEMORY, self.backlog.capacity):
             self._fresh.popitem(last=False)
-        self._schedule(ref)
+        self.backlog.add(ref, priority)
         return IngestResult("accepted", alert)
 
-    def _schedule(self, ref: int) -> None:
-        self._scheduled.add(ref)
-        self.queue.put_nowait(ref)
+    def apply_settings(self, settings: Settings) -> None:
+        """Settings reloaded on SIGHUP: image limits and the backlog's bound."""
+        self.settings = settings
+        self.snapshots.settings = settings.images
+        self.backlog.set_max_backlog(settings.pipeline.max_backlog)
+
+    def busy_reason(self) -> str | None:
+        """Why intake must wait now, if it must."""
+        if self.storage_problem:
+            return self.storage_problem
+        if self.backlog.full:
+            return f"{self.backlog.pending} alerts wait for review (max_backlog)"
+        return None
+
+    async def wait_for_intake(self) -> None:
+        """Return once intake may go on (MQTT pauses here; the broker holds the rest)."""
+        await self.backlog.wait_for_room()
 
     def _parse(self, payload: bytes, topic: str | None, format_name: str) -> IncomingAlert | None:
         """The alert in a payload, its snapshots checked from their headers."""
@@ -158,27 +212,35 @@ class Pipeline:
         self.reviewer.close()
 
     async def requeue_pending(self) -> int:
-        """Queue alerts journalled but never reviewed (a crash or stop interrupted them)."""
-        pending = await self.journal.pending_reviews()
-        for ref in pending:
-            self._schedule(ref)
+        """Count alerts journalled but never reviewed (a crash or stop interrupted them);
+        the backlog reads them back from the journal, best first."""
+        pending = await self.journal.count_pending()
+        await self.backlog.load(pending)
         if pending:
-            log.info("resuming interrupted reviews", count=len(pending))
-        return len(pending)
+            log.info("resuming interrupted reviews", count=pending)
+        return pending
 
     async def run_worker(self) -> None:
         while not self._closed:
-            ref = await self.queue.get()
+            ref = await self.backlog.take()
             if self._closed:
+                self.backlog.done(ref, reviewed=False)
                 break
             self._busy += 1
             self._quiet.clear()
+            reviewed = False
             try:
                 await self.review(ref)
+                reviewed = True
+            except BackendUnusable as exc:
+                if self.fatal is None:
+                    self.fatal = str(exc)
+                    self._closed = True  # start no more reviews: each would fail alike
+                    self.on_fatal(self.fatal)
             except Exception:
                 log.exception("review crashed; the alert stays in the journal", ref=ref)
             finally:
-                self._scheduled.discard(ref)
+                self.backlog.done(ref, reviewed=reviewed)
                 self._busy -= 1
                 if self._busy == 0:
                     self._quiet.set()
@@ -226,10 +288,22 @@ class Pipeline:
                 log.info("no rule matches; dropped by config")
                 return []
             return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, "no rule"))]
-        planned = [
-            self._plan(stored, rule, judgement)
-            for rule, judgement in await self.reviewer.judge_all(stored, rules)
-        ]
+        age_s = alert_age_s(stored)
+        stale = [r for r in rules if r.max_age_s is not None and age_s > r.max_age_s]
+        fresh = [r for r in rules if r not in stale]
+        planned = (
+            [
+                self._plan(stored, rule, judgement)
+                for rule, judgement in await self.reviewer.judge_all(stored, fresh)
+            ]
+            if fresh
+            else []
+        )
+        for rule in stale:
+            reason = f"stale: the alert is {age_s:.0f} s old, over max_age_s = {rule.max_age_s:g}"
+            planned.append(
+                self._plan(stored, rule, Judgement(VerdictKind.UNREVIEWED, None, reason))
+            )
         shadows = [rule.name for rule in rules if rule.shadow]
         if len(shadows) == len(rules):
             # rules under evaluation do not speak for the alert: it goes out unreviewed
@@ -276,6 +350,13 @@ class Pipeline:
                         await result
             except Exception:
                 log.exception("verdict_ready hook failed")
+
+
+def alert_age_s(stored: StoredAlert) -> float:
+    """Seconds since the alert happened: from `occurred_at`, or from its arrival where the
+    box's clock says later (a box clock running ahead must not make alerts look young)."""
+    since = min(datetime.fromisoformat(stored.alert.occurred_at), stored.received_at)
+    return (utc_now() - since).total_seconds()
 
 
 def _ms_between(start: datetime, end: datetime) -> int:

@@ -34,6 +34,12 @@ class ModelLoadError(RuntimeError):
     """A backend could not load its model; the message says what to do."""
 
 
+class BackendUnusable(RuntimeError):
+    """The backend can answer nothing more (a CUDA error that poisons the context): the
+    daemon stops with a non-zero status so that systemd restarts it, and the alerts it was
+    reviewing stay in the journal for the next run."""
+
+
 @dataclass(frozen=True)
 class RawImage:
     """Snapshot bytes as received; `source` names the payload field it came from."""

@@ -69,7 +69,13 @@ async def _replay_one(pipeline: Pipeline, path: Path) -> list[ReplayRow]:
         return [ReplayRow(path, error=str(result.error))]
     if result.status == "duplicate":
         return [ReplayRow(path, error="duplicate alert_id: reviewed once already")]
-    planned = await pipeline.review(pipeline.queue.get_nowait())
+    if result.status == "busy":
+        return [ReplayRow(path, error=f"not taken: {result.busy_reason}")]
+    ref = await pipeline.backlog.take()
+    try:
+        planned = await pipeline.review(ref)
+    finally:
+        pipeline.backlog.done(ref, reviewed=True)
     rows = [ReplayRow(path, verdict=p.verdict, topic=p.topic) for p in planned]
     return rows or [ReplayRow(path, error="dropped")]
 

@@ -16,7 +16,7 @@ from daemon.config import ModelSettings
 from daemon.contract import Alert, VerdictKind
 from daemon.images import Budget, Resample
 from daemon.journal import StoredAlert
-from daemon.plugin_api import Backend, Judgement, ModelRequest, RecentReview
+from daemon.plugin_api import Backend, BackendUnusable, Judgement, ModelRequest, RecentReview
 from daemon.plugins import Registry
 from daemon.rules import Rule
 from daemon.snapshots import SnapshotLoader, SnapshotSet
@@ -137,6 +137,8 @@ class Reviewer:
             with self.stats.time("model"):
                 answer = await self.backend.run(ModelRequest(kind.compose(alert, rule), pictures))
             judgement = kind.interpret(answer, rule)
+        except BackendUnusable:
+            raise  # not this alert's fault: it stays in the journal for the next run
         except Exception as exc:
             log.error(
                 "review failed",

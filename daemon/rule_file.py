@@ -133,6 +133,9 @@ class RuleFile(_Strict):
     exclusive: bool = False
     #: verdicts go to the shadow topic prefix; the alert itself is forwarded unreviewed
     shadow: bool = False
+    #: an alert older than this many seconds when its turn comes is forwarded as
+    #: `unreviewed` (reason "stale: ...") instead of being judged late
+    max_age_s: float | None = Field(default=None, gt=0)
     match: MatchSpec
     review: ReviewSpec
     cooldown: CooldownSpec = Field(default_factory=CooldownSpec)

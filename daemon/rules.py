@@ -37,6 +37,7 @@ class Rule:
     priority: int
     exclusive: bool
     shadow: bool
+    max_age_s: float | None
     match: MatchSpec
     kind: str
     prompt: Template
@@ -113,6 +114,7 @@ def parse_rule(
         priority=spec.priority,
         exclusive=spec.exclusive,
         shadow=spec.shadow,
+        max_age_s=spec.max_age_s,
         match=spec.match,
         kind=review.kind,
         prompt=Template.parse(review.prompt),

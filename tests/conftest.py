@@ -360,3 +360,12 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A broker of this test's own, free to be stopped and restarted."""
+    b = Broker(tmp_path_factory.mktemp("own-mosquitto"))
+    b.start()
+    yield b
+    b.stop()

@@ -4,94 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import aiohttp
-
-from tests.conftest import (
-    FIRE_RULE,
-    ROOT,
-    collect,
-    free_port,
-    make_alert,
-    publish,
-)
-
-
-def write_config(tmp_path: Path, broker_port: int, model: Path) -> tuple[Path, str]:
-    http = f"127.0.0.1:{free_port()}"
-    rules = tmp_path / "rules"
-    rules.mkdir()
-    config = tmp_path / "secondlook.toml"
-    config.write_text(
-        f"""
-[mqtt]
-port = {broker_port}
-client_id = "cli-test-{tmp_path.name}"
-status_topic = "cli/{tmp_path.name}/status"
-[http]
-listen = "{http}"
-[model]
-path = "{model}"
-[rules]
-dir = "rules"
-[storage]
-dir = "var"
-"""
-    )
-    return config, http
-
-
-class Notifications:
-    """A NOTIFY_SOCKET like systemd's, collecting what the daemon sends."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.setblocking(False)
-        self.received: list[str] = []
-
-    def read(self) -> list[str]:
-        while True:
-            try:
-                self.received.append(self.sock.recv(4096).decode())
-            except BlockingIOError:
-                return self.received
-
-
-async def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "daemon exited during start-up"
-            try:
-                async with session.get(f"{url}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError("daemon never became healthy")
-
-
-def start(config: Path, notify: Notifications | None = None) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if notify is not None:
-        env["NOTIFY_SOCKET"] = str(notify.path)
-    return subprocess.Popen(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+from tests.conftest import FIRE_RULE, ROOT, collect, free_port, make_alert, publish
+from tests.daemon_proc import Notifications, log_path, start, wait_http_ok, write_config
 
 
 async def test_run_signals_readiness_reloads_on_hup_and_stops_cleanly_on_term(
@@ -121,7 +39,7 @@ async def test_run_signals_readiness_reloads_on_hup_and_stops_cleanly_on_term(
         finally:
             if proc.poll() is None:
                 proc.kill()
-        output = proc.stdout.read().decode() if proc.stdout else ""
+        output = log_path(config).read_text()
         lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
         events = [line["event"] for line in lines]
         assert "rules reloaded" in events and "stopped" in events

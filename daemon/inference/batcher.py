@@ -24,7 +24,7 @@ import structlog
 import torch
 
 from daemon.inference.runner import query_kind
-from daemon.plugin_api import Answer, ModelRequest
+from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
 
 log = structlog.get_logger(__name__)
 
@@ -54,11 +54,14 @@ class WorkerHealth:
     busy_since: float | None = None
     last_batch_at: float | None = None
     largest_batch: int = 0
+    #: set when a device error left the model unusable
+    fatal: str | None = None
 
     def report(self, waiting: int) -> dict[str, Any]:
         now = time.monotonic()
         return {
-            "state": "busy" if self.busy_since is not None else "idle",
+            "state": "failed" if self.fatal else "busy" if self.busy_since is not None else "idle",
+            "fatal": self.fatal,
             "busy_for_s": round(now - self.busy_since, 3) if self.busy_since else 0.0,
             "last_batch_s_ago": round(now - self.last_batch_at, 3) if self.last_batch_at else None,
             "batches": self.batches,
@@ -93,6 +96,8 @@ class MicroBatcher:
         self._collated: asyncio.Queue[tuple[list[_Waiting], Any]] = asyncio.Queue(maxsize=1)
 
     async def submit(self, request: ModelRequest) -> Answer:
+        if self.health.fatal:
+            raise BackendUnusable(self.health.fatal)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiting(request, future))
         self._arrived.set()
@@ -180,6 +185,12 @@ class MicroBatcher:
             return
         except Exception as exc:
             health.failures += 1
+            if is_device_fatal(exc):
+                health.fatal = f"the model's device failed: {exc}"
+                log.critical("device error: the model is unusable", error=str(exc))
+                _fail(batch, BackendUnusable(health.fatal))
+                self._fail_waiting(BackendUnusable(health.fatal))
+                return
             _fail(batch, exc)
             return
         finally:
@@ -198,6 +209,29 @@ class MicroBatcher:
 
     def report(self) -> dict[str, Any]:
         return self.health.report(len(self._waiting))
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        _fail(list(self._waiting), error)
+        self._waiting.clear()
+
+
+#: what CUDA errors that leave the context unusable say (out of memory is not one of them)
+DEVICE_FATAL_MARKERS = (
+    "CUDA error",
+    "device-side assert",
+    "illegal memory access",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "CUDNN_STATUS_EXECUTION_FAILED",
+    "unspecified launch failure",
+)
+
+
+def is_device_fatal(error: BaseException) -> bool:
+    """A device error after which the process must restart to use the GPU again."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    text = str(error)
+    return any(marker in text for marker in DEVICE_FATAL_MARKERS)
 
 
 def _requests(batch: list[_Waiting]) -> list[ModelRequest]:

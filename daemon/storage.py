@@ -1,0 +1,89 @@
+"""Keeps the journal's disk in bounds: prunes on a schedule, pauses intake when space runs out.
+
+A full disk must not become a crash loop: while free space is under `[storage] min_free_mb`,
+or after the journal failed to write, the pipeline takes no alerts (HTTP answers 503, MQTT
+leaves them with the broker); the next check that finds space opens intake again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from datetime import timedelta
+
+import structlog
+
+from daemon.config import StorageSettings
+from daemon.contract import utc_now
+from daemon.journal import Journal, Pruned
+from daemon.pipeline import Pipeline
+
+log = structlog.get_logger(__name__)
+
+
+def free_mb(settings: StorageSettings) -> float:
+    return shutil.disk_usage(settings.dir).free / 2**20
+
+
+class StorageKeeper:
+    #: the [storage] keys that SIGHUP changes at once (`dir` needs a restart)
+    LIVE_KEYS = (
+        "snapshot_max_age_days",
+        "snapshot_max_mb",
+        "journal_max_age_days",
+        "prune_interval_s",
+        "min_free_mb",
+        "check_interval_s",
+    )
+
+    def __init__(self, settings: StorageSettings, journal: Journal, pipeline: Pipeline) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.pipeline = pipeline
+        self.last_pruned: Pruned | None = None
+
+    def check_space(self) -> None:
+        """Pause intake while free space is short; open it again once it is back."""
+        s = self.settings
+        free = free_mb(s)
+        if free < s.min_free_mb:
+            problem = f"only {free:.0f} MB free on {s.dir} (min_free_mb = {s.min_free_mb:g})"
+            if self.pipeline.storage_problem != problem:
+                log.error("disk nearly full; intake paused", free_mb=round(free), dir=str(s.dir))
+            self.pipeline.storage_problem = problem
+        elif self.pipeline.storage_problem is not None:
+            log.info("storage usable again; intake open", free_mb=round(free))
+            self.pipeline.storage_problem = None
+
+    async def prune(self) -> Pruned:
+        s = self.settings
+        now = utc_now()
+        pruned = await self.journal.prune(
+            snapshots_before=now - timedelta(days=s.snapshot_max_age_days),
+            alerts_before=now - timedelta(days=s.journal_max_age_days),
+            snapshot_max_bytes=int(s.snapshot_max_mb * 2**20),
+        )
+        self.last_pruned = pruned
+        if pruned.alerts or pruned.snapshots:
+            log.info(
+                "journal pruned",
+                alerts=pruned.alerts,
+                snapshots=pruned.snapshots,
+                snapshot_mb=round(pruned.snapshot_bytes / 2**20, 1),
+            )
+        return pruned
+
+    async def run(self) -> None:
+        """Check space every `check_interval_s`, prune every `prune_interval_s`."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        next_prune = loop.time()
+        while True:
+            try:
+                self.check_space()
+                if loop.time() >= next_prune:
+                    next_prune = loop.time() + s.prune_interval_s
+                    await self.prune()
+            except Exception:
+                log.exception("storage check failed")
+            await asyncio.sleep(s.check_interval_s)

@@ -1,0 +1,234 @@
+"""Back-pressure and order: the backlog, priorities, stale alerts, a full disk, pruning,
+persistent sessions and shared subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from datetime import timedelta
+
+from daemon.app import JOURNAL_FILE
+from daemon.backlog import Backlog
+from daemon.contract import utc_now
+from daemon.journal import Journal, PlannedVerdict
+from daemon.mqtt import publish_all
+from plugins.canonical import CanonicalFormat
+from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, run_daemon
+from tests.test_faults import noise_jpeg
+
+ALERTS = "secondlook/alerts/box-t"
+VERDICTS = "secondlook/verdicts/#"
+
+
+async def test_the_backlog_hands_out_best_first_and_spills_to_the_journal():
+    journal_rows = {1: 0, 2: 5, 3: 0, 4: 9, 5: 5}
+
+    async def read_pending(limit: int) -> list[tuple[int, int]]:
+        rows = sorted(journal_rows.items(), key=lambda row: (-row[1], row[0]))
+        return rows[:limit]
+
+    backlog = Backlog(read_pending, capacity=2, max_backlog=5)
+    for ref, priority in journal_rows.items():
+        backlog.add(ref, priority)
+    assert backlog.queued == 2 and backlog.pending == 5 and backlog.full  # 3 spilled
+    order = []
+    for _ in range(5):
+        ref = await backlog.take()
+        order.append(ref)
+        del journal_rows[ref]  # reviewed
+        backlog.done(ref, reviewed=True)
+    # the two in memory first (best first), then the journal's, best first
+    assert order == [2, 1, 4, 5, 3]
+    assert backlog.pending == 0 and not backlog.full
+
+
+async def test_intake_reopens_below_nine_tenths_of_the_backlog():
+    async def nothing(limit: int) -> list[tuple[int, int]]:
+        return []
+
+    backlog = Backlog(nothing, capacity=100, max_backlog=20)
+    for ref in range(20):
+        backlog.add(ref, 0)
+    waiting = asyncio.create_task(backlog.wait_for_room())
+    for _ in range(2):
+        backlog.done(await backlog.take(), reviewed=True)
+    await asyncio.sleep(0)
+    assert not waiting.done()  # 18: not yet below 18
+    backlog.done(await backlog.take(), reviewed=True)
+    await asyncio.wait_for(waiting, 1)
+
+
+async def journal_alerts(settings, alerts: list[tuple[dict, int]]) -> None:
+    """Journal alerts as an earlier run would have left them: received, not reviewed."""
+    journal = await Journal.open(settings.storage.dir / JOURNAL_FILE)
+    for alert, priority in alerts:
+        incoming = CanonicalFormat().parse(json.dumps(alert).encode(), topic=None)
+        await journal.record_alert(
+            incoming.alert, incoming.images, source="mqtt", topic=ALERTS, priority=priority
+        )
+    await journal.close()
+
+
+async def test_rule_priority_decides_what_is_reviewed_first(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model, pipeline={"workers": 1})
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    intrusion = "priority = 10\n" + FIRE_RULE.replace('"fire"', '"intrusion"')
+    (settings.rules.dir / "intrusion.toml").write_text(intrusion)
+    backlog = [(make_alert(f"low-{i}"), 0) for i in range(4)]
+    backlog += [(make_alert(f"high-{i}", event_type="intrusion"), 10) for i in range(2)]
+    await journal_alerts(settings, backlog)
+    async with run_daemon(settings) as d:
+        records = [await d.wait_reviewed(alert["alert_id"]) for alert, _ in backlog]
+    order = [r["alert_id"] for r in sorted(records, key=lambda r: r["reviewed_at"])]
+    assert order[:2] == ["high-0", "high-1"]
+    assert order[2:] == [f"low-{i}" for i in range(4)]
+
+
+async def test_an_alert_older_than_max_age_is_forwarded_stale(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text("max_age_s = 600\n" + FIRE_RULE)
+    old = (utc_now() - timedelta(hours=2)).isoformat()
+    recent = utc_now().isoformat()
+    async with run_daemon(settings) as d:
+        await d.post_alert(make_alert("old-1", occurred_at=old))
+        await d.post_alert(make_alert("recent-1", occurred_at=recent))
+        [stale] = (await d.wait_reviewed("old-1"))["verdicts"]
+        [judged] = (await d.wait_reviewed("recent-1"))["verdicts"]
+    assert stale["verdict"] == "unreviewed" and stale["rule"] == "fire"
+    assert stale["reason"].startswith("stale: the alert is 7200 s old")
+    assert judged["verdict"] != "unreviewed"
+
+
+async def test_a_full_disk_pauses_intake_with_a_clear_error_and_loses_nothing(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(
+        tmp_path, broker=broker, model=tiny_model, storage={"check_interval_s": 0.2}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    noise = base64.b64encode(noise_jpeg((640, 360))).decode()
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        db = d.daemon.journal._db
+        async with db.execute("PRAGMA page_count") as rows:
+            (pages,) = await rows.fetchone()
+        # SQLite's own limit: writes past it fail exactly as on a full disk
+        await db.execute(f"PRAGMA max_page_count = {pages}")
+        status, body = await d.post_alert(make_alert("full-http", image=noise))
+        assert status == 503
+        assert "database or disk is full" in body["error"]
+        health = await d.daemon.health()
+        assert "the journal cannot write" in health["intake"]
+        # an MQTT alert meanwhile stays unacknowledged with the broker
+        await publish_all("127.0.0.1", broker.port, ALERTS, [json.dumps(make_alert("full-mqtt"))])
+        await asyncio.sleep(0.5)
+        assert out.verdicts() == []
+        await db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        verdicts = await out.wait_for(1, timeout=30)
+        status, _ = await d.post_alert(make_alert("full-http", image=noise))  # sent again
+        assert status == 202
+        verdicts = await out.wait_for(2, timeout=30)
+    assert sorted(v["alert_id"] for _, v in verdicts) == ["full-http", "full-mqtt"]
+
+
+async def test_pruning_forgets_only_what_is_reviewed_and_published(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    parse = CanonicalFormat().parse
+    refs = {}
+    for alert_id in ("done-old", "done-new", "unpublished", "unreviewed"):
+        incoming = parse(json.dumps(make_alert(alert_id)).encode(), topic=None)
+        refs[alert_id] = (
+            await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
+        ).ref
+    from daemon.contract import Verdict
+
+    for alert_id in ("done-old", "done-new", "unpublished"):
+        verdict = Verdict.model_validate(
+            {
+                "alert_id": alert_id,
+                "box_id": "box-t",
+                "camera_id": "cam-1",
+                "event_type": "fire",
+                "occurred_at": "2026-11-20T14:03:12+08:00",
+                "site": None,
+                "rule": "fire",
+                "verdict": "confirmed",
+                "confidence": 0.9,
+                "reason": "",
+                "model": "m",
+                "received_at": utc_now().isoformat(),
+                "reviewed_at": utc_now().isoformat(),
+                "latency_ms": 1,
+            }
+        )
+        await journal.finish_review(refs[alert_id], [PlannedVerdict(verdict, "t")])
+    ids = [item.id for item in await journal.unpublished()]
+    await journal.mark_published(ids[:2])  # done-old and done-new
+    later = utc_now() + timedelta(days=1)
+    # every snapshot of what is done goes beyond the cap; nothing else is touched
+    pruned = await journal.prune(
+        snapshots_before=utc_now() - timedelta(days=1),
+        alerts_before=utc_now() - timedelta(days=1),
+        snapshot_max_bytes=1,
+    )
+    assert (pruned.alerts, pruned.snapshots) == (0, 2)
+    assert [len((await journal.load_alert(refs[a])).images) for a in refs] == [0, 0, 1, 1]
+    pruned = await journal.prune(
+        snapshots_before=later, alerts_before=later, snapshot_max_bytes=10**9
+    )
+    assert pruned.alerts == 2
+    assert [a["alert_id"] for a in await journal.find_alerts("done-old")] == []
+    assert len(await journal.find_alerts("unpublished")) == 1
+    assert await journal.count_pending() == 1
+    await journal.close()
+
+
+async def test_alerts_published_while_the_daemon_is_down_wait_in_its_session(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, VERDICTS) as out:
+        async with run_daemon(settings):
+            pass  # subscribed once: the broker now keeps the session
+        ids = [f"away-{i}" for i in range(5)]
+        await publish_all(
+            "127.0.0.1", broker.port, ALERTS, [json.dumps(make_alert(i)) for i in ids]
+        )
+        async with run_daemon(settings):
+            verdicts = await out.wait_for(5, timeout=30)
+    assert sorted(v["alert_id"] for _, v in verdicts) == ids
+
+
+async def test_two_gateways_on_one_shared_subscription_review_each_alert_once(
+    tmp_path, broker, tiny_model
+):
+    gateways = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        settings = make_settings(
+            tmp_path / name, broker=broker, model=tiny_model, mqtt={"share_group": "review"}
+        )
+        (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+        gateways.append(settings)
+    ids = [f"shared-{i:02d}" for i in range(60)]
+    async with (
+        collect(broker, VERDICTS) as out,
+        run_daemon(gateways[0]) as a,
+        run_daemon(gateways[1]) as b,
+    ):
+        await publish_all(
+            "127.0.0.1", broker.port, ALERTS, [json.dumps(make_alert(i)) for i in ids]
+        )
+        await out.wait_for(len(ids), timeout=60)
+        await asyncio.sleep(0.5)  # a second verdict for any alert would arrive by now
+        share = []
+        for gateway in (a, b):
+            async with gateway.daemon.journal._reader.execute(
+                "SELECT count(*) FROM alerts"
+            ) as rows:
+                share.append((await rows.fetchone())[0])
+    verdicts = out.verdicts()
+    assert sorted(v["alert_id"] for _, v in verdicts) == ids  # each exactly once
+    assert sum(share) == len(ids) and min(share) > 0, share
+    print(f"\nshared subscription: {len(ids)} alerts split {share[0]} / {share[1]}, 0 twice")
