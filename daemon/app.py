@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
+import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,10 +41,10 @@ from daemon.watchdog import feed_watchdog, watchdog_interval_s, worker_problem
 log = structlog.get_logger(__name__)
 
 JOURNAL_FILE = "journal.sqlite3"
-#: in-flight reviews get this long to finish at shutdown (the unit's TimeoutStopSec is 60)
-SHUTDOWN_GRACE_S = 20.0
 #: while the journal cannot take an MQTT alert, it is retried this often (unacknowledged)
 BUSY_RETRY_S = 1.0
+#: name prefixes of the threads a backend runs the model on
+MODEL_THREADS = ("model", "collate")
 #: settings that SIGHUP applies at once; the others take effect at the next start
 LIVE_SECTIONS = ("log", "images")
 LIVE_KEYS = {"pipeline": ("max_backlog",), "storage": StorageKeeper.LIVE_KEYS}
@@ -274,7 +276,7 @@ class Daemon:
             await api.stop()
         if self.link is not None:
             self.link.close_intake()
-        if not await pipeline.drain(SHUTDOWN_GRACE_S):
+        if not await pipeline.drain(self.settings.pipeline.stop_grace_s):
             log.warning("reviews still running at the deadline; they resume at next start")
         if self.outbox is not None and self.link is not None and self.link.connected.is_set():
             await self.outbox.flush()
@@ -315,6 +317,19 @@ def run_daemon(settings: Settings, reload_settings: Callable[[], Settings] | Non
             loop.add_signal_handler(signum, on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, daemon.reload)
         await daemon.run(stop)
+        _leave_stuck_threads()
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+def _leave_stuck_threads() -> None:
+    """Exit now if a model thread still runs (a pass that hangs on a stuck device): the
+    interpreter would otherwise wait for it, past systemd's stop timeout. Everything is
+    journalled, and the review resumes at the next start."""
+    stuck = [t.name for t in threading.enumerate() if t.name.startswith(MODEL_THREADS)]
+    if stuck:
+        log.warning("exiting without waiting for stuck threads", threads=stuck)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

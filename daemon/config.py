@@ -184,6 +184,9 @@ class PipelineSettings(_Section):
     #: alerts journalled but not reviewed, at most: beyond, HTTP intake answers 503 and MQTT
     #: intake pauses (the broker holds the messages) until it falls below nine tenths
     max_backlog: int = Field(default=20_000, ge=1)
+    #: on SIGTERM, reviews under way get this long to finish; the rest stay journalled and
+    #: resume at the next start (keep it below the unit's TimeoutStopSec)
+    stop_grace_s: float = Field(default=20, ge=0)
 
 
 class LogSettings(_Section):

@@ -211,7 +211,8 @@ async def test_a_10x_burst_keeps_memory_bounded_answers_503_and_loses_nothing(
     payload_mb = len(image) * len(http_ids + mqtt_ids) / 2**20
     peak = max(rss for _, rss in rss_seen)
     growth = peak - idle_rss
-    # bounded: in each half, what its first fifth needed the other four fifths did not add to
+    # bounded: in each half, what its first fifth needed the other four fifths did not add
+    # much to; memory that grew with the input would add at least their payload
     phases = []
     for first, count in ((warm, len(http_ids)), (warm + len(http_ids), len(mqtt_ids))):
         seen = [(done - first, rss) for done, rss in rss_seen if first <= done <= first + count]
@@ -227,5 +228,6 @@ async def test_a_10x_burst_keeps_memory_bounded_answers_503_and_loses_nothing(
     )
     assert busy > 0
     assert max(backlog_seen) <= max_backlog
+    later_payload_mb = payload_mb / 2 * 4 / 5
     for early, phase_peak in phases:
-        assert phase_peak - early < 0.25 * (early - idle_rss) + 50, "memory grew with the burst"
+        assert phase_peak - early < 0.5 * later_payload_mb, "memory grew with the burst"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,6 +19,9 @@ from daemon.inference.runner import ModelRunner, choice_token_ids
 from daemon.plugin_api import Answer, ModelRequest
 
 log = structlog.get_logger(__name__)
+
+#: at close, how long a model pass under way is waited for
+CLOSE_WAIT_S = 5.0
 
 
 class TransformersBackend:
@@ -75,7 +79,12 @@ class TransformersBackend:
             self._batching.cancel()
             await asyncio.gather(self._batching, return_exceptions=True)
         for pool in (self._prep_pool, self._model_pool):
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+            # a pass that hangs (a stuck device) is left behind: the process exits without it
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True),
+                    CLOSE_WAIT_S,
+                )
 
 
 @hookimpl
