@@ -22,6 +22,7 @@ from typing import Any
 import structlog
 
 from daemon.config import Settings
+from daemon.console_api import ConsoleApi
 from daemon.http_api import HttpApi
 from daemon.journal import Journal
 from daemon.logs import configure_logging
@@ -104,6 +105,7 @@ class Daemon:
 
     def reload_rules(self) -> None:
         errors = self.rules.load()
+        self.stats.count("rule_reload_errors", len(errors))
         log.info("rules reloaded", rules=len(self.rules.rules), errors=len(errors))
 
     def reload(self) -> None:
@@ -215,6 +217,7 @@ class Daemon:
                 if s.http.enabled:
                     max_body = int(s.http.max_body_mb * 1024 * 1024)
                     api = HttpApi(pipeline, self.health, max_body_bytes=max_body)
+                    api.app.add_routes(ConsoleApi(self).routes())
                     await api.start(s.http.host, s.http.port)
                 background = [tg.create_task(self.storage.run())]
                 if (interval := watchdog_interval_s()) is not None:

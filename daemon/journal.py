@@ -20,7 +20,7 @@ import aiosqlite
 from daemon.contract import Alert, Verdict, utc_now
 from daemon.plugin_api import RawImage
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS alerts (
     id          INTEGER PRIMARY KEY,
@@ -54,9 +54,25 @@ CREATE TABLE IF NOT EXISTS verdicts (
     topic        TEXT NOT NULL,
     payload      TEXT NOT NULL,
     created_at   TEXT NOT NULL,
-    published_at TEXT
+    published_at TEXT,
+    prompt       TEXT,                      -- what the model was asked
+    raw          TEXT                       -- what it answered (scores as JSON, or text)
 );
 CREATE INDEX IF NOT EXISTS verdicts_unpublished ON verdicts (id) WHERE published_at IS NULL;
+CREATE INDEX IF NOT EXISTS verdicts_by_alert ON verdicts (alert_ref);
+CREATE TABLE IF NOT EXISTS feedback (
+    id          INTEGER PRIMARY KEY,
+    alert_ref   INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
+    rule        TEXT NOT NULL,
+    verdict     TEXT NOT NULL,              -- the verdict the operator judged
+    label       TEXT,                       -- real | false: what the alert really was
+    correct     INTEGER,                    -- 1: the verdict was right, 0: wrong
+    fields      TEXT,                       -- extract rules: the corrected fields (JSON)
+    note        TEXT,
+    source      TEXT NOT NULL,              -- http | mqtt | console
+    created_at  TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS feedback_by_alert ON feedback (alert_ref, rule);
 CREATE TABLE IF NOT EXISTS rejects (
     id          INTEGER PRIMARY KEY,
     received_at TEXT NOT NULL,
@@ -102,6 +118,26 @@ class PlannedVerdict:
 
     verdict: Verdict
     topic: str
+    #: what the model was asked and what it answered, when it was asked
+    prompt: str | None = None
+    raw: str | None = None
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """An operator's judgement of the verdict `rule` gave the alert at row `alert_ref`."""
+
+    alert_ref: int
+    rule: str
+    verdict: str
+    #: what the alert really was: real | false (None: not said, e.g. an extract rule)
+    label: str | None
+    #: whether the verdict was right (None: neither, e.g. for an uncertain verdict)
+    correct: bool | None
+    #: extract and classify rules: the corrected fields
+    fields: dict[str, Any] | None = None
+    note: str | None = None
+    source: str = "http"
 
 
 @dataclass(frozen=True)
@@ -263,14 +299,23 @@ class Journal:
         """Store the alert's verdicts and mark it reviewed, in one transaction."""
         now = utc_now().isoformat()
         verdicts = [
-            (ref, p.verdict.rule, p.verdict.verdict.value, p.topic, p.verdict.to_json(), now)
+            (
+                ref,
+                p.verdict.rule,
+                p.verdict.verdict.value,
+                p.topic,
+                p.verdict.to_json(),
+                now,
+                p.prompt,
+                p.raw,
+            )
             for p in planned
         ]
 
         async def op(db: aiosqlite.Connection) -> None:
             await db.executemany(
-                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at, "
+                "prompt, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 verdicts,
             )
             await db.execute(
@@ -278,6 +323,31 @@ class Journal:
             )
 
         await self._write(op)
+
+    async def record_feedback(self, feedback: FeedbackRow) -> int:
+        """Store an operator's judgement of one verdict; the latest per alert and rule counts."""
+        f = feedback
+        row = (
+            f.alert_ref,
+            f.rule,
+            f.verdict,
+            f.label,
+            None if f.correct is None else int(f.correct),
+            None if f.fields is None else json.dumps(f.fields),
+            f.note,
+            f.source,
+            utc_now().isoformat(),
+        )
+
+        async def op(db: aiosqlite.Connection) -> int:
+            cursor = await db.execute(
+                "INSERT INTO feedback (alert_ref, rule, verdict, label, correct, fields, note, "
+                "source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            return int(cursor.lastrowid or 0)
+
+        return await self._write(op)
 
     async def mark_published(self, verdict_ids: Sequence[int]) -> None:
         now = utc_now().isoformat()
@@ -347,6 +417,11 @@ class Journal:
         return await self._write(op)
 
     # reads -------------------------------------------------------------------------------
+
+    @property
+    def reader(self) -> aiosqlite.Connection:
+        """The read connection (rows as `aiosqlite.Row`), for queries of other modules."""
+        return self._reader
 
     async def pending_reviews(self, limit: int = -1) -> list[tuple[int, int]]:
         """(row id, priority) of alerts journalled but not reviewed, highest priority and
@@ -445,3 +520,6 @@ async def _migrate(db: aiosqlite.Connection) -> None:
     if version == 1:
         await db.execute("ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
         await db.execute("DROP INDEX IF EXISTS alerts_pending")
+    if 1 <= version <= 2:
+        await db.execute("ALTER TABLE verdicts ADD COLUMN prompt TEXT")
+        await db.execute("ALTER TABLE verdicts ADD COLUMN raw TEXT")

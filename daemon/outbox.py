@@ -61,6 +61,7 @@ class Outbox:
                 await self.journal.mark_published(done)
             sent += len(done)
             if len(done) < len(batch):
+                self.stats.count("publish_failures", len(batch) - len(done))
                 error = next(r for r in results if r is not None)
                 log.warning(
                     "verdicts not published yet", pending=len(batch) - len(done), error=str(error)

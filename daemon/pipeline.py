@@ -104,14 +104,17 @@ class Pipeline:
         is full or the journal cannot write, nothing is taken: the result is `busy`.
         """
         if reason := self.busy_reason():
-            return IngestResult("busy", busy_reason=reason)
-        # count this payload against the backlog until it is queued (or turns out not to be
-        # new), so that concurrent intakes cannot overshoot max_backlog
-        self.backlog.reserve()
-        try:
-            return await self._ingest(payload, source, topic, fmt)
-        finally:
-            self.backlog.release()
+            result = IngestResult("busy", busy_reason=reason)
+        else:
+            # count this payload against the backlog until it is queued (or turns out not to
+            # be new), so that concurrent intakes cannot overshoot max_backlog
+            self.backlog.reserve()
+            try:
+                result = await self._ingest(payload, source, topic, fmt)
+            finally:
+                self.backlog.release()
+        self.stats.count("alerts_received", source=source, outcome=result.status)
+        return result
 
     async def _ingest(
         self, payload: bytes, source: str, topic: str | None, fmt: str | None
@@ -266,6 +269,9 @@ class Pipeline:
             with self.stats.time("journal_verdict"):
                 await self.journal.finish_review(ref, planned)
             for item in planned:
+                self.stats.count(
+                    "verdicts", rule=item.verdict.rule or "", verdict=item.verdict.verdict.value
+                )
                 log.info(
                     "verdict",
                     rule=item.verdict.rule,
@@ -336,7 +342,7 @@ class Pipeline:
         topic = render_topic(template, alert, rule=verdict.rule, verdict=verdict.verdict.value)
         if rule is not None and rule.shadow:
             topic = f"{self.settings.mqtt.shadow_prefix}/{topic}"
-        return PlannedVerdict(verdict, topic)
+        return PlannedVerdict(verdict, topic, judgement.prompt, judgement.raw)
 
     async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
         """Run `verdict_ready` hooks; their failures are logged, never fatal."""

@@ -6,6 +6,7 @@ it never calls the model itself, so the host can batch, retry and time model cal
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -89,10 +90,22 @@ class ChoiceAnswer:
     probabilities: Mapping[str, float]
     logits: Mapping[str, float]
 
+    def raw(self) -> str:
+        """The answer as shown to operators: each label's probability and score."""
+        return json.dumps(
+            {
+                label: {"p": round(p, 6), "logit": round(self.logits.get(label, 0.0), 4)}
+                for label, p in self.probabilities.items()
+            }
+        )
+
 
 @dataclass(frozen=True)
 class TextAnswer:
     text: str
+
+    def raw(self) -> str:
+        return self.text
 
 
 Answer = ChoiceAnswer | TextAnswer
@@ -114,6 +127,9 @@ class Judgement:
     confidence: float | None
     reason: str
     fields: Mapping[str, Any] = field(default_factory=dict)
+    #: what the model was asked and what it answered (filled in by the host)
+    prompt: str | None = None
+    raw: str | None = None
 
 
 class RuleKind(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections import deque
@@ -134,9 +135,11 @@ class Reviewer:
                 pictures = await asyncio.get_running_loop().run_in_executor(
                     self.prep_pool, snapshot_set.for_rule, rule.image, rule.crop_margin
                 )
+            query = kind.compose(alert, rule)
             with self.stats.time("model"):
-                answer = await self.backend.run(ModelRequest(kind.compose(alert, rule), pictures))
+                answer = await self.backend.run(ModelRequest(query, pictures))
             judgement = kind.interpret(answer, rule)
+            judgement = dataclasses.replace(judgement, prompt=query.prompt, raw=answer.raw())
         except BackendUnusable:
             raise  # not this alert's fault: it stays in the journal for the next run
         except Exception as exc:

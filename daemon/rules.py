@@ -7,6 +7,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,10 @@ def select_rules(candidates: Sequence[Rule]) -> list[Rule]:
     return chosen
 
 
+def _same(old: Rule | None, new: Rule) -> bool:
+    return old is not None and old.name == new.name and old.digest == new.digest
+
+
 class RuleBook:
     """The rules of one directory. A file that breaks keeps its last good version."""
 
@@ -166,6 +171,9 @@ class RuleBook:
         self.check_choices = check_choices
         self._by_path: dict[Path, Rule] = {}
         self.errors: list[RuleError] = []
+        #: when the directory was last read, and when each rule's current version came in
+        self.loaded_at: datetime | None = None
+        self.since: dict[str, datetime] = {}
 
     @property
     def rules(self) -> list[Rule]:
@@ -221,8 +229,16 @@ class RuleBook:
         for path in self._by_path.keys() - loaded.keys():
             removed = self._by_path[path]
             log.info("rule removed", rule=removed.name, path=str(path), digest=removed.digest)
+        now = datetime.now(UTC)
+        self.since = {
+            rule.name: self.since.get(rule.name, now)
+            if _same(self._by_path.get(path), rule)
+            else now
+            for path, rule in loaded.items()
+        }
         self._by_path = loaded
         self.errors = errors
+        self.loaded_at = now
         return errors
 
     def _load_file(self, path: Path) -> Rule:

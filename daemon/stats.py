@@ -1,7 +1,10 @@
-"""Where the time goes: wall time per pipeline stage, summed over alerts."""
+"""Where the time goes and what happened: wall time per pipeline stage (totals and a
+histogram), and counts of events (alerts received, verdicts, publish failures ...)."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -9,12 +12,20 @@ from contextlib import contextmanager
 
 #: in pipeline order
 STAGES = ("parse", "journal_alert", "prepare", "model", "journal_verdict", "publish")
+#: upper bounds (seconds) of the per-stage time histogram
+BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+#: an event's name and its labels, sorted
+EventKey = tuple[str, tuple[tuple[str, str], ...]]
 
 
 class StageStats:
     def __init__(self) -> None:
         self._seconds: dict[str, float] = defaultdict(float)
         self._count: dict[str, int] = defaultdict(int)
+        #: per stage: how many timings fell at or below each of BUCKETS_S (not cumulative)
+        self._buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(BUCKETS_S))
+        self._events: dict[EventKey, int] = defaultdict(int)
 
     @contextmanager
     def time(self, stage: str) -> Iterator[None]:
@@ -25,8 +36,25 @@ class StageStats:
             self.add(stage, time.perf_counter() - start)
 
     def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        """`count` items took `seconds` together (each is counted at their mean)."""
         self._seconds[stage] += seconds
         self._count[stage] += count
+        each = seconds / count if count else seconds
+        slot = bisect.bisect_left(BUCKETS_S, each)
+        if slot < len(BUCKETS_S):
+            self._buckets[stage][slot] += count
+
+    def histogram(self, stage: str) -> tuple[list[int], float, int]:
+        """Cumulative counts per bucket of BUCKETS_S, the sum of seconds and the count."""
+        cumulative = list(itertools.accumulate(self._buckets[stage]))
+        return cumulative, self._seconds[stage], self._count[stage]
+
+    def count(self, event: str, n: int = 1, **labels: str) -> None:
+        """Something happened `n` times (e.g. "alerts_received", source="mqtt")."""
+        self._events[(event, tuple(sorted(labels.items())))] += n
+
+    def events(self) -> dict[EventKey, int]:
+        return dict(self._events)
 
     def snapshot(self) -> dict[str, dict[str, float]]:
         """Per stage: how often, total seconds and mean milliseconds (wall time, awaits

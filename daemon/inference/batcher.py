@@ -54,6 +54,8 @@ class WorkerHealth:
     busy_since: float | None = None
     last_batch_at: float | None = None
     largest_batch: int = 0
+    #: how many batches of each size ran (for the metrics' histogram)
+    batch_sizes: dict[int, int] = field(default_factory=dict)
     #: set when a device error left the model unusable
     fatal: str | None = None
 
@@ -67,6 +69,7 @@ class WorkerHealth:
             "batches": self.batches,
             "requests": self.requests,
             "largest_batch": self.largest_batch,
+            "batch_sizes": dict(self.batch_sizes),
             "oom_splits": self.oom_splits,
             "failures": self.failures,
             "waiting": waiting,
@@ -198,6 +201,7 @@ class MicroBatcher:
         health.batches += 1
         health.requests += len(batch)
         health.largest_batch = max(health.largest_batch, len(batch))
+        health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
         health.last_batch_at = time.monotonic()
         for item, answer in zip(batch, answers, strict=True):
             if not item.future.done():

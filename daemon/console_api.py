@@ -1,0 +1,214 @@
+"""The operator's side of the HTTP API: recent alerts, snapshots, rules, stats, feedback,
+Prometheus metrics, and the web console's static files.
+
+GET  /v1/alerts                      recent alerts with verdicts and feedback, newest first
+                                     (?camera_id= &box_id= &rule= &verdict= &before= &limit=)
+GET  /v1/snapshots/{ref}/{idx}       a stored snapshot (?thumb=1: 320 px JPEG with the
+                                     detection boxes drawn)
+POST /v1/alerts/{alert_id}/feedback  {"rule", "correct" | "label", "fields", "note"} (?box_id=)
+GET  /v1/rules                       rules with their state, errors, last reload, counts
+GET  /v1/stats                       per-rule stats and a timeline (?hours=24)
+GET  /metrics                        Prometheus text format
+GET  /console/                       the web console (static files, no build step)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+from PIL import Image
+
+from daemon import feedback, history, metrics
+from daemon.contract import utc_now
+from daemon.images import ImageError, decode, draw_detections
+from daemon.journal import Journal
+
+if TYPE_CHECKING:
+    from daemon.app import Daemon
+
+log = structlog.get_logger(__name__)
+
+STATIC = Path(__file__).parent / "console"
+THUMB_PX = 320
+
+
+def error(status: int, message: str, field: str | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field is not None:
+        body["field"] = field
+    return web.json_response(body, status=status)
+
+
+class ConsoleApi:
+    """Routes over a running daemon's journal, rules and counters."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def routes(self) -> list[web.AbstractRouteDef]:
+        return [
+            web.get("/v1/alerts", self.list_alerts),
+            web.get("/v1/snapshots/{ref:\\d+}/{idx:\\d+}", self.snapshot),
+            web.post("/v1/alerts/{alert_id}/feedback", self.feedback),
+            web.get("/v1/rules", self.rules),
+            web.get("/v1/stats", self.stats),
+            web.get("/metrics", self.metrics),
+            web.get("/console", self.console_root),
+            web.get("/console/", self.console_index),
+            web.static("/console/static", STATIC),
+        ]
+
+    @property
+    def journal(self) -> Journal:
+        """The daemon's journal, open while the API runs."""
+        assert self.daemon.journal is not None
+        return self.daemon.journal
+
+    async def list_alerts(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            where = history.AlertFilter(
+                camera_id=q.get("camera_id") or None,
+                box_id=q.get("box_id") or None,
+                rule=q.get("rule") or None,
+                verdict=q.get("verdict") or None,
+                before=int(q["before"]) if q.get("before") else None,
+                limit=int(q.get("limit", "50")),
+            )
+        except ValueError:
+            return error(400, "before and limit must be integers", "limit")
+        alerts = await history.recent_alerts(self.journal, where)
+        return web.json_response({"alerts": alerts})
+
+    async def snapshot(self, request: web.Request) -> web.Response:
+        ref, idx = int(request.match_info["ref"]), int(request.match_info["idx"])
+        data = await history.snapshot(self.journal, ref, idx)
+        if data is None:
+            return error(404, "no such snapshot (never stored, or pruned)")
+        if request.query.get("thumb") != "1":
+            kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
+            return web.Response(body=data, content_type=kind)
+        boxes = await self._boxes(ref) if idx == 0 else []
+        try:
+            thumb = await asyncio.get_running_loop().run_in_executor(None, _thumbnail, data, boxes)
+        except ImageError as exc:
+            return error(422, str(exc))
+        return web.Response(
+            body=thumb, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
+        )
+
+    async def _boxes(self, ref: int) -> list[tuple[float, float, float, float]]:
+        stored = await self.journal.load_alert(ref)
+        return [(b.x1, b.y1, b.x2, b.y2) for b in stored.alert.boxes]
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        try:
+            said = feedback.parse_feedback(await request.read())
+            stored = await feedback.record(
+                self.journal,
+                said,
+                alert_id=request.match_info["alert_id"],
+                box_id=request.query.get("box_id") or said.box_id,
+                source=request.headers.get("X-Feedback-Source", "http")[:16],
+            )
+        except feedback.FeedbackError as exc:
+            return error(exc.status, str(exc), exc.field)
+        self.daemon.stats.count(
+            "feedback", rule=stored["rule"], correct=str(stored["correct"]).lower()
+        )
+        log.info("feedback", **{k: stored[k] for k in ("alert_id", "rule", "label", "correct")})
+        return web.json_response(stored, status=201)
+
+    async def rules(self, request: web.Request) -> web.Response:
+        book = self.daemon.rules
+        counts = await history.rule_stats(self.journal)
+        rules = [
+            {
+                "name": rule.name,
+                "file": rule.path.name,
+                "description": rule.description,
+                "kind": rule.kind,
+                "enabled": rule.enabled,
+                "shadow": rule.shadow,
+                "priority": rule.priority,
+                "exclusive": rule.exclusive,
+                "event_types": list(rule.match.event_types),
+                "prompt": rule.prompt.text,
+                "digest": rule.digest,
+                "since": _iso(book.since.get(rule.name)),
+                "state": "disabled" if not rule.enabled else "shadow" if rule.shadow else "active",
+                "counts": {
+                    k: v for k, v in counts.get(rule.name, {}).items() if isinstance(v, int)
+                },
+            }
+            for rule in book.rules
+        ]
+        errors = [
+            {"file": err.path.name, "where": err.where, "reason": err.reason} for err in book.errors
+        ]
+        return web.json_response(
+            {
+                "directory": str(book.directory),
+                "loaded_at": _iso(book.loaded_at),
+                "rules": rules,
+                "errors": errors,
+            }
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        try:
+            hours = float(request.query.get("hours", "24"))
+            if not 0 < hours <= 24 * 366:
+                raise ValueError
+        except ValueError:
+            return error(400, "hours must be a number of hours, above 0", "hours")
+        since = utc_now() - timedelta(hours=hours)
+        per_rule = await history.rule_stats(self.journal, since)
+        series = await history.timeline(self.journal, hours=hours)
+        return web.json_response({"hours": hours, "rules": per_rule, "timeline": series})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        d = self.daemon
+        pipeline = d.pipeline
+        gauges: dict[str, float] = {
+            "rules": len(d.rules.rules),
+            "rule_errors": len(d.rules.errors),
+            "unpublished": await self.journal.count_unpublished(),
+        }
+        if pipeline is not None:
+            gauges["queued"] = pipeline.backlog.queued
+            gauges["backlog"] = pipeline.backlog.pending
+            gauges["intake_paused"] = 1 if pipeline.busy_reason() else 0
+        worker: dict[str, Any] = getattr(d.backend, "health", dict)()
+        if "waiting" in worker:
+            gauges["model_waiting"] = worker["waiting"]
+        body = metrics.render(d.stats, gauges, worker)
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    async def console_root(self, request: web.Request) -> web.Response:
+        raise web.HTTPFound("/console/")
+
+    async def console_index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html")
+
+
+def _thumbnail(data: bytes, boxes: list[tuple[float, float, float, float]]) -> bytes:
+    img = decode(data)
+    width = img.width
+    img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
+    if boxes:  # drawn after scaling, so that the lines stay sharp
+        img = draw_detections(img, boxes, img.width / width)
+    out = io.BytesIO()
+    # no chroma subsampling: it would wash out the thin red box lines
+    img.save(out, "JPEG", quality=85, subsampling=0)
+    return out.getvalue()
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None

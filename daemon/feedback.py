@@ -1,0 +1,150 @@
+"""Operators' feedback on verdicts: right or wrong, or what the alert really was.
+
+Arrives over HTTP (`POST /v1/alerts/{alert_id}/feedback`), from the web console, or on the
+MQTT feedback topic; stored in the journal; counted in the stats (measured precision) and
+exported as training data.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from daemon.journal import FeedbackRow, Journal
+
+
+class FeedbackError(Exception):
+    """Feedback that cannot be taken; `status` is the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+class Feedback(BaseModel):
+    """What an operator says about one verdict."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: MQTT only (HTTP has them in the path and query)
+    alert_id: str | None = Field(default=None, min_length=1)
+    box_id: str | None = Field(default=None, min_length=1)
+    #: the rule whose verdict is judged; may be left out when the alert has one verdict
+    rule: str | None = None
+    #: the verdict was right (true) or wrong (false)
+    correct: bool | None = None
+    #: or: what the alert really was
+    label: Literal["real", "false"] | None = None
+    #: classify and extract rules: the right fields (classify: {"label": ...})
+    fields: dict[str, Any] | None = None
+    note: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="after")
+    def _says_something(self) -> Feedback:
+        if self.correct is None and self.label is None and self.fields is None:
+            raise ValueError("give correct (true/false), label (real/false) or fields")
+        return self
+
+
+def parse_feedback(payload: bytes | str | dict[str, Any]) -> Feedback:
+    """Validate a feedback body; FeedbackError (400) names the field at fault."""
+    try:
+        if isinstance(payload, dict):
+            return Feedback.model_validate(payload)
+        return Feedback.model_validate_json(payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        raise FeedbackError(400, f"{field or 'feedback'}: {first['msg']}", field) from exc
+
+
+def judged(
+    verdict: str, confidence: float | None, feedback: Feedback
+) -> tuple[str | None, bool | None]:
+    """(label, correct) completed from each other where the verdict allows it.
+
+    A confirmed verdict is right when the alert was real, a rejected one when it was false.
+    An uncertain or unreviewed verdict is neither: it takes a label (or corrected fields).
+    Verdicts without a P(real) but reviewed (extract rules) keep what was given.
+    """
+    label, correct = feedback.label, feedback.correct
+    if confidence is None and verdict != "unreviewed":
+        return label, correct
+    if verdict not in ("confirmed", "rejected"):
+        if correct is not None:
+            raise FeedbackError(
+                400, f"a {verdict} verdict is neither right nor wrong: give label", "correct"
+            )
+        return label, None
+    real_if_right = verdict == "confirmed"
+    if label is not None:
+        right = (label == "real") == real_if_right
+        if correct is not None and correct != right:
+            raise FeedbackError(
+                400,
+                f"label {label!r} and correct {correct} disagree on a {verdict} verdict",
+                "correct",
+            )
+        return label, right
+    if correct is None:
+        return None, None  # corrected fields only
+    return ("real" if correct == real_if_right else "false"), correct
+
+
+async def record(
+    journal: Journal, feedback: Feedback, *, alert_id: str, box_id: str | None, source: str
+) -> dict[str, Any]:
+    """Store `feedback` on the alert's verdict; answer what was stored."""
+    rows = await _verdicts(journal, alert_id, box_id)
+    if not rows:
+        raise FeedbackError(404, f"no alert {alert_id!r}" + (f" from {box_id!r}" if box_id else ""))
+    if len({row["alert_ref"] for row in rows}) > 1:
+        raise FeedbackError(409, "several boxes sent this alert_id: give box_id", "box_id")
+    reviewed = [row for row in rows if row["rule"] is not None]
+    if feedback.rule is not None:
+        reviewed = [row for row in reviewed if row["rule"] == feedback.rule]
+        if not reviewed:
+            raise FeedbackError(404, f"rule {feedback.rule!r} gave this alert no verdict", "rule")
+    elif len(reviewed) != 1:
+        rules = sorted(row["rule"] for row in reviewed)
+        raise FeedbackError(400, f"the alert has verdicts of rules {rules}: give rule", "rule")
+    row = reviewed[-1]
+    verdict = json.loads(row["payload"])
+    label, correct = judged(verdict["verdict"], verdict.get("confidence"), feedback)
+    stored = FeedbackRow(
+        alert_ref=row["alert_ref"],
+        rule=row["rule"],
+        verdict=verdict["verdict"],
+        label=label,
+        correct=correct,
+        fields=feedback.fields,
+        note=feedback.note,
+        source=source,
+    )
+    feedback_id = await journal.record_feedback(stored)
+    return {
+        "id": feedback_id,
+        "alert_id": alert_id,
+        "box_id": verdict["box_id"],
+        "rule": stored.rule,
+        "verdict": stored.verdict,
+        "label": label,
+        "correct": correct,
+    }
+
+
+async def _verdicts(journal: Journal, alert_id: str, box_id: str | None) -> list[Any]:
+    """The alert's verdict rows (the latest of each rule last), with the alert's row id."""
+    sql = (
+        "SELECT a.id AS alert_ref, v.rule, v.payload FROM alerts a JOIN verdicts v "
+        "ON v.alert_ref = a.id WHERE a.alert_id = ?"
+    )
+    args: tuple[Any, ...] = (alert_id,)
+    if box_id is not None:
+        sql += " AND a.box_id = ?"
+        args += (box_id,)
+    async with journal.reader.execute(sql + " ORDER BY v.id", args) as rows:
+        return list(await rows.fetchall())

@@ -1,0 +1,254 @@
+"""What happened, read from the journal for operators: recent alerts, snapshots, stats.
+
+Read-only queries on the journal's reader connection; the web console and `/v1/stats` use
+them. Alerts are pruned after `[storage] journal_max_age_days`, so the stats cover that long.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from daemon.contract import utc_now
+from daemon.journal import Journal
+
+VERDICT_KINDS = ("confirmed", "rejected", "uncertain", "unreviewed")
+
+
+@dataclass(frozen=True)
+class AlertFilter:
+    camera_id: str | None = None
+    box_id: str | None = None
+    rule: str | None = None
+    verdict: str | None = None
+    #: only alerts journalled before this row id (paging back)
+    before: int | None = None
+    limit: int = 50
+
+
+async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, Any]]:
+    """Newest first: each alert with its verdicts and the latest feedback per rule."""
+    sql = ["SELECT a.* FROM alerts a WHERE 1 = 1"]
+    args: list[Any] = []
+    if where.camera_id:
+        sql.append("AND json_extract(a.alert, '$.camera_id') = ?")
+        args.append(where.camera_id)
+    if where.box_id:
+        sql.append("AND a.box_id = ?")
+        args.append(where.box_id)
+    if where.rule or where.verdict:
+        sql.append("AND EXISTS (SELECT 1 FROM verdicts v WHERE v.alert_ref = a.id")
+        if where.rule:
+            sql.append("AND v.rule = ?")
+            args.append(where.rule)
+        if where.verdict:
+            sql.append("AND v.verdict = ?")
+            args.append(where.verdict)
+        sql.append(")")
+    if where.before is not None:
+        sql.append("AND a.id < ?")
+        args.append(where.before)
+    sql.append("ORDER BY a.id DESC LIMIT ?")
+    args.append(max(1, min(where.limit, 500)))
+    async with journal.reader.execute(" ".join(sql), args) as rows:
+        alerts = list(await rows.fetchall())
+    refs = [row["id"] for row in alerts]
+    verdicts = await _verdicts_of(journal, refs)
+    feedback = await _feedback_of(journal, refs)
+    images = await _image_counts(journal, refs)
+    out = []
+    for row in alerts:
+        alert = json.loads(row["alert"])
+        out.append(
+            {
+                "ref": row["id"],
+                "alert_id": row["alert_id"],
+                "box_id": row["box_id"],
+                "camera_id": alert.get("camera_id"),
+                "event_type": alert.get("event_type"),
+                "site": alert.get("site"),
+                "occurred_at": alert.get("occurred_at"),
+                "score": alert.get("score"),
+                "boxes": alert.get("boxes", []),
+                "source": row["source"],
+                "received_at": row["received_at"],
+                "state": row["state"],
+                "images": images.get(row["id"], 0),
+                "verdicts": [
+                    {**v, "feedback": feedback.get((row["id"], v["rule"]))}
+                    for v in verdicts.get(row["id"], [])
+                ],
+            }
+        )
+    return out
+
+
+async def snapshot(journal: Journal, ref: int, idx: int) -> bytes | None:
+    """The stored bytes of an alert's snapshot, None when gone (pruned) or never there."""
+    async with journal.reader.execute(
+        "SELECT data FROM alert_images WHERE alert_ref = ? AND idx = ?", (ref, idx)
+    ) as rows:
+        row = await rows.fetchone()
+    return bytes(row["data"]) if row else None
+
+
+async def rule_stats(journal: Journal, since: datetime | None = None) -> dict[str, dict[str, Any]]:
+    """Per rule: alerts, verdict counts, false alarms filtered, latency, measured precision."""
+    since_text = (since or datetime.min.replace(tzinfo=utc_now().tzinfo)).isoformat()
+    per_rule: dict[str, dict[str, Any]] = {}
+    latencies: dict[str, list[int]] = {}
+    async with journal.reader.execute(
+        "SELECT rule, verdict, json_extract(payload, '$.latency_ms') AS latency FROM verdicts "
+        "WHERE rule IS NOT NULL AND created_at >= ?",
+        (since_text,),
+    ) as rows:
+        async for row in rows:
+            stats = per_rule.setdefault(row["rule"], _empty_stats())
+            stats["alerts"] += 1
+            stats[row["verdict"]] = stats.get(row["verdict"], 0) + 1
+            if row["verdict"] != "unreviewed" and row["latency"] is not None:
+                latencies.setdefault(row["rule"], []).append(int(row["latency"]))
+    async with journal.reader.execute(
+        "SELECT f.rule, f.verdict, f.label, f.correct FROM feedback f WHERE f.id IN "
+        "(SELECT max(id) FROM feedback GROUP BY alert_ref, rule) AND f.created_at >= ?",
+        (since_text,),
+    ) as rows:
+        async for row in rows:
+            stats = per_rule.setdefault(row["rule"], _empty_stats())
+            fb = stats["feedback"]
+            fb["count"] += 1
+            if row["correct"] is not None:
+                fb["right" if row["correct"] else "wrong"] += 1
+            if row["verdict"] == "confirmed" and row["label"] is not None:
+                fb["confirmed_labelled"] += 1
+                fb["confirmed_real"] += row["label"] == "real"
+            if row["verdict"] == "rejected" and row["label"] is not None:
+                fb["rejected_labelled"] += 1
+                fb["rejected_false"] += row["label"] == "false"
+    for rule, stats in per_rule.items():
+        judged = sum(stats[kind] for kind in ("confirmed", "rejected", "uncertain"))
+        stats["filtered_ratio"] = _ratio(stats["rejected"], judged)
+        ordered = sorted(latencies.get(rule, []))
+        stats["latency_p50_ms"] = _percentile(ordered, 0.50)
+        stats["latency_p95_ms"] = _percentile(ordered, 0.95)
+        fb = stats["feedback"]
+        fb["precision"] = _ratio(fb["confirmed_real"], fb["confirmed_labelled"])
+        fb["rejections_right"] = _ratio(fb["rejected_false"], fb["rejected_labelled"])
+    return per_rule
+
+
+async def timeline(journal: Journal, *, hours: float = 24, buckets: int = 24) -> dict[str, Any]:
+    """Verdict counts per rule and time bucket over the last `hours`, for charts."""
+    end = utc_now()
+    start = end - timedelta(hours=hours)
+    width = (end - start) / buckets
+    series: dict[str, dict[str, list[int]]] = {}
+    async with journal.reader.execute(
+        "SELECT rule, verdict, created_at FROM verdicts WHERE rule IS NOT NULL AND created_at >= ?",
+        (start.isoformat(),),
+    ) as rows:
+        async for row in rows:
+            at = datetime.fromisoformat(row["created_at"])
+            bucket = min(int((at - start) / width), buckets - 1)
+            counts = series.setdefault(row["rule"], {kind: [0] * buckets for kind in VERDICT_KINDS})
+            counts[row["verdict"]][bucket] += 1
+    return {
+        "start": start.isoformat(),
+        "bucket_s": width.total_seconds(),
+        "buckets": buckets,
+        "rules": series,
+    }
+
+
+def _empty_stats() -> dict[str, Any]:
+    return {
+        "alerts": 0,
+        **dict.fromkeys(VERDICT_KINDS, 0),
+        "feedback": {
+            "count": 0,
+            "right": 0,
+            "wrong": 0,
+            "confirmed_labelled": 0,
+            "confirmed_real": 0,
+            "rejected_labelled": 0,
+            "rejected_false": 0,
+        },
+    }
+
+
+def _ratio(part: int, whole: int) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def _percentile(ordered: list[int], q: float) -> int | None:
+    """Nearest-rank percentile of sorted values."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(q * len(ordered) - 1e-9))
+    return ordered[rank - 1]
+
+
+async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict[str, Any]]]:
+    found: dict[int, list[dict[str, Any]]] = {}
+    if not refs:
+        return found
+    marks = ",".join("?" * len(refs))
+    async with journal.reader.execute(
+        f"SELECT alert_ref, payload, published_at, prompt, raw FROM verdicts "
+        f"WHERE alert_ref IN ({marks}) ORDER BY id",
+        refs,
+    ) as rows:
+        async for row in rows:
+            verdict = json.loads(row["payload"])
+            found.setdefault(row["alert_ref"], []).append(
+                {
+                    "rule": verdict.get("rule"),
+                    "verdict": verdict.get("verdict"),
+                    "confidence": verdict.get("confidence"),
+                    "reason": verdict.get("reason"),
+                    "fields": verdict.get("fields", {}),
+                    "latency_ms": verdict.get("latency_ms"),
+                    "reviewed_at": verdict.get("reviewed_at"),
+                    "published": row["published_at"] is not None,
+                    "prompt": row["prompt"],
+                    "raw": row["raw"],
+                }
+            )
+    return found
+
+
+async def _feedback_of(journal: Journal, refs: list[int]) -> dict[tuple[int, str], dict[str, Any]]:
+    found: dict[tuple[int, str], dict[str, Any]] = {}
+    if not refs:
+        return found
+    marks = ",".join("?" * len(refs))
+    async with journal.reader.execute(
+        f"SELECT alert_ref, rule, label, correct, note, source, created_at FROM feedback "
+        f"WHERE alert_ref IN ({marks}) ORDER BY id",
+        refs,
+    ) as rows:
+        async for row in rows:
+            correct = row["correct"]
+            found[(row["alert_ref"], row["rule"])] = {
+                "label": row["label"],
+                "correct": None if correct is None else bool(correct),
+                "note": row["note"],
+                "source": row["source"],
+                "at": row["created_at"],
+            }
+    return found
+
+
+async def _image_counts(journal: Journal, refs: list[int]) -> dict[int, int]:
+    if not refs:
+        return {}
+    marks = ",".join("?" * len(refs))
+    async with journal.reader.execute(
+        f"SELECT alert_ref, count(*) AS n FROM alert_images WHERE alert_ref IN ({marks}) "
+        "GROUP BY alert_ref",
+        refs,
+    ) as rows:
+        return {row["alert_ref"]: int(row["n"]) for row in await rows.fetchall()}

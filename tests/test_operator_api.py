@@ -1,0 +1,183 @@
+"""The operator's API over a running daemon: recent alerts, thumbnails, feedback, stats,
+rules and Prometheus metrics; and the journal migration that made room for them."""
+
+from __future__ import annotations
+
+import base64
+import io
+import sqlite3
+
+import pytest
+from PIL import Image
+
+from daemon.feedback import Feedback, FeedbackError, judged
+from daemon.journal import Journal
+from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
+
+#: a rule that confirms at any P(real) (so every verdict is known: confirmed)
+CONFIRM_ALL = FIRE_RULE + "confirm_at = 0.0\nreject_below = 0.0\n"
+#: ... and one that rejects at any P(real)
+REJECT_ALL = FIRE_RULE.replace('"fire"', '"smoke"') + "confirm_at = 1.0\nreject_below = 1.0\n"
+
+
+async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    (settings.rules.dir / "smoke.toml").write_text(REJECT_ALL)
+    async with run_daemon(settings) as d:
+        ids = {f"fire-{i}": "fire" for i in range(4)} | {f"smoke-{i}": "smoke" for i in range(2)}
+        for alert_id, event_type in ids.items():
+            assert (await d.post_alert(make_alert(alert_id, event_type=event_type)))[0] == 202
+        for alert_id in ids:
+            await d.wait_reviewed(alert_id)
+
+        async def feedback(alert_id: str, body: dict) -> tuple[int, dict]:
+            async with d.http.post(
+                f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=body
+            ) as response:
+                return response.status, await response.json()
+
+        async def stats() -> dict:
+            async with d.http.get(f"{d.base_url}/v1/stats") as response:
+                assert response.status == 200
+                return (await response.json())["rules"]
+
+        before = await stats()
+        assert before["fire"]["alerts"] == 4 and before["fire"]["confirmed"] == 4
+        assert before["fire"]["filtered_ratio"] == 0.0
+        assert before["smoke"]["rejected"] == 2 and before["smoke"]["filtered_ratio"] == 1.0
+        assert before["fire"]["feedback"]["precision"] is None
+        assert before["fire"]["latency_p50_ms"] is not None
+
+        # three of four confirmed fires were real, one was a lamp
+        for alert_id in ("fire-0", "fire-1", "fire-2"):
+            status, body = await feedback(alert_id, {"correct": True})
+            assert status == 201 and body["label"] == "real" and body["rule"] == "fire"
+        status, body = await feedback("fire-3", {"label": "false", "note": "a lamp"})
+        assert status == 201 and body["correct"] is False
+        # the rejected smoke was right once, wrong once; then corrected (latest counts)
+        assert (await feedback("smoke-0", {"correct": True}))[1]["label"] == "false"
+        assert (await feedback("smoke-1", {"correct": True}))[0] == 201
+        assert (await feedback("smoke-1", {"label": "real"}))[1]["correct"] is False
+
+        after = await stats()
+        fire, smoke = after["fire"]["feedback"], after["smoke"]["feedback"]
+        assert (fire["count"], fire["right"], fire["wrong"]) == (4, 3, 1)
+        assert fire["precision"] == 0.75
+        assert (smoke["count"], smoke["rejections_right"]) == (2, 0.5)
+
+        # refusals name what is wrong
+        assert (await feedback("nobody", {"correct": True}))[0] == 404
+        status, body = await feedback("fire-0", {"correct": "maybe"})
+        assert status == 400 and body["field"] == "correct"
+        status, body = await feedback("fire-0", {})
+        assert status == 400 and "give correct" in body["error"]
+        status, body = await feedback("fire-0", {"rule": "smoke", "correct": True})
+        assert status == 404 and body["field"] == "rule"
+        status, body = await feedback("fire-0", {"label": "real", "correct": False})
+        assert status == 400 and "disagree" in body["error"]
+
+        # the listing shows the feedback with the verdict, and filters
+        async with d.http.get(f"{d.base_url}/v1/alerts", params={"rule": "smoke"}) as response:
+            listed = (await response.json())["alerts"]
+        assert [a["alert_id"] for a in listed] == ["smoke-1", "smoke-0"]
+        [verdict] = listed[0]["verdicts"]
+        assert verdict["feedback"]["label"] == "real" and verdict["feedback"]["correct"] is False
+        assert verdict["prompt"] and '"yes"' in verdict["raw"]
+
+
+def test_feedback_on_verdicts_without_a_side_needs_a_label():
+    assert judged("confirmed", 0.9, Feedback(correct=False)) == ("false", False)
+    assert judged("rejected", 0.1, Feedback(correct=False)) == ("real", False)
+    assert judged("uncertain", 0.5, Feedback(label="real")) == ("real", None)
+    with pytest.raises(FeedbackError, match="neither right nor wrong"):
+        judged("uncertain", 0.5, Feedback(correct=True))
+    # extract rules: no P(real); what was said is kept
+    assert judged("confirmed", None, Feedback(correct=False, fields={"plate": "B1"})) == (
+        None,
+        False,
+    )
+
+
+async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "broken.toml").write_text("[match\n")
+    blue = base64.b64encode(jpeg_bytes(colour=(30, 80, 200))).decode()
+    async with run_daemon(settings) as d:
+        for i, camera in enumerate(("cam-a", "cam-b", "cam-a")):
+            alert = make_alert(f"list-{i}", camera_id=camera, image=blue)
+            alert["boxes"] = [{"x1": 10, "y1": 10, "x2": 200, "y2": 150, "label": "fire"}]
+            assert (await d.post_alert(alert))[0] == 202
+            await d.wait_reviewed(f"list-{i}")
+        assert (await d.post_alert(b"{not json"))[0] == 400
+
+        async with d.http.get(f"{d.base_url}/v1/alerts", params={"camera_id": "cam-a"}) as r:
+            listed = (await r.json())["alerts"]
+        assert [a["alert_id"] for a in listed] == ["list-2", "list-0"]
+        first = listed[0]
+        assert first["images"] == 1 and first["boxes"][0]["x2"] == 200
+        async with d.http.get(
+            f"{d.base_url}/v1/alerts", params={"limit": "1", "before": str(first["ref"])}
+        ) as r:
+            assert [a["alert_id"] for a in (await r.json())["alerts"]] == ["list-1"]
+
+        async with d.http.get(f"{d.base_url}/v1/snapshots/{first['ref']}/0?thumb=1") as r:
+            assert r.status == 200 and r.content_type == "image/jpeg"
+            thumb = Image.open(io.BytesIO(await r.read()))
+        assert max(thumb.size) == 320
+        # the detection box is drawn in red near the thumbnail's top left
+        scale = 320 / 640
+        red = thumb.convert("RGB").getpixel((int(100 * scale), int(10 * scale)))
+        assert red[0] > 180 and red[1] < 90 and red[2] < 90, red
+        async with d.http.get(f"{d.base_url}/v1/snapshots/{first['ref']}/7") as r:
+            assert r.status == 404
+
+        async with d.http.get(f"{d.base_url}/v1/rules") as r:
+            rules = await r.json()
+        [fire] = rules["rules"]
+        assert fire["name"] == "fire" and fire["state"] == "active"
+        assert fire["counts"]["alerts"] == 3 and fire["since"] and rules["loaded_at"]
+        assert rules["errors"][0]["file"] == "broken.toml"
+
+        async with d.http.get(f"{d.base_url}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+    lines = text.splitlines()
+
+    def value(prefix: str) -> float:
+        return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(prefix))
+
+    assert value('secondlook_alerts_received_total{outcome="accepted",source="http"}') == 3
+    assert value('secondlook_alerts_received_total{outcome="refused",source="http"}') == 1
+    assert value('secondlook_verdicts_total{rule="fire"') == 3
+    assert value('secondlook_stage_seconds_count{stage="model"}') == 3
+    assert value('secondlook_batch_size_bucket{le="+Inf"}') >= 1
+    assert value("secondlook_rule_errors ") == 1
+    assert value("secondlook_backlog ") == 0
+
+
+async def test_a_version_2_journal_is_migrated_without_losing_anything(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    journal = await Journal.open(path)
+    await journal.close()
+    with sqlite3.connect(path) as db:  # make it look like version 2: no prompt, raw, feedback
+        db.execute("DROP TABLE feedback")
+        db.execute("ALTER TABLE verdicts DROP COLUMN prompt")
+        db.execute("ALTER TABLE verdicts DROP COLUMN raw")
+        db.execute(
+            "INSERT INTO alerts (box_id, alert_id, alert, source, received_at) "
+            "VALUES ('b', 'old', '{}', 'http', '2026-01-01T00:00:00+00:00')"
+        )
+        db.execute("PRAGMA user_version = 2")
+    journal = await Journal.open(path)
+    try:
+        assert await journal.count_pending() == 1
+        async with journal.reader.execute("SELECT prompt, raw FROM verdicts") as rows:
+            assert await rows.fetchall() == []
+        async with journal.reader.execute("SELECT count(*) FROM feedback") as rows:
+            assert (await rows.fetchone())[0] == 0
+        async with journal.reader.execute("PRAGMA user_version") as rows:
+            assert (await rows.fetchone())[0] == 3
+    finally:
+        await journal.close()
