@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from daemon import feedback
 from daemon.config import Settings
 from daemon.console_api import ConsoleApi
 from daemon.http_api import HttpApi
@@ -166,6 +167,7 @@ class Daemon:
         self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
         if s.mqtt.enabled:
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
+            self.link.on_feedback = self._mqtt_feedback
             self.outbox = Outbox(journal, self.link, self.stats)
             self.link.on_connected = self.outbox.wake
         self.pipeline = Pipeline(
@@ -258,6 +260,24 @@ class Daemon:
             return self.fatal
         report = getattr(self.backend, "health", dict)()
         return worker_problem(report, self.settings.model.stall_timeout_s)
+
+    async def _mqtt_feedback(self, topic: str, payload: bytes) -> None:
+        """Store feedback from the MQTT feedback topic; refusals are logged, never fatal."""
+        assert self.journal is not None
+        try:
+            said = feedback.parse_feedback(payload)
+            if said.alert_id is None:
+                raise feedback.FeedbackError(400, "alert_id: field required", "alert_id")
+            await feedback.record(
+                self.journal,
+                said,
+                alert_id=said.alert_id,
+                box_id=said.box_id,
+                source="mqtt",
+                stats=self.stats,
+            )
+        except feedback.FeedbackError as exc:
+            log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)
 
     async def _mqtt_alert(self, topic: str, payload: bytes, fmt: str) -> None:
         """Ingest one MQTT alert; while the journal cannot take it, hold it (unacknowledged)

@@ -48,6 +48,9 @@ class MqttSettings(_Section):
     share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
     keepalive_s: int = Field(default=30, ge=5)
     status_topic: str = "secondlook/status"
+    #: operators' feedback on verdicts (JSON with alert_id, box_id, rule, correct | label);
+    #: empty: not subscribed
+    feedback_topic: str = "secondlook/feedback/#"
     verdict_topic: str = DEFAULT_VERDICT_TOPIC
     #: verdicts of rules in shadow mode go to this prefix + their usual topic
     shadow_prefix: str = "secondlook/shadow"

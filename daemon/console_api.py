@@ -116,13 +116,10 @@ class ConsoleApi:
                 alert_id=request.match_info["alert_id"],
                 box_id=request.query.get("box_id") or said.box_id,
                 source=request.headers.get("X-Feedback-Source", "http")[:16],
+                stats=self.daemon.stats,
             )
         except feedback.FeedbackError as exc:
             return error(exc.status, str(exc), exc.field)
-        self.daemon.stats.count(
-            "feedback", rule=stored["rule"], correct=str(stored["correct"]).lower()
-        )
-        log.info("feedback", **{k: stored[k] for k in ("alert_id", "rule", "label", "correct")})
         return web.json_response(stored, status=201)
 
     async def rules(self, request: web.Request) -> web.Response:

@@ -10,9 +10,13 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.journal import FeedbackRow, Journal
+from daemon.stats import StageStats
+
+log = structlog.get_logger(__name__)
 
 
 class FeedbackError(Exception):
@@ -95,9 +99,15 @@ def judged(
 
 
 async def record(
-    journal: Journal, feedback: Feedback, *, alert_id: str, box_id: str | None, source: str
+    journal: Journal,
+    feedback: Feedback,
+    *,
+    alert_id: str,
+    box_id: str | None,
+    source: str,
+    stats: StageStats | None = None,
 ) -> dict[str, Any]:
-    """Store `feedback` on the alert's verdict; answer what was stored."""
+    """Store `feedback` on the alert's verdict; count and log it; answer what was stored."""
     rows = await _verdicts(journal, alert_id, box_id)
     if not rows:
         raise FeedbackError(404, f"no alert {alert_id!r}" + (f" from {box_id!r}" if box_id else ""))
@@ -125,6 +135,9 @@ async def record(
         source=source,
     )
     feedback_id = await journal.record_feedback(stored)
+    if stats is not None:
+        stats.count("feedback", rule=stored.rule, correct=str(correct).lower())
+    log.info("feedback", alert_id=alert_id, rule=stored.rule, label=label, correct=correct)
     return {
         "id": feedback_id,
         "alert_id": alert_id,

@@ -45,6 +45,10 @@ async def _open_gate() -> None:
     return None
 
 
+async def _ignore(topic: str, payload: bytes) -> None:
+    return None
+
+
 def _size(message: aiomqtt.Message) -> int:
     payload = message.payload
     return len(payload) if isinstance(payload, bytes | bytearray | str) else 0
@@ -98,6 +102,8 @@ class MqttLink:
         self._on_message = on_message
         #: called after every (re)connection, once subscribed
         self.on_connected = on_connected
+        #: handles a message on the feedback topic
+        self.on_feedback: Callable[[str, bytes], Awaitable[None]] = _ignore
         #: awaited before each alert is taken in (the daemon pauses intake there)
         self.intake_gate: Callable[[], Awaitable[None]] = _open_gate
         self._intake_open = True
@@ -152,6 +158,9 @@ class MqttLink:
                     await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
                     for subscription in self.subscriptions:
                         await client.subscribe(self._filter(subscription.topic), qos=1)
+                    if s.feedback_topic:
+                        # not shared: the gateway that holds the alert is the one that stores it
+                        await client.subscribe(s.feedback_topic, qos=1)
                     self._client = client
                     self._lost = asyncio.Event()
                     self.connected.set()
@@ -202,6 +211,10 @@ class MqttLink:
     async def _ingest(self, message: aiomqtt.Message) -> None:
         payload = message.payload
         data = payload if isinstance(payload, bytes | bytearray) else str(payload or "").encode()
+        feedback_topic = self.settings.feedback_topic
+        if feedback_topic and message.topic.matches(feedback_topic):
+            await self.on_feedback(str(message.topic), bytes(data))
+            return
         fmt = next(
             (sub.format for sub in self.subscriptions if message.topic.matches(sub.topic)),
             self.settings.format,

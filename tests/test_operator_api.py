@@ -3,8 +3,10 @@ rules and Prometheus metrics; and the journal migration that made room for them.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import sqlite3
 
 import pytest
@@ -12,7 +14,14 @@ from PIL import Image
 
 from daemon.feedback import Feedback, FeedbackError, judged
 from daemon.journal import Journal
-from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
+from tests.conftest import (
+    FIRE_RULE,
+    jpeg_bytes,
+    make_alert,
+    make_settings,
+    publish,
+    run_daemon,
+)
 
 #: a rule that confirms at any P(real) (so every verdict is known: confirmed)
 CONFIRM_ALL = FIRE_RULE + "confirm_at = 0.0\nreject_below = 0.0\n"
@@ -181,3 +190,27 @@ async def test_a_version_2_journal_is_migrated_without_losing_anything(tmp_path)
             assert (await rows.fetchone())[0] == 3
     finally:
         await journal.close()
+
+
+async def test_feedback_on_the_mqtt_topic_is_stored_and_bad_feedback_is_refused(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    async with run_daemon(settings) as d:
+        assert (await d.post_alert(make_alert("mqtt-fb")))[0] == 202
+        await d.wait_reviewed("mqtt-fb")
+        await publish(broker, "secondlook/feedback/op-1", b"{not json")
+        await publish(broker, "secondlook/feedback/op-1", json.dumps({"correct": True}))
+        body = {"alert_id": "mqtt-fb", "box_id": "box-t", "label": "false"}
+        await publish(broker, "secondlook/feedback/op-1", json.dumps(body))
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            async with d.http.get(f"{d.base_url}/v1/stats") as response:
+                fire = (await response.json())["rules"]["fire"]["feedback"]
+            if fire["count"] or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.1)
+        assert (fire["count"], fire["wrong"], fire["precision"]) == (1, 1, 0.0)
+        async with d.daemon.journal.reader.execute("SELECT source, label FROM feedback") as rows:
+            assert [tuple(row) for row in await rows.fetchall()] == [("mqtt", "false")]
