@@ -24,6 +24,7 @@ import structlog
 from daemon import feedback
 from daemon.config import Settings
 from daemon.console_api import ConsoleApi
+from daemon.credentials import read_tokens
 from daemon.http_api import HttpApi
 from daemon.journal import Journal
 from daemon.logs import configure_logging
@@ -218,7 +219,8 @@ class Daemon:
             async with asyncio.TaskGroup() as tg:
                 if s.http.enabled:
                     max_body = int(s.http.max_body_mb * 1024 * 1024)
-                    api = HttpApi(pipeline, self.health, max_body_bytes=max_body)
+                    tokens = read_tokens(s.http.tokens_file) if s.http.tokens_file else []
+                    api = HttpApi(pipeline, self.health, max_body_bytes=max_body, tokens=tokens)
                     api.app.add_routes(ConsoleApi(self).routes())
                     await api.start(s.http.host, s.http.port)
                 background = [tg.create_task(self.storage.run())]

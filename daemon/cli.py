@@ -61,13 +61,14 @@ def run(config: Path | None, model_path: str | None) -> None:
     """Run the daemon: MQTT/HTTP in, rules, model, verdicts out."""
     settings = _settings(config, model_path=model_path)
     from daemon.app import StartupError, run_daemon
+    from daemon.credentials import CredentialError
     from daemon.plugin_api import BackendUnusable, ModelLoadError
     from daemon.plugins import PluginError
 
     configure_logging(settings.log)
     try:
         run_daemon(settings, lambda: _settings(config, model_path=model_path))
-    except* (StartupError, ModelLoadError, PluginError, BackendUnusable) as group:
+    except* (StartupError, ModelLoadError, PluginError, BackendUnusable, CredentialError) as group:
         for exc in group.exceptions:
             click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_VERDICT_TOPIC = "secondlook/verdicts/{verdict}/{box_id}/{camera_id}/{event_type}"
 
@@ -56,6 +64,20 @@ class MqttSettings(_Section):
     shadow_prefix: str = "secondlook/shadow"
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    username: str | None = None
+    #: a file holding the password (relative: in $CREDENTIALS_DIRECTORY under systemd)
+    password_file: Path | None = None
+    #: TLS to the broker (usually port 8883); on by itself when a CA or client cert is set
+    tls: bool = False
+    #: the CA that signed the broker's certificate (default: the system's CAs)
+    tls_ca_file: Path | None = None
+    #: a client certificate and its key, for brokers that require one
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca_file is not None or self.tls_cert_file is not None
 
     def all_subscriptions(self) -> list[Subscription]:
         """`subscribe` (in `format`) then `subscriptions`; the first filter that matches wins."""
@@ -63,10 +85,32 @@ class MqttSettings(_Section):
         return plain + self.subscriptions
 
 
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class HttpSettings(_Section):
     enabled: bool = True
     listen: str = "127.0.0.1:8080"
     max_body_mb: float = Field(default=20, gt=0)
+    #: bearer tokens, one per line (relative: in $CREDENTIALS_DIRECTORY under systemd); every
+    #: request but /healthz and the console's static files then needs one; required when
+    #: `listen` is not a loopback address
+    tokens_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tokens_unless_loopback(self) -> HttpSettings:
+        if self.tokens_file is None and not _is_loopback(self.host):
+            raise ValueError(
+                f"listen = {self.listen!r} is reachable from other machines: set tokens_file "
+                "(bearer tokens), or listen on 127.0.0.1"
+            )
+        return self
 
     @field_validator("listen")
     @classmethod

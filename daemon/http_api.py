@@ -4,12 +4,15 @@ POST /v1/alerts            an alert (contract JSON; `?format=` picks another ale
                            503 + Retry-After while the backlog is full or the disk is
 GET  /v1/alerts/{alert_id} its state and verdicts (`?box_id=` when several boxes used the id)
 GET  /healthz              readiness and counters
+With `[http] tokens_file`, every request but /healthz and the console's page needs
+`Authorization: Bearer <token>` (401 otherwise).
 Errors are JSON: {"error": "...", "field": "..."}.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import hmac
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
@@ -55,11 +58,53 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(500, "internal error")
 
 
+#: what answers without a token: readiness, and the console's page (it holds no data and asks
+#: for the token itself)
+OPEN_PATHS = ("/healthz", "/console", "/console/")
+OPEN_PREFIXES = ("/console/static/",)
+
+
+def bearer_auth(tokens: Sequence[str]) -> Callable[[web.Request, Handler], Awaitable[Any]]:
+    """Every other request needs `Authorization: Bearer <one of tokens>`, checked before its
+    body is read; tokens are compared in constant time and never logged."""
+    expected = [token.encode() for token in tokens]
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return await handler(request)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given:
+            return _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        offered = given.strip().encode()
+        # every token compared, so the time taken does not tell which one nearly matched
+        matches = [hmac.compare_digest(offered, token) for token in expected]
+        if not any(matches):
+            log.warning("http request with a wrong token", path=path, peer=request.remote)
+            return _unauthorized("the bearer token is not valid")
+        return await handler(request)
+
+    return check
+
+
+def _unauthorized(message: str) -> web.Response:
+    return error(401, message, **{"WWW-Authenticate": 'Bearer realm="secondlook"'})
+
+
 class HttpApi:
-    def __init__(self, pipeline: Pipeline, health: HealthProbe, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        health: HealthProbe,
+        *,
+        max_body_bytes: int,
+        tokens: Sequence[str] = (),
+    ) -> None:
         self.pipeline = pipeline
         self.health = health
-        self.app = web.Application(middlewares=[json_errors], client_max_size=max_body_bytes)
+        middlewares = [json_errors] + ([bearer_auth(tokens)] if tokens else [])
+        self.app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
         self.app.add_routes(
             [
                 web.post("/v1/alerts", self.post_alert),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import MqttSettings
+from daemon.credentials import CredentialError, read_secret
 
 log = structlog.get_logger(__name__)
 
@@ -76,6 +78,22 @@ class ByteBudget:
             self._changed.notify_all()
 
 
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    """Certificate-checked TLS to the broker, with a client certificate when one is set."""
+    try:
+        context = ssl.create_default_context(
+            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
+        )
+        if settings.tls_cert_file is not None:
+            context.load_cert_chain(
+                settings.tls_cert_file,
+                settings.tls_key_file,
+            )
+    except (OSError, ssl.SSLError) as exc:
+        raise CredentialError(f"[mqtt] TLS files cannot be used: {exc}") from exc
+    return context
+
+
 def backoff_delays(minimum: float, maximum: float) -> Callable[[], float]:
     """Successive delays: exponential from `minimum`, capped at `maximum`, each jittered
     down by up to half so a fleet of gateways does not reconnect in step."""
@@ -99,6 +117,13 @@ class MqttLink:
     ) -> None:
         self.settings = settings
         self.subscriptions = settings.all_subscriptions()
+        # read once at start, so that a missing file stops the start with its name
+        self._password = (
+            read_secret(settings.password_file, "[mqtt] password_file")
+            if settings.password_file is not None
+            else None
+        )
+        self._tls = tls_context(settings) if settings.uses_tls else None
         self._on_message = on_message
         #: called after every (re)connection, once subscribed
         self.on_connected = on_connected
@@ -140,6 +165,9 @@ class MqttLink:
             keepalive=s.keepalive_s,
             will=aiomqtt.Will(s.status_topic, OFFLINE, qos=1, retain=True),
             timeout=10,
+            username=s.username,
+            password=self._password,
+            tls_context=self._tls,
             **session,
         )
         # hold each PUBACK until the alert is journalled (see `_acknowledge_in_order`)

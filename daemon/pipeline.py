@@ -18,10 +18,17 @@ from typing import Any, Literal
 import structlog
 
 from daemon.backlog import Backlog
-from daemon.config import Settings
+from daemon.config import ImageSettings, Settings
 from daemon.contract import Alert, Verdict, VerdictKind, utc_now
 from daemon.journal import Journal, PlannedVerdict, StoredAlert
-from daemon.plugin_api import AlertError, Backend, BackendUnusable, IncomingAlert, Judgement
+from daemon.plugin_api import (
+    AlertError,
+    AlertFormat,
+    Backend,
+    BackendUnusable,
+    IncomingAlert,
+    Judgement,
+)
 from daemon.plugins import Registry
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
@@ -44,6 +51,27 @@ class IngestResult:
     error: AlertError | None = None
     #: why a busy payload was not taken
     busy_reason: str | None = None
+
+
+def parse_payload(
+    payload: bytes,
+    topic: str | None,
+    parser: AlertFormat | None,
+    format_name: str,
+    images: ImageSettings,
+) -> IncomingAlert | None:
+    """The alert in a payload, its snapshots checked from their headers; AlertError names
+    the field at fault (None: a payload that is no alert of its own)."""
+    if parser is None:
+        raise AlertError("format", f"unknown alert format {format_name!r}")
+    incoming = parser.parse(payload, topic=topic)
+    if incoming is None:
+        return None
+    for image in incoming.images:
+        check_raw_image(image, images)
+    if incoming.alert.image_url and not incoming.images:
+        check_image_url(incoming.alert.image_url, images)
+    return incoming
 
 
 class Pipeline:
@@ -122,7 +150,13 @@ class Pipeline:
         format_name = fmt or self.settings.mqtt.format
         try:
             with self.stats.time("parse"):
-                incoming = self._parse(payload, topic, format_name)
+                incoming = parse_payload(
+                    payload,
+                    topic,
+                    self.registry.alert_formats.get(format_name),
+                    format_name,
+                    self.settings.images,
+                )
         except AlertError as exc:
             log.error(
                 "alert refused", source=source, topic=topic, field=exc.field, error=exc.message
@@ -195,20 +229,6 @@ class Pipeline:
     async def wait_for_intake(self) -> None:
         """Return once intake may go on (MQTT pauses here; the broker holds the rest)."""
         await self.backlog.wait_for_room()
-
-    def _parse(self, payload: bytes, topic: str | None, format_name: str) -> IncomingAlert | None:
-        """The alert in a payload, its snapshots checked from their headers."""
-        parser = self.registry.alert_formats.get(format_name)
-        if parser is None:
-            raise AlertError("format", f"unknown alert format {format_name!r}")
-        incoming = parser.parse(payload, topic=topic)
-        if incoming is None:
-            return None
-        for image in incoming.images:
-            check_raw_image(image, self.settings.images)
-        if incoming.alert.image_url and not incoming.images:
-            check_image_url(incoming.alert.image_url, self.settings.images)
-        return incoming
 
     async def close(self) -> None:
         await self.snapshots.close()

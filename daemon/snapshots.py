@@ -24,6 +24,7 @@ from daemon.images import (
 )
 from daemon.plugin_api import AlertError, RawImage
 from daemon.rule_file import ImageMode
+from daemon.url_guard import GuardedResolver, literal_address, refusal
 
 
 def check_raw_image(image: RawImage, settings: ImageSettings) -> None:
@@ -38,7 +39,8 @@ def check_raw_image(image: RawImage, settings: ImageSettings) -> None:
 
 
 def check_image_url(url: str, settings: ImageSettings) -> None:
-    """Only http(s) URLs on an allowed host may be fetched."""
+    """Only http(s) URLs on an allowed host may be fetched, and never from a link-local,
+    unspecified, multicast or reserved address (see daemon.url_guard)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AlertError("image_url", "expected an http(s) URL")
@@ -46,6 +48,9 @@ def check_image_url(url: str, settings: ImageSettings) -> None:
         raise AlertError(
             "image_url", f"host {parts.hostname!r} is not in the allowed hosts ([images] url_hosts)"
         )
+    literal = literal_address(parts.hostname)
+    if literal is not None and (reason := refusal(literal, loopback_allowed=True)):
+        raise AlertError("image_url", f"{reason} address {literal} is never fetched from")
 
 
 class SnapshotLoader:
@@ -64,7 +69,9 @@ class SnapshotLoader:
         check_image_url(url, self.settings)
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=self.settings.url_timeout_s)
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            # names are checked again at connection time, against what they resolve to
+            connector = aiohttp.TCPConnector(resolver=GuardedResolver())
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         limit = int(self.settings.max_bytes_mb * 1024 * 1024)
         try:
             async with self._session.get(url, allow_redirects=False) as response:

@@ -35,6 +35,7 @@ import structlog
 from PIL.Image import Image
 
 from daemon.config import ModelSettings
+from daemon.credentials import CredentialError, read_secret
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import (
     Answer,
@@ -129,9 +130,9 @@ class OpenAIBackend:
         key_file = self.remote.api_key_file
         if key_file is not None:
             try:
-                key = (await asyncio.to_thread(key_file.read_text, encoding="utf-8")).strip()
-            except OSError as exc:
-                raise ModelLoadError(f"cannot read [model.remote] api_key_file: {exc}") from exc
+                key = read_secret(key_file, "[model.remote] api_key_file").strip()
+            except CredentialError as exc:
+                raise ModelLoadError(str(exc)) from exc
             self._headers["Authorization"] = f"Bearer {key}"
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.remote.timeout_s), headers=self._headers
