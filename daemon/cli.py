@@ -14,6 +14,7 @@ from typing import Any
 import click
 import structlog
 from rich.console import Console
+from rich.table import Table
 
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
@@ -35,6 +36,17 @@ def _settings(
         updates["model"] = settings.model.model_copy(update={"path": model_path})
     if rules_dir is not None:
         updates["rules"] = settings.rules.model_copy(update={"dir": rules_dir})
+    return settings.model_copy(update=updates)
+
+
+def _offline(settings: Settings, scratch: str) -> Settings:
+    """No broker, no HTTP, a journal of its own (in `scratch`): for commands that review
+    without disturbing a running daemon."""
+    updates = {
+        "mqtt": settings.mqtt.model_copy(update={"enabled": False}),
+        "http": settings.http.model_copy(update={"enabled": False}),
+        "storage": settings.storage.model_copy(update={"dir": Path(scratch)}),
+    }
     return settings.model_copy(update=updates)
 
 
@@ -101,16 +113,9 @@ def replay(
     from daemon.replay import alert_files, verdict_table
     from daemon.replay import replay as run_replay
 
-    settings = _settings(config, model_path=model_path, rules_dir=rules_dir)
     files = alert_files(paths)
     with tempfile.TemporaryDirectory(prefix="secondlook-replay-") as scratch:
-        # no broker, no HTTP, a journal of its own: every file is reviewed afresh
-        updates = {
-            "mqtt": settings.mqtt.model_copy(update={"enabled": False}),
-            "http": settings.http.model_copy(update={"enabled": False}),
-            "storage": settings.storage.model_copy(update={"dir": Path(scratch)}),
-        }
-        settings = settings.model_copy(update=updates)
+        settings = _offline(_settings(config, model_path=model_path, rules_dir=rules_dir), scratch)
         console = Console(stderr=True)
         configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
         rows = asyncio.run(run_replay(settings, files, console))
@@ -123,6 +128,122 @@ def replay(
         out.print(verdict_table(rows, settings.mqtt.shadow_prefix))
     if any(row.verdict is None for row in rows):
         sys.exit(1)
+
+
+@main.command("try")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--prompt", help="A prompt to try (verdict kind unless --kind says otherwise).")
+@click.option("--kind", default="verdict", show_default=True, help="Rule kind for --prompt.")
+@click.option(
+    "--rule",
+    "rule_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A rule file to try instead of --prompt.",
+)
+@click.option("--camera-id", default="playground", show_default=True)
+@click.option("--event-type", help="The alert's event type (default: the rule's first).")
+@click.option("--save-rule", "save_as", help="Save the rule into the config's rules dir as NAME.")
+@CONFIG_OPTION
+@MODEL_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of a table.")
+def try_(
+    image: Path,
+    prompt: str | None,
+    kind: str,
+    rule_file: Path | None,
+    camera_id: str,
+    event_type: str | None,
+    save_as: str | None,
+    config: Path | None,
+    model_path: str | None,
+    as_json: bool,
+) -> None:
+    """Try a prompt or a rule on one image: verdict, P(real), fields, raw output, latency."""
+    from daemon.playground import PlaygroundError, rule_toml
+
+    if (prompt is None) == (rule_file is None):
+        raise click.UsageError("give either --prompt or --rule")
+    text = (
+        rule_file.read_text(encoding="utf-8") if rule_file else rule_toml(prompt or "", kind=kind)
+    )
+    settings = _settings(config, model_path=model_path)
+    configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="secondlook-try-") as scratch:
+        try:
+            result, saved = asyncio.run(
+                _try(
+                    _offline(settings, scratch),
+                    text,
+                    image.read_bytes(),
+                    camera_id,
+                    event_type,
+                    save_as,
+                    settings.rules.dir,
+                    console,
+                )
+            )
+        except PlaygroundError as exc:
+            raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        _print_try(result)
+    if saved is not None:
+        console.print(f"saved as {saved}")
+
+
+async def _try(
+    settings: Settings,
+    text: str,
+    image: bytes,
+    camera_id: str,
+    event_type: str | None,
+    save_as: str | None,
+    rules_dir: Path,
+    console: Console,
+) -> tuple[dict[str, Any], Path | None]:
+    from daemon.app import Daemon
+    from daemon.playground import load_rule, save_rule, try_rule
+
+    daemon = Daemon(settings)
+    pipeline = await daemon.open()
+    try:
+        with console.status(f"loading model {settings.model.path}"):
+            await daemon.start_model()
+        kinds, check = daemon.registry.rule_kinds, daemon.rules.check_choices
+        rule = load_rule(text, kinds, check)
+        result = await try_rule(
+            pipeline.reviewer,
+            rule,
+            image,
+            camera_id=camera_id,
+            event_type=event_type,
+            max_pixels=settings.images.max_input_pixels,
+        )
+        saved = save_rule(rules_dir, save_as, text, kinds, check) if save_as else None
+    finally:
+        await daemon.close()
+    return result, saved
+
+
+def _print_try(result: dict[str, Any]) -> None:
+    table = Table(show_header=False, box=None)
+    for key in (
+        "rule",
+        "kind",
+        "verdict",
+        "confidence",
+        "reason",
+        "fields",
+        "latency_ms",
+        "model",
+        "prompt",
+        "raw",
+    ):
+        value = result[key]
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    Console().print(table)
 
 
 @main.command()

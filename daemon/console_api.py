@@ -7,6 +7,11 @@ GET  /v1/snapshots/{ref}/{idx}       a stored snapshot (?thumb=1: 320 px JPEG wi
                                      detection boxes drawn)
 POST /v1/alerts/{alert_id}/feedback  {"rule", "correct" | "label", "fields", "note"} (?box_id=)
 GET  /v1/rules                       rules with their state, errors, last reload, counts
+PUT  /v1/rules/{name}                save a rule file (TOML body, or JSON {"prompt", "kind",
+                                     "event_types"}); the daemon uses it at once
+POST /v1/try                         the playground: {"image": base64 | "snapshot": {"ref",
+                                     "idx"}, "prompt" + "kind" | "rule_toml", "camera_id",
+                                     "event_type"} -> verdict, P(real), fields, raw, latency
 GET  /v1/stats                       per-rule stats and a timeline (?hours=24)
 GET  /metrics                        Prometheus text format
 GET  /console/                       the web console (static files, no build step)
@@ -24,10 +29,11 @@ import structlog
 from aiohttp import web
 from PIL import Image
 
-from daemon import feedback, history, metrics
+from daemon import feedback, history, metrics, playground
 from daemon.contract import utc_now
 from daemon.images import ImageError, decode, draw_detections
 from daemon.journal import Journal
+from plugins.canonical import decode_base64_image
 
 if TYPE_CHECKING:
     from daemon.app import Daemon
@@ -57,6 +63,8 @@ class ConsoleApi:
             web.get("/v1/snapshots/{ref:\\d+}/{idx:\\d+}", self.snapshot),
             web.post("/v1/alerts/{alert_id}/feedback", self.feedback),
             web.get("/v1/rules", self.rules),
+            web.put("/v1/rules/{name}", self.save_rule),
+            web.post("/v1/try", self.try_rule),
             web.get("/v1/stats", self.stats),
             web.get("/metrics", self.metrics),
             web.get("/console", self.console_root),
@@ -158,6 +166,65 @@ class ConsoleApi:
             }
         )
 
+    async def try_rule(self, request: web.Request) -> web.Response:
+        d = self.daemon
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise playground.PlaygroundError("expected a JSON object")
+            image = await self._playground_image(body)
+            text = body.get("rule_toml") or playground.rule_toml(
+                _text(body, "prompt"), kind=str(body.get("kind") or "verdict")
+            )
+            rule = playground.load_rule(text, d.registry.rule_kinds, d.rules.check_choices)
+            assert d.pipeline is not None
+            result = await playground.try_rule(
+                d.pipeline.reviewer,
+                rule,
+                image,
+                camera_id=str(body.get("camera_id") or "playground"),
+                event_type=body.get("event_type") or None,
+                max_pixels=d.settings.images.max_input_pixels,
+            )
+        except ValueError as exc:  # PlaygroundError, JSON errors
+            return error(400, str(exc))
+        return web.json_response({**result, "rule_toml": text})
+
+    async def _playground_image(self, body: dict[str, Any]) -> bytes:
+        if isinstance(body.get("snapshot"), dict):
+            ref, idx = body["snapshot"].get("ref"), body["snapshot"].get("idx", 0)
+            if not isinstance(ref, int) or not isinstance(idx, int):
+                raise playground.PlaygroundError("snapshot: ref and idx must be integers")
+            data = await history.snapshot(self.journal, ref, idx)
+            if data is None:
+                raise playground.PlaygroundError("snapshot: no such stored snapshot")
+            return data
+        return decode_base64_image(body.get("image"), "image").data
+
+    async def save_rule(self, request: web.Request) -> web.Response:
+        d = self.daemon
+        name = request.match_info["name"]
+        try:
+            if request.content_type == "application/json":
+                body = await request.json()
+                if not isinstance(body, dict):
+                    raise playground.PlaygroundError("expected a JSON object")
+                text = playground.rule_toml(
+                    _text(body, "prompt"),
+                    kind=str(body.get("kind") or "verdict"),
+                    event_types=body.get("event_types") or ["*"],
+                    description=str(body.get("description") or ""),
+                )
+            else:
+                text = await request.text()
+            path = playground.save_rule(
+                d.rules.directory, name, text, d.registry.rule_kinds, d.rules.check_choices
+            )
+        except ValueError as exc:
+            return error(400, str(exc))
+        d.reload_rules()
+        return web.json_response({"name": name, "file": path.name, "rule_toml": text}, status=201)
+
     async def stats(self, request: web.Request) -> web.Response:
         try:
             hours = float(request.query.get("hours", "24"))
@@ -205,6 +272,13 @@ def _thumbnail(data: bytes, boxes: list[tuple[float, float, float, float]]) -> b
     # no chroma subsampling: it would wash out the thin red box lines
     img.save(out, "JPEG", quality=85, subsampling=0)
     return out.getvalue()
+
+
+def _text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise playground.PlaygroundError(f"{key}: a non-empty text is required")
+    return value
 
 
 def _iso(value: Any) -> str | None:

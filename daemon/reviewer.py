@@ -90,7 +90,7 @@ class Reviewer:
         self, stored: StoredAlert, rules: list[Rule]
     ) -> list[tuple[Rule, Judgement]]:
         """Each rule's judgement, in order; rules whose failure means `drop` are left out."""
-        images = self._images_once(stored)
+        images = self.images_once(stored)
         judged = []
         for rule in rules:
             with structlog.contextvars.bound_contextvars(rule=rule.name):
@@ -99,7 +99,7 @@ class Reviewer:
                 judged.append((rule, judgement))
         return judged
 
-    def _images_once(self, stored: StoredAlert) -> Callable[[], Awaitable[SnapshotSet]]:
+    def images_once(self, stored: StoredAlert) -> Callable[[], Awaitable[SnapshotSet]]:
         """Collect (and fetch) the alert's snapshots at most once, on first need."""
         task: asyncio.Task[SnapshotSet] | None = None
 

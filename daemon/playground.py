@@ -1,0 +1,140 @@
+"""The prompt playground: one rule (a file's text, or a prompt and a kind) on one image,
+judged by the same code as real reviews, with everything an operator wants to see; and
+saving what works as a rule file the daemon then uses.
+
+Used by `secondlook try` and by the web console (`POST /v1/try`, `PUT /v1/rules/{name}`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from daemon.contract import Alert, utc_now
+from daemon.images import ImageError, inspect_image
+from daemon.journal import StoredAlert
+from daemon.plugin_api import RawImage, RuleKind
+from daemon.reviewer import Reviewer
+from daemon.rules import ChoiceChecker, Rule, RuleError, parse_rule
+
+#: a rule name: a safe file stem
+RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PlaygroundError(ValueError):
+    """Input the playground cannot use; the message says what is wrong."""
+
+
+def rule_toml(
+    prompt: str,
+    *,
+    kind: str = "verdict",
+    event_types: Sequence[str] = ("*",),
+    description: str = "",
+) -> str:
+    """A rule file's text for a prompt (verdict kind; classify and extract rules need labels
+    or fields: write those as TOML)."""
+    if isinstance(event_types, str):
+        event_types = [event_types]
+    lines = [f"description = {json.dumps(description)}"] if description else []
+    lines += [
+        "[match]",
+        f"event_types = {json.dumps(list(event_types))}",
+        "[review]",
+        f"kind = {json.dumps(kind)}",
+        f"prompt = {json.dumps(prompt)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def load_rule(
+    text: str,
+    kinds: Mapping[str, RuleKind],
+    check_choices: ChoiceChecker | None = None,
+    name: str = "playground",
+) -> Rule:
+    """A rule from its text, checked as the rules directory would check it."""
+    try:
+        return parse_rule(Path(f"{name}.toml"), text, kinds, check_choices)
+    except RuleError as exc:
+        raise PlaygroundError(str(exc)) from exc
+
+
+async def try_rule(
+    reviewer: Reviewer,
+    rule: Rule,
+    image: bytes,
+    *,
+    camera_id: str = "playground",
+    event_type: str | None = None,
+    boxes: Sequence[Mapping[str, float]] = (),
+    max_pixels: int = 40_000_000,
+) -> dict[str, Any]:
+    """The rule's judgement of the image, with the prompt, raw answer and latency."""
+    try:
+        inspect_image(image, max_pixels=max_pixels)
+    except ImageError as exc:
+        raise PlaygroundError(f"image: {exc}") from exc
+    plain = [t for t in rule.match.event_types if not any(c in t for c in "*?[")]
+    alert = Alert.model_validate(
+        {
+            "alert_id": f"try-{uuid.uuid4().hex[:8]}",
+            "box_id": "playground",
+            "camera_id": camera_id,
+            "event_type": event_type or (plain[0] if plain else "playground"),
+            "occurred_at": utc_now().isoformat(),
+            "boxes": list(boxes),
+        }
+    )
+    stored = StoredAlert(0, alert, [RawImage("image", image)], utc_now(), 0, "received")
+    started = time.perf_counter()
+    judgement = await reviewer.judge(alert, rule, reviewer.images_once(stored))
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    if judgement is None:  # on_error = "drop"
+        raise PlaygroundError("the review failed and the rule drops failed alerts (on_error)")
+    return {
+        "rule": rule.name,
+        "kind": rule.kind,
+        "verdict": judgement.verdict.value,
+        "confidence": judgement.confidence,
+        "reason": judgement.reason,
+        "fields": dict(judgement.fields),
+        "prompt": judgement.prompt,
+        "raw": judgement.raw,
+        "latency_ms": latency_ms,
+        "model": reviewer.backend.model_name,
+    }
+
+
+def save_rule(
+    rules_dir: Path,
+    name: str,
+    text: str,
+    kinds: Mapping[str, RuleKind],
+    check_choices: ChoiceChecker | None = None,
+) -> Path:
+    """Check `text` as a rule, then write `<rules_dir>/<name>.toml` at once (a temporary file
+    renamed over it), so the rules watcher never reads half a file."""
+    if not RULE_NAME.match(name):
+        raise PlaygroundError(
+            f"name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit"
+        )
+    load_rule(text, kinds, check_choices, name)
+    rules_dir.mkdir(parents=True, exist_ok=True)
+    target = rules_dir / f"{name}.toml"
+    fd, temporary = tempfile.mkstemp(dir=rules_dir, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        Path(temporary).replace(target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target

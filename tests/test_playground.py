@@ -1,0 +1,125 @@
+"""The prompt playground: `secondlook try`, `POST /v1/try`, and rules saved from it."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from click.testing import CliRunner
+
+from daemon.cli import main
+from tests.conftest import (
+    EXTRACT_RULE,
+    FIRE_RULE,
+    jpeg_bytes,
+    make_alert,
+    make_settings,
+    run_daemon,
+)
+
+CLASSIFY_RULE = """
+[match]
+event_types = ["fighting"]
+[review]
+kind = "classify"
+prompt = "What do the people do?"
+labels = ["fight", "play"]
+confirm = ["fight"]
+reject = ["play"]
+"""
+
+
+def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tiny_model):
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(jpeg_bytes())
+    runner = CliRunner()
+    base = ["try", str(image), "--model", str(tiny_model), "--json"]
+    result = runner.invoke(main, [*base, "--prompt", "Is there a fire? Answer yes or no."])
+    assert result.exit_code == 0, result.output
+    tried = json.loads(result.output.strip().splitlines()[-1])
+    assert tried["verdict"] in ("confirmed", "rejected", "uncertain")
+    assert 0 <= tried["confidence"] <= 1 and tried["latency_ms"] > 0
+    assert tried["prompt"].startswith("Is there a fire?")
+    raw = json.loads(tried["raw"])
+    assert abs(raw["yes"]["p"] - tried["confidence"]) < 1e-5
+    assert abs(raw["yes"]["p"] + raw["no"]["p"] - 1) < 1e-5
+
+    for text, kind in ((CLASSIFY_RULE, "classify"), (EXTRACT_RULE, "extract")):
+        rule = tmp_path / f"{kind}.toml"
+        rule.write_text(text)
+        result = runner.invoke(main, [*base, "--rule", str(rule)])
+        assert result.exit_code == 0, result.output
+        tried = json.loads(result.output.strip().splitlines()[-1])
+        assert tried["kind"] == kind and tried["raw"] is not None
+        if kind == "classify":
+            assert set(tried["fields"]["scores"]) == {"fight", "play"}
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[review]\nkind = 'verdict'\n")
+    result = runner.invoke(main, [*base, "--rule", str(broken)])
+    assert result.exit_code != 0 and "match: Field required" in result.output
+    not_image = tmp_path / "notes.txt"
+    not_image.write_text("hello")
+    result = runner.invoke(
+        main, ["try", str(not_image), "--model", str(tiny_model), "--prompt", "x"]
+    )
+    assert result.exit_code != 0 and "image: not a JPEG or PNG" in result.output
+
+
+async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_rules(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    upload = base64.b64encode(jpeg_bytes(colour=(20, 200, 40))).decode()
+    async with run_daemon(settings) as d:
+
+        async def call(method: str, path: str, **kwargs) -> tuple[int, dict]:
+            async with d.http.request(method, f"{d.base_url}{path}", **kwargs) as response:
+                return response.status, await response.json()
+
+        status, tried = await call("POST", "/v1/try", json={"image": upload, "prompt": "Smoke?"})
+        assert status == 200 and tried["verdict"] != "unreviewed" and tried["prompt"] == "Smoke?"
+        assert 0 <= tried["confidence"] <= 1
+
+        assert (await d.post_alert(make_alert("stored")))[0] == 202
+        await d.wait_reviewed("stored")
+        [listed] = (await call("GET", "/v1/alerts"))[1]["alerts"]
+        snapshot = {"ref": listed["ref"], "idx": 0}
+        status, again = await call(
+            "POST", "/v1/try", json={"snapshot": snapshot, "prompt": "Fire?"}
+        )
+        assert status == 200 and again["prompt"] == "Fire?"
+        # the same image and prompt as the stored alert's review: the same P(real)
+        status, same = await call(
+            "POST", "/v1/try", json={"snapshot": snapshot, "rule_toml": FIRE_RULE}
+        )
+        assert abs(same["confidence"] - listed["verdicts"][0]["confidence"]) < 1e-4
+
+        status, body = await call("POST", "/v1/try", json={"image": "not base64!", "prompt": "x"})
+        assert status == 400 and "image" in body["error"]
+        status, body = await call("POST", "/v1/try", json={"image": upload})
+        assert status == 400 and "prompt" in body["error"]
+        status, body = await call(
+            "POST", "/v1/try", json={"image": upload, "rule_toml": "[review]\nkind = 1\n"}
+        )
+        assert status == 400 and "playground.toml" in body["error"]
+
+        # saved from the playground: the next matching alert uses it at once
+        status, saved = await call(
+            "PUT",
+            "/v1/rules/forklift_height",
+            json={"prompt": "Is the load above the mast?", "event_types": ["forklift_over_height"]},
+        )
+        assert status == 201 and saved["file"] == "forklift_height.toml"
+        assert (settings.rules.dir / "forklift_height.toml").read_text() == saved["rule_toml"]
+        alert = make_alert("lift-1", event_type="forklift_over_height")
+        assert (await d.post_alert(alert))[0] == 202
+        [verdict] = (await d.wait_reviewed("lift-1"))["verdicts"]
+        assert verdict["rule"] == "forklift_height" and verdict["verdict"] != "unreviewed"
+
+        status, body = await call("PUT", "/v1/rules/../etc", data="x")
+        assert status in (400, 404)
+        status, body = await call("PUT", "/v1/rules/bad", data="[match]\nevent_types = 3\n")
+        assert status == 400 and "match.event_types" in body["error"]
+        assert not (settings.rules.dir / "bad.toml").exists()
