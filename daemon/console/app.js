@@ -1,0 +1,288 @@
+// secondlook's web console: plain JS over the daemon's JSON API (see daemon/console_api.py).
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const el = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "class") node.className = value;
+    else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+  }
+  return node;
+};
+const pct = (x) => (x === null || x === undefined ? "–" : `${(100 * x).toFixed(1)} %`);
+const num = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
+
+// API with the bearer token, when the daemon wants one ------------------------------------
+let token = localStorage.getItem("secondlook-token") || "";
+
+async function api(path, options = {}) {
+  const headers = Object.assign({}, options.headers || {});
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, Object.assign({}, options, { headers }));
+  if (response.status === 401) {
+    $("#login").hidden = false;
+    throw new Error("a token is needed");
+  }
+  return response;
+}
+
+async function json(path, options) {
+  const response = await api(path, options);
+  const body = await response.json();
+  if (!response.ok) throw new Error(body.error || response.statusText);
+  return body;
+}
+
+$("#login").addEventListener("submit", (event) => {
+  event.preventDefault();
+  token = $("#token").value.trim();
+  localStorage.setItem("secondlook-token", token);
+  $("#login").hidden = true;
+  refresh();
+});
+
+// images come through fetch (so the token goes along) as blob URLs, each once ------------
+const images = new Map();
+function thumbnail(ref, idx = 0) {
+  const img = el("img", { alt: "snapshot", "data-testid": "thumb" });
+  const key = `${ref}/${idx}`;
+  if (!images.has(key)) {
+    images.set(key, api(`/v1/snapshots/${key}?thumb=1`)
+      .then((r) => (r.ok ? r.blob() : null))
+      .then((blob) => (blob ? URL.createObjectURL(blob) : "")));
+  }
+  images.get(key).then((url) => { if (url) img.src = url; });
+  return img;
+}
+
+// pages ------------------------------------------------------------------------------------
+let page = "alerts";
+for (const tab of document.querySelectorAll("nav button")) {
+  tab.addEventListener("click", () => {
+    page = tab.dataset.page;
+    for (const other of document.querySelectorAll("nav button")) other.classList.toggle("active", other === tab);
+    for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== page;
+    refresh();
+  });
+}
+
+async function refresh() {
+  try {
+    if (page === "alerts") await showAlerts();
+    if (page === "rules") await showRules();
+    if (page === "stats") await showStats();
+    if (page === "playground") await fillSnapshots();
+    $("#status").textContent = `updated ${new Date().toLocaleTimeString()}`;
+  } catch (error) {
+    $("#status").textContent = error.message;
+  }
+}
+setInterval(() => { if (page === "alerts") refresh(); }, 2000);
+for (const id of ["#f-camera", "#f-rule", "#f-verdict"]) $(id).addEventListener("change", () => { cards.clear(); $("#alert-list").replaceChildren(); refresh(); });
+
+// alerts -----------------------------------------------------------------------------------
+const cards = new Map(); // ref -> {signature, node}
+
+async function showAlerts() {
+  const query = new URLSearchParams({ limit: "50" });
+  if ($("#f-camera").value) query.set("camera_id", $("#f-camera").value);
+  if ($("#f-rule").value) query.set("rule", $("#f-rule").value);
+  if ($("#f-verdict").value) query.set("verdict", $("#f-verdict").value);
+  const { alerts } = await json(`/v1/alerts?${query}`);
+  const list = $("#alert-list");
+  let previous = null;
+  for (const alert of alerts) {
+    const signature = JSON.stringify([alert.state, alert.verdicts]);
+    let card = cards.get(alert.ref);
+    if (!card || card.signature !== signature) {
+      const node = alertCard(alert);
+      if (card) card.node.replaceWith(node);
+      card = { signature, node };
+      cards.set(alert.ref, card);
+    }
+    if (previous === null ? list.firstChild !== card.node : previous.nextSibling !== card.node) {
+      if (previous === null) list.prepend(card.node); else previous.after(card.node);
+    }
+    previous = card.node;
+  }
+}
+
+function alertCard(alert) {
+  const verdicts = alert.verdicts.length
+    ? alert.verdicts.map((v) => verdictRow(alert, v))
+    : [el("div", { class: "verdict" }, el("span", { class: "badge unreviewed" }, alert.state))];
+  return el("div", { class: "alert", "data-testid": "alert", "data-alert-id": alert.alert_id },
+    alert.images ? thumbnail(alert.ref) : el("div"),
+    el("div", {},
+      el("h4", {}, `${alert.event_type} · ${alert.camera_id} · ${alert.box_id}`),
+      el("div", {}, `${alert.alert_id} · occurred ${alert.occurred_at} · box score ${alert.score ?? "–"}`),
+      verdicts));
+}
+
+function verdictRow(alert, v) {
+  const sides = v.verdict === "confirmed" || v.verdict === "rejected"
+    ? [["right", { correct: true }], ["wrong", { correct: false }]]
+    : [["real", { label: "real" }], ["false alarm", { label: "false" }]];
+  const given = v.feedback
+    ? el("span", { "data-testid": "feedback-given" },
+      `feedback: ${v.feedback.label ?? ""} ${v.feedback.correct === null ? "" : v.feedback.correct ? "(right)" : "(wrong)"}`)
+    : null;
+  const buttons = v.rule
+    ? el("span", { class: "feedback" }, sides.map(([label, said]) => el("button", {
+      "data-testid": `feedback-${label.split(" ")[0]}`,
+      onclick: () => sendFeedback(alert, v.rule, said),
+    }, label)))
+    : null;
+  return el("div", {},
+    el("div", { class: "verdict" },
+      el("span", { class: `badge ${v.verdict}`, "data-testid": "verdict" }, v.verdict),
+      el("span", {}, `rule ${v.rule ?? "–"}`),
+      el("span", { "data-testid": "confidence" }, `P(real) ${num(v.confidence)}`),
+      el("span", {}, `${v.latency_ms} ms`),
+      buttons, given),
+    el("details", {}, el("summary", {}, v.reason),
+      v.prompt ? el("pre", {}, `prompt: ${v.prompt}`) : null,
+      v.raw ? el("pre", {}, `model: ${v.raw}`) : null,
+      Object.keys(v.fields || {}).length ? el("pre", {}, JSON.stringify(v.fields)) : null));
+}
+
+async function sendFeedback(alert, rule, said) {
+  const query = new URLSearchParams({ box_id: alert.box_id });
+  await json(`/v1/alerts/${encodeURIComponent(alert.alert_id)}/feedback?${query}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", "X-Feedback-Source": "console" },
+    body: JSON.stringify(Object.assign({ rule }, said)),
+  });
+  refresh();
+}
+
+// rules ------------------------------------------------------------------------------------
+async function showRules() {
+  const book = await json("/v1/rules");
+  $("#rules-meta").textContent = `${book.directory} · last read ${book.loaded_at}`;
+  $("#rules-body").replaceChildren(...book.rules.map((r) => el("tr", { "data-testid": "rule" },
+    el("td", { title: r.description }, r.name), el("td", {}, r.state), el("td", {}, r.kind),
+    el("td", {}, r.event_types.join(", ")), el("td", {}, r.since),
+    el("td", {}, r.counts.alerts ?? 0), el("td", {}, r.counts.confirmed ?? 0),
+    el("td", {}, r.counts.rejected ?? 0), el("td", {}, r.counts.uncertain ?? 0))));
+  $("#rule-errors").replaceChildren(...book.errors.map((e) =>
+    el("li", { class: "error" }, `${e.file}: ${e.where ? `${e.where}: ` : ""}${e.reason}`)));
+}
+
+// stats ------------------------------------------------------------------------------------
+$("#period").addEventListener("change", refresh);
+
+async function showStats() {
+  const stats = await json(`/v1/stats?hours=${$("#period").value}`);
+  const rows = Object.entries(stats.rules).map(([name, s]) => el("tr", { "data-testid": "stats-row", "data-rule": name },
+    el("td", {}, name), el("td", {}, s.alerts), el("td", {}, s.confirmed), el("td", {}, s.rejected),
+    el("td", {}, s.uncertain), el("td", {}, s.unreviewed), el("td", {}, pct(s.filtered_ratio)),
+    el("td", {}, s.latency_p50_ms ?? "–"), el("td", {}, s.latency_p95_ms ?? "–"),
+    el("td", { "data-testid": "feedback-count" }, s.feedback.count),
+    el("td", { "data-testid": "precision" }, pct(s.feedback.precision))));
+  $("#stats-body").replaceChildren(...rows);
+  const timeline = stats.timeline;
+  $("#charts").replaceChildren(...Object.entries(timeline.rules).map(([name, series]) => chart(name, series, timeline)));
+}
+
+const COLOURS = { confirmed: "#c0392b", rejected: "#27ae60", uncertain: "#e67e22", unreviewed: "#7f8c8d" };
+
+function chart(name, series, timeline) {
+  // stacked bars of verdicts per time bucket, drawn as SVG
+  const width = 480, height = 120, n = timeline.buckets, bar = width / n;
+  const totals = Array.from({ length: n }, (_, i) => Object.values(series).reduce((a, s) => a + s[i], 0));
+  const top = Math.max(1, ...totals);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("width", width); svg.setAttribute("height", height);
+  for (let i = 0; i < n; i++) {
+    let y = height;
+    for (const [kind, counts] of Object.entries(series)) {
+      const h = (counts[i] / top) * (height - 10);
+      if (!h) continue;
+      y -= h;
+      const rect = document.createElementNS(ns, "rect");
+      Object.entries({ x: i * bar + 1, y, width: bar - 2, height: h, fill: COLOURS[kind] })
+        .forEach(([k, v]) => rect.setAttribute(k, v));
+      const title = document.createElementNS(ns, "title");
+      title.textContent = `${kind}: ${counts[i]}`;
+      rect.append(title);
+      svg.append(rect);
+    }
+  }
+  const start = new Date(timeline.start).toLocaleString();
+  return el("div", { class: "chart", "data-testid": "chart" },
+    el("div", {}, `${name}: verdicts per ${Math.round(timeline.bucket_s / 60)} min since ${start} (max ${top})`), svg);
+}
+
+// playground -------------------------------------------------------------------------------
+async function fillSnapshots() {
+  const { alerts } = await json("/v1/alerts?limit=20");
+  const select = $("#try-snapshot");
+  const chosen = select.value;
+  select.replaceChildren(el("option", { value: "" }, "—"),
+    ...alerts.filter((a) => a.images).map((a) => el("option", { value: a.ref }, `${a.alert_id} (${a.event_type}, ${a.camera_id})`)));
+  select.value = chosen;
+}
+
+const readBase64 = (file) => new Promise((resolve, reject) => {
+  const reader = new FileReader();
+  reader.onload = () => resolve(String(reader.result).split(",", 2)[1]);
+  reader.onerror = () => reject(reader.error);
+  reader.readAsDataURL(file);
+});
+
+$("#try-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const out = $("#try-result");
+  out.replaceChildren(el("p", {}, "running …"));
+  const body = {};
+  const file = $("#try-file").files[0];
+  if (file) body.image = await readBase64(file);
+  else if ($("#try-snapshot").value) body.snapshot = { ref: Number($("#try-snapshot").value), idx: 0 };
+  const text = $("#try-prompt").value;
+  if ($("#try-kind").value === "rule") body.rule_toml = text; else { body.prompt = text; body.kind = "verdict"; }
+  try {
+    const result = await json("/v1/try", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+
+    out.replaceChildren(el("div", {},
+      el("div", { class: "verdict" },
+        el("span", { class: `badge ${result.verdict}`, "data-testid": "try-verdict" }, result.verdict),
+        el("span", { "data-testid": "try-confidence" }, `P(real) ${num(result.confidence)}`),
+        el("span", { "data-testid": "try-latency" }, `${result.latency_ms} ms`),
+        el("span", {}, result.model)),
+      el("p", {}, result.reason),
+      Object.keys(result.fields).length ? el("pre", { "data-testid": "try-fields" }, JSON.stringify(result.fields, null, 1)) : null,
+      el("pre", { "data-testid": "try-raw" }, `model output: ${result.raw}`),
+      el("pre", {}, `prompt: ${result.prompt}`)));
+    $("#save-form").hidden = false;
+  } catch (error) {
+    out.replaceChildren(el("p", { class: "error", "data-testid": "try-error" }, error.message));
+  }
+});
+
+$("#save-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const name = $("#save-name").value.trim();
+  const events = $("#save-events").value.split(",").map((s) => s.trim()).filter(Boolean);
+  let options;
+  if ($("#try-kind").value === "rule") {
+    options = { method: "PUT", headers: { "Content-Type": "text/plain" }, body: $("#try-prompt").value };
+  } else {
+    options = { method: "PUT", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ prompt: $("#try-prompt").value, kind: "verdict", event_types: events.length ? events : ["*"] }) };
+  }
+  try {
+    const saved = await json(`/v1/rules/${encodeURIComponent(name)}`, options);
+    $("#save-result").textContent = `saved as ${saved.file}`;
+  } catch (error) {
+    $("#save-result").textContent = error.message;
+  }
+});
+
+refresh();

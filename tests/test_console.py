@@ -1,0 +1,144 @@
+"""The web console in a real browser (Debian's Chromium driven by Playwright) against a
+running daemon: results, playground, rules saved from it, feedback, the token prompt."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from playwright.async_api import Page, async_playwright, expect
+
+from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
+
+CHROMIUM = "/usr/bin/chromium"
+#: where the screenshots of the pages are kept for a look after the run
+SHOTS = Path("/tmp/console-shots")
+CONFIRM_ALL = FIRE_RULE + "confirm_at = 0.0\nreject_below = 0.0\n"
+
+
+@contextlib.asynccontextmanager
+async def browser_page() -> AsyncIterator[Page]:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page(viewport={"width": 1200, "height": 800})
+            page.set_default_timeout(20_000)
+            yield page
+        finally:
+            await browser.close()
+
+
+async def shoot(page: Page, tmp_path: Path, name: str) -> None:
+    path = tmp_path / f"{name}.png"
+    await page.screenshot(path=path, full_page=True)
+    await asyncio.to_thread(keep_copy, path)
+
+
+def keep_copy(path: Path) -> None:
+    SHOTS.mkdir(exist_ok=True)
+    shutil.copy(path, SHOTS / path.name)
+
+
+async def test_results_page_shows_a_fresh_verdict_and_feedback_changes_the_stats(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    (settings.rules.dir / "broken.toml").write_text("[match\n")
+    async with run_daemon(settings) as d, browser_page() as page:
+        await page.goto(f"{d.base_url}/console/")
+        alert = make_alert("console-1", camera_id="gate-cam")
+        alert["boxes"] = [{"x1": 40, "y1": 30, "x2": 300, "y2": 200}]
+        assert (await d.post_alert(alert))[0] == 202
+        card = page.locator('[data-testid=alert][data-alert-id="console-1"]')
+        await expect(card.get_by_test_id("verdict")).to_have_text("confirmed")  # live update
+        await expect(card).to_contain_text("gate-cam")
+        thumb = card.get_by_test_id("thumb")
+        await expect(thumb).to_have_attribute("src", re.compile("^blob:"))
+        width = await thumb.evaluate("img => img.complete ? img.naturalWidth : 0")
+        assert width == 320
+        await shoot(page, tmp_path, "alerts")
+
+        await page.get_by_test_id("tab-stats").click()
+        row = page.locator('[data-testid=stats-row][data-rule="fire"]')
+        await expect(row.get_by_test_id("feedback-count")).to_have_text("0")
+        await expect(row.get_by_test_id("precision")).to_have_text("–")
+
+        await page.get_by_test_id("tab-alerts").click()
+        await card.get_by_test_id("feedback-wrong").click()  # the "fire" was a lamp
+        await expect(card.get_by_test_id("feedback-given")).to_contain_text("false (wrong)")
+
+        await page.get_by_test_id("tab-stats").click()
+        await expect(row.get_by_test_id("feedback-count")).to_have_text("1")
+        await expect(row.get_by_test_id("precision")).to_have_text("0.0 %")
+        await expect(page.get_by_test_id("chart")).to_have_count(1)
+        await shoot(page, tmp_path, "stats")
+
+        await page.get_by_test_id("tab-rules").click()
+        await expect(page.get_by_test_id("rule")).to_contain_text(["fire"])
+        await expect(page.get_by_test_id("rule-errors")).to_contain_text("broken.toml")
+        await shoot(page, tmp_path, "rules")
+
+
+async def test_playground_verdict_for_an_upload_and_a_rule_saved_from_it(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    upload = tmp_path / "forklift.jpg"
+    upload.write_bytes(jpeg_bytes((800, 600), colour=(240, 200, 40)))
+    async with run_daemon(settings) as d, browser_page() as page:
+        await page.goto(f"{d.base_url}/console/")
+        await page.get_by_test_id("tab-playground").click()
+        await page.get_by_test_id("try-file").set_input_files(upload)
+        await page.get_by_test_id("try-prompt").fill("Is the forklift's load above the mast?")
+        await page.get_by_test_id("try-run").click()
+        verdict = page.get_by_test_id("try-verdict")
+        await expect(verdict).to_have_text(re.compile("^(confirmed|rejected|uncertain)$"))
+        await expect(page.get_by_test_id("try-confidence")).to_have_text(
+            re.compile(r"P\(real\) 0\.\d{3}")
+        )
+        await expect(page.get_by_test_id("try-raw")).to_contain_text('"yes"')
+        await shoot(page, tmp_path, "playground")
+
+        await page.get_by_test_id("save-name").fill("forklift_load")
+        await page.get_by_test_id("save-events").fill("forklift_over_height")
+        await page.get_by_test_id("save-rule").click()
+        await expect(page.get_by_test_id("save-result")).to_have_text("saved as forklift_load.toml")
+
+        alert = make_alert("lift-1", event_type="forklift_over_height")
+        alert["image"] = base64.b64encode(upload.read_bytes()).decode()
+        assert (await d.post_alert(alert))[0] == 202
+        [made] = (await d.wait_reviewed("lift-1"))["verdicts"]
+        assert made["rule"] == "forklift_load" and made["verdict"] != "unreviewed"
+
+
+async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_model):
+    tokens = tmp_path / "tokens"
+    tokens.write_text("console-token-123\n")
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, http={"tokens_file": str(tokens)}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d, browser_page() as page:
+        await page.goto(f"{d.base_url}/console/")
+        login = page.get_by_test_id("login")
+        await expect(login).to_be_visible()
+        await shoot(page, tmp_path, "login")
+        await page.get_by_test_id("token").fill("console-token-123")
+        await page.get_by_test_id("login-submit").click()
+        await expect(login).to_be_hidden()
+        async with d.http.post(
+            f"{d.base_url}/v1/alerts",
+            json=make_alert("behind-token"),
+            headers={"Authorization": "Bearer console-token-123"},
+        ) as response:
+            assert response.status == 202
+        card = page.locator('[data-testid=alert][data-alert-id="behind-token"]')
+        await expect(card.get_by_test_id("verdict")).to_have_text(
+            re.compile("^(confirmed|rejected|uncertain)$")
+        )
+        await expect(card.get_by_test_id("thumb")).to_have_attribute("src", re.compile("^blob:"))
