@@ -130,6 +130,115 @@ def replay(
         sys.exit(1)
 
 
+@main.command("eval")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--rules",
+    "rules_dir",
+    type=click.Path(exists=True, path_type=Path, file_okay=False),
+    help="Rules directory (overrides the config).",
+)
+@CONFIG_OPTION
+@MODEL_OPTION
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("eval-report"),
+    show_default=True,
+    help="Where report.json, sweep.png and calibration.png go.",
+)
+@click.option("--target-miss-rate", default=0.05, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--target-precision", default=0.9, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+def eval_(
+    directory: Path,
+    rules_dir: Path | None,
+    config: Path | None,
+    model_path: str | None,
+    out_dir: Path,
+    target_miss_rate: float,
+    target_precision: float,
+    as_json: bool,
+) -> None:
+    """Run labelled alerts (files with "label": "real" | "false") through the rules; report
+    accuracy, false alarms filtered, real alarms missed, a threshold sweep and calibration."""
+    from daemon.eval_plots import calibration_plot, sweep_plot
+    from daemon.evaluation import evaluate
+    from daemon.replay import alert_files
+
+    files = alert_files([directory])
+    console = Console(stderr=True)
+    with tempfile.TemporaryDirectory(prefix="secondlook-eval-") as scratch:
+        settings = _offline(_settings(config, model_path=model_path, rules_dir=rules_dir), scratch)
+        configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
+        result = asyncio.run(
+            evaluate(
+                settings,
+                files,
+                console,
+                target_miss_rate=target_miss_rate,
+                target_precision=target_precision,
+            )
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(result, indent=1))
+    sweep_plot(result, out_dir / "sweep.png")
+    calibration_plot(result, out_dir / "calibration.png")
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        _print_eval(result, out_dir)
+
+
+def _print_eval(result: dict[str, Any], out_dir: Path) -> None:
+    table = Table(title=f"{result['files']} labelled alerts")
+    for column in (
+        "rule",
+        "alerts",
+        "real",
+        "false",
+        "accuracy",
+        "false alarms filtered",
+        "real rejected",
+        "uncertain",
+        "unreviewed",
+        "current",
+        "best",
+    ):
+        table.add_column(column)
+
+    def pct(value: float | None) -> str:
+        return "–" if value is None else f"{100 * value:.1f} %"
+
+    def pair(point: dict[str, Any] | None) -> str:
+        if not point:
+            return "–"
+        return f"confirm_at {point['confirm_at']:g} / reject_below {point['reject_below']:g}"
+
+    for name, rule in result["rules"].items():
+        table.add_row(
+            name,
+            str(rule["alerts"]),
+            str(rule["real"]),
+            str(rule["false"]),
+            pct(rule["accuracy"]),
+            pct(rule["false_alarms_filtered"]),
+            pct(rule["real_alarms_rejected"]),
+            pct(rule["uncertain_share"]),
+            pct(rule["unreviewed_share"]),
+            pair(rule.get("current")),
+            pair(rule.get("best")),
+        )
+    console = Console() if sys.stdout.isatty() else Console(width=220)
+    console.print(table)
+    for error in result["errors"]:
+        console.print(f"[red]not used[/red]: {error}")
+    console.print(
+        f"target miss rate {pct(result['target_miss_rate'])}; report and plots in {out_dir}"
+    )
+
+
 @main.command("try")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--prompt", help="A prompt to try (verdict kind unless --kind says otherwise).")

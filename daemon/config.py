@@ -69,11 +69,19 @@ class MqttSettings(_Section):
     password_file: Path | None = None
     #: TLS to the broker (usually port 8883); on by itself when a CA or client cert is set
     tls: bool = False
-    #: the CA that signed the broker's certificate (default: the system's CAs)
+    #: the CA that signed the broker's certificate (default: the system's CAs); the TLS files,
+    #: when relative, are looked up like `password_file`
     tls_ca_file: Path | None = None
-    #: a client certificate and its key, for brokers that require one
+    #: a client certificate and its (unencrypted) key, for brokers that require one; without
+    #: `tls_key_file` the key is read from the certificate file
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _key_with_cert(self) -> MqttSettings:
+        if self.tls_key_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_key_file is set without tls_cert_file (the client certificate)")
+        return self
 
     @property
     def uses_tls(self) -> bool:

@@ -14,15 +14,18 @@ import asyncio
 import random
 import ssl
 from collections.abc import Awaitable, Callable
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from daemon.config import MqttSettings
-from daemon.credentials import CredentialError, read_secret
+from daemon.credentials import CredentialError, credential_path, read_secret
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +36,9 @@ PUBLISH_TIMEOUT_S = 10.0
 INTAKE_WINDOW = 64
 #: ... and at most this many payload bytes among them (big snapshots: fewer at once)
 INTAKE_WINDOW_BYTES = 16 * 2**20
+#: CONNACK codes of a refused login: MQTT 5's bad user name or password, not authorized,
+#: banned, bad authentication method; MQTT 3.1.1's 4 and 5 (when not translated)
+LOGIN_REFUSED = {134, 135, 138, 140, 4, 5}
 
 
 class PublishError(Exception):
@@ -79,19 +85,51 @@ class ByteBudget:
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    """Certificate-checked TLS to the broker, with a client certificate when one is set."""
+    """Certificate-checked TLS to the broker, with a client certificate when one is set;
+    a file that cannot be used stops the start with its key and path."""
+    ca = _tls_file(settings.tls_ca_file, "tls_ca_file")
+    cert = _tls_file(settings.tls_cert_file, "tls_cert_file")
+    key = _tls_file(settings.tls_key_file, "tls_key_file")
     try:
-        context = ssl.create_default_context(
-            cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None
-        )
-        if settings.tls_cert_file is not None:
-            context.load_cert_chain(
-                settings.tls_cert_file,
-                settings.tls_key_file,
-            )
-    except (OSError, ssl.SSLError) as exc:
-        raise CredentialError(f"[mqtt] TLS files cannot be used: {exc}") from exc
+        context = ssl.create_default_context(cafile=ca)
+    except ssl.SSLError as exc:
+        raise CredentialError(f"[mqtt] tls_ca_file {ca} holds no CA certificate: {exc}") from exc
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key, password=partial(_no_passphrase, key or cert))
+        except ssl.SSLError as exc:
+            raise CredentialError(
+                f"[mqtt] tls_cert_file {cert} and tls_key_file {key or cert} are not a "
+                f"certificate and its key: {exc}"
+            ) from exc
     return context
+
+
+def _tls_file(path: Path | None, key: str) -> str | None:
+    """The file's path (relative: in $CREDENTIALS_DIRECTORY), once it is known to be readable."""
+    if path is None:
+        return None
+    found = credential_path(path)
+    try:
+        with found.open("rb"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or exc.__class__.__name__
+        raise CredentialError(f"cannot read [mqtt] {key} from {found}: {reason}") from exc
+    return str(found)
+
+
+def _no_passphrase(key: str) -> str:
+    """Asked for an encrypted key's passphrase: refuse (OpenSSL would prompt on the terminal)."""
+    raise CredentialError(f"[mqtt] tls_key_file {key} is encrypted: give an unencrypted key")
+
+
+def _login_refused(exc: aiomqtt.MqttError) -> bool:
+    """Whether the broker answered the CONNECT with a refused login."""
+    if not isinstance(exc, MqttConnectError):
+        return False
+    code = exc.rc if isinstance(exc.rc, int) else getattr(exc.rc, "value", None)
+    return code in LOGIN_REFUSED
 
 
 def backoff_delays(minimum: float, maximum: float) -> Callable[[], float]:
@@ -200,6 +238,13 @@ class MqttLink:
                     await self._intake(client)
             except aiomqtt.MqttError as exc:
                 error = str(exc)
+                if _login_refused(exc):
+                    log.error(
+                        "mqtt authorization failed: the broker refused the login; check "
+                        "[mqtt] username, password_file and the client certificate",
+                        username=s.username,
+                        error=error,
+                    )
             finally:
                 self._client = None
                 self._lost.set()
