@@ -239,6 +239,45 @@ def _print_eval(result: dict[str, Any], out_dir: Path) -> None:
     )
 
 
+@main.command("export-dataset")
+@CONFIG_OPTION
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    help="Where dataset.json and images/ go.",
+)
+@click.option("--rules", "rule_names", multiple=True, help="Only these rules (repeatable).")
+@click.option("--since", help="Only feedback given from this date on (ISO 8601, UTC).")
+def export_dataset(
+    config: Path | None, out_dir: Path, rule_names: tuple[str, ...], since: str | None
+) -> None:
+    """Feedback-labelled snapshots, their prompts and the right answers, as LLaVA-format
+    instruction-tuning data (for LoRA fine-tuning)."""
+    from rich.progress import Progress
+
+    from daemon.export_dataset import export
+
+    settings = _settings(config)
+    journal = settings.storage.dir / "journal.sqlite3"
+    if not journal.exists():
+        raise click.ClickException(f"no journal at {journal} ([storage] dir)")
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("exporting", total=None)
+        done = export(
+            journal,
+            out_dir,
+            rules=rule_names,
+            since=since,
+            progress=lambda: progress.advance(task),
+        )
+    click.echo(f"{done.samples} samples written to {out_dir / 'dataset.json'}")
+    for reason, count in sorted(done.skipped.items()):
+        click.echo(f"{count} left out: {reason}")
+
+
 @main.command("try")
 @click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--prompt", help="A prompt to try (verdict kind unless --kind says otherwise).")

@@ -1,0 +1,111 @@
+"""`secondlook export-dataset`: feedback from a running daemon's journal as LLaVA samples."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+from click.testing import CliRunner
+from PIL import Image
+
+from daemon.cli import main
+from tests.conftest import (
+    EXTRACT_RULE,
+    FIRE_RULE,
+    jpeg_bytes,
+    make_alert,
+    make_settings,
+    run_daemon,
+)
+
+CLASSIFY_RULE = """
+[match]
+event_types = ["fighting"]
+[review]
+kind = "classify"
+prompt = "What do the people do? Answer fight or play."
+labels = ["fight", "play"]
+confirm = ["fight"]
+reject = ["play"]
+"""
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (320, 240), (10, 120, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    rules = settings.rules.dir
+    (rules / "fire.toml").write_text(FIRE_RULE + "confirm_at = 0.0\nreject_below = 0.0\n")
+    (rules / "people.toml").write_text(EXTRACT_RULE)
+    (rules / "fight.toml").write_text(CLASSIFY_RULE)
+    alerts = {
+        "v-real": {},
+        "v-false": {"image": base64.b64encode(png_bytes()).decode()},
+        "v-none": {},
+        "x-fixed": {"event_type": "people_gathering"},
+        "x-wrong": {"event_type": "people_gathering"},
+        "c-fixed": {"event_type": "fighting"},
+    }
+    feedback = {
+        "v-real": {"correct": True},
+        "v-false": {"label": "false"},
+        "x-fixed": {"correct": False, "fields": {"people": 4}},
+        "x-wrong": {"correct": False},
+        "c-fixed": {"fields": {"label": "play"}},
+    }
+    async with run_daemon(settings) as d:
+        for alert_id, fields in alerts.items():
+            assert (await d.post_alert(make_alert(alert_id, **fields)))[0] == 202
+        for alert_id in alerts:
+            await d.wait_reviewed(alert_id)
+        for alert_id, said in feedback.items():
+            async with d.http.post(
+                f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=said
+            ) as response:
+                assert response.status == 201, await response.text()
+
+    config = tmp_path / "secondlook.toml"
+    config.write_text(f'[storage]\ndir = "{settings.storage.dir}"\n')
+    out = tmp_path / "dataset"
+    result = CliRunner().invoke(
+        main, ["export-dataset", "--config", str(config), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 samples written" in result.output
+    assert "1 left out: the feedback does not give the right answer" in result.output
+
+    samples = {s["id"]: s for s in json.loads((out / "dataset.json").read_text())}
+    assert set(samples) == {
+        "box-t-v-real-fire",
+        "box-t-v-false-fire",
+        "box-t-x-fixed-people",
+        "box-t-c-fixed-fight",
+    }
+    fire = samples["box-t-v-real-fire"]
+    assert fire["image"] == "images/box-t-v-real-fire.jpg"
+    assert fire["conversations"] == [
+        {"from": "human", "value": "<image>\nIs there a real open flame? Answer yes or no."},
+        {"from": "gpt", "value": "yes"},
+    ]
+    assert samples["box-t-v-false-fire"]["conversations"][1]["value"] == "no"
+    assert samples["box-t-x-fixed-people"]["conversations"][1]["value"] == '{"people":4}'
+    assert samples["box-t-x-fixed-people"]["conversations"][0]["value"].startswith(
+        "<image>\nCount the people."
+    )
+    assert samples["box-t-c-fixed-fight"]["conversations"][1]["value"] == "play"
+    for sample in samples.values():
+        with Image.open(out / sample["image"]) as image:
+            assert image.format == "JPEG"  # the PNG snapshot too
+    assert (out / "images" / "box-t-v-real-fire.jpg").read_bytes() == jpeg_bytes()
+
+    # filters
+    only = tmp_path / "only-fire"
+    result = CliRunner().invoke(
+        main, ["export-dataset", "--config", str(config), "--out", str(only), "--rules", "fire"]
+    )
+    assert "2 samples written" in result.output
