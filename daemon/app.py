@@ -165,9 +165,11 @@ class Daemon:
     async def open(self) -> Pipeline:
         """Open the journal and wire the pipeline (no network, no model, no rules yet)."""
         s = self.settings
-        self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
         if s.mqtt.enabled:
+            # first: unreadable credentials stop the start before the journal is open
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
+        self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
+        if self.link is not None:
             self.link.on_feedback = self._mqtt_feedback
             self.outbox = Outbox(journal, self.link, self.stats)
             self.link.on_connected = self.outbox.wake

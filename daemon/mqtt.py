@@ -39,6 +39,7 @@ INTAKE_WINDOW_BYTES = 16 * 2**20
 #: CONNACK codes of a refused login: MQTT 5's bad user name or password, not authorized,
 #: banned, bad authentication method; MQTT 3.1.1's 4 and 5 (when not translated)
 LOGIN_REFUSED = {134, 135, 138, 140, 4, 5}
+TLS_UNUSABLE = "[mqtt] TLS files cannot be used: "
 
 
 class PublishError(Exception):
@@ -93,13 +94,15 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=ca)
     except ssl.SSLError as exc:
-        raise CredentialError(f"[mqtt] tls_ca_file {ca} holds no CA certificate: {exc}") from exc
+        raise CredentialError(
+            f"{TLS_UNUSABLE}tls_ca_file {ca} holds no CA certificate: {exc}"
+        ) from exc
     if cert is not None:
         try:
             context.load_cert_chain(cert, key, password=partial(_no_passphrase, key or cert))
         except ssl.SSLError as exc:
             raise CredentialError(
-                f"[mqtt] tls_cert_file {cert} and tls_key_file {key or cert} are not a "
+                f"{TLS_UNUSABLE}tls_cert_file {cert} and tls_key_file {key or cert} are not a "
                 f"certificate and its key: {exc}"
             ) from exc
     return context
@@ -115,13 +118,13 @@ def _tls_file(path: Path | None, key: str) -> str | None:
             pass
     except OSError as exc:
         reason = exc.strerror or exc.__class__.__name__
-        raise CredentialError(f"cannot read [mqtt] {key} from {found}: {reason}") from exc
+        raise CredentialError(f"{TLS_UNUSABLE}cannot read {key} from {found}: {reason}") from exc
     return str(found)
 
 
 def _no_passphrase(key: str) -> str:
     """Asked for an encrypted key's passphrase: refuse (OpenSSL would prompt on the terminal)."""
-    raise CredentialError(f"[mqtt] tls_key_file {key} is encrypted: give an unencrypted key")
+    raise CredentialError(f"{TLS_UNUSABLE}tls_key_file {key} is encrypted; give an unencrypted key")
 
 
 def _login_refused(exc: aiomqtt.MqttError) -> bool:

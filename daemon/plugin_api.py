@@ -117,6 +117,18 @@ class ModelRequest:
 
     query: Query
     images: Sequence[Image] = ()
+    #: a LoRA adapter directory to apply for this request (None: the base model); backends
+    #: that cannot apply adapters refuse such requests
+    adapter: str | None = None
+
+
+def refuse_adapter(request: ModelRequest, backend: str) -> None:
+    """For backends that serve a fixed model: a rule's LoRA adapter cannot be honoured."""
+    if request.adapter is not None:
+        raise ValueError(
+            f"the {backend} backend cannot apply LoRA adapters ([review] adapter = "
+            f"{request.adapter!r}); use the transformers backend, or serve the merged model"
+        )
 
 
 @dataclass(frozen=True)

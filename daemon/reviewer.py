@@ -137,7 +137,8 @@ class Reviewer:
                 )
             query = kind.compose(alert, rule)
             with self.stats.time("model"):
-                answer = await self.backend.run(ModelRequest(query, pictures))
+                adapter = str(rule.adapter) if rule.adapter else None
+                answer = await self.backend.run(ModelRequest(query, pictures, adapter))
             judgement = kind.interpret(answer, rule)
             judgement = dataclasses.replace(judgement, prompt=query.prompt, raw=answer.raw())
         except BackendUnusable:

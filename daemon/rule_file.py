@@ -93,6 +93,9 @@ class ReviewSpec(BaseModel):
     image: ImageMode = "frame"
     #: context around the detection when cropping, as a fraction of its size on each side
     crop_margin: float = Field(default=0.25, ge=0, le=5)
+    #: a LoRA adapter directory (peft's save_pretrained layout) applied to the base model for
+    #: this rule; relative to the rule file's folder
+    adapter: str | None = Field(default=None, min_length=1)
 
     @field_validator("prompt")
     @classmethod

@@ -45,6 +45,8 @@ class Rule:
     on_error: str
     image: ImageMode
     crop_margin: float
+    #: a LoRA adapter applied for this rule's reviews (None: the base model)
+    adapter: Path | None
     options: BaseModel
     cooldown: CooldownSpec
     topic: Template | None
@@ -106,6 +108,7 @@ def parse_rule(
     except ValidationError as exc:
         raise _validation_error(path, exc, prefix="review.") from exc
     review = spec.review
+    adapter = _adapter_dir(path, review.adapter) if review.adapter else None
     rule = Rule(
         name=spec.name or path.stem,
         path=path,
@@ -122,6 +125,7 @@ def parse_rule(
         on_error=review.on_error,
         image=review.image,
         crop_margin=review.crop_margin,
+        adapter=adapter,
         options=options,
         cooldown=spec.cooldown,
         topic=check_topic_template(spec.publish.topic) if spec.publish.topic else None,
@@ -133,6 +137,16 @@ def parse_rule(
         except ValueError as exc:
             raise RuleError(path, "review", f"answers cannot be told apart: {exc}") from exc
     return rule
+
+
+def _adapter_dir(path: Path, value: str) -> Path:
+    """The adapter directory, relative to the rule file's folder; checked to hold one."""
+    adapter = (path.parent / value).resolve()
+    if not (adapter / "adapter_config.json").is_file():
+        raise RuleError(
+            path, "review.adapter", f"{adapter} is no LoRA adapter (no adapter_config.json)"
+        )
+    return adapter
 
 
 def select_rules(candidates: Sequence[Rule]) -> list[Rule]:

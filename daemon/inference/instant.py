@@ -7,7 +7,14 @@ from __future__ import annotations
 
 from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
-from daemon.plugin_api import Answer, ChoiceAnswer, ChoiceQuery, ModelRequest, TextAnswer
+from daemon.plugin_api import (
+    Answer,
+    ChoiceAnswer,
+    ChoiceQuery,
+    ModelRequest,
+    TextAnswer,
+    refuse_adapter,
+)
 
 
 class InstantBackend:
@@ -23,6 +30,7 @@ class InstantBackend:
         return None
 
     async def run(self, request: ModelRequest) -> Answer:
+        refuse_adapter(request, "instant")
         query = request.query
         if isinstance(query, ChoiceQuery):
             share = 1.0 / len(query.choices)

@@ -45,6 +45,7 @@ from daemon.plugin_api import (
     ModelLoadError,
     ModelRequest,
     TextAnswer,
+    refuse_adapter,
 )
 
 log = structlog.get_logger(__name__)
@@ -149,6 +150,7 @@ class OpenAIBackend:
             await self._session.close()
 
     async def run(self, request: ModelRequest) -> Answer:
+        refuse_adapter(request, "openai")
         query = request.query
         body: dict[str, Any] = {
             "model": self._served_model,

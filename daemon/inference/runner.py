@@ -98,8 +98,10 @@ def pick_attention(setting: str, device: torch.device) -> str:
 
 
 def query_kind(request: ModelRequest) -> str:
-    """Requests of one kind share a pass: "choice" (one forward) or "generate"."""
-    return "choice" if isinstance(request.query, ChoiceQuery) else "generate"
+    """Requests of one kind share a pass: "choice" (one forward) or "generate", with the
+    same LoRA adapter (or none)."""
+    kind = "choice" if isinstance(request.query, ChoiceQuery) else "generate"
+    return f"{kind}@{request.adapter}" if request.adapter else kind
 
 
 class ModelRunner:
@@ -117,6 +119,10 @@ class ModelRunner:
         image_processor = processor.image_processor
         self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
         self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
+        #: adapter directory -> its name in the model
+        self._adapters: dict[str, str] = {}
+        #: peft's wrapper, once a first adapter is loaded
+        self._lora: Any = None
 
     @classmethod
     def load(cls, settings: ModelSettings) -> ModelRunner:
@@ -175,11 +181,43 @@ class ModelRunner:
         """One pass over a collated batch of one kind."""
         kinds = {query_kind(request) for request in requests}
         if len(kinds) != 1:
-            raise ValueError("a batch must hold choice queries or generate queries, not both")
+            raise ValueError("a batch must hold requests of one kind and one adapter")
+        self._use_adapter(requests[0].adapter)
         inputs = inputs.to(self.device)
-        if kinds == {"choice"}:
+        if isinstance(requests[0].query, ChoiceQuery):
             return list(self._score_choices(requests, inputs))
         return list(self._generate(requests, inputs))
+
+    def _use_adapter(self, path: str | None) -> None:
+        """Apply a rule's LoRA adapter (loaded once, on first use) or the bare base model.
+
+        peft injects the adapters' layers into the model in place, so `self.model` runs with
+        whichever is active; switching costs no copy of the weights."""
+        if path is None:
+            if self._lora is not None:
+                self._lora.base_model.disable_adapter_layers()
+            return
+        name = self._adapters.get(path)
+        if name is None:
+            name = f"adapter_{len(self._adapters)}"
+            self._load_adapter(path, name)
+            self._adapters[path] = name
+            log.info("lora adapter loaded", adapter=path, name=name)
+        assert self._lora is not None
+        self._lora.base_model.set_adapter(name)
+        self._lora.base_model.enable_adapter_layers()
+
+    def _load_adapter(self, path: str, name: str) -> None:
+        try:
+            from peft import PeftModel
+
+            if self._lora is None:
+                self._lora = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self._lora.eval()
+            else:
+                self._lora.load_adapter(path, adapter_name=name)
+        except (OSError, ValueError, ImportError, RuntimeError, KeyError) as exc:
+            raise ValueError(f"cannot load the LoRA adapter {path}: {exc}") from exc
 
     def run_batch(self, requests: Sequence[ModelRequest]) -> list[Answer]:
         return self.forward(requests, self.collate(requests))

@@ -1,0 +1,83 @@
+"""LoRA adapters per rule: loaded on the base model with peft, applied only to their rule's
+batches, refused where a backend cannot apply them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForImageTextToText
+
+from daemon.inference.instant import InstantBackend
+from daemon.plugin_api import ChoiceQuery, ModelRequest
+from daemon.plugins import Registry, make_plugin_manager
+from daemon.rules import RuleError, parse_rule
+from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
+
+TUNED_RULE = FIRE_RULE.replace("test fire rule", "tuned") + 'adapter = "../adapters/fire-lora"\n'
+COLOURS = [(200, 80, 30), (30, 80, 200), (240, 240, 240), (20, 20, 20)]
+
+
+@pytest.fixture
+def adapter(tmp_path, tiny_model) -> Path:
+    """A LoRA adapter for the tiny model with weights large enough to move its answers."""
+    torch.manual_seed(7)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    config = LoraConfig(
+        r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+    )
+    tuned = get_peft_model(model, config)
+    out = tmp_path / "adapters" / "fire-lora"
+    tuned.save_pretrained(out)
+    return out
+
+
+async def verdicts(settings, rules: dict[str, str]) -> dict[tuple[str, str], float]:
+    """P(real) per (alert, rule) for alerts of four colours, reviewed by these rules."""
+    for old in settings.rules.dir.glob("*.toml"):
+        old.unlink()
+    for name, text in rules.items():
+        (settings.rules.dir / f"{name}.toml").write_text(text)
+    found = {}
+    async with run_daemon(settings) as d:
+        ids = []
+        for i, colour in enumerate(COLOURS):
+            alert_id = f"lora-{len(rules)}-{'-'.join(rules)}-{i}"
+            image = base64.b64encode(jpeg_bytes(colour=colour)).decode()
+            assert (await d.post_alert(make_alert(alert_id, image=image)))[0] == 202
+            ids.append((i, alert_id))
+        for i, alert_id in ids:
+            for verdict in (await d.wait_reviewed(alert_id))["verdicts"]:
+                found[(i, verdict["rule"])] = verdict["confidence"]
+    return found
+
+
+async def test_a_rule_with_an_adapter_judges_with_it_and_the_others_without(
+    tmp_path, tiny_model, adapter
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    both = await verdicts(settings, {"base": FIRE_RULE, "tuned": TUNED_RULE})
+    alone_base = await verdicts(settings, {"base": FIRE_RULE})
+    alone_tuned = await verdicts(settings, {"tuned": TUNED_RULE})
+    for i in range(len(COLOURS)):
+        # the adapter moves the answer ...
+        assert abs(both[(i, "tuned")] - both[(i, "base")]) > 1e-3
+        # ... only for its own rule: side by side, each rule answers as it does alone
+        assert both[(i, "base")] == pytest.approx(alone_base[(i, "base")], abs=1e-4)
+        assert both[(i, "tuned")] == pytest.approx(alone_tuned[(i, "tuned")], abs=1e-4)
+
+
+def test_a_missing_adapter_is_a_load_error_naming_the_key(tmp_path):
+    kinds = Registry.collect(make_plugin_manager()).rule_kinds
+    with pytest.raises(RuleError, match=r"review\.adapter: .* is no LoRA adapter"):
+        parse_rule(tmp_path / "rules" / "tuned.toml", TUNED_RULE, kinds)
+
+
+def test_backends_serving_a_fixed_model_refuse_adapters():
+    request = ModelRequest(ChoiceQuery("Fire?", {"yes": ["yes"], "no": ["no"]}), (), "/lora")
+    with pytest.raises(ValueError, match="instant backend cannot apply LoRA adapters"):
+        asyncio.run(InstantBackend(None).run(request))  # type: ignore[arg-type]
