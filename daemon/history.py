@@ -191,64 +191,55 @@ def _percentile(ordered: list[int], q: float) -> int | None:
     return ordered[rank - 1]
 
 
-async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict[str, Any]]]:
-    found: dict[int, list[dict[str, Any]]] = {}
+async def _rows_of(journal: Journal, select: str, refs: list[int], tail: str) -> list[Any]:
+    """`SELECT ... WHERE alert_ref IN (refs) <tail>` on the reader."""
     if not refs:
-        return found
+        return []
     marks = ",".join("?" * len(refs))
     async with journal.reader.execute(
-        f"SELECT alert_ref, payload, published_at, prompt, raw FROM verdicts "
-        f"WHERE alert_ref IN ({marks}) ORDER BY id",
-        refs,
+        f"{select} WHERE alert_ref IN ({marks}) {tail}", refs
     ) as rows:
-        async for row in rows:
-            verdict = json.loads(row["payload"])
-            found.setdefault(row["alert_ref"], []).append(
-                {
-                    "rule": verdict.get("rule"),
-                    "verdict": verdict.get("verdict"),
-                    "confidence": verdict.get("confidence"),
-                    "reason": verdict.get("reason"),
-                    "fields": verdict.get("fields", {}),
-                    "latency_ms": verdict.get("latency_ms"),
-                    "reviewed_at": verdict.get("reviewed_at"),
-                    "published": row["published_at"] is not None,
-                    "prompt": row["prompt"],
-                    "raw": row["raw"],
-                }
-            )
+        return list(await rows.fetchall())
+
+
+async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict[str, Any]]]:
+    found: dict[int, list[dict[str, Any]]] = {}
+    select = "SELECT alert_ref, payload, published_at, prompt, raw FROM verdicts"
+    for row in await _rows_of(journal, select, refs, "ORDER BY id"):
+        verdict = json.loads(row["payload"])
+        found.setdefault(row["alert_ref"], []).append(
+            {
+                "rule": verdict.get("rule"),
+                "verdict": verdict.get("verdict"),
+                "confidence": verdict.get("confidence"),
+                "reason": verdict.get("reason"),
+                "fields": verdict.get("fields", {}),
+                "latency_ms": verdict.get("latency_ms"),
+                "reviewed_at": verdict.get("reviewed_at"),
+                "published": row["published_at"] is not None,
+                "prompt": row["prompt"],
+                "raw": row["raw"],
+            }
+        )
     return found
 
 
 async def _feedback_of(journal: Journal, refs: list[int]) -> dict[tuple[int, str], dict[str, Any]]:
-    found: dict[tuple[int, str], dict[str, Any]] = {}
-    if not refs:
-        return found
-    marks = ",".join("?" * len(refs))
-    async with journal.reader.execute(
-        f"SELECT alert_ref, rule, label, correct, note, source, created_at FROM feedback "
-        f"WHERE alert_ref IN ({marks}) ORDER BY id",
-        refs,
-    ) as rows:
-        async for row in rows:
-            correct = row["correct"]
-            found[(row["alert_ref"], row["rule"])] = {
-                "label": row["label"],
-                "correct": None if correct is None else bool(correct),
-                "note": row["note"],
-                "source": row["source"],
-                "at": row["created_at"],
-            }
-    return found
+    """The latest feedback per alert and rule."""
+    select = "SELECT alert_ref, rule, label, correct, note, source, created_at FROM feedback"
+    return {
+        (row["alert_ref"], row["rule"]): {
+            "label": row["label"],
+            "correct": None if row["correct"] is None else bool(row["correct"]),
+            "note": row["note"],
+            "source": row["source"],
+            "at": row["created_at"],
+        }
+        for row in await _rows_of(journal, select, refs, "ORDER BY id")
+    }
 
 
 async def _image_counts(journal: Journal, refs: list[int]) -> dict[int, int]:
-    if not refs:
-        return {}
-    marks = ",".join("?" * len(refs))
-    async with journal.reader.execute(
-        f"SELECT alert_ref, count(*) AS n FROM alert_images WHERE alert_ref IN ({marks}) "
-        "GROUP BY alert_ref",
-        refs,
-    ) as rows:
-        return {row["alert_ref"]: int(row["n"]) for row in await rows.fetchall()}
+    select = "SELECT alert_ref, count(*) AS n FROM alert_images"
+    rows = await _rows_of(journal, select, refs, "GROUP BY alert_ref")
+    return {row["alert_ref"]: int(row["n"]) for row in rows}

@@ -150,6 +150,17 @@ kind = "verdict"
 prompt = "Is there a real open flame? Answer yes or no."
 """
 
+CLASSIFY_RULE = """
+[match]
+event_types = ["fighting"]
+[review]
+kind = "classify"
+prompt = "What do the people do? Answer fight or play."
+labels = ["fight", "play"]
+confirm = ["fight"]
+reject = ["play"]
+"""
+
 EXTRACT_RULE = """
 [match]
 event_types = ["people_gathering"]

@@ -97,3 +97,17 @@ def start(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def run_to_exit(
+    config: Path, timeout: float = 60, **env_vars: str
+) -> subprocess.CompletedProcess[str]:
+    """`secondlook run --config CONFIG` expected to stop by itself (a start-up error)."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=timeout,
+        env={**os.environ, **env_vars},
+    )

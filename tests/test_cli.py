@@ -9,7 +9,14 @@ import subprocess
 import sys
 
 from tests.conftest import FIRE_RULE, ROOT, collect, free_port, make_alert, publish
-from tests.daemon_proc import Notifications, log_path, start, wait_http_ok, write_config
+from tests.daemon_proc import (
+    Notifications,
+    log_path,
+    run_to_exit,
+    start,
+    wait_http_ok,
+    write_config,
+)
 
 
 async def test_run_signals_readiness_reloads_on_hup_and_stops_cleanly_on_term(
@@ -66,13 +73,7 @@ async def test_a_killed_daemon_is_announced_offline_by_its_last_will(tmp_path, b
 def test_run_refuses_a_bad_config_with_the_key(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text("[mqtt]\nport = 'one'\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    result = run_to_exit(config)
     assert result.returncode != 0
     assert "mqtt.port: Input should be a valid integer" in result.stderr
 
@@ -80,13 +81,7 @@ def test_run_refuses_a_bad_config_with_the_key(tmp_path):
 def test_run_exits_non_zero_when_the_model_cannot_be_loaded(tmp_path):
     config, _ = write_config(tmp_path, free_port(), tmp_path / "missing-model")
     config.write_text(config.read_text().replace("[mqtt]", "[mqtt]\nenabled = false"))
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    result = run_to_exit(config, timeout=120)
     assert result.returncode == 1
     assert "cannot load model" in result.stderr
 

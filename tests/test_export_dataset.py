@@ -11,6 +11,7 @@ from PIL import Image
 
 from daemon.cli import main
 from tests.conftest import (
+    CLASSIFY_RULE,
     EXTRACT_RULE,
     FIRE_RULE,
     jpeg_bytes,
@@ -18,17 +19,6 @@ from tests.conftest import (
     make_settings,
     run_daemon,
 )
-
-CLASSIFY_RULE = """
-[match]
-event_types = ["fighting"]
-[review]
-kind = "classify"
-prompt = "What do the people do? Answer fight or play."
-labels = ["fight", "play"]
-confirm = ["fight"]
-reject = ["play"]
-"""
 
 
 def png_bytes() -> bytes:

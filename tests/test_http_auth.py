@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from typing import Any
 
@@ -16,8 +13,8 @@ import pytest
 
 from daemon.config import ConfigError, LogSettings, load_settings
 from daemon.logs import configure_logging
-from tests.conftest import FIRE_RULE, ROOT, make_alert, make_settings, run_daemon
-from tests.daemon_proc import write_config
+from tests.conftest import FIRE_RULE, make_alert, make_settings, run_daemon
+from tests.daemon_proc import run_to_exit, write_config
 
 TOKEN = "box-token-5be1c04d9a-never-logged"
 NEAR_MISS = TOKEN[:-1] + "b"
@@ -109,13 +106,6 @@ def test_a_tokens_file_without_tokens_stops_the_start_naming_it(tmp_path, tiny_m
     config, _ = write_config(tmp_path, 1883, tiny_model)
     settings = config.read_text().replace("[mqtt]\n", "[mqtt]\nenabled = false\n")
     config.write_text(settings.replace("[http]\n", '[http]\ntokens_file = "tokens"\n'))
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        env={**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path)},
-    )
+    result = run_to_exit(config, CREDENTIALS_DIRECTORY=str(tmp_path))
     assert result.returncode == 1
     assert f"error: [http] tokens_file {tmp_path / 'tokens'} holds no token" in result.stderr

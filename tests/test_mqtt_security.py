@@ -5,13 +5,10 @@ login retried without crashing, unusable files named at start, no password in th
 from __future__ import annotations
 
 import asyncio
-import getpass
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +20,9 @@ import pytest
 from daemon.config import ConfigError, load_settings
 from daemon.credentials import CredentialError
 from daemon.mqtt import tls_context
-from tests.conftest import FIRE_RULE, ROOT, Broker, free_port, make_alert, make_settings
-from tests.daemon_proc import log_path, start, wait_http_ok, write_config
-from tests.test_security import make_pki, openssl
+from tests.conftest import FIRE_RULE, Broker, free_port, make_alert, make_settings
+from tests.daemon_proc import log_path, run_to_exit, start, wait_http_ok, write_config
+from tests.tls_broker import make_pki, openssl, tls_only_broker
 
 PASSWORD = "Tls-pa55word-4f2a91-never-logged"
 
@@ -44,21 +41,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def tls_broker(tmp_path: Path, pki: dict[str, Path]) -> Iterator[Broker]:
     """mosquitto: TLS only, a client certificate required, no anonymous login."""
-    passwords = tmp_path / "mosquitto-passwords"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), "gateway", PASSWORD], check=True
-    )
-    broker = Broker(tmp_path)
-    broker.config.write_text(
-        f"listener {broker.port} 127.0.0.1\n"
-        f"cafile {pki['ca.crt']}\ncertfile {pki['server.crt']}\nkeyfile {pki['server.key']}\n"
-        "require_certificate true\n"
-        "allow_anonymous false\n"
-        f"password_file {passwords}\n"
-        f"log_dest file {tmp_path}/mosquitto.log\n"
-        f"user {getpass.getuser()}\n"
-    )
-    broker.start()
+    broker = tls_only_broker(tmp_path, pki, "gateway", PASSWORD)
     yield broker
     broker.stop()
 
@@ -153,14 +136,7 @@ async def test_a_refused_login_is_logged_as_such_and_retried_while_http_serves(
 def test_a_missing_password_file_stops_the_start_naming_it(tmp_path, tiny_model):
     config, _ = write_config(tmp_path, free_port(), tiny_model)
     config.write_text(config.read_text().replace("[mqtt]\n", '[mqtt]\npassword_file = "pw"\n'))
-    result = subprocess.run(
-        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        env={**os.environ, "CREDENTIALS_DIRECTORY": str(tmp_path / "creds")},
-    )
+    result = run_to_exit(config, CREDENTIALS_DIRECTORY=str(tmp_path / "creds"))
     assert result.returncode == 1
     assert f"error: cannot read [mqtt] password_file from {tmp_path / 'creds' / 'pw'}" in (
         result.stderr

@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from daemon.cli import main
 from tests.conftest import (
+    CLASSIFY_RULE,
     EXTRACT_RULE,
     FIRE_RULE,
     jpeg_bytes,
@@ -16,17 +17,6 @@ from tests.conftest import (
     make_settings,
     run_daemon,
 )
-
-CLASSIFY_RULE = """
-[match]
-event_types = ["fighting"]
-[review]
-kind = "classify"
-prompt = "What do the people do?"
-labels = ["fight", "play"]
-confirm = ["fight"]
-reject = ["play"]
-"""
 
 
 def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tiny_model):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import subprocess
 from pathlib import Path
 
 import aiohttp
@@ -18,49 +17,17 @@ from daemon.credentials import CredentialError
 from daemon.logs import configure_logging
 from daemon.mqtt import MqttLink
 from tests.conftest import FIRE_RULE, Broker, make_alert, make_settings, run_daemon
+from tests.tls_broker import make_pki, tls_only_broker
 
 PASSWORD = "s3cret-Pa55word-never-logged"
 TOKEN = "tok-7d1f0c2a9b-never-logged"
-
-
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(directory: Path) -> dict[str, Path]:
-    """A CA, a broker certificate for 127.0.0.1 and a client certificate, all signed by it."""
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", "ca.key", "-out", "ca.crt", cwd=directory)  # fmt: skip
-    (directory / "san.ext").write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=directory)  # fmt: skip
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", "san.ext",
-                "-out", f"{name}.crt", cwd=directory)  # fmt: skip
-    return {name: directory / name for name in
-            ("ca.crt", "server.crt", "server.key", "client.crt", "client.key")}  # fmt: skip
 
 
 @pytest.fixture
 def tls_broker(tmp_path):
     """A mosquitto that takes only TLS clients with a certificate of our CA and a password."""
     pki = make_pki(tmp_path)
-    passwords = tmp_path / "passwords"
-    subprocess.run(
-        ["mosquitto_passwd", "-b", "-c", str(passwords), "gateway", PASSWORD], check=True
-    )
-    broker = Broker(tmp_path)
-    broker.config.write_text(
-        f"listener {broker.port} 127.0.0.1\n"
-        f"cafile {pki['ca.crt']}\ncertfile {pki['server.crt']}\nkeyfile {pki['server.key']}\n"
-        "require_certificate true\n"
-        "allow_anonymous false\n"
-        f"password_file {passwords}\n"
-        f"log_dest file {tmp_path}/mosquitto.log\n"
-        + broker.config.read_text().split("max_queued_messages", 1)[1].split("\n", 1)[1]
-    )
-    broker.start()
+    broker = tls_only_broker(tmp_path, pki, "gateway", PASSWORD)
     yield broker, pki
     broker.stop()
 
