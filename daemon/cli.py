@@ -148,9 +148,19 @@ def replay(
     show_default=True,
     help="Where report.json, sweep.png and calibration.png go.",
 )
-@click.option("--target-miss-rate", default=0.05, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--target-precision", default=0.9, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line.")
+@click.option(
+    "--target-miss-rate",
+    default=0.05,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="Share of real alarms the best thresholds may reject.",
+)
+@click.option(
+    "--target-precision",
+    type=click.FloatRange(0, 1),
+    help="Prefer best thresholds whose confirmations are at least this share real.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line, last.")
 def eval_(
     directory: Path,
     rules_dir: Path | None,
@@ -158,17 +168,16 @@ def eval_(
     model_path: str | None,
     out_dir: Path,
     target_miss_rate: float,
-    target_precision: float,
+    target_precision: float | None,
     as_json: bool,
 ) -> None:
     """Run labelled alerts (files with "label": "real" | "false") through the rules; report
-    accuracy, false alarms filtered, real alarms missed, a threshold sweep and calibration."""
+    accuracy, false alarms filtered, real alarms rejected, a threshold sweep and calibration."""
     from daemon.eval_plots import calibration_plot, sweep_plot
-    from daemon.evaluation import evaluate
+    from daemon.eval_run import evaluate, print_report
     from daemon.replay import alert_files
 
     files = alert_files([directory])
-    console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="secondlook-eval-") as scratch:
         settings = _offline(_settings(config, model_path=model_path, rules_dir=rules_dir), scratch)
         configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
@@ -176,7 +185,7 @@ def eval_(
             evaluate(
                 settings,
                 files,
-                console,
+                Console(stderr=True),
                 target_miss_rate=target_miss_rate,
                 target_precision=target_precision,
             )
@@ -188,55 +197,8 @@ def eval_(
     if as_json:
         click.echo(json.dumps(result))
     else:
-        _print_eval(result, out_dir)
-
-
-def _print_eval(result: dict[str, Any], out_dir: Path) -> None:
-    table = Table(title=f"{result['files']} labelled alerts")
-    for column in (
-        "rule",
-        "alerts",
-        "real",
-        "false",
-        "accuracy",
-        "false alarms filtered",
-        "real rejected",
-        "uncertain",
-        "unreviewed",
-        "current",
-        "best",
-    ):
-        table.add_column(column)
-
-    def pct(value: float | None) -> str:
-        return "–" if value is None else f"{100 * value:.1f} %"
-
-    def pair(point: dict[str, Any] | None) -> str:
-        if not point:
-            return "–"
-        return f"confirm_at {point['confirm_at']:g} / reject_below {point['reject_below']:g}"
-
-    for name, rule in result["rules"].items():
-        table.add_row(
-            name,
-            str(rule["alerts"]),
-            str(rule["real"]),
-            str(rule["false"]),
-            pct(rule["accuracy"]),
-            pct(rule["false_alarms_filtered"]),
-            pct(rule["real_alarms_rejected"]),
-            pct(rule["uncertain_share"]),
-            pct(rule["unreviewed_share"]),
-            pair(rule.get("current")),
-            pair(rule.get("best")),
-        )
-    console = Console() if sys.stdout.isatty() else Console(width=220)
-    console.print(table)
-    for error in result["errors"]:
-        console.print(f"[red]not used[/red]: {error}")
-    console.print(
-        f"target miss rate {pct(result['target_miss_rate'])}; report and plots in {out_dir}"
-    )
+        # piped: wide rows rather than wrapped cells
+        print_report(result, Console() if sys.stdout.isatty() else Console(width=220), out_dir)
 
 
 @main.command("export-dataset")

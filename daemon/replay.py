@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from rich.table import Table
 
 from daemon.app import Daemon
 from daemon.config import Settings
-from daemon.contract import Verdict
+from daemon.contract import Alert, Verdict
 from daemon.pipeline import Pipeline
+from daemon.rules import Rule, RuleBook
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,35 @@ def alert_files(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
-async def replay(settings: Settings, files: list[Path], console: Console) -> list[ReplayRow]:
-    """Review each file in turn; a refused file becomes a row with its error."""
+class EachAlone(RuleBook):
+    """The rules without cooldown and `max_age_s`: every alert gets a model call of its own,
+    however many repeat each other and however old they are (for measuring rules)."""
+
+    def match(self, alert: Alert) -> list[Rule]:
+        return [
+            dataclasses.replace(
+                rule, max_age_s=None, cooldown=rule.cooldown.model_copy(update={"window_s": 0})
+            )
+            for rule in super().match(alert)
+        ]
+
+
+async def replay(
+    settings: Settings,
+    files: list[Path],
+    console: Console,
+    *,
+    payloads: Mapping[Path, bytes] | None = None,
+    each_alone: bool = False,
+) -> list[ReplayRow]:
+    """Review each file in turn; a refused file becomes a row with its error.
+
+    `payloads`: what to send for a file instead of its content. `each_alone`: rules judge
+    every alert afresh (see `EachAlone`).
+    """
     daemon = Daemon(settings)
+    if each_alone:
+        daemon.rules = EachAlone(settings.rules.dir, daemon.registry.rule_kinds)
     pipeline = await daemon.open()
     rows: list[ReplayRow] = []
     try:
@@ -52,18 +80,20 @@ async def replay(settings: Settings, files: list[Path], console: Console) -> lis
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task("reviewing", total=len(files))
             for path in files:
-                rows += await _replay_one(pipeline, path)
+                payload = payloads.get(path) if payloads is not None else None
+                rows += await _replay_one(pipeline, path, payload)
                 progress.advance(task)
     finally:
         await daemon.close()
     return rows
 
 
-async def _replay_one(pipeline: Pipeline, path: Path) -> list[ReplayRow]:
-    try:
-        payload = await asyncio.to_thread(path.read_bytes)
-    except OSError as exc:
-        return [ReplayRow(path, error=f"cannot read: {exc.strerror}")]
+async def _replay_one(pipeline: Pipeline, path: Path, payload: bytes | None) -> list[ReplayRow]:
+    if payload is None:
+        try:
+            payload = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            return [ReplayRow(path, error=f"cannot read: {exc.strerror}")]
     result = await pipeline.ingest(payload, source="replay", topic=str(path))
     if result.status == "refused":
         return [ReplayRow(path, error=str(result.error))]

@@ -1,18 +1,22 @@
 """`secondlook eval` on labelled alerts, with a scripted model whose answers are known, so that
-every figure can be checked by hand; and once through the real model code."""
+every figure can be checked by hand; and once through the real model code on the samples."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from daemon.cli import main
-from tests.conftest import make_alert
+from daemon.eval_run import read_labelled
+from daemon.evaluation import Judged, best_thresholds, sweep
+from tests.conftest import RULES, SAMPLES, make_alert
 
-#: P(real) the scripted model gives each alert, and what the alert really was
+#: P(real) the scripted model gives each fire alert, by what the alert really was
 CASES = {
     "real": [0.95, 0.85, 0.75, 0.55, 0.35, 0.15],
     "false": [0.90, 0.65, 0.45, 0.30, 0.10, 0.05],
@@ -25,7 +29,7 @@ from daemon.plugin_api import ChoiceAnswer
 
 
 class ScriptedBackend:
-    """Answers P(yes) = the number in the prompt's camera id ("cam-p085" -> 0.85)."""
+    """P(first choice) = the number in the alert id the prompt names ("real-p085" -> 0.85)."""
 
     image_factor = 28
 
@@ -39,8 +43,9 @@ class ScriptedBackend:
         return None
 
     async def run(self, request):
-        p = int(re.search(r"cam-p(\\d{3})", request.query.prompt).group(1)) / 100
-        return ChoiceAnswer({"yes": p, "no": 1 - p}, {"yes": 0.0, "no": 0.0})
+        p = int(re.search(r"-p(\\d{3})", request.query.prompt).group(1)) / 100
+        first, second = request.query.choices
+        return ChoiceAnswer({first: p, second: 1 - p}, {first: 0.0, second: 0.0})
 
 
 @hookimpl
@@ -48,29 +53,55 @@ def register_backends(register):
     register("scripted", ScriptedBackend)
 '''
 
-RULE = """
+#: every alert is old and they all repeat each other (one camera, no boxes): cooldown and
+#: max_age_s would spoil the figures if eval did not judge each alert on its own
+FIRE_RULE = """
+max_age_s = 60
 [match]
 event_types = ["fire"]
 [review]
 kind = "verdict"
-prompt = "Camera {camera_id}: is there a real fire? Answer yes or no."
+prompt = "Alert {alert_id}: is there a real fire? Answer yes or no."
 confirm_at = 0.6
 reject_below = 0.4
+[cooldown]
+window_s = 3600
 """
+
+SOURCE_RULE = """
+shadow = true
+[match]
+event_types = ["fire", "smoke"]
+[review]
+kind = "classify"
+prompt = "Alert {alert_id}: flame or lamp?"
+labels = ["flame", "lamp"]
+confirm = ["flame"]
+reject = ["lamp"]
+"""
+
+
+def labelled(label: Any, p: float, event_type: str = "fire") -> dict[str, Any]:
+    alert = make_alert(f"{event_type}-{label}-p{round(p * 100):03d}", event_type=event_type)
+    return {**alert, "label": label}
 
 
 def write_case(tmp_path: Path, backend: str = "scripted", model: str = "unused") -> Path:
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "scripted.py").write_text(SCRIPTED)
     (tmp_path / "rules").mkdir()
-    (tmp_path / "rules" / "fire.toml").write_text(RULE)
+    (tmp_path / "rules" / "fire.toml").write_text(FIRE_RULE)
+    (tmp_path / "rules" / "source.toml").write_text(SOURCE_RULE)
     alerts = tmp_path / "labelled"
     alerts.mkdir()
-    for label, scores in CASES.items():
-        for p in scores:
-            alert = make_alert(f"{label}-{p}", camera_id=f"cam-p{round(p * 100):03d}")
-            (alerts / f"{label}-{p}.json").write_text(json.dumps({**alert, "label": label}))
-    (alerts / "unlabelled.json").write_text(json.dumps(make_alert("nolabel")))
+    files = {f"{label}-{p}.json": labelled(label, p) for label, ps in CASES.items() for p in ps}
+    files["smoke-real.json"] = labelled("real", 0.80, "smoke")  # only the shadow rule's
+    files["intrusion-false.json"] = labelled("false", 0.50, "intrusion")  # no rule's
+    files["unlabelled.json"] = make_alert("nolabel")
+    files["badlabel.json"] = labelled("maybe", 0.5)
+    files["broken.json"] = {"alert_id": "broken", "label": "real"}
+    for name, data in files.items():
+        (alerts / name).write_text(json.dumps(data))
     config = tmp_path / "secondlook.toml"
     config.write_text(
         f'[model]\nbackend = "{backend}"\npath = "{model}"\n[rules]\ndir = "rules"\n'
@@ -79,83 +110,208 @@ def write_case(tmp_path: Path, backend: str = "scripted", model: str = "unused")
     return config
 
 
-def run_eval(tmp_path: Path, config: Path, *extra: str) -> dict:
-    out = tmp_path / "report"
-    result = CliRunner().invoke(
-        main,
-        ["eval", str(tmp_path / "labelled"), "--config", str(config), "--out", str(out), *extra],
-    )
+def run_eval(directory: Path, out: Path, *args: str) -> str:
+    result = CliRunner().invoke(main, ["eval", str(directory), "--out", str(out), *args])
     assert result.exit_code == 0, result.output
-    return {"output": result.output, "out": out}
+    return result.output
 
 
-def test_every_figure_of_the_report_matches_the_known_answers(tmp_path):
-    config = write_case(tmp_path)
-    run = run_eval(tmp_path, config, "--json", "--target-miss-rate", "0")
-    report = json.loads(run["output"].strip().splitlines()[-1])
-    assert report == json.loads((run["out"] / "report.json").read_text())
-    assert report["files"] == 13
-    assert report["errors"] == ['unlabelled.json: "label" must be "real" or "false", got None']
+def json_report(output: str) -> dict[str, Any]:
+    return json.loads(output.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def case(tmp_path: Path) -> tuple[Path, Path]:
+    return tmp_path / "labelled", write_case(tmp_path)
+
+
+def test_every_figure_of_the_report_matches_the_known_answers(case, tmp_path):
+    alerts, config = case
+    out = tmp_path / "report"
+    report = json_report(run_eval(alerts, out, "--config", str(config), "--json"))
+    assert report == json.loads((out / "report.json").read_text())
+    assert (report["files"], report["labelled"]) == (17, 15)
+    assert report["unmatched"] == ["intrusion-false.json"]
+    errors = {e["file"]: e["error"] for e in report["errors"]}
+    assert set(errors) == {"badlabel.json", "unlabelled.json", "broken.json"}
+    assert errors["badlabel.json"] == '"label" must be "real" or "false", got \'maybe\''
+    assert errors["unlabelled.json"] == '"label" must be "real" or "false", got None'
+    assert "box_id" in errors["broken.json"]  # refused by the pipeline, not by eval
+
     fire = report["rules"]["fire"]
     # at 0.6 / 0.4: real 0.95 0.85 0.75 confirmed, 0.55 uncertain, 0.35 0.15 rejected;
     # false 0.90 0.65 confirmed, 0.45 uncertain, 0.30 0.10 0.05 rejected
-    assert (fire["alerts"], fire["real"], fire["false"]) == (12, 6, 6)
-    assert (fire["confirmed"], fire["rejected"], fire["uncertain"]) == (5, 5, 2)
+    assert (fire["kind"], fire["alerts"], fire["real"], fire["false"]) == ("verdict", 12, 6, 6)
+    assert (fire["confirmed"], fire["rejected"], fire["uncertain"], fire["unreviewed"]) == (
+        5,
+        5,
+        2,
+        0,
+    )
     assert fire["accuracy"] == 0.5  # 3 real confirmed + 3 false rejected, of 12
     assert fire["false_alarms_filtered"] == 0.5  # 3 of 6
     assert fire["real_alarms_rejected"] == 0.3333  # 2 of 6
-    assert fire["uncertain_share"] == 0.1667 and fire["unreviewed_share"] == 0.0
+    assert fire["uncertain_share"] == 0.1667  # 2 of 12
+    assert fire["unreviewed_share"] == 0.0
     assert fire["confirmed_precision"] == 0.6  # 3 of 5
     assert fire["current"] == {"confirm_at": 0.6, "reject_below": 0.4}
 
-    point = next(p for p in fire["sweep"] if (p["confirm_at"], p["reject_below"]) == (0.5, 0.2))
-    assert (point["false_alarms_filtered"], point["real_alarms_rejected"]) == (0.3333, 0.1667)
-    assert (point["uncertain_share"], point["accuracy"]) == (0.25, 0.5)
-    assert len(fire["sweep"]) == 21 * 22 // 2
-
-    # no real alarm may be rejected: reject below 0.15 (0.10 and 0.05 filtered); only at
-    # 0.95 are the confirmations at least 90 % real
-    best = fire["best"]
-    assert (best["reject_below"], best["confirm_at"]) == (0.15, 0.95)
-    assert (best["false_alarms_filtered"], best["real_alarms_rejected"]) == (0.3333, 0.0)
-
-    bins = {round(b["low"], 1): b for b in fire["calibration"]}
-    assert (bins[0.9]["count"], bins[0.9]["real_share"], bins[0.9]["mean_p_real"]) == (
-        2,
+    points = {(p["confirm_at"], p["reject_below"]): p for p in fire["sweep"]}
+    assert len(points) == 21 * 22 // 2  # every confirm_at >= reject_below of 0.00 .. 1.00
+    # 0.5 / 0.2: real 4 confirmed, 0.35 uncertain, 0.15 rejected; false 2 confirmed,
+    # 0.45 0.30 uncertain, 0.10 0.05 rejected
+    p = points[(0.5, 0.2)]
+    assert (p["accuracy"], p["false_alarms_filtered"], p["real_alarms_rejected"]) == (
         0.5,
-        0.925,
+        0.3333,
+        0.1667,
     )
-    assert (bins[0.0]["count"], bins[0.0]["real_share"]) == (1, 0.0)
-    assert (bins[0.3]["count"], bins[0.5]["count"], bins[0.2]["count"]) == (2, 1, 0)
-    assert bins[0.2]["real_share"] is None
+    assert p["uncertain_share"] == 0.25
+    # 0.7 / 0.7: real 3 confirmed 3 rejected; false 0.90 confirmed, 5 rejected
+    p = points[(0.7, 0.7)]
+    assert (p["accuracy"], p["false_alarms_filtered"], p["real_alarms_rejected"]) == (
+        0.6667,
+        0.8333,
+        0.5,
+    )
+    assert p["uncertain_share"] == 0.0
+    p = points[(1.0, 0.0)]  # nothing is sure enough either way
+    assert (p["uncertain_share"], p["accuracy"], p["false_alarms_filtered"]) == (1.0, 0.0, 0.0)
 
+    # 5 % of 6 real alarms: none may be rejected, so reject below 0.15 (0.10 and 0.05
+    # filtered); the fewest uncertain: confirm at 0.15 too
+    best = fire["best"]
+    assert (best["confirm_at"], best["reject_below"]) == (0.15, 0.15)
+    assert (best["false_alarms_filtered"], best["real_alarms_rejected"]) == (0.3333, 0.0)
+    assert best["uncertain_share"] == 0.0
+
+    bins = [(b["count"], b["real_share"]) for b in fire["calibration"]]
+    assert bins == [
+        (1, 0.0),  # 0.05 f
+        (2, 0.5),  # 0.15 r, 0.10 f
+        (0, None),
+        (2, 0.5),  # 0.35 r, 0.30 f
+        (1, 0.0),  # 0.45 f
+        (1, 1.0),  # 0.55 r
+        (1, 0.0),  # 0.65 f
+        (1, 1.0),  # 0.75 r
+        (1, 1.0),  # 0.85 r
+        (2, 0.5),  # 0.95 r, 0.90 f
+    ]
+    assert fire["calibration"][9]["mean_p_real"] == 0.925
+
+    # the shadow classify rule: flame (confirmed) when p > 0.5, lamp (rejected) below; it also
+    # judged the smoke alert (real, 0.80)
+    source = report["rules"]["source"]
+    assert (source["kind"], source["alerts"], source["real"], source["false"]) == (
+        "classify",
+        13,
+        7,
+        6,
+    )
+    assert (source["confirmed"], source["rejected"], source["uncertain"]) == (7, 6, 0)
+    assert source["accuracy"] == 0.6923  # 5 real confirmed + 4 false rejected, of 13
+    assert source["false_alarms_filtered"] == 0.6667  # 4 of 6
+    assert source["real_alarms_rejected"] == 0.2857  # 2 of 7
+    assert source["current"] is None and "sweep" not in source and "best" not in source
+    assert [b["count"] for b in source["calibration"]] == [1, 2, 0, 2, 1, 1, 1, 1, 2, 2]
+    assert source["calibration"][8]["real_share"] == 1.0  # 0.85 r, 0.80 r
+
+
+def test_a_looser_miss_target_and_a_precision_target_move_the_best_thresholds(case, tmp_path):
+    alerts, config = case
+    out = tmp_path / "report"
+    loose = json_report(
+        run_eval(alerts, out, "--config", str(config), "--json", "--target-miss-rate", "0.34")
+    )
+    best = loose["rules"]["fire"]["best"]
+    # 2 of 6 real may go (0.35, 0.15): reject below 0.5 filters 0.45 0.30 0.10 0.05
+    assert (best["confirm_at"], best["reject_below"]) == (0.5, 0.5)
+    assert (best["false_alarms_filtered"], best["real_alarms_rejected"]) == (0.6667, 0.3333)
+
+    precise = json_report(
+        run_eval(alerts, out, "--config", str(config), "--json", "--target-precision", "0.9")
+    )
+    best = precise["rules"]["fire"]["best"]
+    # only at 0.95 are the confirmations (0.95 r) at least 90 % real; 0.15 .. 0.90 uncertain
+    assert (best["confirm_at"], best["reject_below"]) == (0.95, 0.15)
+    assert (best["confirmed_precision"], best["uncertain_share"]) == (1.0, 0.75)
+
+
+def test_ties_in_false_alarms_filtered_go_to_the_fewest_uncertain():
+    p_real = {"real": (0.3, 0.8, 0.9), "false": (0.1, 0.85)}
+    points = sweep([Judged("", label, "", p) for label, ps in p_real.items() for p in ps])
+    # only 0.10 can be filtered within 1 miss of 3; confirm_at = reject_below leaves none
+    # uncertain; then the fewest misses: reject below 0.15
+    best = best_thresholds(points, target_miss_rate=0.34)
+    assert best is not None and (best["confirm_at"], best["reject_below"]) == (0.15, 0.15)
+    # confirmations 80 % real: confirm at 0.9 only; rejecting 0.3 too (1 miss, within the
+    # target) leaves 0.8 and 0.85 uncertain rather than 0.3, 0.8 and 0.85
+    best = best_thresholds(points, target_miss_rate=0.34, target_precision=0.8)
+    assert best is not None and (best["confirm_at"], best["reject_below"]) == (0.9, 0.35)
+    assert (best["uncertain_share"], best["real_alarms_rejected"]) == (0.4, 0.3333)
+    best = best_thresholds(points, target_miss_rate=0.0, target_precision=0.8)
+    assert best is not None and (best["confirm_at"], best["reject_below"]) == (0.9, 0.15)
+    assert best_thresholds([p for p in points if p["real_alarms_rejected"] > 0], 0.0) is None
+
+
+def test_the_table_names_rules_figures_and_the_files_not_used(case, tmp_path):
+    alerts, config = case
+    out = tmp_path / "report"
+    table = run_eval(alerts, out, "--config", str(config))
+    fire = next(line for line in table.splitlines() if line.startswith("│ fire "))
+    cells = [cell.strip() for cell in fire.strip("│ ").split("│")]
+    assert cells == [
+        "fire",
+        "verdict",
+        "12",
+        "6",
+        "6",
+        "50.0 %",
+        "50.0 %",
+        "33.3 %",
+        "16.7 %",
+        "0.0 %",
+        "0.6 / 0.4",
+        "0.15 / 0.15",
+    ]
+    assert "│ source " in table and "69.2 %" in table
+    for name in ("unlabelled.json", "badlabel.json", "broken.json"):
+        assert name in table
+    assert "no rule matched: intrusion-false.json" in table
+    for name in ("report.json", "sweep.png", "calibration.png"):
+        assert (out / name).stat().st_size > 0
     for name in ("sweep.png", "calibration.png"):
-        with Image.open(run["out"] / name) as image:
-            assert image.format == "PNG" and image.width > 300
+        with Image.open(out / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 400
 
 
-def test_a_looser_miss_target_filters_more_and_the_table_says_so(tmp_path):
-    config = write_case(tmp_path)
-    run = run_eval(tmp_path, config, "--json", "--target-miss-rate", "0.34")
-    best = json.loads(run["output"].strip().splitlines()[-1])["rules"]["fire"]["best"]
-    # misses 0.35 and 0.15 (2 of 6) while rejecting 0.45 0.30 0.10 0.05 (4 of 6)
-    assert (best["reject_below"], best["confirm_at"]) == (0.5, 0.95)
-    assert best["false_alarms_filtered"] == 0.6667
-
-    table = run_eval(tmp_path, config)["output"]
-    assert "fire" in table and "50.0 %" in table and "33.3 %" in table
-    assert "confirm_at 0.6 / reject_below 0.4" in table
-    assert "unlabelled.json" in table
+def test_the_label_is_taken_out_before_review(tmp_path):
+    path = tmp_path / "a.json"
+    alert = make_alert("a1")
+    path.write_text(json.dumps({**alert, "label": "false"}))
+    item = read_labelled(path)
+    assert item.label == "false" and json.loads(item.payload) == alert
 
 
-def test_the_real_model_path_yields_a_report(tmp_path, tiny_model):
-    config = write_case(tmp_path, backend="transformers", model=str(tiny_model))
-    files = 3
-    for path in sorted((tmp_path / "labelled").glob("*.json"))[files:]:
-        path.unlink()
-    run = run_eval(tmp_path, config, "--json")
-    report = json.loads(run["output"].strip().splitlines()[-1])
-    fire = report["rules"]["fire"]
-    assert fire["alerts"] == files
-    assert all(0 <= b["mean_p_real"] <= 1 for b in fire["calibration"] if b["count"])
-    assert sum(b["count"] for b in fire["calibration"]) == files
+def test_the_real_model_path_yields_a_report_for_the_samples(tmp_path, tiny_model):
+    out = tmp_path / "report"
+    output = run_eval(SAMPLES, out, "--rules", str(RULES), "--model", str(tiny_model), "--json")
+    report = json_report(output)
+    samples = sorted(SAMPLES.glob("*.json"))
+    assert (report["files"], report["labelled"], report["errors"]) == (len(samples), 9, [])
+    rules = report["rules"]
+    assert (rules["open_fire"]["real"], rules["open_fire"]["false"]) == (1, 1)
+    assert (rules["helmet"]["real"], rules["helmet"]["false"]) == (1, 1)
+    assert rules["fire_source"]["kind"] == "classify" and rules["fire_source"]["alerts"] == 2
+    assert rules["people_extraction"]["kind"] == "extract"
+    assert "calibration" not in rules["people_extraction"]
+    for rule in rules.values():
+        if rule["kind"] == "verdict":
+            assert len(rule["sweep"]) == 231 and rule["best"] is not None
+            assert sum(b["count"] for b in rule["calibration"]) == rule["alerts"]
+            assert all(0 <= b["mean_p_real"] <= 1 for b in rule["calibration"] if b["count"])
+    for name in ("sweep.png", "calibration.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
