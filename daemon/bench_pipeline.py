@@ -1,9 +1,11 @@
 """`secondlook bench --backend instant`: the whole pipeline but the model, through a broker.
 
-A private mosquitto on a free port, the daemon in this process with the `instant` backend, a
-publisher in another process sending N canonical alerts with JPEG snapshots at QoS 1, and a
-subscriber here counting verdicts. Reports alerts per second end to end and where the time
-goes per stage.
+A private mosquitto on a free port, the daemon in this process with the `instant` backend,
+and a load generator in a process of its own (as the boxes and alarm systems would be) that
+publishes N canonical alerts with JPEG snapshots at QoS 1 and counts the verdicts. Reports
+alerts per second end to end, the wall time per stage, and where the CPU time goes: per
+thread of the daemon (event loop, image preparation, journal writer and reader), the broker
+and the load generator.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import random
 import resource
 import shutil
@@ -19,15 +22,18 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 from PIL import Image, ImageDraw
 
 from daemon.app import Daemon
 from daemon.config import Settings
-from daemon.mqtt import count_messages
 
 RULE = """
 [match]
@@ -37,14 +43,16 @@ kind = "verdict"
 prompt = "Is there a real open flame? Answer yes or no."
 """
 
-#: the publisher runs in a process of its own, as a box would
-PUBLISHER = """
-import asyncio, json, logging, sys
-from daemon.mqtt import publish_all
-logging.getLogger("mqtt").setLevel(logging.ERROR)
-payloads = json.load(open(sys.argv[2]))
-asyncio.run(publish_all("127.0.0.1", int(sys.argv[1]), "secondlook/alerts/bench", payloads))
-"""
+ALERT_TOPIC = "secondlook/alerts/bench"
+VERDICT_TOPICS = "secondlook/verdicts/#"
+#: the load generator prints a progress line every this many verdicts
+PROGRESS_EVERY = 50
+#: daemon threads by name prefix, for the CPU breakdown
+THREAD_ROLES = {
+    "MainThread": "event_loop",
+    "prepare": "image_prep",
+    "journal-writer": "journal_writer",
+}
 
 
 def synthetic_jpegs(count: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:
@@ -87,6 +95,41 @@ def alert_payloads(count: int, jpegs: list[bytes]) -> list[str]:
     ]
 
 
+def load_main() -> None:
+    """The load generator's process. Arguments: broker port, folder of JPEGs, alert count.
+    Prints a line per PROGRESS_EVERY verdicts, then one JSON object with its figures."""
+    port, folder, count = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+    jpegs = [path.read_bytes() for path in sorted(folder.glob("*.jpg"))]
+    payloads = alert_payloads(count, jpegs)
+    figures = asyncio.run(_publish_and_count(port, payloads))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    figures["cpu_s"] = usage.ru_utime + usage.ru_stime
+    print(json.dumps(figures), flush=True)
+
+
+async def _publish_and_count(port: int, payloads: list[str]) -> dict[str, Any]:
+    """Publish every alert at QoS 1 and wait for as many distinct verdicts."""
+    seen: Counter[str] = Counter()
+    async with aiomqtt.Client("127.0.0.1", port) as verdicts:
+        await verdicts.subscribe(VERDICT_TOPICS, qos=1)
+        async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=1000) as boxes:
+            boxes.pending_calls_threshold = len(payloads) + 1
+            started = time.perf_counter()
+            publishing = asyncio.gather(
+                *(boxes.publish(ALERT_TOPIC, payload, qos=1) for payload in payloads)
+            )
+            async for message in verdicts.messages:
+                assert isinstance(message.payload, bytes)
+                seen[json.loads(message.payload)["alert_id"]] += 1
+                if len(seen) % PROGRESS_EVERY == 0 or len(seen) == len(payloads):
+                    print(len(seen), flush=True)
+                if len(seen) == len(payloads):
+                    break
+            elapsed = time.perf_counter() - started
+            await publishing
+    return {"elapsed_s": elapsed, "duplicates": sum(seen.values()) - len(seen)}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -114,7 +157,7 @@ def _start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 async def run_pipeline_bench(
-    alerts: int, image_size: tuple[int, int], progress: Any = None
+    alerts: int, image_size: tuple[int, int], progress: Callable[[int], None] | None = None
 ) -> dict[str, Any]:
     """Publish `alerts` alerts and wait for their verdicts; return the figures."""
     with tempfile.TemporaryDirectory(prefix="secondlook-bench-") as scratch:
@@ -123,17 +166,24 @@ async def run_pipeline_bench(
         (work / "rules" / "fire.toml").write_text(RULE)
         broker, port = _start_broker(work)
         try:
-            return await _measure(work, port, alerts, image_size, progress)
+            return await _measure(work, broker, port, alerts, image_size, progress)
         finally:
             broker.terminate()
             broker.wait(10)
 
 
 async def _measure(
-    work: Path, port: int, alerts: int, image_size: tuple[int, int], progress: Any
+    work: Path,
+    broker: subprocess.Popen[bytes],
+    port: int,
+    alerts: int,
+    image_size: tuple[int, int],
+    progress: Callable[[int], None] | None,
 ) -> dict[str, Any]:
-    payloads = alert_payloads(alerts, synthetic_jpegs(8, image_size))
-    (work / "payloads.json").write_text(json.dumps(payloads))
+    jpegs = work / "jpegs"
+    jpegs.mkdir()
+    for i, jpeg in enumerate(synthetic_jpegs(8, image_size)):
+        (jpegs / f"{i}.jpg").write_bytes(jpeg)
     settings = Settings.model_validate(
         {
             "mqtt": {"port": port, "client_id": "secondlook-bench"},
@@ -148,43 +198,84 @@ async def _measure(
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await asyncio.wait_for(daemon.ready.wait(), 60)
-    received = 0
-    done = asyncio.Event()
-
-    def on_verdict() -> None:
-        nonlocal received
-        received += 1
-        if progress is not None:
-            progress(received)
-        if received >= alerts:
-            done.set()
-
-    subscribed = asyncio.Event()
-    counter = asyncio.create_task(
-        count_messages("127.0.0.1", port, "secondlook/verdicts/#", alerts, on_verdict, subscribed)
+    generator = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "from daemon.bench_pipeline import load_main; load_main()",
+        str(port),
+        str(jpegs),
+        str(alerts),
+        stdout=asyncio.subprocess.PIPE,
     )
-    await subscribed.wait()
-    start = time.perf_counter()
-    cpu_start = resource.getrusage(resource.RUSAGE_SELF)
-    publisher = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", PUBLISHER, str(port), str(work / "payloads.json")
-    )
-    await asyncio.wait_for(done.wait(), timeout=max(120, alerts / 20))
-    elapsed = time.perf_counter() - start
-    cpu_end = resource.getrusage(resource.RUSAGE_SELF)
-    daemon_cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
-    await publisher.wait()
+    assert generator.stdout is not None
+    cpu_before: dict[str, float] = {}
+    broker_before = 0.0
+    figures: dict[str, Any] = {}
+    async with asyncio.timeout(max(120, alerts / 20)):
+        while line := await generator.stdout.readline():
+            if line.startswith(b"{"):
+                figures = json.loads(line)
+                break
+            if not cpu_before:  # the first verdicts: the generator is publishing
+                cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
+            if progress is not None:
+                progress(int(line))
+        cpu = thread_cpu_s()
+        broker_cpu = process_cpu_s(broker.pid) - broker_before
+        await generator.wait()
     stop.set()
     await task
-    counter.cancel()
+    if not figures:
+        raise RuntimeError("the load generator ended without its figures")
+    per_alert = {
+        role: 1000 * (seconds - cpu_before.get(role, 0.0)) / alerts for role, seconds in cpu.items()
+    }
+    per_alert["broker"] = 1000 * broker_cpu / alerts
+    per_alert["load_generator"] = 1000 * figures["cpu_s"] / alerts
+    daemon_roles = [role for role in cpu if role in THREAD_ROLES.values() or role == "other"]
     return {
         "alerts": alerts,
         "image_size": f"{image_size[0]}x{image_size[1]}",
-        "jpeg_kb": round(sum(len(p) for p in payloads) / len(payloads) / 1024 * 3 / 4, 1),
-        "elapsed_s": round(elapsed, 3),
-        "alerts_per_s": round(alerts / elapsed, 1),
-        # CPU time of this process (daemon and verdict counter) per alert; the broker and the
-        # publisher use the machine's other cycles
-        "daemon_cpu_ms_per_alert": round(1000 * daemon_cpu / alerts, 2),
+        "jpeg_kb": round(sum(len(p.read_bytes()) for p in jpegs.glob("*.jpg")) / 8 / 1024, 1),
+        "elapsed_s": round(figures["elapsed_s"], 3),
+        "alerts_per_s": round(alerts / figures["elapsed_s"], 1),
+        "duplicates": figures["duplicates"],
+        # CPU time of the daemon's threads per alert (from its first verdicts to its last)
+        "daemon_cpu_ms_per_alert": round(sum(per_alert[role] for role in daemon_roles), 2),
+        "cpu_ms_per_alert": {role: round(ms, 3) for role, ms in per_alert.items()},
+        "cores": os.cpu_count(),
         "stages": daemon.stats.snapshot(),
     }
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds of this process's threads so far, summed by role (Linux; else one
+    figure for the whole process)."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    roles: dict[str, float] = {}
+    try:
+        tasks = [path.name for path in Path("/proc/self/task").iterdir()]
+    except OSError:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {"other": usage.ru_utime + usage.ru_stime}
+    for tid in tasks:
+        name = names.get(int(tid), "")
+        role = next((r for prefix, r in THREAD_ROLES.items() if name.startswith(prefix)), None)
+        if role is None:
+            role = "journal_reader" if "_connection_worker_thread" in name else "other"
+        roles[role] = roles.get(role, 0.0) + _ticks_s(f"/proc/self/task/{tid}/stat")
+    return roles
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds of another process so far (0 where /proc is not there)."""
+    return _ticks_s(f"/proc/{pid}/stat")
+
+
+def _ticks_s(stat_path: str) -> float:
+    try:
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # utime and stime, the 14th and 15th fields, in clock ticks
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -465,8 +465,12 @@ def bench(
             from daemon.bench_pipeline import run_pipeline_bench
 
             count = alerts or 2000
-            tick = progress("verdicts", count)
-            result = asyncio.run(run_pipeline_bench(count, image_size, lambda _: tick()))
+            verdicts = bars.add_task("verdicts", total=count)
+            result = asyncio.run(
+                run_pipeline_bench(
+                    count, image_size, lambda done: bars.update(verdicts, completed=done)
+                )
+            )
         else:
             from daemon.bench_model import model_from, run_model_bench
 
@@ -490,6 +494,7 @@ def bench(
 def _print_bench(result: dict[str, Any]) -> None:
     from rich.table import Table
 
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     if "stages" in result:
         table = Table(
             title=f"pipeline, instant backend: {result['alerts_per_s']} alerts/s "
@@ -500,6 +505,12 @@ def _print_bench(result: dict[str, Any]) -> None:
             table.add_column(column)
         for stage, row in result["stages"].items():
             table.add_row(stage, str(row["count"]), str(row["total_s"]), str(row["mean_ms"]))
+        console.print(table)
+        table = Table(title=f"CPU ms per alert ({result['cores']} cores)")
+        table.add_column("where")
+        table.add_column("ms")
+        for where, ms in result["cpu_ms_per_alert"].items():
+            table.add_row(where, str(ms))
     else:
         table = Table(
             title=f"{result['snapshot']} on {result['device']}: speed-up x{result['speedup']}"
@@ -518,7 +529,7 @@ def _print_bench(result: dict[str, Any]) -> None:
             table.add_column(key)
         for side in ("baseline", "secondlook", "light_load"):
             table.add_row(side, *(str(result[side].get(key, "")) for key in keys))
-    (Console() if sys.stdout.isatty() else Console(width=160)).print(table)
+    console.print(table)
 
 
 @main.group()

@@ -159,5 +159,4 @@ async def _verdicts(journal: Journal, alert_id: str, box_id: str | None) -> list
     if box_id is not None:
         sql += " AND a.box_id = ?"
         args += (box_id,)
-    async with journal.reader.execute(sql + " ORDER BY v.id", args) as rows:
-        return list(await rows.fetchall())
+    return await journal.read(sql + " ORDER BY v.id", args)

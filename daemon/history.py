@@ -53,8 +53,7 @@ async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, 
         args.append(where.before)
     sql.append("ORDER BY a.id DESC LIMIT ?")
     args.append(max(1, min(where.limit, 500)))
-    async with journal.reader.execute(" ".join(sql), args) as rows:
-        alerts = list(await rows.fetchall())
+    alerts = await journal.read(" ".join(sql), args)
     refs = [row["id"] for row in alerts]
     verdicts = await _verdicts_of(journal, refs)
     feedback = await _feedback_of(journal, refs)
@@ -88,10 +87,9 @@ async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, 
 
 async def snapshot(journal: Journal, ref: int, idx: int) -> bytes | None:
     """The stored bytes of an alert's snapshot, None when gone (pruned) or never there."""
-    async with journal.reader.execute(
+    row = await journal.read_one(
         "SELECT data FROM alert_images WHERE alert_ref = ? AND idx = ?", (ref, idx)
-    ) as rows:
-        row = await rows.fetchone()
+    )
     return bytes(row["data"]) if row else None
 
 
@@ -100,34 +98,32 @@ async def rule_stats(journal: Journal, since: datetime | None = None) -> dict[st
     since_text = (since or datetime.min.replace(tzinfo=utc_now().tzinfo)).isoformat()
     per_rule: dict[str, dict[str, Any]] = {}
     latencies: dict[str, list[int]] = {}
-    async with journal.reader.execute(
+    for row in await journal.read(
         "SELECT rule, verdict, json_extract(payload, '$.latency_ms') AS latency FROM verdicts "
         "WHERE rule IS NOT NULL AND created_at >= ?",
         (since_text,),
-    ) as rows:
-        async for row in rows:
-            stats = per_rule.setdefault(row["rule"], _empty_stats())
-            stats["alerts"] += 1
-            stats[row["verdict"]] = stats.get(row["verdict"], 0) + 1
-            if row["verdict"] != "unreviewed" and row["latency"] is not None:
-                latencies.setdefault(row["rule"], []).append(int(row["latency"]))
-    async with journal.reader.execute(
+    ):
+        stats = per_rule.setdefault(row["rule"], _empty_stats())
+        stats["alerts"] += 1
+        stats[row["verdict"]] = stats.get(row["verdict"], 0) + 1
+        if row["verdict"] != "unreviewed" and row["latency"] is not None:
+            latencies.setdefault(row["rule"], []).append(int(row["latency"]))
+    for row in await journal.read(
         "SELECT f.rule, f.verdict, f.label, f.correct FROM feedback f WHERE f.id IN "
         "(SELECT max(id) FROM feedback GROUP BY alert_ref, rule) AND f.created_at >= ?",
         (since_text,),
-    ) as rows:
-        async for row in rows:
-            stats = per_rule.setdefault(row["rule"], _empty_stats())
-            fb = stats["feedback"]
-            fb["count"] += 1
-            if row["correct"] is not None:
-                fb["right" if row["correct"] else "wrong"] += 1
-            if row["verdict"] == "confirmed" and row["label"] is not None:
-                fb["confirmed_labelled"] += 1
-                fb["confirmed_real"] += row["label"] == "real"
-            if row["verdict"] == "rejected" and row["label"] is not None:
-                fb["rejected_labelled"] += 1
-                fb["rejected_false"] += row["label"] == "false"
+    ):
+        stats = per_rule.setdefault(row["rule"], _empty_stats())
+        fb = stats["feedback"]
+        fb["count"] += 1
+        if row["correct"] is not None:
+            fb["right" if row["correct"] else "wrong"] += 1
+        if row["verdict"] == "confirmed" and row["label"] is not None:
+            fb["confirmed_labelled"] += 1
+            fb["confirmed_real"] += row["label"] == "real"
+        if row["verdict"] == "rejected" and row["label"] is not None:
+            fb["rejected_labelled"] += 1
+            fb["rejected_false"] += row["label"] == "false"
     for rule, stats in per_rule.items():
         judged = sum(stats[kind] for kind in ("confirmed", "rejected", "uncertain"))
         stats["filtered_ratio"] = _ratio(stats["rejected"], judged)
@@ -146,15 +142,14 @@ async def timeline(journal: Journal, *, hours: float = 24, buckets: int = 24) ->
     start = end - timedelta(hours=hours)
     width = (end - start) / buckets
     series: dict[str, dict[str, list[int]]] = {}
-    async with journal.reader.execute(
+    for row in await journal.read(
         "SELECT rule, verdict, created_at FROM verdicts WHERE rule IS NOT NULL AND created_at >= ?",
         (start.isoformat(),),
-    ) as rows:
-        async for row in rows:
-            at = datetime.fromisoformat(row["created_at"])
-            bucket = min(int((at - start) / width), buckets - 1)
-            counts = series.setdefault(row["rule"], {kind: [0] * buckets for kind in VERDICT_KINDS})
-            counts[row["verdict"]][bucket] += 1
+    ):
+        at = datetime.fromisoformat(row["created_at"])
+        bucket = min(int((at - start) / width), buckets - 1)
+        counts = series.setdefault(row["rule"], {kind: [0] * buckets for kind in VERDICT_KINDS})
+        counts[row["verdict"]][bucket] += 1
     return {
         "start": start.isoformat(),
         "bucket_s": width.total_seconds(),
@@ -196,10 +191,7 @@ async def _rows_of(journal: Journal, select: str, refs: list[int], tail: str) ->
     if not refs:
         return []
     marks = ",".join("?" * len(refs))
-    async with journal.reader.execute(
-        f"{select} WHERE alert_ref IN ({marks}) {tail}", refs
-    ) as rows:
-        return list(await rows.fetchall())
+    return await journal.read(f"{select} WHERE alert_ref IN ({marks}) {tail}", refs)
 
 
 async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict[str, Any]]]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,15 +150,18 @@ class Pruned:
     snapshot_bytes: int
 
 
-WriteOp = Callable[[aiosqlite.Connection], Awaitable[Any]]
+#: a write: runs inside the writer's transaction, on the writer's thread
+WriteOp = Callable[[sqlite3.Connection], Any]
 
 
 class Journal:
-    """Two connections to one file: writes go through a group-commit queue on one, reads use
-    the other (WAL lets them run side by side, and readers only ever see committed data)."""
+    """Two connections to one file: writes go through a group-commit queue on one, owned by
+    a thread of its own; reads use the other (WAL lets them run side by side, and readers
+    only ever see committed data)."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, path: Path):
+    def __init__(self, writer: sqlite3.Connection, reader: aiosqlite.Connection, path: Path):
         self._db = writer
+        self._writer_thread = ThreadPoolExecutor(1, "journal-writer")
         self._reader = reader
         self.path = path
         self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
@@ -164,17 +169,7 @@ class Journal:
 
     @classmethod
     async def open(cls, path: Path) -> Journal:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # autocommit mode: the writer opens and commits its transactions itself
-        writer = await aiosqlite.connect(path, isolation_level=None)
-        # pages freed by pruning go back to the file system (takes effect in a new file)
-        await writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
-        await writer.execute("PRAGMA journal_mode = WAL")
-        await writer.execute("PRAGMA synchronous = FULL")
-        await writer.execute("PRAGMA foreign_keys = ON")
-        await _migrate(writer)
-        await writer.executescript(SCHEMA)
-        await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        writer = await asyncio.to_thread(_open_writer, path)
         reader = await aiosqlite.connect(path, isolation_level=None)
         reader.row_factory = aiosqlite.Row
         return cls(writer, reader, path)
@@ -182,16 +177,22 @@ class Journal:
     async def close(self) -> None:
         if self._flushing is not None:
             await self._flushing
-        await self._db.close()
+        await self.call_writer(lambda db: db.close())
+        self._writer_thread.shutdown()
         await self._reader.close()
+
+    async def call_writer(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """`fn(connection)` on the writer's thread, outside any transaction (maintenance)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer_thread, fn, self._db)
 
     # writes ------------------------------------------------------------------------------
 
     async def _write(self, op: WriteOp) -> Any:
         """Run `op` in the next group commit; return once that commit is on disk.
 
-        Writes that arrive while a commit is under way share the next one: one fsync for
-        many alerts under load, and no waiting at all when idle.
+        Writes that arrive while a commit is under way share the next one: one fsync, and
+        one trip to the writer's thread, for many alerts under load; no waiting when idle.
         """
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending.append((op, future))
@@ -202,37 +203,14 @@ class Journal:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
             try:
-                await self._db.execute("BEGIN IMMEDIATE")
-                for op, future in batch:
-                    # a savepoint each: one failing write does not undo the others
-                    await self._db.execute("SAVEPOINT op")
-                    try:
-                        results.append((future, await op(self._db), None))
-                        await self._db.execute("RELEASE op")
-                    except sqlite3.Error as exc:
-                        if not self._db.in_transaction:
-                            raise  # SQLite undid the whole transaction (disk full, I/O error)
-                        await self._db.execute("ROLLBACK TO op")
-                        await self._db.execute("RELEASE op")
-                        results.append((future, None, exc))
-                await self._db.execute("COMMIT")
+                results = await self.call_writer(partial(_commit, [op for op, _ in batch]))
             except BaseException as exc:
-                # the commit itself failed (disk full, I/O error): nothing in it is durable
-                if self._db.in_transaction:
-                    await self._db.execute("ROLLBACK")
-                results = [(future, None, exc) for _, future in batch]
+                results = [exc] * len(batch)
                 if not isinstance(exc, Exception):
+                    _settle(batch, results)
                     raise
-            finally:
-                for future, value, error in results:
-                    if future.done():
-                        continue
-                    if error is None:
-                        future.set_result(value)
-                    else:
-                        future.set_exception(error)
+            _settle(batch, results)
 
     async def record_alert(
         self,
@@ -248,22 +226,21 @@ class Journal:
         received = (received_at or utc_now()).isoformat()
         values = (alert.box_id, alert.alert_id, alert.model_dump_json(), source, topic, received)
 
-        async def op(db: aiosqlite.Connection) -> Recorded:
-            cursor = await db.execute(
+        def op(db: sqlite3.Connection) -> Recorded:
+            cursor = db.execute(
                 "INSERT INTO alerts (box_id, alert_id, alert, source, topic, received_at, "
                 "priority) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (box_id, alert_id) DO NOTHING",
                 (*values, priority),
             )
             if cursor.rowcount == 0:
-                async with db.execute(
+                row = db.execute(
                     "SELECT id, state FROM alerts WHERE box_id = ? AND alert_id = ?",
                     (alert.box_id, alert.alert_id),
-                ) as rows:
-                    row = await rows.fetchone()
+                ).fetchone()
                 assert row is not None
                 return Recorded(int(row[0]), new=False, reviewed=row[1] == "reviewed")
             ref = int(cursor.lastrowid or 0)
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO alert_images (alert_ref, idx, source, data) VALUES (?, ?, ?, ?)",
                 [(ref, i, image.source, image.data) for i, image in enumerate(images)],
             )
@@ -287,10 +264,10 @@ class Journal:
         """Count one more review attempt, durably before the review starts, so that an alert
         that crashes the daemon is given up after a few attempts instead of forever."""
 
-        async def op(db: aiosqlite.Connection) -> int:
-            await db.execute("UPDATE alerts SET attempts = attempts + 1 WHERE id = ?", (ref,))
-            async with db.execute("SELECT attempts FROM alerts WHERE id = ?", (ref,)) as rows:
-                row = await rows.fetchone()
+        def op(db: sqlite3.Connection) -> int:
+            row = db.execute(
+                "UPDATE alerts SET attempts = attempts + 1 WHERE id = ? RETURNING attempts", (ref,)
+            ).fetchone()
             return int(row[0]) if row else 0
 
         return await self._write(op)
@@ -312,13 +289,13 @@ class Journal:
             for p in planned
         ]
 
-        async def op(db: aiosqlite.Connection) -> None:
-            await db.executemany(
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany(
                 "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at, "
                 "prompt, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 verdicts,
             )
-            await db.execute(
+            db.execute(
                 "UPDATE alerts SET state = 'reviewed', reviewed_at = ? WHERE id = ?", (now, ref)
             )
 
@@ -339,8 +316,8 @@ class Journal:
             utc_now().isoformat(),
         )
 
-        async def op(db: aiosqlite.Connection) -> int:
-            cursor = await db.execute(
+        def op(db: sqlite3.Connection) -> int:
+            cursor = db.execute(
                 "INSERT INTO feedback (alert_ref, rule, verdict, label, correct, fields, note, "
                 "source, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
@@ -371,84 +348,82 @@ class Journal:
         )
         far_future = "9999"
 
-        async def op(db: aiosqlite.Connection) -> Pruned:
-            cursor = await db.execute(
+        def op(db: sqlite3.Connection) -> Pruned:
+            alerts = db.execute(
                 f"DELETE FROM alerts WHERE {done}", (alerts_before.isoformat(),)
-            )
-            alerts = cursor.rowcount
-            await db.execute(
-                "DELETE FROM rejects WHERE received_at < ?", (alerts_before.isoformat(),)
-            )
-            cursor = await db.execute(
+            ).rowcount
+            db.execute("DELETE FROM rejects WHERE received_at < ?", (alerts_before.isoformat(),))
+            snapshots = db.execute(
                 f"DELETE FROM alert_images WHERE alert_ref IN (SELECT id FROM alerts WHERE {done})",
                 (snapshots_before.isoformat(),),
-            )
-            snapshots = cursor.rowcount
-            async with db.execute(
-                "SELECT coalesce(sum(length(data)), 0) FROM alert_images"
-            ) as rows:
-                total = int((await rows.fetchone() or (0,))[0])
+            ).rowcount
+            row = db.execute("SELECT coalesce(sum(length(data)), 0) FROM alert_images").fetchone()
+            total = int((row or (0,))[0])
             if total > snapshot_max_bytes:
                 excess = total - snapshot_max_bytes
-                doomed: list[tuple[int]] = []
-                async with db.execute(
+                doomed: list[int] = []
+                rows = db.execute(
                     "SELECT alert_ref, sum(length(data)) FROM alert_images JOIN alerts "
                     f"ON alerts.id = alert_ref WHERE {done} GROUP BY alert_ref "
                     "ORDER BY reviewed_at, alert_ref",
                     (far_future,),
-                ) as rows:
-                    async for ref, size in rows:
-                        if excess <= 0:
-                            break
-                        doomed.append((ref,))
-                        excess -= size
-                for (ref,) in doomed:
-                    cursor = await db.execute(
+                )
+                for ref, size in rows:
+                    if excess <= 0:
+                        break
+                    doomed.append(ref)
+                    excess -= size
+                rows.close()
+                for ref in doomed:
+                    snapshots += db.execute(
                         "DELETE FROM alert_images WHERE alert_ref = ?", (ref,)
-                    )
-                    snapshots += cursor.rowcount
+                    ).rowcount
                 total = excess + snapshot_max_bytes
             # the pragma frees one page per step: run it to the end, or the savepoint
             # cannot be released
-            async with db.execute("PRAGMA incremental_vacuum") as steps:
-                await steps.fetchall()
+            db.execute("PRAGMA incremental_vacuum").fetchall()
             return Pruned(alerts=alerts, snapshots=snapshots, snapshot_bytes=max(0, total))
 
         return await self._write(op)
 
     # reads -------------------------------------------------------------------------------
 
-    @property
-    def reader(self) -> aiosqlite.Connection:
-        """The read connection (rows as `aiosqlite.Row`), for queries of other modules."""
-        return self._reader
+    async def read(self, sql: str, args: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """Every row of a query, fetched in one trip to the reader's thread.
+
+        No statement stays open between trips: WAL keeps a read transaction (an older
+        snapshot) open while any statement is, and other queries would see that snapshot.
+        """
+        return list(await self._reader.execute_fetchall(sql, args))
+
+    async def read_one(self, sql: str, args: Sequence[Any] = ()) -> aiosqlite.Row | None:
+        rows = await self.read(sql, args)
+        return rows[0] if rows else None
 
     async def pending_reviews(self, limit: int = -1) -> list[tuple[int, int]]:
         """(row id, priority) of alerts journalled but not reviewed, highest priority and
         then oldest first."""
-        async with self._reader.execute(
+        rows = await self.read(
             "SELECT id, priority FROM alerts WHERE state = 'received' "
             "ORDER BY priority DESC, id LIMIT ?",
             (limit,),
-        ) as rows:
-            return [(int(row["id"]), int(row["priority"])) for row in await rows.fetchall()]
+        )
+        return [(int(row["id"]), int(row["priority"])) for row in rows]
 
     async def count_pending(self) -> int:
-        async with self._reader.execute(
-            "SELECT count(*) FROM alerts WHERE state = 'received'"
-        ) as rows:
-            row = await rows.fetchone()
+        row = await self.read_one("SELECT count(*) FROM alerts WHERE state = 'received'")
         return int(row[0]) if row else 0
 
     async def load_alert(self, ref: int) -> StoredAlert:
-        async with self._reader.execute("SELECT * FROM alerts WHERE id = ?", (ref,)) as rows:
-            row = await rows.fetchone()
+        row = await self.read_one("SELECT * FROM alerts WHERE id = ?", (ref,))
         if row is None:
             raise KeyError(ref)
-        async with self._reader.execute(
-            "SELECT source, data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,)
-        ) as rows:
-            images = [RawImage(r["source"], bytes(r["data"])) for r in await rows.fetchall()]
+        images = [
+            RawImage(r["source"], bytes(r["data"]))
+            for r in await self.read(
+                "SELECT source, data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,)
+            )
+        ]
         return StoredAlert(
             ref=ref,
             alert=Alert.model_validate_json(row["alert"]),
@@ -459,24 +434,21 @@ class Journal:
         )
 
     async def unpublished(self, limit: int = 100) -> list[OutboxItem]:
-        async with self._reader.execute(
+        rows = await self.read(
             "SELECT id, topic, payload FROM verdicts WHERE published_at IS NULL "
             "ORDER BY id LIMIT ?",
             (limit,),
-        ) as rows:
-            return [OutboxItem(r["id"], r["topic"], r["payload"]) for r in await rows.fetchall()]
+        )
+        return [OutboxItem(r["id"], r["topic"], r["payload"]) for r in rows]
 
     async def count_unpublished(self) -> int:
-        async with self._reader.execute(
-            "SELECT count(*) FROM verdicts WHERE published_at IS NULL"
-        ) as rows:
-            row = await rows.fetchone()
+        row = await self.read_one("SELECT count(*) FROM verdicts WHERE published_at IS NULL")
         return int(row[0]) if row else 0
 
     async def rejects(self) -> list[tuple[str, str]]:
         """(field, error) of every refused payload, oldest first."""
-        async with self._reader.execute("SELECT field, error FROM rejects ORDER BY id") as rows:
-            return [(r["field"], r["error"]) for r in await rows.fetchall()]
+        rows = await self.read("SELECT field, error FROM rejects ORDER BY id")
+        return [(r["field"], r["error"]) for r in rows]
 
     async def find_alerts(self, alert_id: str, box_id: str | None = None) -> list[dict[str, Any]]:
         """Alerts with this id (one per box unless `box_id` narrows it), with their verdicts."""
@@ -485,18 +457,15 @@ class Journal:
         if box_id is not None:
             sql += " AND box_id = ?"
             args += (box_id,)
-        async with self._reader.execute(sql + " ORDER BY id", args) as rows:
-            alerts = list(await rows.fetchall())
         found = []
-        for row in alerts:
-            async with self._reader.execute(
-                "SELECT payload, published_at FROM verdicts WHERE alert_ref = ? ORDER BY id",
-                (row["id"],),
-            ) as rows:
-                verdicts = [
-                    {**json.loads(v["payload"]), "published": v["published_at"] is not None}
-                    for v in await rows.fetchall()
-                ]
+        for row in await self.read(sql + " ORDER BY id", args):
+            verdicts = [
+                {**json.loads(v["payload"]), "published": v["published_at"] is not None}
+                for v in await self.read(
+                    "SELECT payload, published_at FROM verdicts WHERE alert_ref = ? ORDER BY id",
+                    (row["id"],),
+                )
+            ]
             found.append(
                 {
                     "alert_id": row["alert_id"],
@@ -512,14 +481,66 @@ class Journal:
         return found
 
 
-async def _migrate(db: aiosqlite.Connection) -> None:
+def _open_writer(path: Path) -> sqlite3.Connection:
+    """The write connection, its pragmas set and the schema brought up to date."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # autocommit mode: the writer opens and commits its transactions itself
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # pages freed by pruning go back to the file system (takes effect in a new file)
+    writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+    writer.execute("PRAGMA journal_mode = WAL")
+    writer.execute("PRAGMA synchronous = FULL")
+    writer.execute("PRAGMA foreign_keys = ON")
+    _migrate(writer)
+    writer.executescript(SCHEMA)
+    writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return writer
+
+
+def _migrate(db: sqlite3.Connection) -> None:
     """Bring a journal written by an older version up to SCHEMA_VERSION."""
-    async with db.execute("PRAGMA user_version") as rows:
-        row = await rows.fetchone()
+    row = db.execute("PRAGMA user_version").fetchone()
     version = int(row[0]) if row else 0
     if version == 1:
-        await db.execute("ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
-        await db.execute("DROP INDEX IF EXISTS alerts_pending")
+        db.execute("ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
+        db.execute("DROP INDEX IF EXISTS alerts_pending")
     if 1 <= version <= 2:
-        await db.execute("ALTER TABLE verdicts ADD COLUMN prompt TEXT")
-        await db.execute("ALTER TABLE verdicts ADD COLUMN raw TEXT")
+        db.execute("ALTER TABLE verdicts ADD COLUMN prompt TEXT")
+        db.execute("ALTER TABLE verdicts ADD COLUMN raw TEXT")
+
+
+def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
+    """Run `ops` in one transaction, each in a savepoint of its own so that one failing write
+    does not undo the others; each op's result, or the sqlite3.Error it raised. A failed
+    commit (disk full, I/O error) raises: nothing in it is durable."""
+    results: list[Any] = []
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        for op in ops:
+            db.execute("SAVEPOINT op")
+            try:
+                results.append(op(db))
+                db.execute("RELEASE op")
+            except sqlite3.Error as exc:
+                if not db.in_transaction:
+                    raise  # SQLite undid the whole transaction (disk full, I/O error)
+                db.execute("ROLLBACK TO op")
+                db.execute("RELEASE op")
+                results.append(exc)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return results
+
+
+def _settle(batch: list[tuple[WriteOp, asyncio.Future[Any]]], results: list[Any]) -> None:
+    """Hand each waiting writer its result (an exception instance is raised to it)."""
+    for (_, future), value in zip(batch, results, strict=True):
+        if future.done():
+            continue
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)

@@ -355,23 +355,3 @@ async def publish_all(host: str, port: int, topic: str, payloads: list[str | byt
     async with aiomqtt.Client(host, port, max_inflight_messages=1000) as client:
         client.pending_calls_threshold = len(payloads) + 1
         await asyncio.gather(*(client.publish(topic, payload, qos=1) for payload in payloads))
-
-
-async def count_messages(
-    host: str,
-    port: int,
-    topic: str,
-    count: int,
-    on_message: Callable[[], None],
-    ready: asyncio.Event,
-) -> None:
-    """Subscribe to `topic`, set `ready`, call `on_message` per message until `count` came."""
-    async with aiomqtt.Client(host, port) as client:
-        await client.subscribe(topic, qos=1)
-        ready.set()
-        seen = 0
-        async for _ in client.messages:
-            on_message()
-            seen += 1
-            if seen >= count:
-                return

@@ -32,6 +32,8 @@ class Outbox:
         self.publisher = publisher
         self.stats = stats
         self._wake = asyncio.Event()
+        #: one flush at a time (the shutdown's final flush may meet the running one)
+        self._flushing = asyncio.Lock()
 
     def wake(self) -> None:
         """New verdicts, or a new connection: look at the journal again."""
@@ -48,6 +50,10 @@ class Outbox:
     async def flush(self) -> int:
         """Publish what is unpublished, oldest first, a batch at a time: the batch's PUBACKs
         are awaited together and its rows marked in one commit. Stops at the first failure."""
+        async with self._flushing:
+            return await self._flush()
+
+    async def _flush(self) -> int:
         sent = 0
         while batch := await self.journal.unpublished(limit=BATCH):
             started = time.perf_counter()

@@ -51,19 +51,22 @@ def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
     assert "speed-up" in result.output  # the table
 
 
-def test_pipeline_bench_counts_every_stage(tmp_path):
-    result = CliRunner().invoke(
-        main,
-        ["bench", "--backend", "instant", "--alerts", "40", "--image-size", "640x360", "--json"],
-    )
+def test_pipeline_bench_counts_every_stage_and_publishes_each_verdict_once(tmp_path):
+    alerts = 400  # enough for reviews, journal commits and publishing to overlap
+    args = ["bench", "--backend", "instant", "--alerts", str(alerts), "--image-size", "320x180"]
+    result = CliRunner().invoke(main, [*args, "--json"])
     assert result.exit_code == 0, result.output
     figures = last_json_line(result.output)
-    assert figures["alerts"] == 40 and figures["alerts_per_s"] > 0
-    assert figures["daemon_cpu_ms_per_alert"] > 0
+    assert figures["alerts"] == alerts and figures["alerts_per_s"] > 0
+    assert figures["duplicates"] == 0
     stages = figures["stages"]
-    for stage in ("parse", "journal_alert", "prepare", "model", "journal_verdict"):
-        assert stages[stage]["count"] == 40, stage
-    assert stages["publish"]["count"] >= 40  # at least once
+    for stage in ("parse", "journal_alert", "prepare", "model", "journal_verdict", "publish"):
+        assert stages[stage]["count"] == alerts, stage
+    cpu = figures["cpu_ms_per_alert"]
+    for where in ("event_loop", "image_prep", "journal_writer", "load_generator"):
+        assert cpu[where] > 0, where
+    assert figures["daemon_cpu_ms_per_alert"] >= cpu["event_loop"] + cpu["image_prep"]
+    assert "CPU ms per alert" in result.output
 
 
 def test_the_command_line_knows_the_same_architectures_as_the_bench():

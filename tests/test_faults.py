@@ -176,7 +176,7 @@ async def test_a_10x_burst_keeps_memory_bounded_answers_503_and_loses_nothing(
             await asyncio.sleep(0.05)
 
     async with collect(broker, VERDICTS) as out, aiohttp.ClientSession() as session:
-        proc = start(config)
+        proc = start(config, MALLOC_ARENA_MAX="2")  # as the systemd unit sets it
         watcher = None
         try:
             await wait_http_ok(f"http://{http}", proc)

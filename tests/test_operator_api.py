@@ -182,12 +182,9 @@ async def test_a_version_2_journal_is_migrated_without_losing_anything(tmp_path)
     journal = await Journal.open(path)
     try:
         assert await journal.count_pending() == 1
-        async with journal.reader.execute("SELECT prompt, raw FROM verdicts") as rows:
-            assert await rows.fetchall() == []
-        async with journal.reader.execute("SELECT count(*) FROM feedback") as rows:
-            assert (await rows.fetchone())[0] == 0
-        async with journal.reader.execute("PRAGMA user_version") as rows:
-            assert (await rows.fetchone())[0] == 3
+        assert await journal.read("SELECT prompt, raw FROM verdicts") == []
+        assert (await journal.read_one("SELECT count(*) FROM feedback"))[0] == 0
+        assert (await journal.read_one("PRAGMA user_version"))[0] == 3
     finally:
         await journal.close()
 
@@ -212,5 +209,5 @@ async def test_feedback_on_the_mqtt_topic_is_stored_and_bad_feedback_is_refused(
                 break
             await asyncio.sleep(0.1)
         assert (fire["count"], fire["wrong"], fire["precision"]) == (1, 1, 0.0)
-        async with d.daemon.journal.reader.execute("SELECT source, label FROM feedback") as rows:
-            assert [tuple(row) for row in await rows.fetchall()] == [("mqtt", "false")]
+        rows = await d.daemon.journal.read("SELECT source, label FROM feedback")
+        assert [tuple(row) for row in rows] == [("mqtt", "false")]

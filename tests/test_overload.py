@@ -109,11 +109,10 @@ async def test_a_full_disk_pauses_intake_with_a_clear_error_and_loses_nothing(
     (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
     noise = base64.b64encode(noise_jpeg((640, 360))).decode()
     async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
-        db = d.daemon.journal._db
-        async with db.execute("PRAGMA page_count") as rows:
-            (pages,) = await rows.fetchone()
+        journal = d.daemon.journal
+        (pages,) = await journal.call_writer(lambda db: db.execute("PRAGMA page_count").fetchone())
         # SQLite's own limit: writes past it fail exactly as on a full disk
-        await db.execute(f"PRAGMA max_page_count = {pages}")
+        await journal.call_writer(lambda db: db.execute(f"PRAGMA max_page_count = {pages}"))
         status, body = await d.post_alert(make_alert("full-http", image=noise))
         assert status == 503
         assert "database or disk is full" in body["error"]
@@ -123,7 +122,7 @@ async def test_a_full_disk_pauses_intake_with_a_clear_error_and_loses_nothing(
         await publish_all("127.0.0.1", broker.port, ALERTS, [json.dumps(make_alert("full-mqtt"))])
         await asyncio.sleep(0.5)
         assert out.verdicts() == []
-        await db.execute("PRAGMA max_page_count = 1073741823")  # space again
+        await journal.call_writer(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
         verdicts = await out.wait_for(1, timeout=30)
         status, _ = await d.post_alert(make_alert("full-http", image=noise))  # sent again
         assert status == 202
