@@ -29,11 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 from PIL import Image, ImageDraw
 
 from daemon.app import Daemon
 from daemon.config import Settings
+from daemon.mqtt import publish_and_follow
 
 RULE = """
 [match]
@@ -110,24 +110,21 @@ def load_main() -> None:
 async def _publish_and_count(port: int, payloads: list[str]) -> dict[str, Any]:
     """Publish every alert at QoS 1 and wait for as many distinct verdicts."""
     seen: Counter[str] = Counter()
-    async with aiomqtt.Client("127.0.0.1", port) as verdicts:
-        await verdicts.subscribe(VERDICT_TOPICS, qos=1)
-        async with aiomqtt.Client("127.0.0.1", port, max_inflight_messages=1000) as boxes:
-            boxes.pending_calls_threshold = len(payloads) + 1
-            started = time.perf_counter()
-            publishing = asyncio.gather(
-                *(boxes.publish(ALERT_TOPIC, payload, qos=1) for payload in payloads)
-            )
-            async for message in verdicts.messages:
-                assert isinstance(message.payload, bytes)
-                seen[json.loads(message.payload)["alert_id"]] += 1
-                if len(seen) % PROGRESS_EVERY == 0 or len(seen) == len(payloads):
-                    print(len(seen), flush=True)
-                if len(seen) == len(payloads):
-                    break
-            elapsed = time.perf_counter() - started
-            await publishing
-    return {"elapsed_s": elapsed, "duplicates": sum(seen.values()) - len(seen)}
+    finished = 0.0
+
+    def on_verdict(payload: bytes) -> bool:
+        nonlocal finished
+        seen[json.loads(payload)["alert_id"]] += 1
+        if len(seen) % PROGRESS_EVERY == 0 or len(seen) == len(payloads):
+            print(len(seen), flush=True)
+        if len(seen) < len(payloads):
+            return False
+        finished = time.perf_counter()
+        return True
+
+    started = time.perf_counter()
+    await publish_and_follow("127.0.0.1", port, ALERT_TOPIC, payloads, VERDICT_TOPICS, on_verdict)
+    return {"elapsed_s": finished - started, "duplicates": sum(seen.values()) - len(seen)}
 
 
 def _free_port() -> int:
