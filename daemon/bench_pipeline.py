@@ -177,9 +177,10 @@ async def _measure(
     image_size: tuple[int, int],
     progress: Callable[[int], None] | None,
 ) -> dict[str, Any]:
+    snapshots = synthetic_jpegs(8, image_size)
     jpegs = work / "jpegs"
     jpegs.mkdir()
-    for i, jpeg in enumerate(synthetic_jpegs(8, image_size)):
+    for i, jpeg in enumerate(snapshots):
         (jpegs / f"{i}.jpg").write_bytes(jpeg)
     settings = Settings.model_validate(
         {
@@ -229,16 +230,15 @@ async def _measure(
     }
     per_alert["broker"] = 1000 * broker_cpu / alerts
     per_alert["load_generator"] = 1000 * figures["cpu_s"] / alerts
-    daemon_roles = [role for role in cpu if role in THREAD_ROLES.values() or role == "other"]
     return {
         "alerts": alerts,
         "image_size": f"{image_size[0]}x{image_size[1]}",
-        "jpeg_kb": round(sum(len(p.read_bytes()) for p in jpegs.glob("*.jpg")) / 8 / 1024, 1),
+        "jpeg_kb": round(sum(map(len, snapshots)) / len(snapshots) / 1024, 1),
         "elapsed_s": round(figures["elapsed_s"], 3),
         "alerts_per_s": round(alerts / figures["elapsed_s"], 1),
         "duplicates": figures["duplicates"],
         # CPU time of the daemon's threads per alert (from its first verdicts to its last)
-        "daemon_cpu_ms_per_alert": round(sum(per_alert[role] for role in daemon_roles), 2),
+        "daemon_cpu_ms_per_alert": round(sum(per_alert[role] for role in cpu), 2),
         "cpu_ms_per_alert": {role: round(ms, 3) for role, ms in per_alert.items()},
         "cores": os.cpu_count(),
         "stages": daemon.stats.snapshot(),

@@ -206,10 +206,11 @@ class Journal:
             try:
                 results = await self.call_writer(partial(_commit, [op for op, _ in batch]))
             except BaseException as exc:
-                results = [exc] * len(batch)
-                if not isinstance(exc, Exception):
-                    _settle(batch, results)
-                    raise
+                # the commit failed (disk full, I/O error): nothing in it is durable
+                _settle(batch, [exc] * len(batch))
+                if isinstance(exc, Exception):
+                    continue
+                raise
             _settle(batch, results)
 
     async def record_alert(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -349,7 +349,7 @@ class MqttLink:
             log.warning("could not publish offline status", error=str(exc))
 
 
-async def publish_all(host: str, port: int, topic: str, payloads: list[str | bytes]) -> None:
+async def publish_all(host: str, port: int, topic: str, payloads: Sequence[str | bytes]) -> None:
     """Publish every payload at QoS 1 from a client of its own, as fast as the broker takes
     them (benchmarks and tools)."""
     async with aiomqtt.Client(host, port, max_inflight_messages=1000) as client:
@@ -361,7 +361,7 @@ async def publish_and_follow(
     host: str,
     port: int,
     topic: str,
-    payloads: list[str],
+    payloads: Sequence[str | bytes],
     follow: str,
     on_message: Callable[[bytes], bool],
 ) -> None:
@@ -369,12 +369,10 @@ async def publish_and_follow(
     on `follow` to `on_message` until it returns True (benchmarks)."""
     async with aiomqtt.Client(host, port) as follower:
         await follower.subscribe(follow, qos=1)
-        async with aiomqtt.Client(host, port, max_inflight_messages=1000) as sender:
-            sender.pending_calls_threshold = len(payloads) + 1
-            publishing = asyncio.gather(
-                *(sender.publish(topic, payload, qos=1) for payload in payloads)
-            )
+        publishing = asyncio.ensure_future(publish_all(host, port, topic, payloads))
+        try:
             async for message in follower.messages:
                 if on_message(message.payload if isinstance(message.payload, bytes) else b""):
                     break
+        finally:
             await publishing
