@@ -1,8 +1,9 @@
 """`secondlook bench --backend instant`: the whole pipeline but the model, through a broker.
 
 A private mosquitto on a free port, the daemon in this process with the `instant` backend,
-and a load generator in a process of its own (as the boxes and alarm systems would be) that
-publishes N canonical alerts with JPEG snapshots at QoS 1 and counts the verdicts. Reports
+and a lean load generator in a process of its own (`daemon.bench_load`, as the boxes and the
+alarm system would be) that publishes N canonical alerts with JPEG snapshots at QoS 1 and
+counts the verdicts. Reports
 alerts per second end to end, the wall time per stage, and where the CPU time goes: per
 thread of the daemon (event loop, image preparation, journal writer and reader), the broker
 and the load generator.
@@ -11,7 +12,6 @@ and the load generator.
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 import os
@@ -24,7 +24,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ from PIL import Image, ImageDraw
 
 from daemon.app import Daemon
 from daemon.config import Settings
-from daemon.mqtt import publish_and_follow
 
 RULE = """
 [match]
@@ -43,10 +41,6 @@ kind = "verdict"
 prompt = "Is there a real open flame? Answer yes or no."
 """
 
-ALERT_TOPIC = "secondlook/alerts/bench"
-VERDICT_TOPICS = "secondlook/verdicts/#"
-#: the load generator prints a progress line every this many verdicts
-PROGRESS_EVERY = 50
 #: daemon threads by name prefix, for the CPU breakdown
 THREAD_ROLES = {
     "MainThread": "event_loop",
@@ -74,57 +68,6 @@ def synthetic_jpegs(count: int, size: tuple[int, int], seed: int = 0) -> list[by
         image.save(buffer, "JPEG", quality=85)
         jpegs.append(buffer.getvalue())
     return jpegs
-
-
-def alert_payloads(count: int, jpegs: list[bytes]) -> list[str]:
-    images = [base64.b64encode(jpeg).decode() for jpeg in jpegs]
-    return [
-        json.dumps(
-            {
-                "alert_id": f"bench-{i}",
-                "box_id": f"box-{i % 7}",
-                "camera_id": f"cam-{i % 13}",
-                "event_type": "fire",
-                "occurred_at": "2026-11-20T14:03:12+08:00",
-                "image": images[i % len(images)],
-                "boxes": [{"x1": 100, "y1": 100, "x2": 300, "y2": 280, "label": "fire"}],
-                "score": 0.8,
-            }
-        )
-        for i in range(count)
-    ]
-
-
-def load_main() -> None:
-    """The load generator's process. Arguments: broker port, folder of JPEGs, alert count.
-    Prints a line per PROGRESS_EVERY verdicts, then one JSON object with its figures."""
-    port, folder, count = int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    jpegs = [path.read_bytes() for path in sorted(folder.glob("*.jpg"))]
-    payloads = alert_payloads(count, jpegs)
-    figures = asyncio.run(_publish_and_count(port, payloads))
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    figures["cpu_s"] = usage.ru_utime + usage.ru_stime
-    print(json.dumps(figures), flush=True)
-
-
-async def _publish_and_count(port: int, payloads: list[str]) -> dict[str, Any]:
-    """Publish every alert at QoS 1 and wait for as many distinct verdicts."""
-    seen: Counter[str] = Counter()
-    finished = 0.0
-
-    def on_verdict(payload: bytes) -> bool:
-        nonlocal finished
-        seen[json.loads(payload)["alert_id"]] += 1
-        if len(seen) % PROGRESS_EVERY == 0 or len(seen) == len(payloads):
-            print(len(seen), flush=True)
-        if len(seen) < len(payloads):
-            return False
-        finished = time.perf_counter()
-        return True
-
-    started = time.perf_counter()
-    await publish_and_follow("127.0.0.1", port, ALERT_TOPIC, payloads, VERDICT_TOPICS, on_verdict)
-    return {"elapsed_s": finished - started, "duplicates": sum(seen.values()) - len(seen)}
 
 
 def _free_port() -> int:
@@ -198,8 +141,8 @@ async def _measure(
     await asyncio.wait_for(daemon.ready.wait(), 60)
     generator = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
-        "from daemon.bench_pipeline import load_main; load_main()",
+        "-m",
+        "daemon.bench_load",
         str(port),
         str(jpegs),
         str(alerts),
@@ -230,17 +173,24 @@ async def _measure(
     }
     per_alert["broker"] = 1000 * broker_cpu / alerts
     per_alert["load_generator"] = 1000 * figures["cpu_s"] / alerts
+    cores = os.cpu_count() or 1
+    all_ms = sum(per_alert.values())
+    rate = alerts / figures["elapsed_s"]
     return {
         "alerts": alerts,
         "image_size": f"{image_size[0]}x{image_size[1]}",
         "jpeg_kb": round(sum(map(len, snapshots)) / len(snapshots) / 1024, 1),
         "elapsed_s": round(figures["elapsed_s"], 3),
-        "alerts_per_s": round(alerts / figures["elapsed_s"], 1),
+        "alerts_per_s": round(rate, 1),
         "duplicates": figures["duplicates"],
         # CPU time of the daemon's threads per alert (from its first verdicts to its last)
         "daemon_cpu_ms_per_alert": round(sum(per_alert[role] for role in cpu), 2),
         "cpu_ms_per_alert": {role: round(ms, 3) for role, ms in per_alert.items()},
-        "cores": os.cpu_count(),
+        "cores": cores,
+        # every process's CPU per alert against the cores: how busy they were, and the rate
+        # at which they would all be busy (what no scheduling could go past)
+        "cpu_busy_pct": round(100 * rate * all_ms / 1000 / cores, 1),
+        "cpu_bound_alerts_per_s": round(1000 * cores / all_ms, 1),
         "stages": daemon.stats.snapshot(),
     }
 

@@ -506,7 +506,10 @@ def _print_bench(result: dict[str, Any]) -> None:
         for stage, row in result["stages"].items():
             table.add_row(stage, str(row["count"]), str(row["total_s"]), str(row["mean_ms"]))
         console.print(table)
-        table = Table(title=f"CPU ms per alert ({result['cores']} cores)")
+        table = Table(
+            title=f"CPU ms per alert ({result['cores']} cores, {result['cpu_busy_pct']} % busy; "
+            f"all busy at {result['cpu_bound_alerts_per_s']} alerts/s)"
+        )
         table.add_column("where")
         table.add_column("ms")
         for where, ms in result["cpu_ms_per_alert"].items():

@@ -355,24 +355,3 @@ async def publish_all(host: str, port: int, topic: str, payloads: Sequence[str |
     async with aiomqtt.Client(host, port, max_inflight_messages=1000) as client:
         client.pending_calls_threshold = len(payloads) + 1
         await asyncio.gather(*(client.publish(topic, payload, qos=1) for payload in payloads))
-
-
-async def publish_and_follow(
-    host: str,
-    port: int,
-    topic: str,
-    payloads: Sequence[str | bytes],
-    follow: str,
-    on_message: Callable[[bytes], bool],
-) -> None:
-    """Subscribe to `follow`, publish every payload at QoS 1 to `topic`, and pass each message
-    on `follow` to `on_message` until it returns True (benchmarks)."""
-    async with aiomqtt.Client(host, port) as follower:
-        await follower.subscribe(follow, qos=1)
-        publishing = asyncio.ensure_future(publish_all(host, port, topic, payloads))
-        try:
-            async for message in follower.messages:
-                if on_message(message.payload if isinstance(message.payload, bytes) else b""):
-                    break
-        finally:
-            await publishing

@@ -7,6 +7,7 @@ import binascii
 import json
 from typing import Any, ClassVar
 
+import pybase64
 from pydantic import ValidationError
 
 from daemon.contract import Alert
@@ -28,9 +29,11 @@ def decode_base64_image(value: Any, field: str) -> RawImage:
         raise AlertError(field, f"expected a base64 string, got {type(value).__name__}")
     text = value.split(",", 1)[1] if value.startswith("data:") else value
     try:
-        data = base64.b64decode(text, validate=True)
+        data = pybase64.b64decode(text, validate=True)  # SIMD: ~40x the standard library
     except (binascii.Error, ValueError):
-        try:  # line-wrapped base64 (MIME style) is still base64
+        # line-wrapped base64 (MIME style) is still base64; else the standard library's
+        # error names the fault (padding, a non-base64 character)
+        try:
             data = base64.b64decode("".join(text.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise AlertError(field, f"not valid base64: {exc}") from exc

@@ -6,6 +6,7 @@ import json
 
 from click.testing import CliRunner
 
+from daemon.bench_load import PUBACK, PUBLISH, packet, take_packets
 from daemon.bench_model import ARCHS
 from daemon.cli import ARCH_NAMES, main
 
@@ -66,8 +67,27 @@ def test_pipeline_bench_counts_every_stage_and_publishes_each_verdict_once(tmp_p
     for where in ("event_loop", "image_prep", "journal_writer", "load_generator"):
         assert cpu[where] > 0, where
     assert figures["daemon_cpu_ms_per_alert"] >= cpu["event_loop"] + cpu["image_prep"]
+    # the cores cannot be busier than all busy, nor the rate past the CPU-bound one
+    assert 0 < figures["cpu_busy_pct"] <= 100 * 1.05
+    assert figures["alerts_per_s"] <= figures["cpu_bound_alerts_per_s"] * 1.05
     assert "CPU ms per alert" in result.output
 
 
 def test_the_command_line_knows_the_same_architectures_as_the_bench():
     assert set(ARCH_NAMES) == set(ARCHS)
+
+
+def test_the_load_generator_reads_packets_that_arrive_in_pieces():
+    big = packet(PUBLISH, 0b0010, b"\x00\x01t", b"\x00\x07", b"x" * 300)  # 2-byte length
+    stream = packet(PUBACK, 0, b"\x00\x05") + big + packet(PUBACK, 0, b"\x00\x06")
+    inbox, found = bytearray(), []
+    for i in range(0, len(stream), 7):
+        inbox += stream[i : i + 7]
+        found += take_packets(inbox)
+    assert [(kind, body[:2]) for kind, _, body in found] == [
+        (PUBACK, b"\x00\x05"),
+        (PUBLISH, b"\x00\x01"),
+        (PUBACK, b"\x00\x06"),
+    ]
+    assert found[1][1] == 0b0010 and found[1][2].endswith(b"x" * 300)
+    assert inbox == bytearray()
