@@ -74,6 +74,8 @@ def fit_to_budget(width: int, height: int, *, max_pixels: int, factor: int) -> t
 Resample = Literal["fast", "bicubic"]
 #: set in an image's `info` by `decode` when the JPEG decoder already scaled it down
 DRAFT_SCALED = "secondlook_draft_scaled"
+#: set in an image's `info` by `decode`: the snapshot's own (width, height); resizes keep it
+SOURCE_SIZE = "secondlook_source_size"
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
             img.draft("RGB", budget.size_for(*img.size))
         img.load()
         img.info[DRAFT_SCALED] = img.size != original
+        img.info[SOURCE_SIZE] = original
     except (
         UnidentifiedImageError,
         OSError,
@@ -115,9 +118,9 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
     ) as exc:
         raise ImageError(f"corrupt image: {exc}") from exc
     if img.mode != "RGB":
-        scaled = img.info[DRAFT_SCALED]
+        ours = {key: img.info[key] for key in (DRAFT_SCALED, SOURCE_SIZE)}
         img = img.convert("RGB")
-        img.info[DRAFT_SCALED] = scaled
+        img.info.update(ours)
     return img
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import aiohttp
-from PIL import Image as PILImage
 from PIL.Image import Image
 
 from daemon.config import ImageSettings
 from daemon.images import (
+    SOURCE_SIZE,
     Budget,
     ImageError,
     Region,
@@ -147,9 +146,7 @@ class SnapshotSet:
 
     def marked(self) -> Image:
         frame = self.frame()
-        with PILImage.open(io.BytesIO(self.raw[0].data)) as original:
-            scale = frame.width / original.width
-        return draw_detections(frame, self.boxes, scale)
+        return draw_detections(frame, self.boxes, frame.width / frame.info[SOURCE_SIZE][0])
 
     def extras(self) -> list[Image]:
         if self._extras is None:
