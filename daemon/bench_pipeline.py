@@ -3,10 +3,9 @@
 A private mosquitto on a free port, the daemon in this process with the `instant` backend,
 and a lean load generator in a process of its own (`daemon.bench_load`, as the boxes and the
 alarm system would be) that publishes N canonical alerts with JPEG snapshots at QoS 1 and
-counts the verdicts. Reports
-alerts per second end to end, the wall time per stage, and where the CPU time goes: per
-thread of the daemon (event loop, image preparation, journal writer and reader), the broker
-and the load generator.
+counts the verdicts. Reports alerts per second end to end, the wall time per stage, and
+where the CPU time goes: per thread of the daemon (event loop, image preparation, journal
+writer and reader), the broker and the load generator.
 """
 
 from __future__ import annotations

@@ -231,8 +231,7 @@ class StorageSettings(_Section):
 class PipelineSettings(_Section):
     #: concurrent reviews: images are prepared and journal commits awaited while the model
     #: works, and the model batches what waits for it (four times `max_batch`, so that a
-    #: full batch can wait while others prepare; 16 -> 64 raised the pipeline bench from
-    #: about 390 to 415-440 alerts/s on 2 cores)
+    #: full batch can wait while others prepare; measured in the README's pipeline bench)
     workers: int = Field(default=64, ge=1, le=256)
     #: reviews interrupted this many times end as `unreviewed`
     max_attempts: int = Field(default=3, ge=1)
