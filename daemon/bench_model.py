@@ -34,13 +34,14 @@ from daemon.config import ModelSettings
 from daemon.images import Budget, decode, load_for_model
 from daemon.inference.batcher import MicroBatcher
 from daemon.inference.processors import ImageOnlyProcessor
-from daemon.inference.runner import ModelRunner, pick_device, pick_dtype
+from daemon.inference.runner import ModelRunner, pick_device, pick_dtype, prepare_for_inference
 from daemon.inference.synthetic import (
     QWEN2_VL_CHAT_TEMPLATE,
     build_tokenizer,
     config_for,
     image_processor_for,
 )
+from daemon.inference.vision_attention import stock_vision_attention
 from daemon.plugin_api import ChoiceQuery, ModelRequest
 from plugins.verdict import NO_FORMS, YES_FORMS
 
@@ -230,9 +231,7 @@ def build_random_runner(arch: str, device: str, dtype: str, compile: bool = Fals
     torch.manual_seed(0)
     with torch_device:  # random initialisation on the target device: seconds, not minutes
         model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
-    model.eval()
-    if compile:
-        model.compile(dynamic=True)
+    prepare_for_inference(model, compile)
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     processor = ImageOnlyProcessor(tokenizer, image_processor_for(family), QWEN2_VL_CHAT_TEMPLATE)
     return ModelRunner(model, processor, torch_device, max_new_tokens=BASELINE_NEW_TOKENS)
@@ -259,7 +258,7 @@ def run_baseline(
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     latencies, yes = [], 0
-    with peak_memory(runner.device) as peak:
+    with peak_memory(runner.device) as peak, stock_vision_attention(runner.model):
         start = time.perf_counter()
         for jpeg in jpegs:
             began = time.perf_counter()

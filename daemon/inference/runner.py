@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from daemon.config import ModelSettings
 from daemon.inference.processors import load_processor
+from daemon.inference.vision_attention import use_grouped_attention
 from daemon.plugin_api import (
     Answer,
     ChoiceAnswer,
@@ -104,6 +105,17 @@ def query_kind(request: ModelRequest) -> str:
     return f"{kind}@{request.adapter}" if request.adapter else kind
 
 
+def prepare_for_inference(model: Any, compile: bool) -> str:
+    """Evaluation mode, grouped vision attention on SDPA, optional torch.compile. Returns the
+    vision tower's attention implementation."""
+    model.eval()
+    use_grouped_attention(model)
+    if compile:
+        model.compile(dynamic=True)
+    vision = getattr(model.config, "vision_config", None)
+    return str(getattr(vision, "_attn_implementation", None))
+
+
 class ModelRunner:
     """The loaded model and processor. `collate` is CPU work (any thread); `forward` runs
     on the model's own thread."""
@@ -147,9 +159,8 @@ class ModelRunner:
                 f"cannot load model {settings.path!r}: {reason}. Set [model] path to a local "
                 "directory holding a Hugging Face snapshot, or download the hub id first."
             ) from exc
-        model.to(device).eval()
-        if settings.compile:
-            model.compile(dynamic=True)
+        model.to(device)
+        vision_attention = prepare_for_inference(model, settings.compile)
         log.info(
             "model loaded",
             model=settings.path,
@@ -157,6 +168,7 @@ class ModelRunner:
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
+            vision_attention=vision_attention,
             compiled=settings.compile,
             processor=type(processor).__name__,
         )
@@ -175,7 +187,23 @@ class ModelRunner:
                 )
             )
         images = [image for request in requests for image in request.images]
-        return self.processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        inputs = self.processor(
+            text=texts, images=images or None, padding=True, return_tensors="pt"
+        )
+        if images and isinstance(requests[0].query, ChoiceQuery):
+            self._add_rope_positions(inputs)
+        return inputs
+
+    def _add_rope_positions(self, inputs: Any) -> None:
+        """The batch's M-RoPE positions, computed here on the CPU while the model works on
+        the previous batch. Left to the model, the same function runs in its pass on the
+        device: a Python loop over rows and images with a device sync at most steps.
+        (`generate` keeps its own: it carries the positions on from step to step.)"""
+        rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
+        needed = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+        if rope_index is None or not all(name in inputs for name in needed):
+            return
+        inputs["position_ids"], _ = rope_index(**{name: inputs[name] for name in needed})
 
     def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
         """One pass over a collated batch of one kind."""
