@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,8 @@ class Side:
     peak_rss_mb: float
     peak_gpu_mb: float | None
     visual_tokens: int
+    #: the batcher's figures (secondlook's side)
+    batching: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         def pct(p: float) -> float:
@@ -187,6 +189,7 @@ class Side:
             "peak_rss_mb": round(self.peak_rss_mb, 1),
             "peak_gpu_mb": None if self.peak_gpu_mb is None else round(self.peak_gpu_mb, 1),
             "visual_tokens": self.visual_tokens,
+            **self.batching,
         }
 
 
@@ -325,7 +328,14 @@ async def run_secondlook(
         batching.cancel()
     size = load_for_model(jpegs[0], budget).size
     tokens = visual_tokens(runner, size, runner.processor.image_processor)
-    return Side(list(latencies), elapsed, peak["rss"] or 0.0, peak["gpu"], tokens)
+    report = batcher.report()
+    figures = {
+        "batches": report["batches"],
+        "mean_batch": round(report["requests"] / max(1, report["batches"]), 2),
+        # the rest of the time the model waited for images or for a collated batch
+        "model_busy_pct": round(100 * report["busy_s"] / elapsed, 1),
+    }
+    return Side(list(latencies), elapsed, peak["rss"] or 0.0, peak["gpu"], tokens, figures)
 
 
 def describe_snapshot(jpeg: bytes) -> str:

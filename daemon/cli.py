@@ -526,6 +526,8 @@ def _print_bench(result: dict[str, Any]) -> None:
             "peak_rss_mb",
             "peak_gpu_mb",
             "visual_tokens",
+            "mean_batch",
+            "model_busy_pct",
         )
         table.add_column("")
         for key in keys:

@@ -1,8 +1,8 @@
 """Prometheus metrics at `GET /metrics`, built from the daemon's own counters at each scrape.
 
 Counters come from the pipeline's StageStats events (alerts received, verdicts, publish
-failures, rule reload errors), histograms from its stage timings and the model worker's
-batch sizes, gauges from the backlog, the journal and the rules.
+failures, rule reload errors; the model worker's busy time), histograms from its stage
+timings and the model worker's batch sizes, gauges from the backlog, the journal and the rules.
 """
 
 from __future__ import annotations
@@ -114,6 +114,12 @@ def _batches(worker: Mapping[str, Any]) -> Iterable[Metric]:
     total = sum(size * n for size, n in sizes.items())
     family.add_metric([], [*buckets, ("+Inf", sum(sizes.values()))], total)
     yield family
+    if "busy_s" in worker:
+        yield CounterMetricFamily(
+            "secondlook_model_busy_seconds",
+            "Seconds the model spent in passes (its rate: the share of time the device works)",
+            value=worker["busy_s"],
+        )
 
 
 def _gauges(gauges: Mapping[str, float]) -> Iterable[Metric]:

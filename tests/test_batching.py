@@ -65,6 +65,7 @@ async def test_batched_answers_equal_answers_alone(tiny_model):
         assert_same(answer, runner.run(request))
     # 6 choice queries in one pass, 3 generate queries in another
     assert health["batches"] == 2 and health["largest_batch"] == 6 and health["requests"] == 9
+    assert health["busy_s"] > 0 and health["busy_for_s"] == 0.0
 
 
 class OutOfMemoryAbove:

@@ -162,6 +162,7 @@ async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):
     assert value('secondlook_verdicts_total{rule="fire"') == 3
     assert value('secondlook_stage_seconds_count{stage="model"}') == 3
     assert value('secondlook_batch_size_bucket{le="+Inf"}') >= 1
+    assert value("secondlook_model_busy_seconds_total ") > 0
     assert value("secondlook_rule_errors ") == 1
     assert value("secondlook_backlog ") == 0
 

@@ -52,6 +52,8 @@ class WorkerHealth:
     failures: int = 0
     #: time.monotonic() when the running batch started (None: idle)
     busy_since: float | None = None
+    #: seconds spent in passes, all told (busy_s over wall time: how busy the device was)
+    busy_s: float = 0.0
     last_batch_at: float | None = None
     largest_batch: int = 0
     #: how many batches of each size ran (for the metrics' histogram)
@@ -65,6 +67,7 @@ class WorkerHealth:
             "state": "failed" if self.fatal else "busy" if self.busy_since is not None else "idle",
             "fatal": self.fatal,
             "busy_for_s": round(now - self.busy_since, 3) if self.busy_since else 0.0,
+            "busy_s": round(self.busy_s, 3),
             "last_batch_s_ago": round(now - self.last_batch_at, 3) if self.last_batch_at else None,
             "batches": self.batches,
             "requests": self.requests,
@@ -163,11 +166,9 @@ class MicroBatcher:
 
     async def _forward(self, batch: list[_Waiting], inputs: Any) -> None:
         health = self.health
-        health.busy_since = time.monotonic()
         try:
-            answers = await self._in(self.model_pool, self.runner.forward, _requests(batch), inputs)
+            answers = await self._timed_pass(batch, inputs)
         except self.out_of_memory as exc:
-            health.busy_since = None
             _release_cached_memory()
             if len(batch) == 1:
                 health.failures += 1
@@ -196,8 +197,6 @@ class MicroBatcher:
                 return
             _fail(batch, exc)
             return
-        finally:
-            health.busy_since = None
         health.batches += 1
         health.requests += len(batch)
         health.largest_batch = max(health.largest_batch, len(batch))
@@ -206,6 +205,15 @@ class MicroBatcher:
         for item, answer in zip(batch, answers, strict=True):
             if not item.future.done():
                 item.future.set_result(answer)
+
+    async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer]:
+        health = self.health
+        health.busy_since = started = time.monotonic()
+        try:
+            return await self._in(self.model_pool, self.runner.forward, _requests(batch), inputs)
+        finally:
+            health.busy_s += time.monotonic() - started
+            health.busy_since = None
 
     @staticmethod
     async def _in(pool: Executor, fn: Any, *args: Any) -> Any:
