@@ -46,7 +46,15 @@ def test_grouped_attention_equals_attention_per_sequence(lengths):
         None, query, key, value, cu_seq_lens_q=cu_seqlens, max_length_q=max(lengths)
     )
     assert grouped.shape == (1, total, heads, dim)
-    torch.testing.assert_close(grouped, attention_per_sequence(query, key, value, bounds))
+    expected = attention_per_sequence(query, key, value, bounds)
+    torch.testing.assert_close(grouped, expected)
+    # the longest length given as a tensor (as older transformers do): same result
+    as_tensor, _ = grouped_sdpa(
+        None, query, key, value, cu_seq_lens_q=cu_seqlens, max_length_q=torch.tensor(max(lengths))
+    )
+    torch.testing.assert_close(as_tensor, expected)
+    with pytest.raises(ValueError, match="boundaries"):
+        grouped_sdpa(None, query, key, value)
 
 
 def requests(factor: int) -> list[ModelRequest]:

@@ -9,6 +9,7 @@ position of every row is where its answer starts.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -105,6 +106,29 @@ def query_kind(request: ModelRequest) -> str:
     return f"{kind}@{request.adapter}" if request.adapter else kind
 
 
+def rope_index_of(model: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """The model's M-RoPE position function and the collated inputs it takes, or None.
+
+    Left to the model, this function runs inside its pass, on the device: a Python loop over
+    rows and images that reads values back from the device at most steps. Its signature
+    differs between transformers releases, hence the look at its parameters.
+    """
+    rope_index = getattr(getattr(model, "model", None), "get_rope_index", None)
+    if rope_index is None:
+        return None
+    parameters = inspect.signature(rope_index).parameters
+    known = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
+    required = {
+        name
+        for name, parameter in parameters.items()
+        if parameter.default is parameter.empty
+        and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+    if not required <= set(known) or "image_grid_thw" not in parameters:
+        return None
+    return rope_index, tuple(name for name in known if name in parameters)
+
+
 def prepare_for_inference(model: Any, compile: bool) -> str:
     """Evaluation mode, grouped vision attention on SDPA, optional torch.compile. Returns the
     vision tower's attention implementation."""
@@ -135,6 +159,7 @@ class ModelRunner:
         self._adapters: dict[str, str] = {}
         #: peft's wrapper, once a first adapter is loaded
         self._lora: Any = None
+        self._rope_index = rope_index_of(model)
 
     @classmethod
     def load(cls, settings: ModelSettings) -> ModelRunner:
@@ -190,20 +215,13 @@ class ModelRunner:
         inputs = self.processor(
             text=texts, images=images or None, padding=True, return_tensors="pt"
         )
-        if images and isinstance(requests[0].query, ChoiceQuery):
-            self._add_rope_positions(inputs)
+        if images and isinstance(requests[0].query, ChoiceQuery) and self._rope_index:
+            # the batch's M-RoPE positions, computed here on the CPU while the model works on
+            # the previous batch (`generate` keeps its own: it carries them from step to step)
+            rope_index, names = self._rope_index
+            if all(name in inputs for name in names):
+                inputs["position_ids"], _ = rope_index(**{name: inputs[name] for name in names})
         return inputs
-
-    def _add_rope_positions(self, inputs: Any) -> None:
-        """The batch's M-RoPE positions, computed here on the CPU while the model works on
-        the previous batch. Left to the model, the same function runs in its pass on the
-        device: a Python loop over rows and images with a device sync at most steps.
-        (`generate` keeps its own: it carries the positions on from step to step.)"""
-        rope_index = getattr(getattr(self.model, "model", None), "get_rope_index", None)
-        needed = ("input_ids", "mm_token_type_ids", "image_grid_thw", "attention_mask")
-        if rope_index is None or not all(name in inputs for name in needed):
-            return
-        inputs["position_ids"], _ = rope_index(**{name: inputs[name] for name in needed})
 
     def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
         """One pass over a collated batch of one kind."""

@@ -86,12 +86,14 @@ def grouped_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """Attention within each packed sequence; (1, total, heads, head_dim) like transformers'
     attention functions. Inference only: no dropout, no mask beyond the boundaries."""
-    total = query.shape[2]
     if cu_seq_lens_q is None:
-        return _attend(query, key, value, total, scaling).unsqueeze(0), None
+        # attending across the whole packed sequence would mix the images
+        raise ValueError("grouped vision attention needs the sequence boundaries (cu_seq_lens_q)")
+    total = query.shape[2]
     count = cu_seq_lens_q.shape[0] - 1
     if isinstance(max_length_q, int) and max_length_q * count == total:
-        # every sequence is as long as the longest: no need to read the boundaries
+        # every sequence is as long as the longest: no need to read the boundaries (older
+        # transformers pass the longest as a tensor: the boundaries are read then)
         return _attend(query, key, value, max_length_q, scaling).unsqueeze(0), None
     output = query.new_empty(total, query.shape[1], query.shape[3])
     for length, positions in _length_groups(cu_seq_lens_q):
