@@ -1,3 +1,4 @@
 from daemon.cli import main
 
-main()
+if __name__ == "__main__":  # not when a spawned model process imports it
+    main()

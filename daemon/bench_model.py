@@ -40,6 +40,7 @@ from daemon.inference.synthetic import (
     build_tokenizer,
     config_for,
     image_processor_for,
+    write_random_model,
 )
 from daemon.inference.vision_attention import stock_vision_attention
 from daemon.plugin_api import ChoiceQuery, ModelRequest
@@ -222,6 +223,17 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
         sampler.join()
         if device.type == "cuda":
             result["gpu"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def write_random_snapshot(arch: str, out_dir: Path, device: str, dtype: str) -> Path:
+    """A full-size model of `arch` with random weights, saved as a hub-style snapshot (for
+    what loads a model from a directory: the daemon)."""
+    family, text, vision = ARCHS[arch]
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    return write_random_model(
+        out_dir, family, text, vision, dtype=torch_dtype, device=str(torch_device)
+    )
 
 
 def build_random_runner(arch: str, device: str, dtype: str, compile: bool = False) -> ModelRunner:

@@ -1,11 +1,13 @@
-"""`secondlook bench --backend instant`: the whole pipeline but the model, through a broker.
+"""`secondlook bench --backend instant`: the whole pipeline but the model, through a broker
+(`--backend pipeline`: the whole pipeline with a model).
 
-A private mosquitto on a free port, the daemon in this process with the `instant` backend,
-and a lean load generator in a process of its own (`daemon.bench_load`, as the boxes and the
-alarm system would be) that publishes N canonical alerts with JPEG snapshots at QoS 1 and
-counts the verdicts. Reports alerts per second end to end, the wall time per stage, and
-where the CPU time goes: per thread of the daemon (event loop, image preparation, journal
-writer and reader), the broker and the load generator.
+A private mosquitto on a free port, the daemon in this process with the `instant` backend
+(or the model's settings given), and a lean load generator in a process of its own
+(`daemon.bench_load`, as the boxes and the alarm system would be) that publishes N
+canonical alerts with JPEG snapshots at QoS 1 and counts the verdicts. Reports alerts per
+second end to end, the wall time per stage, and where the CPU time goes: per thread of the
+daemon (event loop, image preparation, journal writer and reader), the broker and the load
+generator.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ THREAD_ROLES = {
     "MainThread": "event_loop",
     "prepare": "image_prep",
     "journal-writer": "journal_writer",
+    # with a model (`--backend pipeline`); a model process's own CPU time is not counted
+    "model": "model_thread",
+    "collate": "collate",
 }
 
 
@@ -96,16 +101,22 @@ def _start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 async def run_pipeline_bench(
-    alerts: int, image_size: tuple[int, int], progress: Callable[[int], None] | None = None
+    alerts: int,
+    image_size: tuple[int, int],
+    progress: Callable[[int], None] | None = None,
+    model: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Publish `alerts` alerts and wait for their verdicts; return the figures."""
+    """Publish `alerts` alerts and wait for their verdicts; return the figures. `model`: the
+    `[model]` settings (default: the instant backend)."""
     with tempfile.TemporaryDirectory(prefix="secondlook-bench-") as scratch:
         work = Path(scratch)
         (work / "rules").mkdir()
         (work / "rules" / "fire.toml").write_text(RULE)
         broker, port = _start_broker(work)
         try:
-            return await _measure(work, broker, port, alerts, image_size, progress)
+            return await _measure(
+                work, broker, port, alerts, image_size, progress, model or {"backend": "instant"}
+            )
         finally:
             broker.terminate()
             broker.wait(10)
@@ -118,6 +129,7 @@ async def _measure(
     alerts: int,
     image_size: tuple[int, int],
     progress: Callable[[int], None] | None,
+    model: dict[str, Any],
 ) -> dict[str, Any]:
     snapshots = synthetic_jpegs(8, image_size)
     jpegs = work / "jpegs"
@@ -128,7 +140,7 @@ async def _measure(
         {
             "mqtt": {"port": port, "client_id": "secondlook-bench"},
             "http": {"enabled": False},
-            "model": {"backend": "instant"},
+            "model": model,
             "rules": {"dir": str(work / "rules")},
             "storage": {"dir": str(work / "var")},
             "log": {"level": "warning"},
@@ -176,6 +188,9 @@ async def _measure(
     all_ms = sum(per_alert.values())
     rate = alerts / figures["elapsed_s"]
     return {
+        "backend": settings.model.backend,
+        "model": settings.model.display_name if settings.model.backend != "instant" else None,
+        "worker": settings.model.worker if settings.model.backend != "instant" else None,
         "alerts": alerts,
         "image_size": f"{image_size[0]}x{image_size[1]}",
         "jpeg_kb": round(sum(map(len, snapshots)) / len(snapshots) / 1024, 1),

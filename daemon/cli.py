@@ -383,11 +383,19 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
 @main.command()
 @click.option(
     "--backend",
-    type=click.Choice(["model", "instant"]),
+    type=click.Choice(["model", "instant", "pipeline"]),
     default="model",
     show_default=True,
     help="model: the model path against the naive one; instant: the whole pipeline "
-    "through a broker with a backend that answers at once.",
+    "through a broker with a backend that answers at once; pipeline: the whole pipeline "
+    "with the model (--model, or --arch saved as a snapshot first).",
+)
+@click.option(
+    "--worker",
+    type=click.Choice(["thread", "process"]),
+    default="thread",
+    show_default=True,
+    help="With --backend pipeline: the model on a thread of the daemon or in its own process.",
 )
 @click.option(
     "--arch",
@@ -436,6 +444,7 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
 )
 def bench(
     backend: str,
+    worker: str,
     arch: str,
     model_path: Path | None,
     image_size: tuple[int, int],
@@ -451,6 +460,9 @@ def bench(
     """Measure: verdicts per second and latency, secondlook against the naive path."""
     from rich.progress import Progress
 
+    if worker == "process" and backend != "pipeline":
+        raise click.UsageError("--worker process goes with --backend pipeline")
+
     from daemon.config import ModelSettings
 
     configure_logging(Settings().log.model_copy(update={"level": "warning"}))
@@ -461,20 +473,41 @@ def bench(
             task = bars.add_task(name, total=total)
             return lambda: bars.advance(task)
 
-        if backend == "instant":
+        batching = {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
+        if backend in ("instant", "pipeline"):
+            from daemon.bench_model import write_random_snapshot
             from daemon.bench_pipeline import run_pipeline_bench
 
             count = alerts or 2000
-            verdicts = bars.add_task("verdicts", total=count)
-            result = asyncio.run(
-                run_pipeline_bench(
-                    count, image_size, lambda done: bars.update(verdicts, completed=done)
+            with tempfile.TemporaryDirectory(prefix="secondlook-model-") as scratch:
+                model = None
+                if backend == "pipeline":
+                    if model_path is None:
+                        with console.status(f"writing a random {arch} snapshot"):
+                            model_path = write_random_snapshot(
+                                arch, Path(scratch) / arch, device, dtype
+                            )
+                    model = {
+                        "backend": "transformers",
+                        "path": str(model_path),
+                        "device": device,
+                        "dtype": dtype,
+                        "compile": compile_model,
+                        "worker": worker,
+                        **{key: value for key, value in batching.items() if value is not None},
+                    }
+                verdicts = bars.add_task("verdicts", total=count)
+                result = asyncio.run(
+                    run_pipeline_bench(
+                        count,
+                        image_size,
+                        lambda done: bars.update(verdicts, completed=done),
+                        model,
+                    )
                 )
-            )
         else:
             from daemon.bench_model import model_from, run_model_bench
 
-            batching = {"max_batch": max_batch, "max_wait_ms": max_wait_ms}
             settings = ModelSettings(
                 device=device,
                 dtype=dtype,
@@ -497,7 +530,9 @@ def _print_bench(result: dict[str, Any]) -> None:
     console = Console() if sys.stdout.isatty() else Console(width=160)
     if "stages" in result:
         table = Table(
-            title=f"pipeline, instant backend: {result['alerts_per_s']} alerts/s "
+            title=f"pipeline, {result['model'] or 'instant'} backend"
+            f"{' in a process' if result['worker'] == 'process' else ''}: "
+            f"{result['alerts_per_s']} alerts/s "
             f"({result['alerts']} alerts of {result['image_size']}, "
             f"{result['daemon_cpu_ms_per_alert']} ms daemon CPU per alert)"
         )

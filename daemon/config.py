@@ -174,6 +174,9 @@ class ModelSettings(_Section):
     compile: bool = False
     #: one small pass before READY, so the first alert does not pay for initialisation
     warmup: bool = True
+    #: where the model runs: a thread of the daemon, or a process of its own whose passes
+    #: do not wait for the daemon's Python (see daemon/inference/model_process.py)
+    worker: Literal["thread", "process"] = "thread"
     #: a batch running longer than this means the worker is stuck: the systemd watchdog is
     #: no longer fed, and systemd restarts the daemon
     stall_timeout_s: float = Field(default=120, gt=0)

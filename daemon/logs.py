@@ -10,8 +10,13 @@ import structlog
 
 from daemon.config import LogSettings
 
+#: the settings of the last `configure_logging` (a model process logs alike)
+configured = LogSettings()
+
 
 def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> None:
+    global configured
+    configured = settings
     stream = stream or sys.stderr
     use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
     renderer: structlog.typing.Processor = (

@@ -77,6 +77,21 @@ def test_pipeline_bench_counts_every_stage_and_publishes_each_verdict_once(tmp_p
     assert "CPU ms per alert" in result.output
 
 
+def test_pipeline_bench_with_the_model_in_its_own_process(tiny_model):
+    alerts = 24
+    args = ["bench", "--backend", "pipeline", "--model", str(tiny_model), "--worker", "process"]
+    args += ["--alerts", str(alerts), "--image-size", "320x180", "--max-batch", "8", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    figures = last_json_line(result.output)
+    assert figures["backend"] == "transformers" and figures["worker"] == "process"
+    assert figures["model"] == tiny_model.name
+    assert figures["alerts"] == alerts and figures["duplicates"] == 0
+    for stage in ("prepare", "model", "journal_verdict", "publish"):
+        assert figures["stages"][stage]["count"] == alerts, stage
+    assert "in a process" in result.output
+
+
 def test_the_command_line_knows_the_same_architectures_as_the_bench():
     assert set(ARCH_NAMES) == set(ARCHS)
 
@@ -95,3 +110,17 @@ def test_the_load_generator_reads_packets_that_arrive_in_pieces():
     ]
     assert found[1][1] == 0b0010 and found[1][2].endswith(b"x" * 300)
     assert inbox == bytearray()
+
+
+def test_a_random_snapshot_of_an_architecture_loads_as_a_model(tmp_path, monkeypatch):
+    from daemon.bench_model import write_random_snapshot
+    from daemon.config import ModelSettings
+    from daemon.inference.runner import ModelRunner
+    from daemon.inference.synthetic import TINY
+
+    # the tiny sizes stand in for a full-size table entry (same code, seconds not minutes)
+    monkeypatch.setitem(ARCHS, "tiny-qwen2-vl", ("qwen2-vl", *TINY["qwen2-vl"]))
+    path = write_random_snapshot("tiny-qwen2-vl", tmp_path / "snapshot", "cpu", "auto")
+    runner = ModelRunner.load(ModelSettings(path=str(path), device="cpu"))
+    assert runner.model.config.model_type == "qwen2_vl"
+    runner.warm_up()  # a pass over an image, through the loaded processor

@@ -189,9 +189,13 @@ class MicroBatcher:
             return
         except Exception as exc:
             health.failures += 1
-            if is_device_fatal(exc):
-                health.fatal = f"the model's device failed: {exc}"
-                log.critical("device error: the model is unusable", error=str(exc))
+            if isinstance(exc, BackendUnusable) or is_device_fatal(exc):
+                health.fatal = (
+                    str(exc)
+                    if isinstance(exc, BackendUnusable)
+                    else f"the model's device failed: {exc}"
+                )
+                log.critical("the model is unusable", error=str(exc))
                 _fail(batch, BackendUnusable(health.fatal))
                 self._fail_waiting(BackendUnusable(health.fatal))
                 return

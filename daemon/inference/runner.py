@@ -129,6 +129,20 @@ def rope_index_of(model: Any) -> tuple[Any, tuple[str, ...]] | None:
     return rope_index, tuple(name for name in known if name in parameters)
 
 
+def collate_batch(processor: Any, requests: Sequence[ModelRequest]) -> Any:
+    """The processor's tensors for a batch: chat template, placeholders, image patches."""
+    texts = []
+    for request in requests:
+        content = [{"type": "image"} for _ in request.images]
+        content.append({"type": "text", "text": request.query.prompt})
+        messages = [{"role": "user", "content": content}]
+        texts.append(
+            processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+    images = [image for request in requests for image in request.images]
+    return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+
+
 def prepare_for_inference(model: Any, compile: bool) -> str:
     """Evaluation mode, grouped vision attention on SDPA, optional torch.compile. Returns the
     vision tower's attention implementation."""
@@ -200,27 +214,18 @@ class ModelRunner:
         return cls(model, processor, device, settings.max_new_tokens)
 
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
-        """The processor's tensors for a batch: chat template, placeholders, image patches."""
-        texts = []
-        for request in requests:
-            content = [{"type": "image"} for _ in request.images]
-            content.append({"type": "text", "text": request.query.prompt})
-            messages = [{"role": "user", "content": content}]
-            texts.append(
-                self.processor.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            )
-        images = [image for request in requests for image in request.images]
-        inputs = self.processor(
-            text=texts, images=images or None, padding=True, return_tensors="pt"
-        )
-        if images and isinstance(requests[0].query, ChoiceQuery) and self._rope_index:
-            # the batch's M-RoPE positions, computed here on the CPU while the model works on
-            # the previous batch (`generate` keeps its own: it carries them from step to step)
-            rope_index, names = self._rope_index
-            if all(name in inputs for name in names):
-                inputs["position_ids"], _ = rope_index(**{name: inputs[name] for name in names})
+        """The processor's tensors for a batch, and the positions of a choice batch."""
+        return self.add_positions(requests, collate_batch(self.processor, requests))
+
+    def add_positions(self, requests: Sequence[ModelRequest], inputs: Any) -> Any:
+        """The M-RoPE positions of a choice batch with images, worked out on the CPU (left to
+        the model, they cost a device read-back per step of its loop). `generate` keeps its
+        own: it carries them from step to step."""
+        if not self._rope_index or not isinstance(requests[0].query, ChoiceQuery):
+            return inputs
+        rope_index, names = self._rope_index
+        if "position_ids" not in inputs and all(name in inputs for name in names):
+            inputs["position_ids"], _ = rope_index(**{name: inputs[name] for name in names})
         return inputs
 
     def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:

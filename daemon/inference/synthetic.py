@@ -182,14 +182,6 @@ def config_for(
     )
 
 
-def tiny_config(family: str, tokenizer: PreTrainedTokenizerFast) -> Any:
-    """A config of the family with two layers and 64-wide hidden states."""
-    if family not in TINY:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
-    text, vision = TINY[family]
-    return config_for(family, tokenizer, text=text, vision=vision)
-
-
 def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
     if family == "qwen3-vl":
         return Qwen2VLImageProcessorPil(
@@ -200,12 +192,31 @@ def image_processor_for(family: str) -> Qwen2VLImageProcessorPil:
 
 def build_tiny_model(out_dir: Path, family: str = "qwen2-vl", seed: int = 0) -> Path:
     """Write a tiny random model of `family` to `out_dir` as a hub-style snapshot."""
+    if family not in TINY:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    text, vision = TINY[family]
+    return write_random_model(out_dir, family, text, vision, seed=seed)
+
+
+def write_random_model(
+    out_dir: Path,
+    family: str,
+    text: dict[str, Any],
+    vision: dict[str, Any],
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Write a random model of `family` with these sizes to `out_dir` as a hub-style
+    snapshot (initialised on `device`: a full-size one is quicker on a GPU)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    config = tiny_config(family, tokenizer)
+    config = config_for(family, tokenizer, text=text, vision=vision)
     torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config)
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     image_processor_for(family).save_pretrained(out_dir)

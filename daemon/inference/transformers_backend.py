@@ -1,4 +1,5 @@
-"""Backend `transformers`: a local Qwen2-VL-family model, micro-batched on its own thread."""
+"""Backend `transformers`: a local Qwen2-VL-family model, micro-batched on its own thread
+(or in its own process, `[model] worker = "process"`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import structlog
 from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
 from daemon.inference.batcher import MicroBatcher
+from daemon.inference.model_process import ModelProcess
 from daemon.inference.runner import ModelRunner, choice_token_ids
 from daemon.plugin_api import Answer, ModelRequest
 
@@ -32,7 +34,7 @@ class TransformersBackend:
         self.model_name = settings.display_name
         self._model_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._prep_pool = ThreadPoolExecutor(os.cpu_count(), thread_name_prefix="collate")
-        self._runner: ModelRunner | None = None
+        self._runner: ModelRunner | ModelProcess | None = None
         self._batcher: MicroBatcher | None = None
         self._batching: asyncio.Task[None] | None = None
 
@@ -40,7 +42,7 @@ class TransformersBackend:
     def image_factor(self) -> int:
         return self._require_runner().image_factor
 
-    def _require_runner(self) -> ModelRunner:
+    def _require_runner(self) -> ModelRunner | ModelProcess:
         if self._runner is None:
             raise RuntimeError("the model is not loaded yet")
         return self._runner
@@ -51,11 +53,16 @@ class TransformersBackend:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        runner = await loop.run_in_executor(self._model_pool, ModelRunner.load, self.settings)
-        if self.settings.warmup:
-            started = time.perf_counter()
-            await loop.run_in_executor(self._model_pool, runner.warm_up)
-            log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
+        runner: ModelRunner | ModelProcess
+        if self.settings.worker == "process":
+            # loads and warms up in the child
+            runner = await loop.run_in_executor(self._model_pool, ModelProcess.start, self.settings)
+        else:
+            runner = await loop.run_in_executor(self._model_pool, ModelRunner.load, self.settings)
+            if self.settings.warmup:
+                started = time.perf_counter()
+                await loop.run_in_executor(self._model_pool, runner.warm_up)
+                log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
         self._runner = runner
         self._batcher = MicroBatcher(
             runner,
@@ -72,7 +79,12 @@ class TransformersBackend:
         return await self._batcher.submit(request)
 
     def health(self) -> dict[str, Any]:
-        return self._batcher.report() if self._batcher else {"state": "loading"}
+        if self._batcher is None:
+            return {"state": "loading"}
+        report = self._batcher.report()
+        if isinstance(self._runner, ModelProcess):
+            report["pid"] = self._runner.process.pid
+        return report
 
     async def close(self) -> None:
         if self._batching is not None:
@@ -85,6 +97,8 @@ class TransformersBackend:
                     asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True),
                     CLOSE_WAIT_S,
                 )
+        if isinstance(self._runner, ModelProcess):
+            await asyncio.to_thread(self._runner.close)
 
 
 @hookimpl

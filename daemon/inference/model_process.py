@@ -1,0 +1,229 @@
+"""The model in a process of its own (`[model] worker = "process"`).
+
+In one process the model's thread shares Python's interpreter lock with the event loop and
+the image and collation threads. It holds the lock while it dispatches each torch call, so a
+pass bound by dispatch, as on a GPU, waits whenever they run Python
+(`scripts/gil_contention.py` measures how much). Here the model lives in a child process
+started with `spawn`, with a lock of its own. The daemon keeps the processor and collates
+batches as before; the large tensors (the image patches) cross in shared memory, the rest
+pickled through a pipe. The child adds the M-RoPE positions, runs the pass and sends the
+answers back, or the error, which the daemon raises as if the pass had run in its own thread
+(an out-of-memory error still splits the batch). A child that ends makes the backend
+unusable: the daemon stops and systemd starts it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import pickle
+import signal
+import time
+from collections.abc import Sequence
+from multiprocessing.connection import Connection
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import structlog
+import torch
+from transformers import BatchFeature
+
+from daemon import logs
+from daemon.config import LogSettings, ModelSettings
+from daemon.inference.processors import load_processor
+from daemon.inference.runner import ModelRunner, collate_batch
+from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
+
+log = structlog.get_logger(__name__)
+
+#: tensors at least this large cross in shared memory, smaller ones in the pipe
+SHARED_MIN_BYTES = 1 << 20
+#: at close, how long the child is given to finish its pass and exit
+CLOSE_WAIT_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedTensor:
+    """Where a tensor lies in shared memory."""
+
+    block: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _view(block: SharedMemory, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(block.buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
+
+
+def pack(inputs: Any) -> tuple[dict[str, Any], list[SharedMemory]]:
+    """Collated inputs to send: large tensors copied into new shared memory blocks."""
+    packed: dict[str, Any] = {}
+    blocks: list[SharedMemory] = []
+    for name, value in dict(inputs).items():
+        if isinstance(value, torch.Tensor) and value.nbytes >= SHARED_MIN_BYTES:
+            block = SharedMemory(create=True, size=value.nbytes)
+            blocks.append(block)
+            _view(block, value.dtype, value.shape).copy_(value)
+            packed[name] = SharedTensor(block.name, value.dtype, tuple(value.shape))
+        else:
+            packed[name] = value
+    return packed, blocks
+
+
+def unpack(packed: dict[str, Any]) -> tuple[BatchFeature, list[SharedMemory]]:
+    """The inputs again, the large tensors as views of the shared blocks (close them after)."""
+    inputs: dict[str, Any] = {}
+    blocks: list[SharedMemory] = []
+    for name, value in packed.items():
+        if isinstance(value, SharedTensor):
+            block = SharedMemory(name=value.block)
+            blocks.append(block)
+            inputs[name] = _view(block, value.dtype, value.shape)
+        else:
+            inputs[name] = value
+    return BatchFeature(inputs), blocks
+
+
+def release(blocks: list[SharedMemory], unlink: bool) -> None:
+    for block in blocks:
+        # a view still alive (an error's traceback) keeps the mapping until it goes
+        with contextlib.suppress(BufferError):
+            block.close()
+        if unlink:
+            block.unlink()
+
+
+def portable(error: BaseException) -> BaseException:
+    """The error itself if it survives pickling, else a RuntimeError saying what it was."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error
+
+
+def without_images(request: ModelRequest) -> ModelRequest:
+    """What the child needs of a request once it is collated: its query and adapter."""
+    return dataclasses.replace(request, images=())
+
+
+class ModelProcess:
+    """The daemon's side: collates here, runs passes in the child. It offers the batcher
+    what a `ModelRunner` does (`collate`, `forward`, `image_factor`, `tokenizer`)."""
+
+    def __init__(
+        self, process: multiprocessing.process.BaseProcess, conn: Connection, processor: Any
+    ) -> None:
+        self.process = process
+        self.conn = conn
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        image_processor = processor.image_processor
+        self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
+
+    @classmethod
+    def start(cls, settings: ModelSettings) -> ModelProcess:
+        """Start the child and wait until its model is loaded and warm (blocking: call it
+        off the event loop). Raises what the child's loading raised."""
+        context = multiprocessing.get_context("spawn")
+        ours, theirs = context.Pipe()
+        process = context.Process(
+            target=serve, args=(theirs, settings, logs.configured), name="secondlook-model"
+        )
+        process.start()
+        theirs.close()  # the child's end: ours reads EOF once the child is gone
+        try:
+            status, payload = ours.recv()
+        except (EOFError, OSError) as exc:
+            process.join(CLOSE_WAIT_S)
+            raise BackendUnusable(
+                f"the model process ended while loading (exit code {process.exitcode})"
+            ) from exc
+        if status == "failed":
+            process.join(CLOSE_WAIT_S)
+            raise payload
+        log.info("model process ready", pid=process.pid)
+        # the path is known good now: the child loaded it
+        processor = load_processor(settings.path)
+        if hasattr(processor, "pixel_dtype"):
+            processor.pixel_dtype = payload["dtype"]
+        return cls(process, ours, processor)
+
+    def collate(self, requests: Sequence[ModelRequest]) -> Any:
+        return collate_batch(self.processor, requests)
+
+    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
+        """One pass in the child (blocking, on the model thread)."""
+        packed, blocks = pack(inputs)
+        try:
+            self.conn.send(([without_images(request) for request in requests], packed))
+            status, payload = self.conn.recv()
+        except (EOFError, OSError) as exc:
+            self.process.join(CLOSE_WAIT_S)
+            raise BackendUnusable(
+                f"the model process ended (exit code {self.process.exitcode})"
+            ) from exc
+        finally:
+            release(blocks, unlink=True)
+        if status == "error":
+            raise payload
+        return list(payload)
+
+    def close(self) -> None:
+        """Ask the child to exit; end it if it does not (blocking)."""
+        with contextlib.suppress(OSError):  # already gone
+            self.conn.send(None)
+        self.process.join(CLOSE_WAIT_S)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(CLOSE_WAIT_S)
+        self.conn.close()
+
+
+def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) -> None:
+    """The child: load and warm up the model, then run passes until the daemon closes."""
+    # the daemon decides when this process ends (systemd signals the whole service)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logs.configure_logging(log_settings)
+    try:
+        runner = ModelRunner.load(settings)
+        if settings.warmup:
+            started = time.perf_counter()
+            runner.warm_up()
+            log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
+    except Exception as exc:
+        conn.send(("failed", portable(exc)))
+        return
+    conn.send(("ready", {"dtype": runner.model.dtype}))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the daemon is gone
+        if message is None:
+            return
+        conn.send(run_pass(runner, *message))
+
+
+def run_pass(
+    runner: ModelRunner, requests: list[ModelRequest], packed: dict[str, Any]
+) -> tuple[str, Any]:
+    """("ok", answers) or ("error", the error)."""
+    blocks: list[SharedMemory] = []
+    inputs = None
+    try:
+        inputs, blocks = unpack(packed)
+        return "ok", runner.forward(requests, runner.add_positions(requests, inputs))
+    except Exception as exc:
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        # without its traceback, whose frames hold views into the shared blocks
+        return "error", portable(exc.with_traceback(None))
+    finally:
+        inputs = None
+        release(blocks, unlink=False)

@@ -1,0 +1,170 @@
+"""`[model] worker = "process"`: the model in a child process, as the daemon runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from multiprocessing.shared_memory import SharedMemory
+
+import aiohttp
+import pytest
+import torch
+from PIL import Image
+
+from daemon.config import ModelSettings
+from daemon.inference.model_process import pack, portable, release, unpack
+from daemon.inference.transformers_backend import TransformersBackend
+from daemon.plugin_api import (
+    ChoiceAnswer,
+    ChoiceQuery,
+    GenerateQuery,
+    ModelLoadError,
+    ModelRequest,
+)
+from tests.conftest import FIRE_RULE, collect, make_alert
+from tests.daemon_proc import log_path, start, wait_http_ok, write_config
+from tests.test_lifecycle import alert_state, log_events, post
+
+FIRE = ChoiceQuery("Is there fire? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
+
+
+def mixed_requests() -> list[ModelRequest]:
+    """Choice requests on images of three sizes, and generate requests."""
+    choice = [
+        ModelRequest(FIRE, [Image.new("RGB", (56 + 28 * (i % 3), 56), (i * 30, 90, 0))])
+        for i in range(6)
+    ]
+    describe = GenerateQuery("Describe the scene.", max_new_tokens=6)
+    generate = [
+        ModelRequest(describe, [Image.new("RGB", (56, 84), (0, i * 40, 9))]) for i in range(3)
+    ]
+    return choice + generate
+
+
+async def answers_of(backend: TransformersBackend, requests: list[ModelRequest]) -> list:
+    await backend.start()
+    try:
+        return await asyncio.gather(*(backend.run(request) for request in requests))
+    finally:
+        await backend.close()
+
+
+async def test_the_model_process_answers_as_the_model_thread_does(tiny_model):
+    requests = mixed_requests()
+    settings = ModelSettings(path=str(tiny_model), max_new_tokens=8, max_wait_ms=200)
+    alone = await answers_of(TransformersBackend(settings), requests)
+    process = TransformersBackend(settings.model_copy(update={"worker": "process"}))
+    apart = await answers_of(process, requests)
+    for ours, theirs in zip(apart, alone, strict=True):
+        if isinstance(ours, ChoiceAnswer):
+            assert ours.probabilities == pytest.approx(theirs.probabilities, abs=1e-5)
+        else:
+            assert ours == theirs
+    assert process.health()["requests"] == len(requests)
+    assert not process._runner.process.is_alive()  # closed with the backend
+
+
+async def test_an_error_in_the_model_process_reaches_the_caller_as_itself(tiny_model):
+    backend = TransformersBackend(ModelSettings(path=str(tiny_model), worker="process"))
+    await backend.start()
+    try:
+        runner = backend._runner
+        requests = mixed_requests()[-4:]  # a choice request with generate requests
+        with pytest.raises(ValueError, match="a batch must hold requests of one kind"):
+            await asyncio.to_thread(runner.forward, requests, runner.collate(requests))
+        # the child goes on: the next batch is answered
+        [answer] = await asyncio.gather(backend.run(mixed_requests()[0]))
+        assert set(answer.probabilities) == {"yes", "no"}
+    finally:
+        await backend.close()
+
+
+def test_errors_cross_as_themselves_or_as_a_runtime_error_naming_them():
+    out_of_memory = portable(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate"))
+    assert isinstance(out_of_memory, torch.OutOfMemoryError)  # the batcher still splits
+
+    class Local(Exception):  # not importable by name: cannot be unpickled
+        pass
+
+    stand_in = portable(Local("the reason"))
+    assert type(stand_in) is RuntimeError and str(stand_in) == "Local: the reason"
+
+
+def test_large_tensors_cross_in_shared_memory_and_the_blocks_are_freed():
+    inputs = {
+        "pixel_values": torch.randn(700, 1176).to(torch.bfloat16),
+        "input_ids": torch.arange(12).reshape(2, 6),
+        "empty": torch.zeros(0, 3),
+    }
+    packed, blocks = pack(inputs)
+    assert len(blocks) == 1 and packed["input_ids"] is inputs["input_ids"]
+    received, theirs = unpack(packed)
+    assert torch.equal(received["pixel_values"], inputs["pixel_values"])
+    assert received["pixel_values"].dtype == torch.bfloat16
+    del received
+    release(theirs, unlink=False)
+    release(blocks, unlink=True)
+    with pytest.raises(FileNotFoundError):  # unlinked
+        SharedMemory(name=blocks[0].name)
+
+
+async def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path):
+    missing = tmp_path / "no-model-here"
+    backend = TransformersBackend(ModelSettings(path=str(missing), worker="process"))
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        await backend.start()
+    await backend.close()
+
+
+async def test_a_model_process_that_dies_stops_the_daemon_and_its_alert_waits(
+    tmp_path, broker, tiny_model
+):
+    config, http = write_config(tmp_path, broker.port, tiny_model, "")
+    text = config.read_text().replace("[model]\n", '[model]\nworker = "process"\n')
+    config.write_text(text)
+    (tmp_path / "rules" / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, "secondlook/verdicts/#") as out:
+        proc = start(config)
+        try:
+            await wait_http_ok(f"http://{http}", proc)
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://{http}/healthz") as response,
+            ):
+                pid = (await response.json())["model_worker"]["pid"]
+            # systemd signals every process of the service: the child leaves stopping to us
+            os.kill(pid, signal.SIGTERM)
+            assert await post(http, make_alert("first")) == 202
+            [(_, verdict)] = await out.wait_for(1, timeout=60)
+            assert verdict["alert_id"] == "first" and verdict["rule"] == "fire"
+
+            os.kill(pid, signal.SIGKILL)
+            assert await post(http, make_alert("orphan")) == 202
+            # the backend is unusable: a non-zero exit, for systemd's Restart=on-failure
+            assert await asyncio.to_thread(proc.wait, 60) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert alert_state(config, "orphan") == "received"
+        assert any(
+            e["event"] == "the model is unusable" and "model process ended" in e["error"]
+            for e in log_events(config)
+        )
+
+        proc = start(config)
+        try:
+            [_, (_, verdict)] = await out.wait_for(2, timeout=90)
+            assert verdict["alert_id"] == "orphan"
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://{http}/healthz") as response,
+            ):
+                pid = (await response.json())["model_worker"]["pid"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+    assert alert_state(config, "orphan") == "reviewed"
+    with pytest.raises(ProcessLookupError):  # the model process ended with the daemon
+        os.kill(pid, 0)
+    assert "Traceback" not in log_path(config).read_text()
