@@ -47,7 +47,7 @@ THREAD_ROLES = {
     "MainThread": "event_loop",
     "prepare": "image_prep",
     "journal-writer": "journal_writer",
-    # with a model (`--backend pipeline`); a model process's own CPU time is not counted
+    # with a model (`--backend pipeline`)
     "model": "model_thread",
     "collate": "collate",
 }
@@ -150,6 +150,8 @@ async def _measure(
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await asyncio.wait_for(daemon.ready.wait(), 60)
+    # a model process (`[model] worker = "process"`): its CPU time is counted too
+    model_pid = getattr(daemon.backend, "health", dict)().get("pid")
     generator = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -161,7 +163,7 @@ async def _measure(
     )
     assert generator.stdout is not None
     cpu_before: dict[str, float] = {}
-    broker_before = 0.0
+    broker_before = model_before = 0.0
     figures: dict[str, Any] = {}
     async with asyncio.timeout(max(120, alerts / 20)):
         while line := await generator.stdout.readline():
@@ -170,10 +172,12 @@ async def _measure(
                 break
             if not cpu_before:  # the first verdicts: the generator is publishing
                 cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
+                model_before = process_cpu_s(model_pid) if model_pid else 0.0
             if progress is not None:
                 progress(int(line))
         cpu = thread_cpu_s()
         broker_cpu = process_cpu_s(broker.pid) - broker_before
+        model_cpu = process_cpu_s(model_pid) - model_before if model_pid else None
         await generator.wait()
     stop.set()
     await task
@@ -183,6 +187,8 @@ async def _measure(
         role: 1000 * (seconds - cpu_before.get(role, 0.0)) / alerts for role, seconds in cpu.items()
     }
     per_alert["broker"] = 1000 * broker_cpu / alerts
+    if model_cpu is not None:
+        per_alert["model_process"] = 1000 * model_cpu / alerts
     per_alert["load_generator"] = 1000 * figures["cpu_s"] / alerts
     cores = os.cpu_count() or 1
     all_ms = sum(per_alert.values())

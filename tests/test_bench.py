@@ -78,7 +78,7 @@ def test_pipeline_bench_counts_every_stage_and_publishes_each_verdict_once(tmp_p
 
 
 def test_pipeline_bench_with_the_model_in_its_own_process(tiny_model):
-    alerts = 24
+    alerts = 120  # past the load generator's first progress line, where CPU counting starts
     args = ["bench", "--backend", "pipeline", "--model", str(tiny_model), "--worker", "process"]
     args += ["--alerts", str(alerts), "--image-size", "320x180", "--max-batch", "8", "--json"]
     result = CliRunner().invoke(main, args)
@@ -89,6 +89,7 @@ def test_pipeline_bench_with_the_model_in_its_own_process(tiny_model):
     assert figures["alerts"] == alerts and figures["duplicates"] == 0
     for stage in ("prepare", "model", "journal_verdict", "publish"):
         assert figures["stages"][stage]["count"] == alerts, stage
+    assert figures["cpu_ms_per_alert"]["model_process"] > 0  # the child's CPU is counted
     assert "in a process" in result.output
 
 
