@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelSettings
-from daemon.inference.model_process import pack, portable, release, unpack
+from daemon.inference.model_process import ReceiveBlocks, SendBlocks, portable
 from daemon.inference.transformers_backend import TransformersBackend
 from daemon.plugin_api import (
     ChoiceAnswer,
@@ -91,22 +91,35 @@ def test_errors_cross_as_themselves_or_as_a_runtime_error_naming_them():
     assert type(stand_in) is RuntimeError and str(stand_in) == "Local: the reason"
 
 
-def test_large_tensors_cross_in_shared_memory_and_the_blocks_are_freed():
-    inputs = {
-        "pixel_values": torch.randn(700, 1176).to(torch.bfloat16),
-        "input_ids": torch.arange(12).reshape(2, 6),
-        "empty": torch.zeros(0, 3),
-    }
-    packed, blocks = pack(inputs)
-    assert len(blocks) == 1 and packed["input_ids"] is inputs["input_ids"]
-    received, theirs = unpack(packed)
-    assert torch.equal(received["pixel_values"], inputs["pixel_values"])
-    assert received["pixel_values"].dtype == torch.bfloat16
-    del received
-    release(theirs, unlink=False)
-    release(blocks, unlink=True)
-    with pytest.raises(FileNotFoundError):  # unlinked
-        SharedMemory(name=blocks[0].name)
+def test_large_tensors_cross_in_shared_memory_blocks_that_are_reused_and_freed():
+    sender, receiver = SendBlocks(), ReceiveBlocks()
+
+    def batch(patches: int) -> dict[str, torch.Tensor]:
+        return {
+            "pixel_values": torch.randn(patches, 1176).to(torch.bfloat16),
+            "input_ids": torch.arange(12).reshape(2, 6),
+            "empty": torch.zeros(0, 3),
+        }
+
+    def round_trip(inputs: dict[str, torch.Tensor]) -> str:
+        packed = sender.pack(inputs)
+        assert packed["input_ids"] is inputs["input_ids"]  # small: through the pipe
+        received = receiver.unpack(packed)
+        assert torch.equal(received["pixel_values"], inputs["pixel_values"])
+        assert received["pixel_values"].dtype == torch.bfloat16
+        assert received["empty"].shape == (0, 3)
+        return packed["pixel_values"].block
+
+    first = round_trip(batch(700))
+    assert round_trip(batch(600)) == first  # fits: the same block again
+    larger = round_trip(batch(1400))
+    assert larger != first and list(receiver.blocks) == [larger]
+    with pytest.raises(FileNotFoundError):  # the outgrown block is unlinked
+        SharedMemory(name=first)
+    receiver.close()
+    sender.close()
+    with pytest.raises(FileNotFoundError):
+        SharedMemory(name=larger)
 
 
 async def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path):

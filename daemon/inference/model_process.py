@@ -59,42 +59,79 @@ def _view(block: SharedMemory, dtype: torch.dtype, shape: Sequence[int]) -> torc
     return torch.frombuffer(block.buf, dtype=torch.uint8, count=nbytes).view(dtype).view(shape)
 
 
-def pack(inputs: Any) -> tuple[dict[str, Any], list[SharedMemory]]:
-    """Collated inputs to send: large tensors copied into new shared memory blocks."""
-    packed: dict[str, Any] = {}
-    blocks: list[SharedMemory] = []
-    for name, value in dict(inputs).items():
-        if isinstance(value, torch.Tensor) and value.nbytes >= SHARED_MIN_BYTES:
-            block = SharedMemory(create=True, size=value.nbytes)
-            blocks.append(block)
-            _view(block, value.dtype, value.shape).copy_(value)
-            packed[name] = SharedTensor(block.name, value.dtype, tuple(value.shape))
-        else:
-            packed[name] = value
-    return packed, blocks
+def _close(block: SharedMemory) -> None:
+    # a view still alive (an error's traceback) keeps the mapping until it goes
+    with contextlib.suppress(BufferError):
+        block.close()
 
 
-def unpack(packed: dict[str, Any]) -> tuple[BatchFeature, list[SharedMemory]]:
-    """The inputs again, the large tensors as views of the shared blocks (close them after)."""
-    inputs: dict[str, Any] = {}
-    blocks: list[SharedMemory] = []
-    for name, value in packed.items():
-        if isinstance(value, SharedTensor):
-            block = SharedMemory(name=value.block)
-            blocks.append(block)
-            inputs[name] = _view(block, value.dtype, value.shape)
-        else:
-            inputs[name] = value
-    return BatchFeature(inputs), blocks
+class SendBlocks:
+    """The daemon's shared memory blocks, one per tensor name, reused from batch to batch (a
+    fresh block costs page faults and zeroed pages on both sides every time); a block too
+    small for a batch is replaced by a larger one."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, SharedMemory] = {}
+
+    def pack(self, inputs: Any) -> dict[str, Any]:
+        """Collated inputs to send: the large tensors copied into the blocks. The blocks
+        must not be packed into again before the child has answered."""
+        packed: dict[str, Any] = {}
+        for name, value in dict(inputs).items():
+            if isinstance(value, torch.Tensor) and value.nbytes >= SHARED_MIN_BYTES:
+                block = self._block(name, value.nbytes)
+                _view(block, value.dtype, value.shape).copy_(value)
+                packed[name] = SharedTensor(block.name, value.dtype, tuple(value.shape))
+            else:
+                packed[name] = value
+        return packed
+
+    def _block(self, name: str, nbytes: int) -> SharedMemory:
+        block = self.blocks.get(name)
+        if block is None or block.size < nbytes:
+            if block is not None:
+                self._drop(block)
+            # some room to grow: batch sizes and image counts vary
+            block = SharedMemory(create=True, size=nbytes + nbytes // 4)
+            self.blocks[name] = block
+        return block
+
+    @staticmethod
+    def _drop(block: SharedMemory) -> None:
+        _close(block)
+        block.unlink()  # the child's mapping, if any, lasts until it closes it
+
+    def close(self) -> None:
+        for block in self.blocks.values():
+            self._drop(block)
+        self.blocks.clear()
 
 
-def release(blocks: list[SharedMemory], unlink: bool) -> None:
-    for block in blocks:
-        # a view still alive (an error's traceback) keeps the mapping until it goes
-        with contextlib.suppress(BufferError):
-            block.close()
-        if unlink:
-            block.unlink()
+class ReceiveBlocks:
+    """The child's mappings of the daemon's blocks, kept open while the daemon reuses them."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, SharedMemory] = {}
+
+    def unpack(self, packed: dict[str, Any]) -> BatchFeature:
+        """The inputs again, the large tensors as views of the shared blocks."""
+        inputs: dict[str, Any] = {}
+        names = {value.block for value in packed.values() if isinstance(value, SharedTensor)}
+        for gone in set(self.blocks) - names:  # replaced by larger ones
+            _close(self.blocks.pop(gone))
+        for name, value in packed.items():
+            if isinstance(value, SharedTensor):
+                if value.block not in self.blocks:
+                    self.blocks[value.block] = SharedMemory(name=value.block)
+                inputs[name] = _view(self.blocks[value.block], value.dtype, value.shape)
+            else:
+                inputs[name] = value
+        return BatchFeature(inputs)
+
+    def close(self) -> None:
+        for block in self.blocks.values():
+            _close(block)
+        self.blocks.clear()
 
 
 def portable(error: BaseException) -> BaseException:
@@ -120,6 +157,7 @@ class ModelProcess:
     ) -> None:
         self.process = process
         self.conn = conn
+        self.blocks = SendBlocks()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         image_processor = processor.image_processor
@@ -158,7 +196,7 @@ class ModelProcess:
 
     def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
         """One pass in the child (blocking, on the model thread)."""
-        packed, blocks = pack(inputs)
+        packed = self.blocks.pack(inputs)
         try:
             self.conn.send(([without_images(request) for request in requests], packed))
             status, payload = self.conn.recv()
@@ -167,8 +205,6 @@ class ModelProcess:
             raise BackendUnusable(
                 f"the model process ended (exit code {self.process.exitcode})"
             ) from exc
-        finally:
-            release(blocks, unlink=True)
         if status == "error":
             raise payload
         return list(payload)
@@ -182,6 +218,7 @@ class ModelProcess:
             self.process.kill()
             self.process.join(CLOSE_WAIT_S)
         self.conn.close()
+        self.blocks.close()
 
 
 def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) -> None:
@@ -200,30 +237,32 @@ def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) 
         conn.send(("failed", portable(exc)))
         return
     conn.send(("ready", {"dtype": runner.model.dtype}))
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            return  # the daemon is gone
-        if message is None:
-            return
-        conn.send(run_pass(runner, *message))
+    blocks = ReceiveBlocks()
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the daemon is gone
+            if message is None:
+                return
+            conn.send(run_pass(runner, blocks, *message))
+    finally:
+        blocks.close()
 
 
 def run_pass(
-    runner: ModelRunner, requests: list[ModelRequest], packed: dict[str, Any]
+    runner: ModelRunner,
+    blocks: ReceiveBlocks,
+    requests: list[ModelRequest],
+    packed: dict[str, Any],
 ) -> tuple[str, Any]:
     """("ok", answers) or ("error", the error)."""
-    blocks: list[SharedMemory] = []
-    inputs = None
     try:
-        inputs, blocks = unpack(packed)
+        inputs = blocks.unpack(packed)
         return "ok", runner.forward(requests, runner.add_positions(requests, inputs))
     except Exception as exc:
         if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         # without its traceback, whose frames hold views into the shared blocks
         return "error", portable(exc.with_traceback(None))
-    finally:
-        inputs = None
-        release(blocks, unlink=False)
