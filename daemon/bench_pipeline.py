@@ -193,10 +193,11 @@ async def _measure(
     cores = os.cpu_count() or 1
     all_ms = sum(per_alert.values())
     rate = alerts / figures["elapsed_s"]
+    with_model = settings.model.backend != "instant"
     return {
         "backend": settings.model.backend,
-        "model": settings.model.display_name if settings.model.backend != "instant" else None,
-        "worker": settings.model.worker if settings.model.backend != "instant" else None,
+        "model": settings.model.display_name if with_model else None,
+        "worker": settings.model.worker if with_model else None,
         "alerts": alerts,
         "image_size": f"{image_size[0]}x{image_size[1]}",
         "jpeg_kb": round(sum(map(len, snapshots)) / len(snapshots) / 1024, 1),

@@ -189,12 +189,8 @@ class MicroBatcher:
             return
         except Exception as exc:
             health.failures += 1
-            if isinstance(exc, BackendUnusable) or is_device_fatal(exc):
-                health.fatal = (
-                    str(exc)
-                    if isinstance(exc, BackendUnusable)
-                    else f"the model's device failed: {exc}"
-                )
+            if (fatal := unusable_because(exc)) is not None:
+                health.fatal = fatal
                 log.critical("the model is unusable", error=str(exc))
                 _fail(batch, BackendUnusable(health.fatal))
                 self._fail_waiting(BackendUnusable(health.fatal))
@@ -240,6 +236,16 @@ DEVICE_FATAL_MARKERS = (
     "CUDNN_STATUS_EXECUTION_FAILED",
     "unspecified launch failure",
 )
+
+
+def unusable_because(error: BaseException) -> str | None:
+    """Why the model cannot be used after this error (a dead model process, a poisoned
+    device), or None when only this batch failed."""
+    if isinstance(error, BackendUnusable):
+        return str(error)
+    if is_device_fatal(error):
+        return f"the model's device failed: {error}"
+    return None
 
 
 def is_device_fatal(error: BaseException) -> bool:

@@ -19,7 +19,6 @@ import dataclasses
 import multiprocessing
 import pickle
 import signal
-import time
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
@@ -32,7 +31,7 @@ from transformers import BatchFeature
 from daemon import logs
 from daemon.config import LogSettings, ModelSettings
 from daemon.inference.processors import load_processor
-from daemon.inference.runner import ModelRunner, collate_batch
+from daemon.inference.runner import ModelRunner, collate_batch, image_factor_of
 from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
 
 log = structlog.get_logger(__name__)
@@ -160,8 +159,7 @@ class ModelProcess:
         self.blocks = SendBlocks()
         self.processor = processor
         self.tokenizer = processor.tokenizer
-        image_processor = processor.image_processor
-        self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
+        self.image_factor = image_factor_of(processor)
 
     @classmethod
     def start(cls, settings: ModelSettings) -> ModelProcess:
@@ -230,9 +228,7 @@ def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) 
     try:
         runner = ModelRunner.load(settings)
         if settings.warmup:
-            started = time.perf_counter()
             runner.warm_up()
-            log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
     except Exception as exc:
         conn.send(("failed", portable(exc)))
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -129,6 +130,12 @@ def rope_index_of(model: Any) -> tuple[Any, tuple[str, ...]] | None:
     return rope_index, tuple(name for name in known if name in parameters)
 
 
+def image_factor_of(processor: Any) -> int:
+    """The side, in pixels, that image sizes must be a multiple of (patch x merge)."""
+    image_processor = processor.image_processor
+    return int(image_processor.patch_size * image_processor.merge_size)
+
+
 def collate_batch(processor: Any, requests: Sequence[ModelRequest]) -> Any:
     """The processor's tensors for a batch: chat template, placeholders, image patches."""
     texts = []
@@ -166,8 +173,7 @@ class ModelRunner:
         self.max_new_tokens = max_new_tokens
         if hasattr(processor, "pixel_dtype") and hasattr(model, "dtype"):
             processor.pixel_dtype = model.dtype
-        image_processor = processor.image_processor
-        self.image_factor = int(image_processor.patch_size * image_processor.merge_size)
+        self.image_factor = image_factor_of(processor)
         self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
         #: adapter directory -> its name in the model
         self._adapters: dict[str, str] = {}
@@ -281,7 +287,9 @@ class ModelRunner:
         selection and compilation happen here, not on the first alert."""
         image = Image.new("RGB", (self.image_factor * 4, self.image_factor * 4), (128, 128, 128))
         query = ChoiceQuery("Is this grey? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
+        started = time.perf_counter()
         self.run(ModelRequest(query, [image]))
+        log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
 
     def _token_ids(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
         key = tuple((label, tuple(forms)) for label, forms in choices.items())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -60,9 +59,7 @@ class TransformersBackend:
         else:
             runner = await loop.run_in_executor(self._model_pool, ModelRunner.load, self.settings)
             if self.settings.warmup:
-                started = time.perf_counter()
                 await loop.run_in_executor(self._model_pool, runner.warm_up)
-                log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
         self._runner = runner
         self._batcher = MicroBatcher(
             runner,
