@@ -332,12 +332,25 @@ class Settings(_Section):
     plugins: PluginSettings = Field(default_factory=PluginSettings)
 
     def resolve_paths(self, base: Path) -> Settings:
-        """Relative directories are taken relative to `base` (the config file's folder)."""
+        """Relative directories are taken relative to `base` (the config file's folder).
+
+        A relative `[model] path` is a local directory only when `base` holds it; else it is a
+        hub id (or a directory of the working directory), as transformers reads it. The
+        remote backend's served model keeps the name as written.
+        """
         rules = self.rules.model_copy(update={"dir": base / self.rules.dir})
         storage = self.storage.model_copy(update={"dir": base / self.storage.dir})
         updates: dict[str, object] = {"rules": rules, "storage": storage}
         if self.plugins.dir is not None:
             updates["plugins"] = self.plugins.model_copy(update={"dir": base / self.plugins.dir})
+        model_dir = base / self.model.path
+        if not Path(self.model.path).is_absolute() and model_dir.is_dir():
+            remote = self.model.remote
+            if remote.model is None:
+                remote = remote.model_copy(update={"model": self.model.path})
+            updates["model"] = self.model.model_copy(
+                update={"path": str(model_dir), "remote": remote}
+            )
         return self.model_copy(update=updates)
 
 

@@ -121,6 +121,20 @@ def test_config_defaults_and_relative_paths(tmp_path):
     assert settings.model.display_name == "x"
 
 
+def test_a_relative_model_path_is_a_directory_beside_the_config_or_a_hub_id(tmp_path):
+    path = tmp_path / "conf" / "secondlook.toml"
+    (path.parent / "models" / "q2").mkdir(parents=True)
+    path.write_text('[model]\npath = "models/q2"\n')
+    local = load_settings(path).model
+    assert local.path == str(path.parent / "models" / "q2")
+    assert local.display_name == "q2"
+    assert local.remote.model == "models/q2"  # a served model keeps its name as written
+    path.write_text('[model]\npath = "Qwen/Qwen2-VL-7B-Instruct"\n')
+    hub = load_settings(path).model
+    assert hub.path == "Qwen/Qwen2-VL-7B-Instruct"
+    assert hub.remote.model is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
