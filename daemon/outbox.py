@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
 from typing import Protocol
 
@@ -16,6 +17,8 @@ log = structlog.get_logger(__name__)
 
 #: a missed wake-up costs at most this long
 IDLE_CHECK_S = 5.0
+#: after the journal failed (a full disk), the next try
+JOURNAL_RETRY_S = 1.0
 #: verdicts published (and marked published) together
 BATCH = 200
 
@@ -34,6 +37,9 @@ class Outbox:
         self._wake = asyncio.Event()
         #: one flush at a time (the shutdown's final flush may meet the running one)
         self._flushing = asyncio.Lock()
+        #: verdicts the broker acknowledged that the journal could not mark yet (a full
+        #: disk): marked at the next flush, never published again meanwhile
+        self._acknowledged: set[int] = set()
 
     def wake(self) -> None:
         """New verdicts, or a new connection: look at the journal again."""
@@ -43,18 +49,30 @@ class Outbox:
         while True:
             await self.publisher.connected.wait()
             self._wake.clear()
-            await self.flush()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_S)
+            if await self.flush():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_S)
+            else:
+                await asyncio.sleep(JOURNAL_RETRY_S)
 
-    async def flush(self) -> int:
+    async def flush(self) -> bool:
         """Publish what is unpublished, oldest first, a batch at a time: the batch's PUBACKs
-        are awaited together and its rows marked in one commit. Stops at the first failure."""
+        are awaited together and its rows marked in one commit. Stops at the first failure
+        to publish. False when the journal failed (logged; tried again at the next flush)."""
         async with self._flushing:
-            return await self._flush()
+            try:
+                await self._flush()
+            except sqlite3.Error as exc:
+                log.error(
+                    "the journal failed while publishing verdicts",
+                    error=str(exc),
+                    acknowledged_unmarked=len(self._acknowledged),
+                )
+                return False
+            return True
 
-    async def _flush(self) -> int:
-        sent = 0
+    async def _flush(self) -> None:
+        await self._mark_acknowledged()
         while batch := await self.journal.unpublished(limit=BATCH):
             started = time.perf_counter()
             results = await asyncio.gather(
@@ -63,14 +81,17 @@ class Outbox:
             )
             self.stats.add("publish", time.perf_counter() - started, len(batch))
             done = [item.id for item, result in zip(batch, results, strict=True) if result is None]
-            if done:
-                await self.journal.mark_published(done)
-            sent += len(done)
+            self._acknowledged.update(done)
+            await self._mark_acknowledged()
             if len(done) < len(batch):
                 self.stats.count("publish_failures", len(batch) - len(done))
                 error = next(r for r in results if r is not None)
                 log.warning(
                     "verdicts not published yet", pending=len(batch) - len(done), error=str(error)
                 )
-                return sent
-        return sent
+                return
+
+    async def _mark_acknowledged(self) -> None:
+        if self._acknowledged:
+            await self.journal.mark_published(sorted(self._acknowledged))
+            self._acknowledged.clear()

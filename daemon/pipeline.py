@@ -40,6 +40,9 @@ log = structlog.get_logger(__name__)
 
 #: alerts kept in memory between intake and review; older ones are read from the journal
 FRESH_IN_MEMORY = 256
+#: after a review crashes (a journal that cannot write, a bug), reviews pause this long at
+#: first, twice as long after each further crash, at most the second figure
+CRASH_PAUSE_S = (0.5, 30.0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,9 @@ class Pipeline:
         self._busy = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
+        #: reviews start again at this loop time after a crash; the pause in force
+        self._paused_until = 0.0
+        self._crash_pause_s = 0.0
 
     async def ingest(
         self, payload: bytes, *, source: str, topic: str | None = None, fmt: str | None = None
@@ -244,8 +250,11 @@ class Pipeline:
         return pending
 
     async def run_worker(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closed:
             ref = await self.backlog.take()
+            if (pause := self._paused_until - loop.time()) > 0:
+                await asyncio.sleep(pause)  # after a crash: see _pause_after_crash
             if self._closed:
                 self.backlog.done(ref, reviewed=False)
                 break
@@ -255,18 +264,37 @@ class Pipeline:
             try:
                 await self.review(ref)
                 reviewed = True
+                self._crash_pause_s = 0.0
             except BackendUnusable as exc:
                 if self.fatal is None:
                     self.fatal = str(exc)
                     self._closed = True  # start no more reviews: each would fail alike
                     self.on_fatal(self.fatal)
-            except Exception:
-                log.exception("review crashed; the alert stays in the journal", ref=ref)
+            except Exception as exc:
+                self._pause_after_crash(ref, exc, loop.time())
             finally:
                 self.backlog.done(ref, reviewed=reviewed)
                 self._busy -= 1
                 if self._busy == 0:
                     self._quiet.set()
+
+    def _pause_after_crash(self, ref: int, exc: Exception, now: float) -> None:
+        """Pause all reviews a while, longer while they keep crashing: the alert would
+        otherwise come back at once, and fail alike while the cause lasts."""
+        if now >= self._paused_until:  # reviews that crash together count once
+            first, longest = CRASH_PAUSE_S
+            self._crash_pause_s = min(max(2 * self._crash_pause_s, first), longest)
+            self._paused_until = now + self._crash_pause_s
+        pause_s = round(self._crash_pause_s, 1)
+        if isinstance(exc, sqlite3.Error):
+            log.error(
+                "the journal failed during a review; reviews pause",
+                error=str(exc),
+                ref=ref,
+                pause_s=pause_s,
+            )
+        else:
+            log.exception("review crashed; reviews pause", ref=ref, pause_s=pause_s)
 
     async def drain(self, grace_s: float) -> bool:
         """Start no more reviews; wait for those running. False if `grace_s` ran out first."""

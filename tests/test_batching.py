@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -31,11 +32,13 @@ def mixed_requests() -> list[ModelRequest]:
         )
         for i, size in enumerate(sizes)
     ]
+    # answers of different lengths: a rule's own limit, and the configured one (None)
     generate = [
-        ModelRequest(GenerateQuery("Count the people." + " Be brief." * i, 6), [image])
-        for i, image in enumerate(
-            [Image.new("RGB", (224, 112), (i * 60, 10, 10)) for i in range(3)]
+        ModelRequest(
+            GenerateQuery("Count the people." + " Be brief." * i, limit),
+            [Image.new("RGB", (224, 112), (i * 60, 10, 10))],
         )
+        for i, limit in enumerate([6, 3, None])
     ]
     return [choice[0], generate[0], *choice[1:4], generate[1], *choice[4:], generate[2]]
 
@@ -51,7 +54,7 @@ def assert_same(together, alone) -> None:
 
 
 async def test_batched_answers_equal_answers_alone(tiny_model):
-    settings = ModelSettings(path=str(tiny_model), max_batch=8, max_wait_ms=300)
+    settings = ModelSettings(path=str(tiny_model), max_batch=8, max_wait_ms=300, max_new_tokens=9)
     backend = TransformersBackend(settings)
     await backend.start()
     try:
@@ -76,13 +79,18 @@ class OutOfMemoryAbove:
         self.runner = runner
         self.limit = limit
         self.sizes: list[int] = []
+        self.failed_tensors: list[weakref.ref] = []  # of the passes that ran out of memory
+        self.still_held: list[int] = []  # how many of those each later pass found alive
 
     def collate(self, requests):
         return self.runner.collate(requests)
 
     def forward(self, requests, inputs):
+        self.still_held.append(sum(ref() is not None for ref in self.failed_tensors))
         self.sizes.append(len(requests))
         if len(requests) > self.limit:
+            activations = torch.ones(len(requests), 1024)
+            self.failed_tensors += [weakref.ref(activations), weakref.ref(inputs["input_ids"])]
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return self.runner.forward(requests, inputs)
 
@@ -104,6 +112,8 @@ async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model):
         flaky.sizes[0] == 6 and max(flaky.sizes[1:]) <= 3 and sum(s <= 2 for s in flaky.sizes) >= 3
     )
     assert batcher.health.oom_splits >= 2 and batcher.health.failures == 0
+    # the halves run with the failed pass's tensors (its inputs, its activations) let go
+    assert len(flaky.failed_tensors) >= 4 and not any(flaky.still_held)
 
 
 class NeverFits(TransformersBackend):

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import json
 import re
+import sqlite3
 from datetime import timedelta
 
 from daemon.app import JOURNAL_FILE
@@ -131,6 +132,64 @@ async def test_a_full_disk_pauses_intake_with_a_clear_error_and_loses_nothing(
         assert status == 202
         verdicts = await out.wait_for(2, timeout=30)
     assert sorted(v["alert_id"] for _, v in verdicts) == ["full-http", "full-mqtt"]
+
+
+async def test_a_journal_that_cannot_mark_a_verdict_published_neither_stops_nor_repeats_it(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        journal = d.daemon.journal
+        mark_published, failures = journal.mark_published, []
+
+        async def full_disk_twice(ids):
+            if len(failures) < 2:
+                failures.append(list(ids))  # as SQLite fails a write to a full disk
+                raise sqlite3.OperationalError("database or disk is full")
+            await mark_published(ids)
+
+        journal.mark_published = full_disk_twice
+        status, _ = await d.post_alert(make_alert("unmarked"))
+        assert status == 202
+        await out.wait_for(1, timeout=30)
+        for _ in range(100):  # marked once the journal writes again (a few seconds)
+            if (await d.daemon.health())["unpublished"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        health = await d.daemon.health()
+        assert health["unpublished"] == 0 and health["status"] == "ok"
+        assert len(failures) == 2 and failures[0] == failures[1]  # the same verdict, kept
+        status, _ = await d.post_alert(make_alert("after"))
+        await out.wait_for(2, timeout=30)
+        await asyncio.sleep(1)
+    # each verdict published once: the acknowledged one was not sent again
+    assert [v["alert_id"] for _, v in out.verdicts()] == ["unmarked", "after"]
+
+
+async def test_reviews_that_fail_on_the_journal_pause_instead_of_spinning(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        journal = d.daemon.journal
+        begin_review, tries = journal.begin_review, []
+
+        async def full_disk_for_3_s(ref):
+            tries.append(asyncio.get_running_loop().time())
+            if tries[-1] - tries[0] < 3:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await begin_review(ref)
+
+        journal.begin_review = full_disk_for_3_s
+        status, _ = await d.post_alert(make_alert("paused"))
+        assert status == 202
+        verdicts = await out.wait_for(1, timeout=30)
+        assert (await d.daemon.health())["status"] == "ok"
+    # pauses of 0.5, 1, 2 s: the alert was tried a few times, not in a loop, then reviewed once
+    assert 3 <= len(tries) <= 5, tries
+    assert [v["alert_id"] for _, v in verdicts] == ["paused"]
 
 
 async def test_pruning_forgets_only_what_is_reviewed_and_published(tmp_path):

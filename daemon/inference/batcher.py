@@ -128,6 +128,7 @@ class MicroBatcher:
                 _fail(batch, exc)
                 continue
             await self._collated.put((batch, inputs))
+            del inputs  # the model stage holds them only as long as it needs them
 
     async def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting request and up to max_batch - 1 of its kind behind it."""
@@ -161,32 +162,23 @@ class MicroBatcher:
 
     async def _run_batches(self) -> None:
         while True:
-            batch, inputs = await self._collated.get()
-            await self._forward(batch, inputs)
+            await self._forward(*await self._collated.get())  # no reference kept to the inputs
 
-    async def _forward(self, batch: list[_Waiting], inputs: Any) -> None:
+    async def _forward(self, batch: list[_Waiting], inputs: Any = None) -> None:
+        """One pass over a collated batch (`inputs`: None to collate it here); a batch that
+        runs out of memory is split in halves, each retried."""
         health = self.health
+        if inputs is None:
+            try:
+                inputs = await self._in(self.prep_pool, self.runner.collate, _requests(batch))
+            except Exception as error:
+                _fail(batch, error)
+                return
         try:
             answers = await self._timed_pass(batch, inputs)
         except self.out_of_memory as exc:
-            _release_cached_memory()
-            if len(batch) == 1:
-                health.failures += 1
-                _fail(batch, exc)
-                return
-            health.oom_splits += 1
-            half = len(batch) // 2
-            log.warning("out of memory: splitting the batch", size=len(batch))
-            for part in (batch[:half], batch[half:]):
-                try:
-                    part_inputs = await self._in(
-                        self.prep_pool, self.runner.collate, _requests(part)
-                    )
-                except Exception as error:
-                    _fail(part, error)
-                    continue
-                await self._forward(part, part_inputs)
-            return
+            # its traceback holds the failed pass's frames, and so its tensors on the device
+            out_of_memory = exc.with_traceback(None)
         except Exception as exc:
             health.failures += 1
             if (fatal := unusable_because(exc)) is not None:
@@ -197,14 +189,28 @@ class MicroBatcher:
                 return
             _fail(batch, exc)
             return
-        health.batches += 1
-        health.requests += len(batch)
-        health.largest_batch = max(health.largest_batch, len(batch))
-        health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
-        health.last_batch_at = time.monotonic()
-        for item, answer in zip(batch, answers, strict=True):
-            if not item.future.done():
-                item.future.set_result(answer)
+        else:
+            health.batches += 1
+            health.requests += len(batch)
+            health.largest_batch = max(health.largest_batch, len(batch))
+            health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
+            health.last_batch_at = time.monotonic()
+            for item, answer in zip(batch, answers, strict=True):
+                if not item.future.done():
+                    item.future.set_result(answer)
+            return
+        # out of memory: the halves run once the failed pass's memory is free
+        del inputs
+        _release_cached_memory()
+        if len(batch) == 1:
+            health.failures += 1
+            _fail(batch, out_of_memory)
+            return
+        health.oom_splits += 1
+        half = len(batch) // 2
+        log.warning("out of memory: splitting the batch", size=len(batch))
+        for part in (batch[:half], batch[half:]):
+            await self._forward(part)
 
     async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer]:
         health = self.health

@@ -308,17 +308,21 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _generate(self, requests: Sequence[ModelRequest], inputs: Any) -> list[TextAnswer]:
+        # each row's own limit (a rule's, else the configured one): the batch generates to
+        # the largest, and each answer is cut to its own, as greedy decoding alone would give
         limits = [
-            r.query.max_new_tokens
+            (isinstance(r.query, GenerateQuery) and r.query.max_new_tokens) or self.max_new_tokens
             for r in requests
-            if isinstance(r.query, GenerateQuery) and r.query.max_new_tokens
         ]
         output = self.model.generate(
             **inputs,
-            max_new_tokens=max(limits, default=self.max_new_tokens),
+            max_new_tokens=max(limits),
             do_sample=False,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        texts = self.tokenizer.batch_decode(
+            [row[:limit] for row, limit in zip(new_tokens, limits, strict=True)],
+            skip_special_tokens=True,
+        )
         return [TextAnswer(text.strip()) for text in texts]
