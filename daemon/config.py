@@ -354,13 +354,14 @@ class Settings(_Section):
         return self.model_copy(update=updates)
 
 
+def key_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    """`section.key` of a validation error's location; a check across keys names its section."""
+    return (prefix + ".".join(str(part) for part in loc)).rstrip(".") or "(top level)"
+
+
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
     """One line per problem: `key.path: reason`."""
-    lines = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        lines.append(f"{prefix}{key}: {item['msg']}")
-    return "\n".join(lines)
+    return "\n".join(f"{key_path(item['loc'], prefix)}: {item['msg']}" for item in error.errors())
 
 
 def load_settings(path: Path | None) -> Settings:

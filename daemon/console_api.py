@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,16 +82,18 @@ class ConsoleApi:
     async def list_alerts(self, request: web.Request) -> web.Response:
         q = request.query
         try:
-            where = history.AlertFilter(
-                camera_id=q.get("camera_id") or None,
-                box_id=q.get("box_id") or None,
-                rule=q.get("rule") or None,
-                verdict=q.get("verdict") or None,
-                before=int(q["before"]) if q.get("before") else None,
-                limit=int(q.get("limit", "50")),
-            )
-        except ValueError:
-            return error(400, "before and limit must be integers", "limit")
+            before = _whole_number(q, "before", None, 1, None)
+            limit = _whole_number(q, "limit", 50, 1, 500)
+        except _BadQuery as exc:
+            return error(400, exc.message, exc.field)
+        where = history.AlertFilter(
+            camera_id=q.get("camera_id") or None,
+            box_id=q.get("box_id") or None,
+            rule=q.get("rule") or None,
+            verdict=q.get("verdict") or None,
+            before=before,
+            limit=limit,
+        )
         alerts = await history.recent_alerts(self.journal, where)
         return web.json_response({"alerts": alerts})
 
@@ -231,7 +234,7 @@ class ConsoleApi:
             if not 0 < hours <= 24 * 366:
                 raise ValueError
         except ValueError:
-            return error(400, "hours must be a number of hours, above 0", "hours")
+            return error(400, "hours must be a number above 0 and at most 8784 (366 days)", "hours")
         since = utc_now() - timedelta(hours=hours)
         per_rule = await history.rule_stats(self.journal, since)
         series = await history.timeline(self.journal, hours=hours)
@@ -283,3 +286,26 @@ def _text(body: dict[str, Any], key: str) -> str:
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+class _BadQuery(ValueError):
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def _whole_number(
+    query: Mapping[str, str], key: str, default: int | None, low: int, high: int | None
+) -> int | None:
+    """A query parameter that must be a whole number in [low, high] (high None: no limit)."""
+    text = query.get(key)
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise _BadQuery(key, f"{key} must be a whole number {bounds}, got {text[:40]!r}")
+    return value

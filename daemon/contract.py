@@ -12,9 +12,11 @@ from typing import Annotated, Any
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
+    field_validator,
     model_validator,
 )
 
@@ -37,17 +39,46 @@ def _rfc3339(value: str) -> str:
 Timestamp = Annotated[str, StringConstraints(max_length=64), AfterValidator(_rfc3339)]
 
 
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+#: a finite number (a numeric string is read too: vendors' formats send them)
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
+Score = Annotated[Number, Field(ge=0, le=1)]
+#: `extra` nested deeper than this is refused (the journal stores it as JSON)
+MAX_EXTRA_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and dicts nest in a JSON value (a scalar: 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_EXTRA_DEPTH:
+                break
+            stack.extend(
+                (child, depth) for child in (item.values() if isinstance(item, dict) else item)
+            )
+    return deepest
+
+
 class Detection(BaseModel):
     """One box-model detection, in pixels of the snapshot."""
 
     model_config = ConfigDict(extra="allow")
 
-    x1: float
-    y1: float
-    x2: float
-    y2: float
+    x1: Number
+    y1: Number
+    x2: Number
+    y2: Number
     label: str | None = None
-    score: Annotated[float, Field(ge=0, le=1)] | None = None
+    score: Score | None = None
 
     @model_validator(mode="after")
     def _ordered(self) -> Detection:
@@ -67,10 +98,17 @@ class Alert(BaseModel):
     event_type: Name
     occurred_at: Timestamp
     image_url: str | None = None
-    score: Annotated[float, Field(ge=0, le=1)] | None = None
+    score: Score | None = None
     boxes: list[Detection] = Field(default_factory=list)
     site: str | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("extra")
+    @classmethod
+    def _shallow(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        if _depth(extra) > MAX_EXTRA_DEPTH:
+            raise ValueError(f"nested more than {MAX_EXTRA_DEPTH} levels deep")
+        return extra
 
 
 class VerdictKind(StrEnum):

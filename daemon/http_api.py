@@ -19,6 +19,7 @@ import structlog
 from aiohttp import web
 
 from daemon.pipeline import Pipeline
+from daemon.plugin_api import AlertError
 
 log = structlog.get_logger(__name__)
 
@@ -41,14 +42,17 @@ def busy(reason: str) -> web.Response:
     return error(503, message, **{"Retry-After": str(RETRY_AFTER_S)})
 
 
+def _too_large(request: web.Request) -> str:
+    return f"request body over the limit of {request.app._client_max_size} bytes"
+
+
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every error answer is JSON, including aiohttp's own (404, 405, 413)."""
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app._client_max_size
-        return error(413, f"request body over the limit of {limit} bytes", "payload")
+        return error(413, _too_large(request), "payload")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -127,12 +131,19 @@ class HttpApi:
 
     async def post_alert(self, request: web.Request) -> web.Response:
         if request.content_type not in ("application/json", "application/octet-stream", ""):
-            return error(
-                415, f"expected application/json, got {request.content_type}", "Content-Type"
+            refused = AlertError(
+                "Content-Type", f"expected application/json, got {request.content_type}"
             )
+            await self.pipeline.refuse(refused, b"", source="http")
+            return error(415, refused.message, refused.field)
         if reason := self.pipeline.busy_reason():
             return busy(reason)  # before reading a body that would not be taken
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            refused = AlertError("payload", _too_large(request))
+            await self.pipeline.refuse(refused, b"", source="http")
+            return error(413, refused.message, refused.field)
         result = await self.pipeline.ingest(
             body, source="http", fmt=request.query.get("format", "canonical")
         )

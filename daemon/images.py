@@ -44,7 +44,7 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     except Image.DecompressionBombError as exc:
         raise ImageError(f"refused as a decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"unreadable {fmt.upper()} header: {exc}") from exc
+        raise ImageError(f"unreadable {fmt.upper()} header: {_reason(exc)}") from exc
     if width * height > max_pixels:
         raise ImageError(
             f"{width}x{height} image has {width * height} pixels, over the limit of {max_pixels}"
@@ -55,6 +55,13 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     if fmt == "png" and b"IEND" not in tail[-12:]:
         raise ImageError("truncated PNG: no IEND chunk")
     return ImageInfo(fmt, width, height)
+
+
+def _reason(exc: Exception) -> str:
+    """Pillow's message, without the repr of the buffer it read from."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "Pillow cannot identify the image"
+    return str(exc)
 
 
 def fit_to_budget(width: int, height: int, *, max_pixels: int, factor: int) -> tuple[int, int]:
@@ -116,7 +123,7 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
         ValueError,
         Image.DecompressionBombError,
     ) as exc:
-        raise ImageError(f"corrupt image: {exc}") from exc
+        raise ImageError(f"corrupt image: {_reason(exc)}") from exc
     if img.mode != "RGB":
         ours = {key: img.info[key] for key in (DRAFT_SCALED, SOURCE_SIZE)}
         img = img.convert("RGB")
@@ -145,29 +152,59 @@ def load_for_model(data: bytes, budget: Budget) -> Image.Image:
 Region = tuple[float, float, float, float]
 
 
+#: a crop is at least this many pixels per side (where the image has them): a tiny or
+#: zero-area detection still shows the model its surroundings
+MIN_CROP = 32
+
+
 def crop_region(size: tuple[int, int], boxes: list[Region], margin: float) -> tuple[int, ...]:
-    """The union of the boxes, grown by `margin` of its size on each side, inside the image."""
+    """The union of the boxes, grown by `margin` of its size on each side (to MIN_CROP pixels
+    at least), inside the image."""
     width, height = size
     x1 = min(b[0] for b in boxes)
     y1 = min(b[1] for b in boxes)
     x2 = max(b[2] for b in boxes)
     y2 = max(b[3] for b in boxes)
-    grow_x = max(x2 - x1, 1) * margin
-    grow_y = max(y2 - y1, 1) * margin
-    left, top = max(0, int(x1 - grow_x)), max(0, int(y1 - grow_y))
-    right, bottom = min(width, int(x2 + grow_x + 0.5)), min(height, int(y2 + grow_y + 0.5))
-    if right - left < 2 or bottom - top < 2:
-        raise ImageError("the detection boxes lie outside the image")
+    if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
+        raise ImageError(
+            f"the detection boxes ({x1:g},{y1:g})-({x2:g},{y2:g}) lie outside the "
+            f"{width}x{height} image"
+        )
+    if width < 2 or height < 2:
+        raise ImageError(f"a {width}x{height} image is too small to crop")
+    left, right = _grown(x1, x2, margin, width)
+    top, bottom = _grown(y1, y2, margin, height)
     return left, top, right, bottom
 
 
+def _grown(low: float, high: float, margin: float, limit: int) -> tuple[int, int]:
+    """[low, high] grown by `margin` of its length on each side, to MIN_CROP at least,
+    within [0, limit]."""
+    grow = max(high - low, 1) * margin
+    low, high = max(0.0, low - grow), min(float(limit), high + grow)
+    if (short := min(MIN_CROP, limit) - (high - low)) > 0:
+        low = max(0.0, low - short / 2)
+        high = min(float(limit), low + min(MIN_CROP, limit))
+        low = max(0.0, high - min(MIN_CROP, limit))
+    return int(low), int(high + 0.5)
+
+
 def draw_detections(img: Image.Image, boxes: list[Region], scale: float) -> Image.Image:
-    """A copy with each box outlined in red; `scale` maps box pixels to this image's."""
+    """A copy with each box outlined in red; `scale` maps box pixels to this image's. Boxes
+    are clipped to just outside the image first (a huge one would take the drawing long)."""
     marked = img.copy()
     draw = ImageDraw.Draw(marked)
     width = max(2, round(min(img.size) / 150))
+    x_max, y_max = img.width + width, img.height + width
     for x1, y1, x2, y2 in boxes:
         draw.rectangle(
-            (x1 * scale, y1 * scale, x2 * scale, y2 * scale), outline=(255, 0, 0), width=width
+            (
+                min(max(x1 * scale, -width), x_max),
+                min(max(y1 * scale, -width), y_max),
+                min(max(x2 * scale, -width), x_max),
+                min(max(y2 * scale, -width), y_max),
+            ),
+            outline=(255, 0, 0),
+            width=width,
         )
     return marked

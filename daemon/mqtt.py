@@ -42,6 +42,11 @@ LOGIN_REFUSED = {134, 135, 138, 140, 4, 5}
 TLS_UNUSABLE = "[mqtt] TLS files cannot be used: "
 
 
+class IntakeFailed(aiomqtt.MqttError):
+    """An alert could not be taken in (not journalled, so not acknowledged): the connection
+    is dropped so that the broker delivers it again on the next one."""
+
+
 class PublishError(Exception):
     """A publish that the broker did not acknowledge (not connected, timeout, error)."""
 
@@ -222,6 +227,7 @@ class MqttLink:
         s = self.settings
         next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
         while True:
+            up, intake_failed, error = False, False, "the connection ended"
             try:
                 async with self._make_client() as client:
                     await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
@@ -234,13 +240,14 @@ class MqttLink:
                     self._lost = asyncio.Event()
                     self.connected.set()
                     self.subscribed.set()
-                    next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
+                    up = True
                     topics = [subscription.topic for subscription in self.subscriptions]
                     log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
                     self.on_connected()
                     await self._intake(client)
             except aiomqtt.MqttError as exc:
                 error = str(exc)
+                intake_failed = isinstance(exc, IntakeFailed)
                 if _login_refused(exc):
                     log.error(
                         "mqtt authorization failed: the broker refused the login; check "
@@ -252,6 +259,11 @@ class MqttLink:
                 self._client = None
                 self._lost.set()
                 self.connected.clear()
+            if up and not intake_failed:
+                # a connection that worked: the next one starts with the shortest delay; one
+                # dropped for a failed intake keeps growing it, lest a failure that repeats
+                # make a reconnect loop
+                next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
             delay = next_delay()
             log.warning("mqtt disconnected", error=error, retry_in_s=round(delay, 2))
             await asyncio.sleep(delay)
@@ -273,16 +285,30 @@ class MqttLink:
         )
         budget = ByteBudget(INTAKE_WINDOW_BYTES)
         acker = asyncio.create_task(self._acknowledge_in_order(client, window, budget))
+        reader = asyncio.create_task(self._take_in(client, window, budget))
         try:
-            async for message in client.messages:
-                if not self._intake_open:
-                    continue  # unacknowledged: the broker delivers it again next session
-                # paused while the backlog is full: the broker holds what follows
-                await self.intake_gate()
-                await budget.take(_size(message))
-                await window.put((asyncio.create_task(self._ingest(message)), message))
+            # either ends the connection: the reader when it is lost, the acker when an
+            # alert could not be taken in (the reader may be waiting for room meanwhile)
+            done, _ = await asyncio.wait({acker, reader}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            acker.cancel()
+            for task in (acker, reader):
+                task.cancel()
+            await asyncio.gather(acker, reader, return_exceptions=True)
+        done.pop().result()
+
+    async def _take_in(
+        self,
+        client: aiomqtt.Client,
+        window: asyncio.Queue[tuple[asyncio.Task[None], aiomqtt.Message]],
+        budget: ByteBudget,
+    ) -> None:
+        async for message in client.messages:
+            if not self._intake_open:
+                continue  # unacknowledged: the broker delivers it again next session
+            # paused while the backlog is full: the broker holds what follows
+            await self.intake_gate()
+            await budget.take(_size(message))
+            await window.put((asyncio.create_task(self._ingest(message)), message))
 
     async def _ingest(self, message: aiomqtt.Message) -> None:
         payload = message.payload
@@ -309,12 +335,12 @@ class MqttLink:
                 # shielded: when the connection drops and this coroutine is cancelled, the
                 # alert's intake still runs to the end (its journal write, its review)
                 await asyncio.shield(task)
-            except Exception:
+            except Exception as exc:
                 # not journalled: no PUBACK. Dropping the connection makes the broker deliver
                 # it (and everything after it) again on the next one.
                 log.exception("alert intake failed; reconnecting", topic=str(message.topic))
                 client._client.disconnect()
-                return
+                raise IntakeFailed(f"alert intake failed: {exc!r}") from exc
             # PUBACK now: the alert is journalled (or the reason it was refused is)
             client._client.ack(message.mid, message.qos)
             budget.give(_size(message))

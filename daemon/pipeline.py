@@ -67,7 +67,15 @@ def parse_payload(
     the field at fault (None: a payload that is no alert of its own)."""
     if parser is None:
         raise AlertError("format", f"unknown alert format {format_name!r}")
-    incoming = parser.parse(payload, topic=topic)
+    try:
+        incoming = parser.parse(payload, topic=topic)
+    except AlertError:
+        raise
+    except Exception as exc:
+        # a format plugin's own failure on this payload: refused like a bad one, never
+        # left to break intake (over MQTT the payload would come back again and again)
+        log.exception("alert format failed", format=format_name)
+        raise AlertError("payload", f"the {format_name} format could not read it: {exc!r}") from exc
     if incoming is None:
         return None
     for image in incoming.images:
@@ -150,6 +158,28 @@ class Pipeline:
         self.stats.count("alerts_received", source=source, outcome=result.status)
         return result
 
+    async def refuse(
+        self, error: AlertError, payload: bytes, *, source: str, topic: str | None = None
+    ) -> None:
+        """A payload refused before it reached the pipeline (a transport's own checks):
+        logged, recorded and counted like any other refusal."""
+        await self.record_refusal(error, payload, source=source, topic=topic)
+        self.stats.count("alerts_received", source=source, outcome="refused")
+
+    async def record_refusal(
+        self, error: AlertError, payload: bytes, *, source: str, topic: str | None
+    ) -> None:
+        """Log a refusal and record it in the journal's rejects with the payload's start."""
+        log.error(
+            "alert refused", source=source, topic=topic, field=error.field, error=error.message
+        )
+        try:
+            await self.journal.record_reject(
+                source=source, topic=topic, field=error.field, error=error.message, payload=payload
+            )
+        except sqlite3.Error as write_error:
+            log.error("could not record the refusal", error=str(write_error))
+
     async def _ingest(
         self, payload: bytes, source: str, topic: str | None, fmt: str | None
     ) -> IngestResult:
@@ -164,15 +194,7 @@ class Pipeline:
                     self.settings.images,
                 )
         except AlertError as exc:
-            log.error(
-                "alert refused", source=source, topic=topic, field=exc.field, error=exc.message
-            )
-            try:
-                await self.journal.record_reject(
-                    source=source, topic=topic, field=exc.field, error=exc.message, payload=payload
-                )
-            except sqlite3.Error as write_error:
-                log.error("could not record the refusal", error=str(write_error))
+            await self.record_refusal(exc, payload, source=source, topic=topic)
             return IngestResult("refused", error=exc)
         if incoming is None:
             return IngestResult("consumed")

@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, ValidationError
 
-from daemon.config import describe_validation_error
+from daemon.config import describe_validation_error, key_path
 from daemon.contract import Alert
 from daemon.plugin_api import RuleKind
 from daemon.rule_file import CooldownSpec, ImageMode, MatchSpec, RuleFile
@@ -79,7 +79,7 @@ def _toml_error_line(message: str, text: str) -> str:
 
 def _validation_error(path: Path, exc: ValidationError, prefix: str = "") -> RuleError:
     first = exc.errors()[0]
-    where = prefix + ".".join(str(part) for part in first["loc"])
+    where = key_path(first["loc"], prefix)
     reasons = describe_validation_error(exc, prefix=prefix)
     return RuleError(path, where, first["msg"] if exc.error_count() == 1 else reasons)
 

@@ -45,7 +45,9 @@ def load_json_object(payload: bytes) -> dict[str, Any]:
         data = json.loads(payload.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise AlertError("payload", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
-    except json.JSONDecodeError as exc:
+    except RecursionError as exc:
+        raise AlertError("payload", "not valid JSON: nested too deeply") from exc
+    except ValueError as exc:  # a syntax error, or an integer of more than 4300 digits
         raise AlertError("payload", f"not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise AlertError("payload", f"expected a JSON object, got {type(data).__name__}")

@@ -118,6 +118,10 @@ async def test_body_over_the_limit_is_413_and_wrong_type_is_415(tmp_path, tiny_m
         ) as response:
             assert response.status == 415
             assert (await response.json())["field"] == "Content-Type"
+        # recorded like every refusal
+        rejects = await d.daemon.journal.rejects()
+    assert [field for field, _ in rejects] == ["payload", "Content-Type"]
+    assert "over the limit of 10485 bytes" in rejects[0][1] and "text/plain" in rejects[1][1]
 
 
 async def test_healthz_reports_ready_state(tmp_path, tiny_model):

@@ -7,6 +7,7 @@ import json
 
 from structlog.testing import capture_logs
 
+from daemon.mqtt import publish_all
 from tests.conftest import (
     FIRE_RULE,
     collect,
@@ -80,6 +81,14 @@ async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
         b'{"alert_id": "m1"',
         json.dumps({**make_alert(), "box_id": None}).encode(),
         json.dumps(make_alert(image="aGVsbG8=")).encode(),  # base64 of "hello": not an image
+        # payloads that break the JSON reader or the journal's serialiser rather than a rule
+        json.dumps(make_alert()).replace('"fire"', '"fire", "score": 1' + "0" * 4300).encode(),
+        b'{"alert_id": "deep", "extra": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+        json.dumps({**make_alert(), "extra": {"deep": nested_list(260)}}).encode(),
+        json.dumps({**make_alert(), "score": float("nan")}).encode(),
+        json.dumps(
+            {**make_alert(), "boxes": [{"x1": 0, "y1": 0, "x2": float("inf"), "y2": 9}]}
+        ).encode(),
     ]
     async with collect(broker, VERDICTS) as out, run_daemon(settings):
         with capture_logs() as logs:
@@ -88,9 +97,57 @@ async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
             await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("after-bad")))
             [(_, verdict)] = await out.wait_for(1)
     assert verdict["alert_id"] == "after-bad"
+    # each refused once, with the field named: none broke intake (no reconnect, no redelivery)
     refused = [entry for entry in logs if entry["event"] == "alert refused"]
-    assert [entry["field"] for entry in refused] == ["payload", "payload", "box_id", "image"]
+    assert [entry["field"] for entry in refused] == [
+        *["payload", "payload", "box_id", "image"],
+        *["payload", "payload", "extra", "score", "boxes[0].x2"],
+    ]
     assert "not UTF-8" in refused[0]["error"] and "not a JPEG or PNG" in refused[3]["error"]
+    assert "digits" in refused[4]["error"] and "nested too deeply" in refused[5]["error"]
+    assert "finite" in refused[7]["error"] and "finite" in refused[8]["error"]
+    assert not [entry for entry in logs if entry["event"] == "alert intake failed; reconnecting"]
+
+
+async def test_an_intake_failure_with_the_window_full_reconnects_and_loses_nothing(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    # 24 MB of alerts, more than the 16 MiB in flight: intake waits for room when one fails
+    count, pad = 24, "x" * 2**20
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        journal = d.daemon.journal
+        record_alert, calls = journal.record_alert, []
+
+        async def first_fails_late(alert, *args, **kwargs):
+            calls.append(alert.alert_id)
+            if len(calls) == 1:
+                await asyncio.sleep(1)
+                raise RuntimeError("injected: the journal broke")
+            return await record_alert(alert, *args, **kwargs)
+
+        journal.record_alert = first_fails_late
+        with capture_logs() as logs:
+            await publish_all(
+                "127.0.0.1",
+                broker.port,
+                "secondlook/alerts/box-t",
+                [json.dumps({**make_alert(f"w-{i}"), "extra": {"pad": pad}}) for i in range(count)],
+            )
+            await out.wait_for(count, timeout=60)
+            await asyncio.sleep(0.5)
+    ids = [verdict["alert_id"] for _, verdict in out.verdicts()]
+    assert sorted(ids) == sorted(f"w-{i}" for i in range(count))  # each once
+    assert any(entry["event"] == "alert intake failed; reconnecting" for entry in logs)
+    assert [e["event"] for e in logs].count("mqtt connected") == 1  # the reconnection
+
+
+def nested_list(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
 
 
 async def test_broker_restart_mid_stream_loses_no_verdict(tmp_path, broker, tiny_model):

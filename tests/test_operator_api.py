@@ -130,6 +130,9 @@ async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):
             f"{d.base_url}/v1/alerts", params={"limit": "1", "before": str(first["ref"])}
         ) as r:
             assert [a["alert_id"] for a in (await r.json())["alerts"]] == ["list-1"]
+        for params, field in [({"before": "abc"}, "before"), ({"limit": "-5"}, "limit")]:
+            async with d.http.get(f"{d.base_url}/v1/alerts", params=params) as r:
+                assert r.status == 400 and (await r.json())["field"] == field
 
         async with d.http.get(f"{d.base_url}/v1/snapshots/{first['ref']}/0?thumb=1") as r:
             assert r.status == 200 and r.content_type == "image/jpeg"

@@ -53,6 +53,7 @@ def test_each_broken_file_is_reported_with_where_and_why_and_the_rest_load(tmp_p
         assert where in by_file[name].where, (name, by_file[name])
         assert reason in str(by_file[name]), (name, by_file[name])
     assert sum(entry["event"] == "rule file rejected" for entry in logs) == len(BROKEN)
+    assert by_file["thresholds.toml"].where == "review"  # a check across keys names the section
 
 
 def test_syntax_error_names_the_line(tmp_path):

@@ -10,7 +10,15 @@ from PIL import Image
 
 from daemon.config import ConfigError, load_settings
 from daemon.contract import Alert, VerdictKind
-from daemon.images import Budget, ImageError, fit_to_budget, inspect_image, load_for_model
+from daemon.images import (
+    Budget,
+    ImageError,
+    crop_region,
+    draw_detections,
+    fit_to_budget,
+    inspect_image,
+    load_for_model,
+)
 from daemon.inference.runner import choice_token_ids, label_scores
 from daemon.inference.synthetic import build_tokenizer
 from daemon.mqtt import backoff_delays
@@ -51,6 +59,24 @@ def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
     image = load_for_model(data, Budget(448 * 448, 28))
     assert image.mode == "RGB"
     assert image.size == fit_to_budget(1920, 1080, max_pixels=448 * 448, factor=28)
+
+
+def test_a_crop_shows_a_tiny_box_with_context_and_refuses_boxes_outside_the_image():
+    size = (640, 360)
+    assert crop_region(size, [(100, 100, 100, 100)], 0.25) == (84, 84, 116, 116)  # no area
+    assert crop_region(size, [(630, 350, 640, 360)], 0.25) == (608, 328, 640, 360)  # a corner
+    assert crop_region(size, [(10, 10, 50, 40)], 0.25) == (0, 2, 60, 48)
+    assert crop_region(size, [(0, 0, 1e308, 1e308)], 0.25) == (0, 0, 640, 360)
+    with pytest.raises(ImageError, match=r"\(700,10\)-\(800,20\) lie outside the 640x360"):
+        crop_region(size, [(700, 10, 800, 20)], 0.25)
+    with pytest.raises(ImageError, match="a 1x1 image is too small to crop"):
+        crop_region((1, 1), [(0, 0, 1, 1)], 0.25)
+
+
+def test_boxes_far_larger_than_the_image_are_drawn_clipped():
+    marked = draw_detections(Image.new("RGB", (64, 48)), [(8, 8, 1e300, 1e300)], 1.0)
+    assert marked.getpixel((8, 30)) == (255, 0, 0) and marked.getpixel((30, 8)) == (255, 0, 0)
+    assert marked.getpixel((30, 30)) == (0, 0, 0)
 
 
 def test_inspect_image_accepts_jpeg_and_png():
