@@ -150,3 +150,37 @@ async def test_a_request_that_never_fits_falls_back_to_on_error(tmp_path, tiny_m
     assert verdict["verdict"] == "unreviewed" and "CUDA out of memory" in verdict["reason"]
     assert dropped == []
     assert worker["failures"] == 2 and worker["state"] == "idle"
+
+
+class AnswersOneTooFew:
+    """A runner with a bug: its first pass leaves out the last answer."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.passes = 0
+
+    def collate(self, requests):
+        return self.runner.collate(requests)
+
+    def forward(self, requests, inputs):
+        self.passes += 1
+        answers = self.runner.forward(requests, inputs)
+        return answers[:-1] if self.passes == 1 else answers
+
+
+async def test_a_runner_that_miscounts_its_answers_fails_that_batch_only(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            AnswersOneTooFew(runner), max_batch=8, max_wait_s=0.3, model_pool=model_pool,
+            prep_pool=prep_pool,
+        )  # fmt: skip
+        running = asyncio.create_task(batcher.run())
+        requests = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)][:3]
+        failed = await asyncio.gather(
+            *(batcher.submit(r) for r in requests), return_exceptions=True
+        )
+        [answer] = await asyncio.gather(batcher.submit(requests[0]))  # the batcher goes on
+        running.cancel()
+    assert all("the model gave 2 answers to 3 requests" in str(error) for error in failed)
+    assert_same(answer, runner.run(requests[0]))

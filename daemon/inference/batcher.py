@@ -176,6 +176,10 @@ class MicroBatcher:
                 return
         try:
             answers = await self._timed_pass(batch, inputs)
+            if len(answers) != len(batch):  # a backend's bug: fail the batch, not the batcher
+                raise RuntimeError(
+                    f"the model gave {len(answers)} answers to {len(batch)} requests"
+                )
         except self.out_of_memory as exc:
             # its traceback holds the failed pass's frames, and so its tensors on the device
             out_of_memory = exc.with_traceback(None)
