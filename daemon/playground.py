@@ -95,7 +95,8 @@ async def try_rule(
     )
     stored = StoredAlert(0, alert, [RawImage("image", image)], utc_now(), 0, "received")
     started = time.perf_counter()
-    judgement = await reviewer.judge(alert, rule, reviewer.images_once(stored))
+    # a try neither reuses a verdict nor lends one to the live alerts of its camera
+    judgement = await reviewer.judge(alert, rule, reviewer.images_once(stored), cooldown=False)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if judgement is None:  # on_error = "drop"
         raise PlaygroundError("the review failed and the rule drops failed alerts (on_error)")

@@ -25,19 +25,25 @@ from daemon.stats import StageStats
 
 log = structlog.get_logger(__name__)
 
-#: model reviews kept per (rule, camera, event type) for cooldowns
+#: model reviews kept per (rule, box, camera, event type) for cooldowns
 RECENT_PER_KEY = 32
+#: how often (in reviews kept) keys whose window has passed are dropped
+SWEEP_EVERY = 256
 
 
 class RecentReviews:
-    """Recent model reviews per rule, camera and event type (in memory)."""
+    """Recent model reviews per rule, box, camera and event type (in memory)."""
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str, str], deque[RecentReview]] = {}
+        self._by_key: dict[tuple[str, str, str, str], deque[RecentReview]] = {}
+        #: when each key's newest review leaves its rule's window
+        self._expires: dict[tuple[str, str, str, str], float] = {}
+        self._adds = 0
 
     @staticmethod
-    def _key(rule: Rule, alert: Alert) -> tuple[str, str, str]:
-        return rule.name, alert.camera_id, alert.event_type
+    def _key(rule: Rule, alert: Alert) -> tuple[str, str, str, str]:
+        # a camera id names a channel of its box: another box's cam-1 is another camera
+        return rule.name, alert.box_id, alert.camera_id, alert.event_type
 
     def within(self, rule: Rule, alert: Alert, window_s: float) -> list[RecentReview]:
         """Those younger than `window_s`, newest first."""
@@ -49,14 +55,29 @@ class RecentReviews:
         while kept and kept[0].at < horizon:
             kept.popleft()
         if not kept:
-            del self._by_key[key]
+            self._forget(key)
             return []
         return list(reversed(kept))
 
     def add(self, rule: Rule, alert: Alert, judgement: Judgement) -> None:
+        now = time.monotonic()
         boxes = [(b.x1, b.y1, b.x2, b.y2) for b in alert.boxes]
-        review = RecentReview(alert.alert_id, boxes, judgement, time.monotonic())
-        self._by_key.setdefault(self._key(rule, alert), deque(maxlen=RECENT_PER_KEY)).append(review)
+        key = self._key(rule, alert)
+        self._by_key.setdefault(key, deque(maxlen=RECENT_PER_KEY)).append(
+            RecentReview(alert.alert_id, boxes, judgement, now)
+        )
+        self._expires[key] = now + rule.cooldown.window_s
+        self._adds += 1
+        if self._adds % SWEEP_EVERY == 0:  # cameras that went quiet, renamed rules
+            for stale in [k for k, expires in self._expires.items() if expires < now]:
+                self._forget(stale)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+    def _forget(self, key: tuple[str, str, str, str]) -> None:
+        self._by_key.pop(key, None)
+        self._expires.pop(key, None)
 
 
 class Reviewer:
@@ -118,10 +139,16 @@ class Reviewer:
         return get
 
     async def judge(
-        self, alert: Alert, rule: Rule, images: Callable[[], Awaitable[SnapshotSet]]
+        self,
+        alert: Alert,
+        rule: Rule,
+        images: Callable[[], Awaitable[SnapshotSet]],
+        *,
+        cooldown: bool = True,
     ) -> Judgement | None:
-        """The rule's judgement, a repeat's reused one, or the `on_error` outcome (None: drop)."""
-        window = rule.cooldown.window_s
+        """The rule's judgement, a repeat's reused one, or the `on_error` outcome (None: drop).
+        `cooldown=False` (the playground) neither reuses a verdict nor offers one for reuse."""
+        window = rule.cooldown.window_s if cooldown else 0
         if window > 0:
             recent = self.recent.within(rule, alert, window)
             reused = self.hooks.suppress_alert(alert=alert, rule=rule, recent=recent)

@@ -67,23 +67,28 @@ class SnapshotLoader:
         """GET an allowed URL: no redirects, a timeout and a size cap."""
         check_image_url(url, self.settings)
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(total=self.settings.url_timeout_s)
             # names are checked again at connection time, against what they resolve to
             connector = aiohttp.TCPConnector(resolver=GuardedResolver())
-            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+            self._session = aiohttp.ClientSession(connector=connector)
         limit = int(self.settings.max_bytes_mb * 1024 * 1024)
+        # the settings of the moment: [images] is reloaded live
+        timeout = aiohttp.ClientTimeout(total=self.settings.url_timeout_s)
+        data = bytearray()
         try:
-            async with self._session.get(url, allow_redirects=False) as response:
+            async with self._session.get(url, allow_redirects=False, timeout=timeout) as response:
                 if response.status != 200:
                     raise ImageError(f"image_url answered HTTP {response.status}")
-                data = await response.content.read(limit + 1)
+                async for chunk in response.content.iter_any():  # to the end, or past the limit
+                    data += chunk
+                    if len(data) > limit:
+                        break
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ImageError(
                 f"image_url could not be fetched: {exc or type(exc).__name__}"
             ) from exc
         if len(data) > limit:
             raise ImageError(f"image_url body is over the limit of {limit} bytes")
-        image = RawImage("image_url", data)
+        image = RawImage("image_url", bytes(data))
         try:
             check_raw_image(image, self.settings)
         except AlertError as exc:

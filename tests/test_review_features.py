@@ -103,14 +103,23 @@ async def test_cooldown_reuses_the_verdict_of_an_overlapping_repeat(tmp_path, ti
             await d.post_alert(make_alert(f"sign-{i}", boxes=boxes))
             await d.wait_reviewed(f"sign-{i}")
         assert len(d.daemon.backend.requests) == 1
-        # another place in the frame, another camera: reviewed by the model
+        # another place in the frame, another camera, another box's camera of the same
+        # name: reviewed by the model
         await d.post_alert(make_alert("other-place", boxes=elsewhere))
         await d.post_alert(make_alert("other-cam", camera_id="cam-2", boxes=sign))
+        await d.post_alert(make_alert("other-box", box_id="box-2", boxes=sign))
         first = (await d.wait_reviewed("sign-0"))["verdicts"][0]
         repeat = (await d.wait_reviewed("sign-3"))["verdicts"][0]
-        await d.wait_reviewed("other-place")
-        await d.wait_reviewed("other-cam")
-        assert len(d.daemon.backend.requests) == 3
+        for alert_id in ("other-place", "other-cam", "other-box"):
+            await d.wait_reviewed(alert_id)
+        assert len(d.daemon.backend.requests) == 4
+        # the playground neither reuses a verdict nor lends one to live alerts
+        tried = {"image": make_alert()["image"], "rule_toml": COOLDOWN, "camera_id": "cam-1"}
+        for _ in range(2):
+            async with d.http.post(f"{d.base_url}/v1/try", json=tried) as response:
+                assert response.status == 200
+                assert not (await response.json())["reason"].startswith("cooldown")
+        assert len(d.daemon.backend.requests) == 6
     assert repeat["reason"].startswith("cooldown: as alert sign-0")
     assert (repeat["verdict"], repeat["confidence"]) == (first["verdict"], first["confidence"])
 

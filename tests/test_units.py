@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 
 import pytest
 from PIL import Image
@@ -22,7 +23,8 @@ from daemon.images import (
 from daemon.inference.runner import choice_token_ids, label_scores
 from daemon.inference.synthetic import build_tokenizer
 from daemon.mqtt import backoff_delays
-from daemon.plugin_api import ChoiceAnswer, TextAnswer
+from daemon.plugin_api import ChoiceAnswer, Judgement, TextAnswer
+from daemon.reviewer import SWEEP_EVERY, RecentReviews
 from daemon.rules import parse_rule
 from daemon.templates import check_topic_template, render_topic
 from plugins.extract import JsonExtract, validate_fields
@@ -341,3 +343,15 @@ def test_logs_are_json_lines_off_a_terminal_and_readable_on_one(tty):
         record = json.loads(line)
         assert record["event"] == "verdict" and record["alert_id"] == "a-1"
         assert record["rule"] == "fire" and record["level"] == "info"
+
+
+def test_recent_reviews_forget_cameras_whose_window_has_passed(tmp_path, kinds):
+    rule = parse_rule(tmp_path / "fire.toml", FIRE_RULE + "[cooldown]\nwindow_s = 0.001\n", kinds)
+    recent = RecentReviews()
+    judgement = Judgement(VerdictKind.REJECTED, 0.1, "a lamp")
+    for i in range(SWEEP_EVERY - 1):
+        recent.add(rule, Alert.model_validate(make_alert(camera_id=f"cam-{i}")), judgement)
+    assert len(recent) == SWEEP_EVERY - 1
+    time.sleep(0.01)
+    recent.add(rule, Alert.model_validate(make_alert(camera_id="cam-last")), judgement)
+    assert len(recent) == 1  # the sweep kept only the camera still within its window
