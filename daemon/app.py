@@ -1,7 +1,8 @@
 """The daemon: startup order, the task group, readiness, staged shutdown, signals.
 
-Start: plugins -> rules -> journal -> HTTP + MQTT (alerts are journalled while the model
-loads) -> model -> review workers -> READY=1 once subscribed.
+Start: plugins -> journal -> rules -> HTTP + MQTT (alerts are journalled, with their rules'
+priority, while the model loads) -> model -> rules checked against its tokenizer -> review
+workers -> READY=1 once subscribed.
 Stop: STOPPING=1 -> close HTTP and MQTT intake (unacknowledged MQTT alerts are redelivered
 by the broker later) -> let in-flight reviews finish within a grace period -> publish what
 the outbox holds -> retained `offline` -> disconnect. Anything cut short stays journalled
@@ -163,12 +164,14 @@ class Daemon:
         }
 
     async def open(self) -> Pipeline:
-        """Open the journal and wire the pipeline (no network, no model, no rules yet)."""
+        """Open the journal, read the rules (alerts taken in while the model loads are matched
+        against them for their priority) and wire the pipeline; no network, no model yet."""
         s = self.settings
         if s.mqtt.enabled:
             # first: unreadable credentials stop the start before the journal is open
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
         self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
+        self.rules.load()
         if self.link is not None:
             self.link.on_feedback = self._mqtt_feedback
             self.outbox = Outbox(journal, self.link, self.stats)
@@ -189,10 +192,10 @@ class Daemon:
         return self.pipeline
 
     async def start_model(self) -> None:
-        """Load the model, then the rules, checked against the model's tokenizer."""
+        """Load the model, then read the rules again, checked against its tokenizer."""
         await self.backend.start()
         self.rules.check_choices = getattr(self.backend, "check_choices", None)
-        self.rules.load()
+        self.rules.load(recheck=True)
 
     async def close(self) -> None:
         if self.pipeline is not None:

@@ -196,37 +196,48 @@ class RuleBook:
     def get(self, name: str | None) -> Rule | None:
         return next((rule for rule in self._by_path.values() if rule.name == name), None)
 
-    def load(self) -> list[RuleError]:
-        """(Re)read every `*.toml`; report and skip bad files; forget deleted ones."""
+    def load(self, *, recheck: bool = False) -> list[RuleError]:
+        """(Re)read every `*.toml`; report and skip bad files; forget deleted ones.
+
+        A file that breaks keeps its last good version, unless `recheck` (every file judged
+        afresh: the checks have changed). Two files may not name one rule: the file that
+        already held the name keeps it.
+        """
         if not self.directory.is_dir():
             self.errors = [RuleError(self.directory, "", "rules directory does not exist")]
             log.error("rules directory missing", path=str(self.directory))
             return self.errors
+        parsed: dict[Path, Rule | RuleError] = {}
+        for path in sorted(self.directory.glob("*.toml")):
+            try:
+                parsed[path] = self._load_file(path)
+            except RuleError as exc:
+                parsed[path] = exc
         errors: list[RuleError] = []
         loaded: dict[Path, Rule] = {}
         names: dict[str, Path] = {}
-        for path in sorted(self.directory.glob("*.toml")):
+        # files already loaded first, so that a newcomer cannot take their names
+        for path in sorted(parsed, key=lambda p: (p not in self._by_path, p)):
             previous = self._by_path.get(path)
-            try:
-                rule = self._load_file(path)
-                if rule.name in names:
-                    raise RuleError(
-                        path, "name", f"rule {rule.name!r} already in {names[rule.name]}"
-                    )
-            except RuleError as exc:
-                errors.append(exc)
-                kept = "keeping last good version" if previous else "skipped"
+            rule = parsed[path]
+            if isinstance(rule, Rule) and rule.name in names:
+                rule = RuleError(path, "name", f"rule {rule.name!r} already in {names[rule.name]}")
+            if isinstance(rule, RuleError):
+                errors.append(rule)
+                kept = previous
+                if recheck or (kept is not None and kept.name in names):
+                    kept = None  # judged afresh, or its name is another file's now
                 log.error(
                     "rule file rejected",
                     path=str(path),
-                    where=exc.where,
-                    reason=exc.reason,
-                    action=kept,
-                    digest=previous.digest if previous else None,
+                    where=rule.where,
+                    reason=rule.reason,
+                    action="keeping last good version" if kept else "skipped",
+                    digest=kept.digest if kept else None,
                 )
-                if previous is not None:
-                    loaded[path] = previous
-                    names[previous.name] = path
+                if kept is not None:
+                    loaded[path] = kept
+                    names[kept.name] = path
                 continue
             if previous is None:
                 log.info("rule loaded", rule=rule.name, path=str(path), digest=rule.digest)

@@ -10,7 +10,7 @@ import re
 import sqlite3
 from datetime import timedelta
 
-from daemon.app import JOURNAL_FILE
+from daemon.app import JOURNAL_FILE, Daemon
 from daemon.backlog import Backlog
 from daemon.contract import utc_now
 from daemon.journal import Journal, PlannedVerdict
@@ -70,6 +70,21 @@ async def journal_alerts(settings, alerts: list[tuple[dict, int]]) -> None:
             incoming.alert, incoming.images, source="mqtt", topic=ALERTS, priority=priority
         )
     await journal.close()
+
+
+async def test_alerts_taken_in_while_the_model_loads_carry_their_rules_priority(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text("priority = 7\n" + FIRE_RULE)
+    daemon = Daemon(settings)
+    pipeline = await daemon.open()  # intake opens here; the model is not loaded yet
+    try:
+        result = await pipeline.ingest(json.dumps(make_alert("early")).encode(), source="http")
+        assert result.status == "accepted"
+        assert [priority for _, priority in await pipeline.journal.pending_reviews()] == [7]
+    finally:
+        await daemon.close()
 
 
 async def test_rule_priority_decides_what_is_reviewed_first(tmp_path, tiny_model):

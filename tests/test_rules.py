@@ -131,3 +131,19 @@ async def test_daemon_skips_a_broken_rule_file_and_reviews_with_the_rest(
         verdicts = {v["alert_id"]: v for _, v in await out.wait_for(2)}
     assert verdicts["r-1"]["rule"] == "fire"
     assert verdicts["r-2"]["verdict"] == "unreviewed" and verdicts["r-2"]["reason"] == "no rule"
+
+
+def test_a_newcomer_cannot_take_an_established_rules_name(tmp_path):
+    (tmp_path / "fire.toml").write_text(FIRE_RULE)
+    book = RuleBook(tmp_path, KINDS)
+    assert book.load() == []
+    # a copy that keeps the name sorts first, yet the file that held the name keeps it
+    (tmp_path / "a-copy.toml").write_text('name = "fire"\n' + FIRE_RULE)
+    [error] = book.load()
+    assert error.path.name == "a-copy.toml" and "already in" in error.reason
+    assert [(rule.name, rule.path.name) for rule in book.rules] == [("fire", "fire.toml")]
+    # and a broken edit of the established file keeps its last good version
+    (tmp_path / "fire.toml").write_text("[match\n")
+    errors = book.load()
+    assert sorted(e.path.name for e in errors) == ["a-copy.toml", "fire.toml"]
+    assert [(rule.name, rule.path.name) for rule in book.rules] == [("fire", "fire.toml")]
