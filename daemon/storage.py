@@ -8,6 +8,7 @@ leaves them with the broker); the next check that finds space opens intake again
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from datetime import timedelta
 
@@ -37,10 +38,21 @@ class StorageKeeper:
     )
 
     def __init__(self, settings: StorageSettings, journal: Journal, pipeline: Pipeline) -> None:
-        self.settings = settings
+        self._settings = settings
+        #: set by a reload: the checks' loop takes the new intervals at once
+        self._reloaded = asyncio.Event()
         self.journal = journal
         self.pipeline = pipeline
         self.last_pruned: Pruned | None = None
+
+    @property
+    def settings(self) -> StorageSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: StorageSettings) -> None:
+        self._settings = settings
+        self._reloaded.set()
 
     def check_space(self) -> None:
         """Pause intake while free space is short; open it again once it is back."""
@@ -74,16 +86,19 @@ class StorageKeeper:
         return pruned
 
     async def run(self) -> None:
-        """Check space every `check_interval_s`, prune every `prune_interval_s`."""
-        s = self.settings
+        """Check space every `check_interval_s`, prune every `prune_interval_s` (both read
+        at each turn: a reload changes them)."""
         loop = asyncio.get_running_loop()
-        next_prune = loop.time()
+        last_prune: float | None = None
         while True:
             try:
                 self.check_space()
-                if loop.time() >= next_prune:
-                    next_prune = loop.time() + s.prune_interval_s
+                now = loop.time()
+                if last_prune is None or now >= last_prune + self.settings.prune_interval_s:
+                    last_prune = now
                     await self.prune()
             except Exception:
                 log.exception("storage check failed")
-            await asyncio.sleep(s.check_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reloaded.wait(), self.settings.check_interval_s)
+            self._reloaded.clear()

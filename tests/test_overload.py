@@ -8,13 +8,16 @@ import base64
 import json
 import re
 import sqlite3
+import types
 from datetime import timedelta
 
 from daemon.app import JOURNAL_FILE, Daemon
 from daemon.backlog import Backlog
+from daemon.config import StorageSettings
 from daemon.contract import utc_now
 from daemon.journal import Journal, PlannedVerdict
 from daemon.mqtt import publish_all
+from daemon.storage import StorageKeeper
 from plugins.canonical import CanonicalFormat
 from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, run_daemon
 from tests.test_faults import noise_jpeg
@@ -308,3 +311,30 @@ async def test_two_gateways_on_one_shared_subscription_review_each_alert_once(
     assert sorted(v["alert_id"] for _, v in verdicts) == ids  # each exactly once
     assert sum(share) == len(ids) and min(share) > 0, share
     print(f"\nshared subscription: {len(ids)} alerts split {share[0]} / {share[1]}, 0 twice")
+
+
+async def test_reloaded_storage_intervals_apply_without_a_restart(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    pipeline = types.SimpleNamespace(storage_problem=None)
+    keeper = StorageKeeper(StorageSettings(dir=tmp_path), journal, pipeline)  # type: ignore[arg-type]
+    prunes = []
+    prune = keeper.prune
+
+    async def counted_prune():
+        prunes.append(1)
+        return await prune()
+
+    keeper.prune = counted_prune
+    running = asyncio.create_task(keeper.run())
+    try:
+        await asyncio.sleep(0.3)
+        assert len(prunes) == 1  # at start; the next after prune_interval_s (600 s)
+        # as SIGHUP applies a new [storage] section
+        keeper.settings = StorageSettings(
+            dir=tmp_path, prune_interval_s=0.05, check_interval_s=0.01
+        )
+        await asyncio.sleep(0.5)
+        assert len(prunes) >= 5
+    finally:
+        running.cancel()
+        await journal.close()
