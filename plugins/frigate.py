@@ -13,13 +13,15 @@ Subscribe this format to Frigate's topics (prefix `frigate` by default):
 that label on that camera; it is kept in memory, not reviewed. `frigate/events` carries
 `{"type": "new" | "update" | "end", "before": {...}, "after": {...}}`; the `after` object of a
 type listed in `[frigate] review` becomes an alert: id, camera, label, start_time, top_score,
-box and zones. Its snapshot is the latest one kept for its camera and label, or else Frigate's
-HTTP API (`[frigate] api_url` + /api/events/<id>/snapshot.jpg). Message shapes follow
+box and zones. Its snapshot is the latest one kept for its camera and label when that arrived
+after the event started (else it shows an earlier object), or else Frigate's HTTP API
+(`[frigate] api_url` + /api/events/<id>/snapshot.jpg). Message shapes follow
 Frigate's MQTT documentation (docs.frigate.video/integrations/mqtt).
 """
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,6 +32,8 @@ from plugins.canonical import load_json_object, validate_alert
 
 #: snapshots kept (one per camera and label); the oldest is dropped past this
 MAX_SNAPSHOTS = 256
+#: a snapshot received this long before its event's start still counts as its own (clocks)
+SNAPSHOT_SLACK_S = 2.0
 
 
 class FrigateFormat:
@@ -37,7 +41,8 @@ class FrigateFormat:
 
     def __init__(self, settings: FrigateSettings) -> None:
         self.settings = settings
-        self._snapshots: dict[tuple[str, str], bytes] = {}
+        #: the latest snapshot per camera and label, with when it arrived (Unix time)
+        self._snapshots: dict[tuple[str, str], tuple[float, bytes]] = {}
 
     def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert | None:
         levels = (topic or "").split("/")
@@ -54,7 +59,7 @@ class FrigateFormat:
 
     def _keep_snapshot(self, camera: str, label: str, jpeg: bytes) -> None:
         self._snapshots.pop((camera, label), None)
-        self._snapshots[(camera, label)] = jpeg
+        self._snapshots[(camera, label)] = (time.time(), jpeg)
         while len(self._snapshots) > MAX_SNAPSHOTS:
             self._snapshots.pop(next(iter(self._snapshots)))
 
@@ -86,13 +91,16 @@ class FrigateFormat:
             canonical["boxes"] = [
                 dict(zip(("x1", "y1", "x2", "y2"), box, strict=True), label=event["label"])
             ]
-        snapshot = self._snapshots.get((str(event["camera"]), str(event["label"])))
-        if snapshot is not None:
-            return IncomingAlert(validate_alert(canonical), [RawImage("image", snapshot)])
+        kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
+        # one that arrived before the event started shows an earlier object (the topic is
+        # retained and holds the latest object of that label on that camera)
+        if kept is not None and kept[0] >= started.timestamp() - SNAPSHOT_SLACK_S:
+            return IncomingAlert(validate_alert(canonical), [RawImage("image", kept[1])])
         if not self.settings.api_url:
+            what = "only one older than the event" if kept is not None else "no snapshot"
             raise AlertError(
                 "image",
-                f"no snapshot received for {event['camera']}/{event['label']} and no "
+                f"{what} received for {event['camera']}/{event['label']}, and no "
                 "[frigate] api_url to fetch one from",
             )
         api = self.settings.api_url.rstrip("/")

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import json
+import time
 
+import pytest
+
+from daemon.config import FrigateSettings
+from daemon.plugin_api import AlertError
+from plugins.frigate import FrigateFormat
 from tests.conftest import (
     FIRE_RULE,
     collect,
@@ -164,3 +170,24 @@ async def test_frigate_messages_that_are_not_reviewed_are_consumed(tmp_path, tin
             assert await response.json() == {"status": "consumed"}
         status, _ = await d.get_alert("evt-upd")
     assert status == 404
+
+
+def test_a_frigate_snapshot_older_than_its_event_is_not_used():
+    snapshot = jpeg_bytes((64, 48))
+    event = json.loads(frigate_event("new", "evt-late", camera="gate"))
+    event["after"]["start_time"] = time.time() + 10  # an object seen after the snapshot came
+    late = json.dumps(event).encode()
+    with_api = FrigateFormat(FrigateSettings(api_url="http://nvr:5000"))
+    with_api.parse(snapshot, topic="frigate/gate/person/snapshot")
+    incoming = with_api.parse(late, topic="frigate/events")
+    assert incoming is not None and not incoming.images
+    assert incoming.alert.image_url == "http://nvr:5000/api/events/evt-late/snapshot.jpg"
+    without_api = FrigateFormat(FrigateSettings())
+    without_api.parse(snapshot, topic="frigate/gate/person/snapshot")
+    with pytest.raises(AlertError, match="only one older than the event received for gate/person"):
+        without_api.parse(late, topic="frigate/events")
+    # the snapshot of an object seen before it came is used
+    on_time = without_api.parse(
+        frigate_event("new", "evt-on-time", camera="gate").encode(), topic="frigate/events"
+    )
+    assert on_time is not None and on_time.images[0].data == snapshot
