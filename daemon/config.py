@@ -5,10 +5,12 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
+from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -254,6 +256,17 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+def _utc_offset(value: str) -> str:
+    try:
+        datetime.fromisoformat(f"2000-01-01T00:00:00{value}")
+    except ValueError:
+        raise ValueError(f"expected a UTC offset such as +08:00, got {value!r}") from None
+    return value
+
+
+UtcOffset = Annotated[str, AfterValidator(_utc_offset)]
+
+
 class FrigateSettings(_Section):
     """The `frigate` alert format: Frigate's `frigate/events` and snapshot topics."""
 
@@ -265,6 +278,9 @@ class FrigateSettings(_Section):
     api_url: str | None = None
     #: which event messages are reviewed: new, update, end (one review per event id)
     review: list[Literal["new", "update", "end"]] = Field(default_factory=lambda: ["new"])
+    #: the cameras' UTC offset: `occurred_at` is written in it, so that rules' `hours` are
+    #: the cameras' local time (Frigate sends Unix times)
+    utc_offset: UtcOffset = "+00:00"
 
 
 class MappingFormat(_Section):
@@ -278,7 +294,7 @@ class MappingFormat(_Section):
     #: how `occurred_at` is written: rfc3339, epoch_s, epoch_ms, or a strptime pattern
     time_format: str = "rfc3339"
     #: the UTC offset of times written without one
-    utc_offset: str = "+00:00"
+    utc_offset: UtcOffset = "+00:00"
     #: value translations per contract field, e.g. values.event_type = { "1001" = "fire" }
     values: dict[str, dict[str, str]] = Field(default_factory=dict)
     #: keys of the alert's `extra` and the paths they come from

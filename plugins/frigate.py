@@ -68,7 +68,9 @@ class FrigateFormat:
             if key not in event:
                 raise AlertError(f"after.{key}", "missing from the Frigate event")
         try:
-            started = datetime.fromtimestamp(float(event["start_time"]), UTC)
+            started = datetime.fromtimestamp(float(event["start_time"]), UTC).astimezone(
+                datetime.fromisoformat(f"2000-01-01T00:00:00{self.settings.utc_offset}").tzinfo
+            )
         except (TypeError, ValueError, OverflowError) as exc:
             raise AlertError("after.start_time", f"not a Unix time: {exc}") from exc
         score = event.get("top_score") or event.get("score")

@@ -191,3 +191,11 @@ def test_a_frigate_snapshot_older_than_its_event_is_not_used():
         frigate_event("new", "evt-on-time", camera="gate").encode(), topic="frigate/events"
     )
     assert on_time is not None and on_time.images[0].data == snapshot
+
+
+def test_frigate_times_are_written_in_the_cameras_utc_offset():
+    local = FrigateFormat(FrigateSettings(utc_offset="+08:00"))
+    local.parse(jpeg_bytes((64, 48)), topic="frigate/gate/person/snapshot")
+    incoming = local.parse(frigate_event("new", "evt-local", camera="gate").encode(), topic=None)
+    # start_time 1763647390.25 is 14:03:10 UTC: a rule's hours see the cameras' 22:03
+    assert incoming is not None and incoming.alert.occurred_at == "2025-11-20T22:03:10.250000+08:00"
