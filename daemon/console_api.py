@@ -176,8 +176,12 @@ class ConsoleApi:
             if not isinstance(body, dict):
                 raise playground.PlaygroundError("expected a JSON object")
             image = await self._playground_image(body)
-            text = body.get("rule_toml") or playground.rule_toml(
-                _text(body, "prompt"), kind=str(body.get("kind") or "verdict")
+            text = (
+                _text(body, "rule_toml")
+                if body.get("rule_toml")
+                else playground.rule_toml(
+                    _text(body, "prompt"), kind=str(body.get("kind") or "verdict")
+                )
             )
             rule = playground.load_rule(text, d.registry.rule_kinds, d.rules.check_choices)
             assert d.pipeline is not None
@@ -215,7 +219,7 @@ class ConsoleApi:
                 text = playground.rule_toml(
                     _text(body, "prompt"),
                     kind=str(body.get("kind") or "verdict"),
-                    event_types=body.get("event_types") or ["*"],
+                    event_types=_texts(body, "event_types") or ["*"],
                     description=str(body.get("description") or ""),
                 )
             else:
@@ -282,6 +286,15 @@ def _text(body: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise playground.PlaygroundError(f"{key}: a non-empty text is required")
     return value
+
+
+def _texts(body: dict[str, Any], key: str) -> list[str]:
+    """A text or a list of texts (none: an empty list)."""
+    value = body.get(key) or []
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        raise playground.PlaygroundError(f"{key}: a text or a list of texts is required")
+    return values
 
 
 def _iso(value: Any) -> str | None:

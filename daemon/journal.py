@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from daemon.contract import Alert, Verdict, utc_now
 from daemon.plugin_api import RawImage
+
+if TYPE_CHECKING:
+    from daemon.rules import Rule
 
 SCHEMA_VERSION = 3
 SCHEMA = """
@@ -123,6 +126,8 @@ class PlannedVerdict:
     #: what the model was asked and what it answered, when it was asked
     prompt: str | None = None
     raw: str | None = None
+    #: the rule that made it, as it was then (for hooks; not journalled)
+    rule: Rule | None = None
 
 
 @dataclass(frozen=True)

@@ -412,15 +412,14 @@ class Pipeline:
         topic = render_topic(template, alert, rule=verdict.rule, verdict=verdict.verdict.value)
         if rule is not None and rule.shadow:
             topic = f"{self.settings.mqtt.shadow_prefix}/{topic}"
-        return PlannedVerdict(verdict, topic, judgement.prompt, judgement.raw)
+        return PlannedVerdict(verdict, topic, judgement.prompt, judgement.raw, rule)
 
     async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
         """Run `verdict_ready` hooks; their failures are logged, never fatal."""
         for item in planned:
-            rule = self.rules.get(item.verdict.rule)
             try:
                 for result in self.hooks.verdict_ready(
-                    alert=alert, rule=rule, verdict=item.verdict
+                    alert=alert, rule=item.rule, verdict=item.verdict
                 ):
                     if inspect.isawaitable(result):
                         await result

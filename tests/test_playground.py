@@ -94,6 +94,8 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
             "POST", "/v1/try", json={"image": upload, "rule_toml": "[review]\nkind = 1\n"}
         )
         assert status == 400 and "playground.toml" in body["error"]
+        status, body = await call("POST", "/v1/try", json={"image": upload, "rule_toml": ["x"]})
+        assert status == 400 and "rule_toml: a non-empty text is required" in body["error"]
 
         # saved from the playground: the next matching alert uses it at once
         status, saved = await call(
@@ -112,4 +114,6 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         assert status in (400, 404)
         status, body = await call("PUT", "/v1/rules/bad", data="[match]\nevent_types = 3\n")
         assert status == 400 and "match.event_types" in body["error"]
+        status, body = await call("PUT", "/v1/rules/bad", json={"prompt": "x", "event_types": 5})
+        assert status == 400 and "event_types: a text or a list of texts" in body["error"]
         assert not (settings.rules.dir / "bad.toml").exists()
