@@ -14,6 +14,7 @@ verdicts every `PROGRESS_EVERY`, then one JSON object with `elapsed_s`, `duplica
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import select
 import socket
@@ -219,4 +220,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C reaches the bench and this process alike: the bench reports, this one goes quietly
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        main()

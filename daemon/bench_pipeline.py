@@ -13,6 +13,7 @@ generator.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -143,13 +144,46 @@ async def _measure(
             "model": model,
             "rules": {"dir": str(work / "rules")},
             "storage": {"dir": str(work / "var")},
+            # interrupted, the bench ends soon: its journal is thrown away
+            "pipeline": {"stop_grace_s": 1},
             "log": {"level": "warning"},
         }
     )
     daemon = Daemon(settings)
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
-    await asyncio.wait_for(daemon.ready.wait(), 60)
+    try:
+        return await _drive(
+            daemon, task, stop, broker, port, jpegs, snapshots, image_size, alerts, progress
+        )
+    finally:
+        # also when interrupted: the daemon shuts down, its journal and threads close
+        stop.set()
+        with contextlib.suppress(Exception):
+            await task
+
+
+async def _drive(
+    daemon: Daemon,
+    task: asyncio.Task[None],
+    stop: asyncio.Event,
+    broker: subprocess.Popen[bytes],
+    port: int,
+    jpegs: Path,
+    snapshots: list[bytes],
+    image_size: tuple[int, int],
+    alerts: int,
+    progress: Callable[[int], None] | None,
+) -> dict[str, Any]:
+    """Wait for the daemon, run the load generator, and gather the figures."""
+    settings = daemon.settings
+    ready = asyncio.ensure_future(daemon.ready.wait())
+    await asyncio.wait({ready, task}, timeout=READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        if task.done():
+            task.result()  # the daemon's own failure (a model that cannot load, say)
+        raise TimeoutError(f"the daemon was not ready within {READY_TIMEOUT_S:g} s")
     # a model process (`[model] worker = "process"`): its CPU time is counted too
     model_pid = getattr(daemon.backend, "health", dict)().get("pid")
     generator = await asyncio.create_subprocess_exec(
@@ -165,21 +199,26 @@ async def _measure(
     cpu_before: dict[str, float] = {}
     broker_before = model_before = 0.0
     figures: dict[str, Any] = {}
-    async with asyncio.timeout(max(120, alerts / 20)):
-        while line := await generator.stdout.readline():
-            if line.startswith(b"{"):
-                figures = json.loads(line)
-                break
-            if not cpu_before:  # the first verdicts: the generator is publishing
-                cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
-                model_before = process_cpu_s(model_pid) if model_pid else 0.0
-            if progress is not None:
-                progress(int(line))
-        cpu = thread_cpu_s()
-        broker_cpu = process_cpu_s(broker.pid) - broker_before
-        model_cpu = process_cpu_s(model_pid) - model_before if model_pid else None
-        await generator.wait()
-    stop.set()
+    try:
+        async with asyncio.timeout(max(120, alerts / 20)):
+            while line := await generator.stdout.readline():
+                if line.startswith(b"{"):
+                    figures = json.loads(line)
+                    break
+                if not cpu_before:  # the first verdicts: the generator is publishing
+                    cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
+                    model_before = process_cpu_s(model_pid) if model_pid else 0.0
+                if progress is not None:
+                    progress(int(line))
+            cpu = thread_cpu_s()
+            broker_cpu = process_cpu_s(broker.pid) - broker_before
+            model_cpu = process_cpu_s(model_pid) - model_before if model_pid else None
+            await generator.wait()
+    finally:
+        if generator.returncode is None:
+            generator.kill()
+            await generator.wait()
+    stop.set()  # the daemon's shutdown completes what it counts (the last PUBACKs)
     await task
     if not figures:
         raise RuntimeError("the load generator ended without its figures")
@@ -214,6 +253,10 @@ async def _measure(
         "cpu_bound_alerts_per_s": round(1000 * cores / all_ms, 1),
         "stages": daemon.stats.snapshot(),
     }
+
+
+#: how long the daemon may take to start (a full-size model loads and warms up)
+READY_TIMEOUT_S = 600.0
 
 
 def thread_cpu_s() -> dict[str, float]:

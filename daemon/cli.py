@@ -8,6 +8,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,17 @@ def _offline(settings: Settings, scratch: str) -> Settings:
     return settings.model_copy(update=updates)
 
 
+def _aware_time(ctx: click.Context, param: click.Parameter, value: str | None) -> datetime | None:
+    """An ISO 8601 date or time; without an offset, UTC."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is no ISO 8601 date or time") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
 CONFIG_OPTION = click.option(
     "--config",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -60,7 +72,36 @@ MODEL_OPTION = click.option(
 )
 
 
-@click.group()
+def _known_failures(exc: BaseException) -> list[BaseException]:
+    """The failures a user can act on (a model, plugin or credential that cannot be used)
+    that `exc` is, or that an exception group holds only of; else none."""
+    from daemon.app import StartupError
+    from daemon.credentials import CredentialError
+    from daemon.plugin_api import BackendUnusable, ModelLoadError
+    from daemon.plugins import PluginError
+
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [found for inner in exc.exceptions for found in _known_failures(inner)]
+        return leaves if len(leaves) == len(exc.exceptions) else []
+    known = (StartupError, ModelLoadError, PluginError, BackendUnusable, CredentialError)
+    return [exc] if isinstance(exc, known) else []
+
+
+class _Commands(click.Group):
+    """Known failures end any command with one `error:` line each and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as exc:
+            if not (failures := _known_failures(exc)):
+                raise
+            for failure in failures:
+                click.echo(f"error: {failure}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="secondlook")
 def main() -> None:
     """A local multimodal LLM takes a second look at the alerts of AI camera boxes."""
@@ -72,18 +113,10 @@ def main() -> None:
 def run(config: Path | None, model_path: str | None) -> None:
     """Run the daemon: MQTT/HTTP in, rules, model, verdicts out."""
     settings = _settings(config, model_path=model_path)
-    from daemon.app import StartupError, run_daemon
-    from daemon.credentials import CredentialError
-    from daemon.plugin_api import BackendUnusable, ModelLoadError
-    from daemon.plugins import PluginError
+    from daemon.app import run_daemon
 
     configure_logging(settings.log)
-    try:
-        run_daemon(settings, lambda: _settings(config, model_path=model_path))
-    except* (StartupError, ModelLoadError, PluginError, BackendUnusable, CredentialError) as group:
-        for exc in group.exceptions:
-            click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    run_daemon(settings, lambda: _settings(config, model_path=model_path))
 
 
 @main.command()
@@ -208,12 +241,16 @@ def eval_(
     "out_dir",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
-    help="Where dataset.json and images/ go.",
+    help="Where dataset.json and images/ go (an earlier export there is replaced).",
 )
 @click.option("--rules", "rule_names", multiple=True, help="Only these rules (repeatable).")
-@click.option("--since", help="Only feedback given from this date on (ISO 8601, UTC).")
+@click.option(
+    "--since",
+    callback=_aware_time,
+    help="Only feedback given from then on: an ISO 8601 date or time (without an offset: UTC).",
+)
 def export_dataset(
-    config: Path | None, out_dir: Path, rule_names: tuple[str, ...], since: str | None
+    config: Path | None, out_dir: Path, rule_names: tuple[str, ...], since: datetime | None
 ) -> None:
     """Feedback-labelled snapshots, their prompts and the right answers, as LLaVA-format
     instruction-tuning data (for LoRA fine-tuning)."""
@@ -238,6 +275,8 @@ def export_dataset(
     click.echo(f"{done.samples} samples written to {out_dir / 'dataset.json'}")
     for reason, count in sorted(done.skipped.items()):
         click.echo(f"{count} left out: {reason}")
+    for name in done.unknown_rules:
+        click.echo(f"no feedback in the journal names the rule {name!r}", err=True)
 
 
 @main.command("try")
@@ -462,8 +501,15 @@ def bench(
 
     if worker == "process" and backend != "pipeline":
         raise click.UsageError("--worker process goes with --backend pipeline")
+    from daemon.config import ImageSettings, ModelSettings
 
-    from daemon.config import ModelSettings
+    if backend in ("instant", "pipeline"):
+        limit = ImageSettings().max_input_pixels  # the daemon would refuse every snapshot
+        if image_size[0] * image_size[1] > limit:
+            raise click.UsageError(
+                f"--image-size {image_size[0]}x{image_size[1]} is over the daemon's "
+                f"[images] max_input_pixels ({limit})"
+            )
 
     configure_logging(Settings().log.model_copy(update={"level": "warning"}))
     console = Console(stderr=True)

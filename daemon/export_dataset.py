@@ -20,7 +20,8 @@ import re
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ class Exported:
     samples: int
     #: reason -> how many feedback rows were left out for it
     skipped: dict[str, int]
+    #: the rules asked for that no feedback in the journal names
+    unknown_rules: list[str] = field(default_factory=list)
 
 
 def kind_of(verdict: dict[str, Any]) -> str:
@@ -93,17 +96,22 @@ def export(
     out: Path,
     *,
     rules: Sequence[str] = (),
-    since: str | None = None,
+    since: datetime | None = None,
     progress: Callable[[], None] = lambda: None,
 ) -> Exported:
-    """Write out/dataset.json and out/images/; answer what was written and what was not."""
+    """Write out/dataset.json and out/images/ (replacing an earlier export's); answer what
+    was written and what was not. `since`: feedback given from then on (aware datetime)."""
     images = out / "images"
     images.mkdir(parents=True, exist_ok=True)
     samples: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
+    named: set[str] = set()
     for row in rows(journal):
         progress()
-        if (rules and row["rule"] not in rules) or (since and row["created_at"] < since):
+        named.add(row["rule"])
+        if rules and row["rule"] not in rules:
+            continue
+        if since and datetime.fromisoformat(row["created_at"]) < since:
             continue
         verdict = json.loads(row["payload"])
         answer = answer_for(row, verdict)
@@ -127,7 +135,11 @@ def export(
                 }
             )
     (out / "dataset.json").write_text(json.dumps(samples, ensure_ascii=False, indent=1))
-    return Exported(len(samples), dict(skipped))
+    written = {f"{sample['id']}.jpg" for sample in samples}
+    for stale in images.glob("*.jpg"):  # an earlier export's: they would mix in
+        if stale.name not in written:
+            stale.unlink()
+    return Exported(len(samples), dict(skipped), [name for name in rules if name not in named])
 
 
 def _as_jpeg(data: bytes) -> bytes:

@@ -8,7 +8,10 @@ import signal
 import subprocess
 import sys
 
-from tests.conftest import FIRE_RULE, ROOT, collect, free_port, make_alert, publish
+from click.testing import CliRunner
+
+from daemon.cli import main
+from tests.conftest import FIRE_RULE, ROOT, collect, free_port, jpeg_bytes, make_alert, publish
 from tests.daemon_proc import (
     Notifications,
     log_path,
@@ -84,6 +87,20 @@ def test_run_exits_non_zero_when_the_model_cannot_be_loaded(tmp_path):
     result = run_to_exit(config, timeout=120)
     assert result.returncode == 1
     assert "cannot load model" in result.stderr
+
+
+def test_every_command_names_a_model_that_cannot_load_without_a_traceback(tmp_path):
+    missing = str(tmp_path / "no-model")
+    image = tmp_path / "snap.jpg"
+    image.write_bytes(jpeg_bytes())
+    for args in (
+        ["replay", str(ROOT / "sample_alerts"), "--rules", str(ROOT / "rules")],
+        ["try", str(image), "--prompt", "Fire?"],
+    ):
+        result = CliRunner().invoke(main, [*args, "--model", missing])
+        assert result.exit_code == 1, (args, result.output)
+        assert f"error: cannot load model '{missing}': no such directory" in result.output
+        assert "Traceback" not in result.output
 
 
 def test_replay_prints_a_table_of_verdicts_for_the_samples(tiny_model):

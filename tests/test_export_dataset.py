@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from datetime import UTC, datetime, timedelta, timezone
 
 from click.testing import CliRunner
 from PIL import Image
@@ -99,3 +100,20 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
         main, ["export-dataset", "--config", str(config), "--out", str(only), "--rules", "fire"]
     )
     assert "2 samples written" in result.output
+    # again into the first folder, one rule only: the other rules' images go with the rest
+    export = ["export-dataset", "--config", str(config), "--out", str(out)]
+    result = CliRunner().invoke(main, [*export, "--rules", "fire", "--rules", "smoke"])
+    assert "2 samples written" in result.output
+    assert "no feedback in the journal names the rule 'smoke'" in result.output
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "box-t-v-false-fire.jpg",
+        "box-t-v-real-fire.jpg",
+    ]
+    # --since: a time with an offset is compared as the instant it names
+    in_an_hour = (datetime.now(UTC) + timedelta(hours=1)).astimezone(timezone(timedelta(hours=8)))
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    for since, written in ((in_an_hour, 0), (an_hour_ago.replace(tzinfo=None), 4)):
+        result = CliRunner().invoke(main, [*export, "--since", since.isoformat()])
+        assert f"{written} samples written" in result.output, (since, result.output)
+    result = CliRunner().invoke(main, [*export, "--since", "2026-13-45"])
+    assert result.exit_code == 2 and "no ISO 8601 date or time" in result.output

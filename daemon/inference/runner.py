@@ -13,6 +13,7 @@ import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -161,6 +162,11 @@ def prepare_for_inference(model: Any, compile: bool) -> str:
     return str(getattr(vision, "_attn_implementation", None))
 
 
+def looks_local(path: str) -> bool:
+    """A path as a user writes a directory (absolute, ./, ../), not a hub id."""
+    return path.startswith(("/", "./", "../")) or path in (".", "..")
+
+
 class ModelRunner:
     """The loaded model and processor. `collate` is CPU work (any thread); `forward` runs
     on the model's own thread."""
@@ -186,6 +192,11 @@ class ModelRunner:
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
         attention = pick_attention(settings.attn_implementation, device)
+        if looks_local(settings.path) and not Path(settings.path).is_dir():
+            raise ModelLoadError(
+                f"cannot load model {settings.path!r}: no such directory. Set [model] path (or "
+                "--model) to a directory holding a Hugging Face snapshot, or to a hub id."
+            )
         try:
             config = AutoConfig.from_pretrained(settings.path)
             if config.model_type not in SUPPORTED_MODEL_TYPES:
