@@ -312,9 +312,19 @@ def try_(
 
     if (prompt is None) == (rule_file is None):
         raise click.UsageError("give either --prompt or --rule")
-    text = (
-        rule_file.read_text(encoding="utf-8") if rule_file else rule_toml(prompt or "", kind=kind)
-    )
+    if prompt is not None and kind in ("classify", "extract"):
+        raise click.UsageError(
+            f"a {kind} rule needs its labels or fields: write a rule file and try it with --rule"
+        )
+    if rule_file is not None:
+        try:
+            text = rule_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise click.ClickException(f"{rule_file} is no UTF-8 text: {exc.reason}") from exc
+    else:
+        # saved, the rule matches the event type it was tried on, not every alert
+        event_types = [event_type] if event_type else ["*"]
+        text = rule_toml(prompt or "", kind=kind, event_types=event_types)
     settings = _settings(config, model_path=model_path)
     configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
     console = Console(stderr=True)
@@ -324,6 +334,7 @@ def try_(
                 _try(
                     _offline(settings, scratch),
                     text,
+                    rule_file.stem if rule_file else "playground",
                     image.read_bytes(),
                     camera_id,
                     event_type,
@@ -339,29 +350,38 @@ def try_(
     else:
         _print_try(result)
     if saved is not None:
-        console.print(f"saved as {saved}")
+        console.print(
+            f"saved as {saved[0]}" + (" (it replaced the earlier file)" if saved[1] else "")
+        )
 
 
 async def _try(
     settings: Settings,
     text: str,
+    name: str,
     image: bytes,
     camera_id: str,
     event_type: str | None,
     save_as: str | None,
     rules_dir: Path,
     console: Console,
-) -> tuple[dict[str, Any], Path | None]:
+) -> tuple[dict[str, Any], tuple[Path, bool] | None]:
+    """The rule's result, and where it was saved (and whether that replaced a file)."""
     from daemon.app import Daemon
     from daemon.playground import load_rule, save_rule, try_rule
 
-    daemon = Daemon(settings)
+    # the rule under trial alone: the rules directory is not read
+    empty = settings.storage.dir / "no-rules"
+    empty.mkdir()
+    daemon = Daemon(
+        settings.model_copy(update={"rules": settings.rules.model_copy(update={"dir": empty})})
+    )
     pipeline = await daemon.open()
     try:
         with console.status(f"loading model {settings.model.path}"):
             await daemon.start_model()
         kinds, check = daemon.registry.rule_kinds, daemon.rules.check_choices
-        rule = load_rule(text, kinds, check)
+        rule = load_rule(text, kinds, check, name)
         result = await try_rule(
             pipeline.reviewer,
             rule,
@@ -370,7 +390,11 @@ async def _try(
             event_type=event_type,
             max_pixels=settings.images.max_input_pixels,
         )
-        saved = save_rule(rules_dir, save_as, text, kinds, check) if save_as else None
+        saved = None
+        if save_as is not None:
+            save_as = save_as.removesuffix(".toml")
+            replaced = (rules_dir / f"{save_as}.toml").exists()
+            saved = (save_rule(rules_dir, save_as, text, kinds, check), replaced)
     finally:
         await daemon.close()
     return result, saved

@@ -133,7 +133,8 @@ def save_rule(
     fd, temporary = tempfile.mkstemp(dir=rules_dir, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
+            out.write(text if text.endswith("\n") else text + "\n")
+        Path(temporary).chmod(0o644)  # as a file written by hand: the daemon's user reads it
         Path(temporary).replace(target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

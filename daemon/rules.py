@@ -80,8 +80,9 @@ def _toml_error_line(message: str, text: str) -> str:
 def _validation_error(path: Path, exc: ValidationError, prefix: str = "") -> RuleError:
     first = exc.errors()[0]
     where = key_path(first["loc"], prefix)
-    reasons = describe_validation_error(exc, prefix=prefix)
-    return RuleError(path, where, first["msg"] if exc.error_count() == 1 else reasons)
+    # the first problem is told after its key; any others, each on a line of its own
+    others = describe_validation_error(exc, prefix=prefix).split("\n")[1:]
+    return RuleError(path, where, "\n".join([first["msg"], *others]))
 
 
 def parse_rule(

@@ -41,13 +41,28 @@ def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tin
         assert result.exit_code == 0, result.output
         tried = json.loads(result.output.strip().splitlines()[-1])
         assert tried["kind"] == kind and tried["raw"] is not None
+        assert tried["rule"] == kind  # named after its file
         if kind == "classify":
             assert set(tried["fields"]["scores"]) == {"fight", "play"}
+    result = runner.invoke(main, [*base, "--prompt", "Fight?", "--kind", "classify"])
+    assert result.exit_code == 2 and "needs its labels or fields" in result.output
 
     broken = tmp_path / "broken.toml"
     broken.write_text("[review]\nkind = 'verdict'\n")
     result = runner.invoke(main, [*base, "--rule", str(broken)])
-    assert result.exit_code != 0 and "match: Field required" in result.output
+    assert result.exit_code != 0 and "broken.toml: match: Field required" in result.output
+
+    # saved: it matches the event type it was tried on, readable by the daemon's user
+    config = tmp_path / "secondlook.toml"
+    config.write_text('[rules]\ndir = "site-rules"\n')
+    save = [*base, "--config", str(config), "--prompt", "Fire?", "--event-type", "fire"]
+    for _ in range(2):
+        result = runner.invoke(main, [*save, "--save-rule", "my_fire.toml"])
+        assert result.exit_code == 0, result.output
+    assert "it replaced the earlier file" in result.output
+    saved = tmp_path / "site-rules" / "my_fire.toml"
+    assert 'event_types = ["fire"]' in saved.read_text()
+    assert saved.stat().st_mode & 0o777 == 0o644 and saved.read_text().endswith("\n")
     not_image = tmp_path / "notes.txt"
     not_image.write_text("hello")
     result = runner.invoke(
