@@ -40,6 +40,20 @@ def _settings(
     return settings.model_copy(update=updates)
 
 
+def _review_inputs(paths: tuple[Path, ...], settings: Settings) -> list[Path]:
+    """The alert files of `paths`, checked to exist with rules to review them."""
+    from daemon.replay import alert_files
+
+    if not settings.rules.dir.is_dir():
+        raise click.ClickException(
+            f"no rules directory at {settings.rules.dir} (give --rules DIR or set [rules] dir)"
+        )
+    if not (files := alert_files(paths)):
+        where = ", ".join(str(path) for path in paths)
+        raise click.ClickException(f"no alert files (*.json) in {where}")
+    return files
+
+
 def _offline(settings: Settings, scratch: str) -> Settings:
     """No broker, no HTTP, a journal of its own (in `scratch`): for commands that review
     without disturbing a running daemon."""
@@ -143,19 +157,22 @@ def replay(
     as_json: bool,
 ) -> None:
     """Run alert files (or directories of *.json) through the pipeline, without a broker."""
-    from daemon.replay import alert_files, verdict_table
+    from daemon.replay import ReplayRow, verdict_table
     from daemon.replay import replay as run_replay
 
-    files = alert_files(paths)
     with tempfile.TemporaryDirectory(prefix="secondlook-replay-") as scratch:
         settings = _offline(_settings(config, model_path=model_path, rules_dir=rules_dir), scratch)
+        files = _review_inputs(paths, settings)
         console = Console(stderr=True)
         configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
-        rows = asyncio.run(run_replay(settings, files, console))
-    if as_json:
-        for row in rows:
+
+        def each_row(row: ReplayRow) -> None:  # --json: each line as soon as it is known
             click.echo(row.to_json())
-    else:
+
+        rows = asyncio.run(
+            run_replay(settings, files, console, on_row=each_row if as_json else None)
+        )
+    if not as_json:
         # piped: wide rows rather than wrapped cells
         out = Console() if sys.stdout.isatty() else Console(width=200)
         out.print(verdict_table(rows, settings.mqtt.shadow_prefix))
@@ -208,11 +225,10 @@ def eval_(
     accuracy, false alarms filtered, real alarms rejected, a threshold sweep and calibration."""
     from daemon.eval_plots import calibration_plot, sweep_plot
     from daemon.eval_run import evaluate, print_report
-    from daemon.replay import alert_files
 
-    files = alert_files([directory])
     with tempfile.TemporaryDirectory(prefix="secondlook-eval-") as scratch:
         settings = _offline(_settings(config, model_path=model_path, rules_dir=rules_dir), scratch)
+        files = _review_inputs((directory,), settings)
         configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
         result = asyncio.run(
             evaluate(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,11 +63,12 @@ async def replay(
     *,
     payloads: Mapping[Path, bytes] | None = None,
     each_alone: bool = False,
+    on_row: Callable[[ReplayRow], None] | None = None,
 ) -> list[ReplayRow]:
     """Review each file in turn; a refused file becomes a row with its error.
 
     `payloads`: what to send for a file instead of its content. `each_alone`: rules judge
-    every alert afresh (see `EachAlone`).
+    every alert afresh (see `EachAlone`). `on_row`: called with each row once it is known.
     """
     daemon = Daemon(settings)
     if each_alone:
@@ -81,7 +82,11 @@ async def replay(
             task = progress.add_task("reviewing", total=len(files))
             for path in files:
                 payload = payloads.get(path) if payloads is not None else None
-                rows += await _replay_one(pipeline, path, payload)
+                done = await _replay_one(pipeline, path, payload)
+                if on_row is not None:
+                    for row in done:
+                        on_row(row)
+                rows += done
                 progress.advance(task)
     finally:
         await daemon.close()

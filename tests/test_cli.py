@@ -132,3 +132,20 @@ def test_replay_prints_a_table_of_verdicts_for_the_samples(tiny_model):
     assert all(row["verdict"]["rule"] is not None for row in live)
     shadow = [row["verdict"] for row in rows if row not in live]
     assert {v["rule"] for v in shadow} == {"fire_source"} and len(shadow) == 2
+
+
+def test_replay_and_eval_refuse_missing_rules_or_no_alert_files(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rules = ["--rules", str(ROOT / "rules")]
+    for args, message in (
+        (["replay", str(empty), *rules], f"no alert files (*.json) in {empty}"),
+        (["eval", str(empty), *rules, "--out", str(tmp_path / "e")], "no alert files"),
+        (
+            ["replay", str(ROOT / "sample_alerts"), "--rules", str(tmp_path / "typo")],
+            f"no rules directory at {tmp_path / 'typo'}",
+        ),
+    ):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 1 and message in result.output, (args, result.output)
+    assert not (tmp_path / "e").exists()
