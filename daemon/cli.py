@@ -273,11 +273,19 @@ def export_dataset(
     from rich.progress import Progress
 
     from daemon.export_dataset import export
+    from daemon.plugins import Registry, make_plugin_manager
+    from daemon.rules import RuleBook
 
     settings = _settings(config)
     journal = settings.storage.dir / "journal.sqlite3"
     if not journal.exists():
         raise click.ClickException(f"no journal at {journal} ([storage] dir)")
+    # how each rule showed the model its snapshots: the samples show them alike
+    pm = make_plugin_manager(plugins_dir=settings.plugins.dir)
+    book = RuleBook(settings.rules.dir, Registry.collect(pm, settings).rule_kinds)
+    if settings.rules.dir.is_dir():
+        book.load()
+    shown = {rule.name: (rule.image, rule.crop_margin) for rule in book.rules}
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("exporting", total=None)
@@ -286,6 +294,7 @@ def export_dataset(
             out_dir,
             rules=rule_names,
             since=since,
+            shown=shown,
             progress=lambda: progress.advance(task),
         )
     click.echo(f"{done.samples} samples written to {out_dir / 'dataset.json'}")

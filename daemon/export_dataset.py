@@ -1,7 +1,10 @@
 """`secondlook export-dataset`: operators' feedback as instruction-tuning data.
 
-Each alert with feedback on a rule's verdict becomes one LLaVA-format sample: its first
-snapshot, the prompt the model was asked, and the answer it should have given —
+Each alert with feedback on a rule's verdict becomes one LLaVA-format sample: its snapshots
+as the rule showed them to the model (the frame as stored; for `boxes`, `crop` and
+`crop+frame` rules the boxes drawn or the crop made again, at full resolution; the alert's
+extra frames after them), the prompt the model was asked, and the answer it should have
+given —
 
 - verdict rules: "yes" for a real alarm, "no" for a false one;
 - classify rules: the corrected `fields.label`, or the model's label when it was right;
@@ -9,7 +12,9 @@ snapshot, the prompt the model was asked, and the answer it should have given �
 
 dataset.json: [{"id", "image": "images/<id>.jpg", "conversations": [{"from": "human",
 "value": "<image>\\n<prompt>"}, {"from": "gpt", "value": <answer>}]}], the layout LLaVA-style
-LoRA trainers read. The journal is opened read-only: the daemon may keep running.
+LoRA trainers read; a sample of several pictures lists them (`"image": [...]`) and opens its
+prompt with as many `<image>` lines. A rule no longer in the rules directory is taken to
+have shown the frame. The journal is opened read-only: the daemon may keep running.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import json
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,15 +32,19 @@ from typing import Any
 
 from PIL import Image
 
-#: the latest feedback per alert and rule, with that rule's latest verdict and first snapshot
+from daemon.images import Budget, ImageError
+from daemon.plugin_api import RawImage
+from daemon.rule_file import ImageMode
+from daemon.snapshots import SnapshotSet
+
+#: the latest feedback per alert and rule, with that rule's latest verdict
 QUERY = """
-SELECT a.box_id, a.alert_id, f.rule, f.label, f.correct, f.fields AS corrected,
-       f.created_at, v.payload, v.prompt, i.data
+SELECT a.id AS ref, a.box_id, a.alert_id, a.alert, f.rule, f.label, f.correct,
+       f.fields AS corrected, f.created_at, v.payload, v.prompt
 FROM feedback f
 JOIN alerts a ON a.id = f.alert_ref
 JOIN verdicts v ON v.id = (SELECT max(id) FROM verdicts WHERE alert_ref = f.alert_ref
                           AND rule = f.rule)
-LEFT JOIN alert_images i ON i.alert_ref = f.alert_ref AND i.idx = 0
 WHERE f.id IN (SELECT max(id) FROM feedback GROUP BY alert_ref, rule)
 ORDER BY f.id
 """
@@ -82,13 +91,31 @@ def sample_id(row: sqlite3.Row) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row['box_id']}-{row['alert_id']}-{row['rule']}")
 
 
-def rows(journal: Path) -> Iterator[sqlite3.Row]:
+def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, list[bytes]]]:
+    """Each feedback row of QUERY, with all its alert's snapshots in order."""
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     try:
-        yield from db.execute(QUERY)
+        for row in db.execute(QUERY).fetchall():
+            snapshots = db.execute(
+                "SELECT data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (row["ref"],)
+            )
+            yield row, [bytes(image["data"]) for image in snapshots]
     finally:
         db.close()
+
+
+def pictures(
+    row: sqlite3.Row, snapshots: list[bytes], shown: tuple[ImageMode, float]
+) -> list[bytes]:
+    """The JPEGs of the pictures the rule showed the model (see the module's docstring)."""
+    mode, margin = shown
+    if mode == "frame":
+        return [_as_jpeg(data) for data in snapshots]
+    boxes = [(b["x1"], b["y1"], b["x2"], b["y2"]) for b in json.loads(row["alert"])["boxes"]]
+    raw = [RawImage("image", data) for data in snapshots]
+    full_size = Budget(max_pixels=2**62, factor=1)  # as stored: trainers resize for themselves
+    return [_jpeg(image) for image in SnapshotSet(raw, boxes, full_size).for_rule(mode, margin)]
 
 
 def export(
@@ -97,6 +124,7 @@ def export(
     *,
     rules: Sequence[str] = (),
     since: datetime | None = None,
+    shown: Mapping[str, tuple[ImageMode, float]] | None = None,
     progress: Callable[[], None] = lambda: None,
 ) -> Exported:
     """Write out/dataset.json and out/images/ (replacing an earlier export's); answer what
@@ -106,7 +134,8 @@ def export(
     samples: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
     named: set[str] = set()
-    for row in rows(journal):
+    written: set[str] = set()
+    for row, snapshots in rows(journal):
         progress()
         named.add(row["rule"])
         if rules and row["rule"] not in rules:
@@ -119,23 +148,35 @@ def export(
             skipped["the feedback does not give the right answer"] += 1
         elif not row["prompt"]:
             skipped["no prompt stored with the verdict"] += 1
-        elif row["data"] is None:
+        elif not snapshots:
             skipped["the snapshot was pruned"] += 1
         else:
             ident = sample_id(row)
-            (images / f"{ident}.jpg").write_bytes(_as_jpeg(bytes(row["data"])))
+            try:
+                jpegs = pictures(row, snapshots, (shown or {}).get(row["rule"], ("frame", 0.0)))
+            except ImageError as exc:
+                skipped[f"the snapshot cannot be shown as the rule did: {exc}"] += 1
+                continue
+            names = (
+                [f"{ident}.jpg"]
+                if len(jpegs) == 1
+                else [f"{ident}-{i}.jpg" for i in range(len(jpegs))]
+            )
+            for name, jpeg in zip(names, jpegs, strict=True):
+                (images / name).write_bytes(jpeg)
+            written.update(names)
+            paths = [f"images/{name}" for name in names]
             samples.append(
                 {
                     "id": ident,
-                    "image": f"images/{ident}.jpg",
+                    "image": paths[0] if len(paths) == 1 else paths,
                     "conversations": [
-                        {"from": "human", "value": f"<image>\n{row['prompt']}"},
+                        {"from": "human", "value": "<image>\n" * len(paths) + row["prompt"]},
                         {"from": "gpt", "value": answer},
                     ],
                 }
             )
     (out / "dataset.json").write_text(json.dumps(samples, ensure_ascii=False, indent=1))
-    written = {f"{sample['id']}.jpg" for sample in samples}
     for stale in images.glob("*.jpg"):  # an earlier export's: they would mix in
         if stale.name not in written:
             stale.unlink()
@@ -146,6 +187,10 @@ def _as_jpeg(data: bytes) -> bytes:
     if data.startswith(b"\xff\xd8"):
         return data
     with Image.open(io.BytesIO(data)) as img:
-        buffer = io.BytesIO()
-        img.convert("RGB").save(buffer, "JPEG", quality=95)
+        return _jpeg(img)
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.convert("RGB").save(buffer, "JPEG", quality=95)
     return buffer.getvalue()

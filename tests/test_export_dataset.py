@@ -33,14 +33,18 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
     rules = settings.rules.dir
     (rules / "fire.toml").write_text(FIRE_RULE + "confirm_at = 0.0\nreject_below = 0.0\n")
     (rules / "people.toml").write_text(EXTRACT_RULE)
-    (rules / "fight.toml").write_text(CLASSIFY_RULE)
+    # shown as a crop and the frame: the sample shows both
+    (rules / "fight.toml").write_text(CLASSIFY_RULE + 'image = "crop+frame"\ncrop_margin = 0\n')
     alerts = {
         "v-real": {},
         "v-false": {"image": base64.b64encode(png_bytes()).decode()},
         "v-none": {},
         "x-fixed": {"event_type": "people_gathering"},
         "x-wrong": {"event_type": "people_gathering"},
-        "c-fixed": {"event_type": "fighting"},
+        "c-fixed": {
+            "event_type": "fighting",
+            "boxes": [{"x1": 100, "y1": 50, "x2": 300, "y2": 250}],
+        },
     }
     feedback = {
         "v-real": {"correct": True},
@@ -88,10 +92,19 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
     assert samples["box-t-x-fixed-people"]["conversations"][0]["value"].startswith(
         "<image>\nCount the people."
     )
-    assert samples["box-t-c-fixed-fight"]["conversations"][1]["value"] == "play"
+    fight = samples["box-t-c-fixed-fight"]
+    assert fight["conversations"][1]["value"] == "play"
+    assert fight["image"] == [
+        "images/box-t-c-fixed-fight-0.jpg",
+        "images/box-t-c-fixed-fight-1.jpg",
+    ]
+    assert fight["conversations"][0]["value"].startswith("<image>\n<image>\nWhat do the people do?")
+    sizes = [Image.open(out / path).size for path in fight["image"]]
+    assert sizes == [(200, 200), (640, 360)]  # the crop, then the frame, at full resolution
     for sample in samples.values():
-        with Image.open(out / sample["image"]) as image:
-            assert image.format == "JPEG"  # the PNG snapshot too
+        for path in [sample["image"]] if isinstance(sample["image"], str) else sample["image"]:
+            with Image.open(out / path) as image:
+                assert image.format == "JPEG"  # the PNG snapshot too
     assert (out / "images" / "box-t-v-real-fire.jpg").read_bytes() == jpeg_bytes()
 
     # filters
