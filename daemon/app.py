@@ -282,6 +282,7 @@ class Daemon:
                 box_id=said.box_id,
                 source="mqtt",
                 stats=self.stats,
+                rules=self.rules,
             )
         except feedback.FeedbackError as exc:
             log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)

@@ -128,6 +128,7 @@ class ConsoleApi:
                 box_id=request.query.get("box_id") or said.box_id,
                 source=request.headers.get("X-Feedback-Source", "http")[:16],
                 stats=self.daemon.stats,
+                rules=self.daemon.rules,
             )
         except feedback.FeedbackError as exc:
             return error(exc.status, str(exc), exc.field)

@@ -14,6 +14,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.journal import FeedbackRow, Journal
+from daemon.rules import Rule, RuleBook
 from daemon.stats import StageStats
 
 log = structlog.get_logger(__name__)
@@ -98,6 +99,24 @@ def judged(
     return ("real" if correct == real_if_right else "false"), correct
 
 
+def check_fields(fields: dict[str, Any], verdict: dict[str, Any], rule: Rule | None) -> None:
+    """Corrected fields that could be the right answer: a classify verdict's one of its
+    labels; an extract rule's its fields, each of its type (they become training targets)."""
+    scores = (verdict.get("fields") or {}).get("scores")
+    if isinstance(scores, dict):  # classify
+        if set(fields) != {"label"} or fields["label"] not in scores:
+            raise FeedbackError(400, f'fields: give {{"label": one of {sorted(scores)}}}', "fields")
+        return
+    specs = getattr(getattr(rule, "options", None), "fields", None)
+    if rule is None or rule.kind != "extract" or not isinstance(specs, dict):
+        return  # the rule is gone, or of a kind whose fields are its own
+    from plugins.extract import validate_fields  # the extract kind's own check
+
+    _, problems = validate_fields(fields, specs)
+    if problems:
+        raise FeedbackError(400, "fields: " + "; ".join(problems), "fields")
+
+
 async def record(
     journal: Journal,
     feedback: Feedback,
@@ -106,8 +125,10 @@ async def record(
     box_id: str | None,
     source: str,
     stats: StageStats | None = None,
+    rules: RuleBook | None = None,
 ) -> dict[str, Any]:
-    """Store `feedback` on the alert's verdict; count and log it; answer what was stored."""
+    """Store `feedback` on the alert's verdict; count and log it; answer what was stored.
+    Corrected fields are checked against the verdict's labels and `rules`' fields."""
     rows = await _verdicts(journal, alert_id, box_id)
     if not rows:
         raise FeedbackError(404, f"no alert {alert_id!r}" + (f" from {box_id!r}" if box_id else ""))
@@ -124,6 +145,8 @@ async def record(
     row = reviewed[-1]
     verdict = json.loads(row["payload"])
     label, correct = judged(verdict["verdict"], verdict.get("confidence"), feedback)
+    if feedback.fields is not None:
+        check_fields(feedback.fields, verdict, rules.get(row["rule"]) if rules else None)
     stored = FeedbackRow(
         alert_ref=row["alert_ref"],
         rule=row["rule"],

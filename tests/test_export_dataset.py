@@ -63,6 +63,18 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
                 f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=said
             ) as response:
                 assert response.status == 201, await response.text()
+        # corrections that could not be the right answer are refused, naming why
+        for alert_id, said, why in (
+            ("x-wrong", {"fields": {"persons": 4}}, "persons: not a field of this rule"),
+            ("x-wrong", {"fields": {"people": "many"}}, "people: "),
+            ("c-fixed", {"fields": {"label": "dance"}}, "one of ['fight', 'play']"),
+        ):
+            async with d.http.post(
+                f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=said
+            ) as response:
+                body = await response.json()
+                assert response.status == 400 and why in body["error"], body
+                assert body["field"] == "fields"
 
     config = tmp_path / "secondlook.toml"
     config.write_text(f'[storage]\ndir = "{settings.storage.dir}"\n')
