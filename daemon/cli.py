@@ -550,6 +550,14 @@ def bench(
 
     if worker == "process" and backend != "pipeline":
         raise click.UsageError("--worker process goes with --backend pipeline")
+    arch_given = click.get_current_context().get_parameter_source("arch") not in (
+        click.core.ParameterSource.DEFAULT,
+        None,
+    )
+    if model_path is not None and arch_given:
+        raise click.UsageError("--arch and --model are alternatives: give one")
+    if backend == "instant" and (model_path is not None or arch_given):
+        raise click.UsageError("--backend instant runs no model: leave out --arch and --model")
     from daemon.config import ImageSettings, ModelSettings
 
     if backend in ("instant", "pipeline"):
@@ -629,7 +637,8 @@ def _print_bench(result: dict[str, Any]) -> None:
             f"{' in a process' if result['worker'] == 'process' else ''}: "
             f"{result['alerts_per_s']} alerts/s "
             f"({result['alerts']} alerts of {result['image_size']}, "
-            f"{result['daemon_cpu_ms_per_alert']} ms daemon CPU per alert)"
+            f"{result['daemon_cpu_ms_per_alert']} ms daemon CPU per alert, "
+            f"{result['duplicates']} verdicts received twice)"
         )
         for column in ("stage", "count", "total s", "mean ms"):
             table.add_column(column)

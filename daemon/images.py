@@ -41,8 +41,11 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"refused as a decompression bomb: {exc}") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its limit
+        raise ImageError(
+            f"refused as a decompression bomb: more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} "
+            f"pixels, over the limit of {max_pixels}"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"unreadable {fmt.upper()} header: {_reason(exc)}") from exc
     if width * height > max_pixels:

@@ -125,3 +125,14 @@ def test_a_random_snapshot_of_an_architecture_loads_as_a_model(tmp_path, monkeyp
     runner = ModelRunner.load(ModelSettings(path=str(path), device="cpu"))
     assert runner.model.config.model_type == "qwen2_vl"
     runner.warm_up()  # a pass over an image, through the loaded processor
+
+
+def test_bench_refuses_options_it_would_ignore_or_could_not_measure():
+    for args, message in (
+        (["--backend", "instant", "--arch", "qwen2-vl-7b"], "--backend instant runs no model"),
+        (["--model", "/m", "--arch", "qwen2-vl-7b"], "--arch and --model are alternatives"),
+        (["--backend", "instant", "--worker", "process"], "--worker process goes with"),
+        (["--backend", "instant", "--image-size", "8000x6000"], "over the daemon's"),
+    ):
+        result = CliRunner().invoke(main, ["bench", *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
