@@ -95,8 +95,8 @@ def _known_failures(exc: BaseException) -> list[BaseException]:
     from daemon.plugins import PluginError
 
     if isinstance(exc, BaseExceptionGroup):
-        leaves = [found for inner in exc.exceptions for found in _known_failures(inner)]
-        return leaves if len(leaves) == len(exc.exceptions) else []
+        found = [_known_failures(inner) for inner in exc.exceptions]
+        return [failure for each in found for failure in each] if all(found) else []
     known = (StartupError, ModelLoadError, PluginError, BackendUnusable, CredentialError)
     return [exc] if isinstance(exc, known) else []
 

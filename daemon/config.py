@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
-from datetime import datetime
+from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -256,9 +256,17 @@ class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+def offset_tz(offset: str) -> tzinfo:
+    """The time zone of a UTC offset such as +08:00 or Z; ValueError if it is none."""
+    zone = datetime.fromisoformat(f"2000-01-01T00:00:00{offset}").tzinfo
+    if zone is None:
+        raise ValueError(f"expected a UTC offset such as +08:00, got {offset!r}")
+    return zone
+
+
 def _utc_offset(value: str) -> str:
     try:
-        datetime.fromisoformat(f"2000-01-01T00:00:00{value}")
+        offset_tz(value)
     except ValueError:
         raise ValueError(f"expected a UTC offset such as +08:00, got {value!r}") from None
     return value

@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +92,19 @@ def sample_id(row: sqlite3.Row) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row['box_id']}-{row['alert_id']}-{row['rule']}")
 
 
-def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, list[bytes]]]:
-    """Each feedback row of QUERY, with all its alert's snapshots in order."""
+def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, Callable[[], list[bytes]]]]:
+    """Each feedback row of QUERY, and how to read its alert's snapshots in order (only the
+    rows exported need them)."""
     db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
+
+    def snapshots(ref: int) -> list[bytes]:
+        found = db.execute("SELECT data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,))
+        return [bytes(image["data"]) for image in found]
+
     try:
         for row in db.execute(QUERY).fetchall():
-            snapshots = db.execute(
-                "SELECT data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (row["ref"],)
-            )
-            yield row, [bytes(image["data"]) for image in snapshots]
+            yield row, partial(snapshots, row["ref"])
     finally:
         db.close()
 
@@ -135,7 +139,7 @@ def export(
     skipped: Counter[str] = Counter()
     named: set[str] = set()
     written: set[str] = set()
-    for row, snapshots in rows(journal):
+    for row, read_snapshots in rows(journal):
         progress()
         named.add(row["rule"])
         if rules and row["rule"] not in rules:
@@ -148,7 +152,7 @@ def export(
             skipped["the feedback does not give the right answer"] += 1
         elif not row["prompt"]:
             skipped["no prompt stored with the verdict"] += 1
-        elif not snapshots:
+        elif not (snapshots := read_snapshots()):
             skipped["the snapshot was pruned"] += 1
         else:
             ident = sample_id(row)

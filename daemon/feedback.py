@@ -107,12 +107,11 @@ def check_fields(fields: dict[str, Any], verdict: dict[str, Any], rule: Rule | N
         if set(fields) != {"label"} or fields["label"] not in scores:
             raise FeedbackError(400, f'fields: give {{"label": one of {sorted(scores)}}}', "fields")
         return
-    specs = getattr(getattr(rule, "options", None), "fields", None)
-    if rule is None or rule.kind != "extract" or not isinstance(specs, dict):
+    if rule is None or rule.kind != "extract":
         return  # the rule is gone, or of a kind whose fields are its own
     from plugins.extract import validate_fields  # the extract kind's own check
 
-    _, problems = validate_fields(fields, specs)
+    _, problems = validate_fields(fields, rule.options.fields)
     if problems:
         raise FeedbackError(400, "fields: " + "; ".join(problems), "fields")
 

@@ -25,7 +25,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.config import FrigateSettings, Settings
+from daemon.config import FrigateSettings, Settings, offset_tz
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert, RawImage
 from plugins.canonical import load_json_object, validate_alert
@@ -69,7 +69,7 @@ class FrigateFormat:
                 raise AlertError(f"after.{key}", "missing from the Frigate event")
         try:
             started = datetime.fromtimestamp(float(event["start_time"]), UTC).astimezone(
-                datetime.fromisoformat(f"2000-01-01T00:00:00{self.settings.utc_offset}").tzinfo
+                offset_tz(self.settings.utc_offset)
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise AlertError("after.start_time", f"not a Unix time: {exc}") from exc

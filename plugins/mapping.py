@@ -22,7 +22,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.config import MappingFormat, Settings
+from daemon.config import MappingFormat, Settings, offset_tz
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert
 from plugins.canonical import alert_from_dict, load_json_object
@@ -45,7 +45,7 @@ def lookup(data: Any, path: str) -> Any:
 
 def to_rfc3339(value: Any, time_format: str, utc_offset: str) -> str:
     """A vendor's time as RFC 3339 text."""
-    offset = datetime.fromisoformat(f"2000-01-01T00:00:00{utc_offset}").tzinfo
+    offset = offset_tz(utc_offset)
     if time_format in ("epoch_s", "epoch_ms"):
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError(f"expected a number of {time_format}, got {value!r}")
