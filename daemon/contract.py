@@ -5,7 +5,8 @@ Data only, no I/O. Field meanings are documented in README.md ("The contract").
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -25,14 +26,32 @@ VERDICT_SCHEMA = "secondlook.verdict/1"
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
 
 
+#: RFC 3339's date-time (section 5.6): T and Z in either case, a space for the T (its note
+#: allows one), a fraction of any length, the offset Z or +HH:MM (optional here: see below)
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+    r"(?P<offset>[Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
+
+
+def parse_rfc3339(text: str, default_tz: tzinfo | None = None) -> datetime:
+    """An RFC 3339 time as an aware datetime. Without an offset the text is refused, or read
+    in `default_tz` when one is given (vendors' formats that write local time)."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError("expected an RFC 3339 time such as 2026-11-20T14:03:12+08:00")
+    if match["offset"] is None and default_tz is None:
+        raise ValueError("RFC 3339 time needs a UTC offset (Z or +HH:MM)")
+    try:  # the fields' ranges: month 13, hour 25, offset +24:00 …
+        parsed = datetime.fromisoformat(f"{text[:10]}T{text[11:]}".upper())
+    except ValueError:
+        raise ValueError(f"not a valid time: {text}") from None
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=default_tz)
+
+
 def _rfc3339(value: str) -> str:
     """Check an RFC 3339 timestamp with a UTC offset; keep the text as sent."""
-    try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
-        raise ValueError("expected an RFC 3339 time such as 2026-11-20T14:03:12+08:00") from None
-    if parsed.tzinfo is None:
-        raise ValueError("RFC 3339 time needs a UTC offset (Z or +HH:MM)")
+    parse_rfc3339(value)
     return value
 
 

@@ -140,7 +140,7 @@ async def timeline(journal: Journal, *, hours: float = 24, buckets: int = 24) ->
     """Verdict counts per rule and time bucket over the last `hours`, for charts."""
     end = utc_now()
     start = end - timedelta(hours=hours)
-    width = (end - start) / buckets
+    width = max((end - start) / buckets, timedelta(microseconds=1))
     series: dict[str, dict[str, list[int]]] = {}
     for row in await journal.read(
         "SELECT rule, verdict, created_at FROM verdicts WHERE rule IS NOT NULL AND created_at >= ?",

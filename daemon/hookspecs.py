@@ -35,8 +35,9 @@ def register_backends(register: Callable[[str, Any], None]) -> None:
 def suppress_alert(alert: Any, rule: Any, recent: Any) -> Any:
     """Spare the model a repeat: return a Judgement to use instead of a model call, or None.
 
-    `recent` lists the rule's model reviews (RecentReview) of the same camera and event
-    type within the rule's `[cooldown] window_s`, newest first. Called only for rules with a
+    `recent` lists the rule's model reviews (RecentReview) of the same box, camera and event
+    type within the rule's `[cooldown] window_s` of this review and of this alert's
+    `occurred_at`, newest first. Called only for rules with a
     cooldown window. Must be synchronous: the first non-None answer wins.
     """
 

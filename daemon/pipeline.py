@@ -19,7 +19,7 @@ import structlog
 
 from daemon.backlog import Backlog
 from daemon.config import ImageSettings, Settings
-from daemon.contract import Alert, Verdict, VerdictKind, utc_now
+from daemon.contract import Alert, Verdict, VerdictKind, parse_rfc3339, utc_now
 from daemon.journal import Journal, PlannedVerdict, StoredAlert
 from daemon.plugin_api import (
     AlertError,
@@ -430,7 +430,7 @@ class Pipeline:
 def alert_age_s(stored: StoredAlert) -> float:
     """Seconds since the alert happened: from `occurred_at`, or from its arrival where the
     box's clock says later (a box clock running ahead must not make alerts look young)."""
-    since = min(datetime.fromisoformat(stored.alert.occurred_at), stored.received_at)
+    since = min(parse_rfc3339(stored.alert.occurred_at), stored.received_at)
     return (utc_now() - since).total_seconds()
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel
@@ -202,6 +203,8 @@ class RecentReview:
     judgement: Judgement
     #: time.monotonic() of the model call
     at: float
+    #: when the reviewed alert happened (its `occurred_at`)
+    occurred_at: datetime
 
 
 class BackendFactory(Protocol):

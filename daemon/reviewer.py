@@ -14,7 +14,7 @@ from typing import Any
 import structlog
 
 from daemon.config import ModelSettings
-from daemon.contract import Alert, VerdictKind
+from daemon.contract import Alert, VerdictKind, parse_rfc3339
 from daemon.images import Budget, Resample
 from daemon.journal import StoredAlert
 from daemon.plugin_api import Backend, BackendUnusable, Judgement, ModelRequest, RecentReview
@@ -46,7 +46,8 @@ class RecentReviews:
         return rule.name, alert.box_id, alert.camera_id, alert.event_type
 
     def within(self, rule: Rule, alert: Alert, window_s: float) -> list[RecentReview]:
-        """Those younger than `window_s`, newest first."""
+        """Those younger than `window_s` whose alerts happened within `window_s` of this one
+        (after a backlog, alerts an hour apart are reviewed seconds apart), newest first."""
         key = self._key(rule, alert)
         kept = self._by_key.get(key)
         if not kept:
@@ -57,14 +58,19 @@ class RecentReviews:
         if not kept:
             self._forget(key)
             return []
-        return list(reversed(kept))
+        occurred = parse_rfc3339(alert.occurred_at)
+        return [
+            review
+            for review in reversed(kept)
+            if abs((occurred - review.occurred_at).total_seconds()) <= window_s
+        ]
 
     def add(self, rule: Rule, alert: Alert, judgement: Judgement) -> None:
         now = time.monotonic()
         boxes = [(b.x1, b.y1, b.x2, b.y2) for b in alert.boxes]
         key = self._key(rule, alert)
         self._by_key.setdefault(key, deque(maxlen=RECENT_PER_KEY)).append(
-            RecentReview(alert.alert_id, boxes, judgement, now)
+            RecentReview(alert.alert_id, boxes, judgement, now, parse_rfc3339(alert.occurred_at))
         )
         self._expires[key] = now + rule.cooldown.window_s
         self._adds += 1

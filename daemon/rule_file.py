@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from fnmatch import fnmatchcase
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from daemon.contract import Alert, Name
+from daemon.contract import Alert, Name, parse_rfc3339
 from daemon.templates import Template, check_topic_template
 
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
@@ -67,7 +66,7 @@ class MatchSpec(_Strict):
         if alert.score is not None and alert.score < self.min_score:
             return False
         if self.hours:
-            local = datetime.fromisoformat(alert.occurred_at)
+            local = parse_rfc3339(alert.occurred_at)
             minute = local.hour * 60 + local.minute
             return any(in_window(minute, parse_window(text)) for text in self.hours)
         return True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import structlog
 
@@ -20,6 +20,15 @@ from daemon.journal import Journal, Pruned
 from daemon.pipeline import Pipeline
 
 log = structlog.get_logger(__name__)
+
+
+def days_before(now: datetime, days: float) -> datetime:
+    """`days` before `now`; the earliest time there is when that is further back (a max age
+    of a million days means "keep everything")."""
+    try:
+        return now - timedelta(days=days)
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def free_mb(settings: StorageSettings) -> float:
@@ -71,8 +80,8 @@ class StorageKeeper:
         s = self.settings
         now = utc_now()
         pruned = await self.journal.prune(
-            snapshots_before=now - timedelta(days=s.snapshot_max_age_days),
-            alerts_before=now - timedelta(days=s.journal_max_age_days),
+            snapshots_before=days_before(now, s.snapshot_max_age_days),
+            alerts_before=days_before(now, s.journal_max_age_days),
             snapshot_max_bytes=int(s.snapshot_max_mb * 2**20),
         )
         self.last_pruned = pruned

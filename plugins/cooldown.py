@@ -1,8 +1,9 @@
 """`suppress_alert`: a repeat of a recently reviewed alert reuses its verdict.
 
-A repeat is an alert of the same rule, camera and event type, within the rule's cooldown
-window of the last model call, whose boxes overlap one of that review's boxes (intersection
-over union at least the rule's `iou`). Alerts without boxes repeat each other.
+A repeat is an alert of the same rule, box, camera and event type, within the rule's cooldown
+window of the last model call and of that call's alert (`occurred_at`), whose boxes overlap
+one of that review's boxes (intersection over union at least the rule's `iou`). Alerts
+without boxes repeat each other.
 """
 
 from __future__ import annotations

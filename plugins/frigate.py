@@ -71,7 +71,7 @@ class FrigateFormat:
             started = datetime.fromtimestamp(float(event["start_time"]), UTC).astimezone(
                 offset_tz(self.settings.utc_offset)
             )
-        except (TypeError, ValueError, OverflowError) as exc:
+        except (TypeError, ValueError, OverflowError, OSError) as exc:
             raise AlertError("after.start_time", f"not a Unix time: {exc}") from exc
         score = event.get("top_score") or event.get("score")
         canonical: dict[str, Any] = {

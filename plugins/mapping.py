@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from daemon.config import MappingFormat, Settings, offset_tz
+from daemon.contract import parse_rfc3339
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert
 from plugins.canonical import alert_from_dict, load_json_object
@@ -54,9 +55,8 @@ def to_rfc3339(value: Any, time_format: str, utc_offset: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a time string, got {value!r}")
     if time_format == "rfc3339":
-        parsed = datetime.fromisoformat(value)
-    else:
-        parsed = datetime.strptime(value, time_format)
+        return parse_rfc3339(value, offset).isoformat()
+    parsed = datetime.strptime(value, time_format)
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=offset)
     return parsed.isoformat()
@@ -80,7 +80,7 @@ class MappedFormat:
             if field == "occurred_at":
                 try:
                     value = to_rfc3339(value, self.spec.time_format, self.spec.utc_offset)
-                except ValueError as exc:
+                except (ValueError, OverflowError, OSError) as exc:  # out of datetime's range
                     raise AlertError(f"{path} (occurred_at)", str(exc)) from exc
             elif field in ("alert_id", "box_id", "camera_id", "event_type") and isinstance(
                 value, int

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from daemon.config import FrigateSettings
+from daemon.config import FrigateSettings, MappingFormat
 from daemon.plugin_api import AlertError
 from plugins.frigate import FrigateFormat
+from plugins.mapping import MappedFormat
 from tests.conftest import (
     FIRE_RULE,
     collect,
@@ -199,3 +200,24 @@ def test_frigate_times_are_written_in_the_cameras_utc_offset():
     incoming = local.parse(frigate_event("new", "evt-local", camera="gate").encode(), topic=None)
     # start_time 1763647390.25 is 14:03:10 UTC: a rule's hours see the cameras' 22:03
     assert incoming is not None and incoming.alert.occurred_at == "2025-11-20T22:03:10.250000+08:00"
+
+
+def test_vendor_times_beyond_the_calendar_are_refused_naming_the_field():
+    spec = MappingFormat(
+        time_format="epoch_s",
+        utc_offset="+08:00",
+        fields={"alert_id": "id", "box_id": "=b", "camera_id": "=c", "event_type": "=fire"}
+        | {"occurred_at": "t", "image": "img"},
+    )
+    acme = MappedFormat("acme", spec)
+    frigate = FrigateFormat(FrigateSettings(utc_offset="+08:00"))
+    for seconds in (1e18, "inf", 253402300799):  # the last: year 10000 at +08:00
+        payload = json.dumps({"id": "1", "t": seconds, "img": "x"}).encode()
+        with pytest.raises(AlertError) as refused:
+            acme.parse(payload, topic="acme/x")
+        assert refused.value.field == "t (occurred_at)"
+        event = json.loads(frigate_event("new", "evt-far"))
+        event["after"]["start_time"] = seconds
+        with pytest.raises(AlertError) as refused:
+            frigate.parse(json.dumps(event).encode(), topic="frigate/events")
+        assert refused.value.field == "after.start_time"

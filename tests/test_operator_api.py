@@ -12,6 +12,7 @@ import sqlite3
 import pytest
 from PIL import Image
 
+from daemon import history
 from daemon.feedback import Feedback, FeedbackError, judged
 from daemon.journal import Journal
 from tests.conftest import (
@@ -215,3 +216,24 @@ async def test_feedback_on_the_mqtt_topic_is_stored_and_bad_feedback_is_refused(
         assert (fire["count"], fire["wrong"], fire["precision"]) == (1, 1, 0.0)
         rows = await d.daemon.journal.read("SELECT source, label FROM feedback")
         assert [tuple(row) for row in rows] == [("mqtt", "false")]
+
+
+async def test_a_timeline_over_a_sliver_of_time_counts_verdicts_stamped_ahead(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    await (await Journal.open(path)).close()
+    with sqlite3.connect(path) as db:  # a verdict written while the clock ran ahead
+        db.execute(
+            "INSERT INTO alerts (box_id, alert_id, alert, source, received_at) "
+            "VALUES ('b', 'ahead', '{}', 'http', '2099-01-01T00:00:00+00:00')"
+        )
+        db.execute(
+            "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
+            "VALUES (1, 'fire', 'confirmed', 't', '{}', '2099-01-01T00:00:01+00:00')"
+        )
+    journal = await Journal.open(path)
+    try:
+        for hours in (24, 1e-9):  # the API accepts any hours above 0
+            series = await history.timeline(journal, hours=hours)
+            assert series["rules"]["fire"]["confirmed"][-1] == 1, hours
+    finally:
+        await journal.close()

@@ -313,6 +313,20 @@ async def test_two_gateways_on_one_shared_subscription_review_each_alert_once(
     print(f"\nshared subscription: {len(ids)} alerts split {share[0]} / {share[1]}, 0 twice")
 
 
+async def test_a_max_age_beyond_the_calendar_keeps_everything(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    settings = StorageSettings(dir=tmp_path, journal_max_age_days=1e6, snapshot_max_age_days=1e12)
+    keeper = StorageKeeper(settings, journal, types.SimpleNamespace(storage_problem=None))  # type: ignore[arg-type]
+    incoming = CanonicalFormat().parse(json.dumps(make_alert("kept")).encode(), topic=None)
+    await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
+    try:
+        pruned = await keeper.prune()  # "keep for ever" (was an OverflowError at every prune)
+        assert (pruned.alerts, pruned.snapshots) == (0, 0)
+        assert len(await journal.find_alerts("kept")) == 1
+    finally:
+        await journal.close()
+
+
 async def test_reloaded_storage_intervals_apply_without_a_restart(tmp_path):
     journal = await Journal.open(tmp_path / "j.sqlite3")
     pipeline = types.SimpleNamespace(storage_problem=None)

@@ -104,22 +104,24 @@ async def test_cooldown_reuses_the_verdict_of_an_overlapping_repeat(tmp_path, ti
             await d.wait_reviewed(f"sign-{i}")
         assert len(d.daemon.backend.requests) == 1
         # another place in the frame, another camera, another box's camera of the same
-        # name: reviewed by the model
+        # name, the same sign an hour later (as after a backlog): reviewed by the model
         await d.post_alert(make_alert("other-place", boxes=elsewhere))
         await d.post_alert(make_alert("other-cam", camera_id="cam-2", boxes=sign))
         await d.post_alert(make_alert("other-box", box_id="box-2", boxes=sign))
+        hour_later = "2026-11-20T15:03:12+08:00"
+        await d.post_alert(make_alert("hour-later", occurred_at=hour_later, boxes=sign))
         first = (await d.wait_reviewed("sign-0"))["verdicts"][0]
         repeat = (await d.wait_reviewed("sign-3"))["verdicts"][0]
-        for alert_id in ("other-place", "other-cam", "other-box"):
+        for alert_id in ("other-place", "other-cam", "other-box", "hour-later"):
             await d.wait_reviewed(alert_id)
-        assert len(d.daemon.backend.requests) == 4
+        assert len(d.daemon.backend.requests) == 5
         # the playground neither reuses a verdict nor lends one to live alerts
         tried = {"image": make_alert()["image"], "rule_toml": COOLDOWN, "camera_id": "cam-1"}
         for _ in range(2):
             async with d.http.post(f"{d.base_url}/v1/try", json=tried) as response:
                 assert response.status == 200
                 assert not (await response.json())["reason"].startswith("cooldown")
-        assert len(d.daemon.backend.requests) == 6
+        assert len(d.daemon.backend.requests) == 7
     assert repeat["reason"].startswith("cooldown: as alert sign-0")
     assert (repeat["verdict"], repeat["confidence"]) == (first["verdict"], first["confidence"])
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from daemon.config import ConfigError, load_settings
 from daemon.contract import Alert, VerdictKind
@@ -36,6 +37,46 @@ def encode(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+# the contract ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-20T14:03:12+08:00",
+        "2026-11-20t14:03:12z",  # RFC 3339 5.6: T and Z in either case
+        "2026-11-20 14:03:12Z",  # its note: a space for the T
+        "2026-11-20T14:03:12.123456789012-00:00",
+        "9999-12-31T23:59:59-14:00",
+    ],
+)
+def test_rfc3339_times_are_accepted_and_kept_as_sent(text):
+    assert Alert.model_validate(make_alert(occurred_at=text)).occurred_at == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-20T14:03:12",  # no offset
+        "2026-W47-5T14:03:12Z",  # ISO 8601 forms RFC 3339 leaves out
+        "20261120T140312+0800",
+        "2026-11-20T14:03+08:00",
+        "2026-11-20T14:03:12+08",
+        "2026-11-20T14:03:12+08:00:30",
+        "2026-11-20T14:03:12,5Z",
+        "2026-11-20x14:03:12Z",
+        "2026-11-2\u0661T14:03:12Z",  # an Arabic-Indic digit
+        "2026-13-20T14:03:12Z",
+        "2026-11-20T14:03:12+24:00",
+    ],
+)
+def test_times_outside_rfc3339_are_refused_naming_the_field(text):
+    with pytest.raises(ValidationError) as refused:
+        Alert.model_validate(make_alert(occurred_at=text.encode().decode("unicode_escape")))
+    [error] = refused.value.errors()
+    assert error["loc"] == ("occurred_at",) and "time" in error["msg"]
 
 
 # images -------------------------------------------------------------------------------
