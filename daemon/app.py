@@ -273,12 +273,10 @@ class Daemon:
         assert self.journal is not None
         try:
             said = feedback.parse_feedback(payload)
-            if said.alert_id is None:
-                raise feedback.FeedbackError(400, "alert_id: field required", "alert_id")
             await feedback.record(
                 self.journal,
                 said,
-                alert_id=said.alert_id,
+                alert_id=feedback.alert_id_of(said),
                 box_id=said.box_id,
                 source="mqtt",
                 stats=self.stats,

@@ -419,7 +419,7 @@ async def _try(
         if save_as is not None:
             save_as = save_as.removesuffix(".toml")
             replaced = (rules_dir / f"{save_as}.toml").exists()
-            saved = (save_rule(rules_dir, save_as, text, kinds, check), replaced)
+            saved = (save_rule(rules_dir, save_as, text, kinds, check)[0], replaced)
     finally:
         await daemon.close()
     return result, saved

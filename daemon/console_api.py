@@ -6,6 +6,8 @@ GET  /v1/alerts                      recent alerts with verdicts and feedback, n
 GET  /v1/snapshots/{ref}/{idx}       a stored snapshot (?thumb=1: 320 px JPEG with the
                                      detection boxes drawn)
 POST /v1/alerts/{alert_id}/feedback  {"rule", "correct" | "label", "fields", "note"} (?box_id=)
+POST /v1/feedback                    the same with "alert_id" (and "box_id") in the body, as on
+                                     MQTT (browsers rewrite the path of an alert_id "..")
 GET  /v1/rules                       rules with their state, errors, last reload, counts
 PUT  /v1/rules/{name}                save a rule file (TOML body, or JSON {"prompt", "kind",
                                      "event_types"}); the daemon uses it at once
@@ -43,6 +45,10 @@ log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "console"
 THUMB_PX = 320
+#: the largest row id or index there can be (SQLite's integers are 64-bit)
+MAX_ID = 2**63 - 1
+#: a row id names another snapshot once a journal is started afresh: never kept by browsers
+NOT_STORED = {"Cache-Control": "no-store"}
 
 
 def error(status: int, message: str, field: str | None = None) -> web.Response:
@@ -63,6 +69,7 @@ class ConsoleApi:
             web.get("/v1/alerts", self.list_alerts),
             web.get("/v1/snapshots/{ref:\\d+}/{idx:\\d+}", self.snapshot),
             web.post("/v1/alerts/{alert_id}/feedback", self.feedback),
+            web.post("/v1/feedback", self.feedback),
             web.get("/v1/rules", self.rules),
             web.put("/v1/rules/{name}", self.save_rule),
             web.post("/v1/try", self.try_rule),
@@ -82,7 +89,7 @@ class ConsoleApi:
     async def list_alerts(self, request: web.Request) -> web.Response:
         q = request.query
         try:
-            before = _whole_number(q, "before", None, 1, None)
+            before = _whole_number(q, "before", None, 1, MAX_ID)
             limit = _whole_number(q, "limit", 50, 1, 500)
         except _BadQuery as exc:
             return error(400, exc.message, exc.field)
@@ -99,20 +106,18 @@ class ConsoleApi:
 
     async def snapshot(self, request: web.Request) -> web.Response:
         ref, idx = int(request.match_info["ref"]), int(request.match_info["idx"])
-        data = await history.snapshot(self.journal, ref, idx)
+        data = await history.snapshot(self.journal, ref, idx) if max(ref, idx) <= MAX_ID else None
         if data is None:
             return error(404, "no such snapshot (never stored, or pruned)")
         if request.query.get("thumb") != "1":
             kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
-            return web.Response(body=data, content_type=kind)
+            return web.Response(body=data, content_type=kind, headers=NOT_STORED)
         boxes = await self._boxes(ref) if idx == 0 else []
         try:
             thumb = await asyncio.get_running_loop().run_in_executor(None, _thumbnail, data, boxes)
         except ImageError as exc:
             return error(422, str(exc))
-        return web.Response(
-            body=thumb, content_type="image/jpeg", headers={"Cache-Control": "max-age=3600"}
-        )
+        return web.Response(body=thumb, content_type="image/jpeg", headers=NOT_STORED)
 
     async def _boxes(self, ref: int) -> list[tuple[float, float, float, float]]:
         stored = await self.journal.load_alert(ref)
@@ -124,7 +129,7 @@ class ConsoleApi:
             stored = await feedback.record(
                 self.journal,
                 said,
-                alert_id=request.match_info["alert_id"],
+                alert_id=feedback.alert_id_of(said, request.match_info.get("alert_id")),
                 box_id=request.query.get("box_id") or said.box_id,
                 source=request.headers.get("X-Feedback-Source", "http")[:16],
                 stats=self.daemon.stats,
@@ -201,8 +206,10 @@ class ConsoleApi:
     async def _playground_image(self, body: dict[str, Any]) -> bytes:
         if isinstance(body.get("snapshot"), dict):
             ref, idx = body["snapshot"].get("ref"), body["snapshot"].get("idx", 0)
-            if not isinstance(ref, int) or not isinstance(idx, int):
-                raise playground.PlaygroundError("snapshot: ref and idx must be integers")
+            if not all(type(n) is int and 0 <= n <= MAX_ID for n in (ref, idx)):
+                raise playground.PlaygroundError(
+                    f"snapshot: ref and idx must be whole numbers from 0 to {MAX_ID}"
+                )
             data = await history.snapshot(self.journal, ref, idx)
             if data is None:
                 raise playground.PlaygroundError("snapshot: no such stored snapshot")
@@ -225,13 +232,15 @@ class ConsoleApi:
                 )
             else:
                 text = await request.text()
-            path = playground.save_rule(
+            path, rule = playground.save_rule(
                 d.rules.directory, name, text, d.registry.rule_kinds, d.rules.check_choices
             )
         except ValueError as exc:
             return error(400, str(exc))
         d.reload_rules()
-        return web.json_response({"name": name, "file": path.name, "rule_toml": text}, status=201)
+        return web.json_response(
+            {"name": rule.name, "file": path.name, "rule_toml": text}, status=201
+        )
 
     async def stats(self, request: web.Request) -> web.Response:
         try:
@@ -309,9 +318,9 @@ class _BadQuery(ValueError):
 
 
 def _whole_number(
-    query: Mapping[str, str], key: str, default: int | None, low: int, high: int | None
+    query: Mapping[str, str], key: str, default: int | None, low: int, high: int
 ) -> int | None:
-    """A query parameter that must be a whole number in [low, high] (high None: no limit)."""
+    """A query parameter that must be a whole number in [low, high]."""
     text = query.get(key)
     if not text:
         return default
@@ -319,7 +328,8 @@ def _whole_number(
         value = int(text)
     except ValueError:
         value = None
-    if value is None or value < low or (high is not None and value > high):
-        bounds = f"from {low} to {high}" if high is not None else f"of {low} or more"
-        raise _BadQuery(key, f"{key} must be a whole number {bounds}, got {text[:40]!r}")
+    if value is None or not low <= value <= high:
+        raise _BadQuery(
+            key, f"{key} must be a whole number from {low} to {high}, got {text[:40]!r}"
+        )
     return value

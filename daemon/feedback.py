@@ -34,7 +34,8 @@ class Feedback(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    #: MQTT only (HTTP has them in the path and query)
+    #: on MQTT and `POST /v1/feedback` (`POST /v1/alerts/{alert_id}/feedback`: in the path
+    #: and the query)
     alert_id: str | None = Field(default=None, min_length=1)
     box_id: str | None = Field(default=None, min_length=1)
     #: the rule whose verdict is judged; may be left out when the alert has one verdict
@@ -64,6 +65,14 @@ def parse_feedback(payload: bytes | str | dict[str, Any]) -> Feedback:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or None
         raise FeedbackError(400, f"{field or 'feedback'}: {first['msg']}", field) from exc
+
+
+def alert_id_of(feedback: Feedback, in_path: str | None = None) -> str:
+    """The alert the feedback is on: named in the URL's path, or in the body."""
+    alert_id = in_path or feedback.alert_id
+    if alert_id is None:
+        raise FeedbackError(400, "alert_id: field required", "alert_id")
+    return alert_id
 
 
 def judged(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import quote, urlencode
 
 import structlog
 from aiohttp import web
@@ -92,8 +93,29 @@ def bearer_auth(tokens: Sequence[str]) -> Callable[[web.Request, Handler], Await
     return check
 
 
+#: on every answer: no content sniffing (a snapshot is never read as a page), no framing
+SAFETY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    # the console loads its own script and style only; thumbnails are blob URLs
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+}
+
+
+async def _safety_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in SAFETY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def _unauthorized(message: str) -> web.Response:
     return error(401, message, **{"WWW-Authenticate": 'Bearer realm="secondlook"'})
+
+
+def alert_url(alert_id: str, box_id: str) -> str:
+    """Where `GET` answers the alert's state and verdicts (any id, `/`, `?` and `#` too)."""
+    return f"/v1/alerts/{quote(alert_id, safe='')}?{urlencode({'box_id': box_id})}"
 
 
 class HttpApi:
@@ -109,6 +131,7 @@ class HttpApi:
         self.health = health
         middlewares = [json_errors] + ([bearer_auth(tokens)] if tokens else [])
         self.app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
+        self.app.on_response_prepare.append(_safety_headers)
         self.app.add_routes(
             [
                 web.post("/v1/alerts", self.post_alert),
@@ -160,7 +183,7 @@ class HttpApi:
                 "alert_id": alert.alert_id,
                 "box_id": alert.box_id,
                 "status": result.status,
-                "url": f"/v1/alerts/{alert.alert_id}?box_id={alert.box_id}",
+                "url": alert_url(alert.alert_id, alert.box_id),
             },
             status=202,
         )

@@ -7,11 +7,11 @@ Used by `secondlook try` and by the web console (`POST /v1/try`, `PUT /v1/rules/
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
 import time
+import tomllib
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -25,7 +25,25 @@ from daemon.reviewer import Reviewer
 from daemon.rules import ChoiceChecker, Rule, RuleError, parse_rule
 
 #: a rule name: a safe file stem
-RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: what a TOML basic string must escape besides quote and backslash: control characters
+_TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string (any Unicode kept as it is; JSON's escapes are not
+    TOML's: it writes characters beyond the BMP as surrogate pairs, which TOML forbids)."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char in _TOML_ESCAPES:
+            out.append(_TOML_ESCAPES[char])
+        elif ord(char) < 0x20 or ord(char) == 0x7F:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 class PlaygroundError(ValueError):
@@ -43,13 +61,13 @@ def rule_toml(
     or fields: write those as TOML)."""
     if isinstance(event_types, str):
         event_types = [event_types]
-    lines = [f"description = {json.dumps(description)}"] if description else []
+    lines = [f"description = {toml_string(description)}"] if description else []
     lines += [
         "[match]",
-        f"event_types = {json.dumps(list(event_types))}",
+        f"event_types = [{', '.join(toml_string(t) for t in event_types)}]",
         "[review]",
-        f"kind = {json.dumps(kind)}",
-        f"prompt = {json.dumps(prompt)}",
+        f"kind = {toml_string(kind)}",
+        f"prompt = {toml_string(prompt)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -120,16 +138,21 @@ def save_rule(
     text: str,
     kinds: Mapping[str, RuleKind],
     check_choices: ChoiceChecker | None = None,
-) -> Path:
+) -> tuple[Path, Rule]:
     """Check `text` as a rule, then write `<rules_dir>/<name>.toml` at once (a temporary file
-    renamed over it), so the rules watcher never reads half a file."""
-    if not RULE_NAME.match(name):
+    renamed over it), so the rules watcher never reads half a file. A rule whose name (its
+    `name` key) another file of the directory holds is refused: the directory would refuse
+    it too."""
+    if not RULE_NAME.fullmatch(name):
         raise PlaygroundError(
             f"name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit"
         )
-    load_rule(text, kinds, check_choices, name)
-    rules_dir.mkdir(parents=True, exist_ok=True)
+    rule = load_rule(text, kinds, check_choices, name)
     target = rules_dir / f"{name}.toml"
+    holder = _file_naming(rules_dir, rule.name, besides=target)
+    if holder is not None:
+        raise PlaygroundError(f"rule {rule.name!r} is already in {holder.name}")
+    rules_dir.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=rules_dir, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
@@ -139,4 +162,19 @@ def save_rule(
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-    return target
+    return target, rule
+
+
+def _file_naming(rules_dir: Path, name: str, *, besides: Path) -> Path | None:
+    """Another rule file of the directory whose rule is called `name` (its `name` key, or
+    its stem), if any; files that cannot be read name nothing."""
+    for path in sorted(rules_dir.glob("*.toml")):
+        if path.name == besides.name:
+            continue
+        try:
+            declared = tomllib.loads(path.read_text(encoding="utf-8")).get("name", path.stem)
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            continue
+        if declared == name:
+            return path
+    return None

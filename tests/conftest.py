@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import aiomqtt
@@ -23,6 +24,7 @@ import pytest
 import structlog
 from aiohttp import web
 from PIL import Image
+from yarl import URL
 
 from daemon.app import Daemon
 from daemon.config import Settings
@@ -222,9 +224,9 @@ class RunningDaemon:
             return response.status, await response.json()
 
     async def get_alert(self, alert_id: str, **params: str) -> tuple[int, dict[str, Any]]:
-        async with self.http.get(
-            f"{self.base_url}/v1/alerts/{alert_id}", params=params
-        ) as response:
+        # any id: "..", "/" and "?" too
+        url = URL(f"{self.base_url}/v1/alerts/{quote(alert_id, safe='')}", encoded=True)
+        async with self.http.get(url.with_query(params)) as response:
             return response.status, await response.json()
 
     async def wait_reviewed(self, alert_id: str, timeout: float = 30.0) -> dict[str, Any]:

@@ -128,6 +128,11 @@ async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_mode
         login = page.get_by_test_id("login")
         await expect(login).to_be_visible()
         await shoot(page, tmp_path, "login")
+        # a header carries ASCII only: refused at once, the form stays
+        await page.get_by_test_id("token").fill("ы-token")
+        await page.get_by_test_id("login-submit").click()
+        await expect(page.get_by_test_id("status")).to_contain_text("printable ASCII")
+        await expect(login).to_be_visible()
         await page.get_by_test_id("token").fill("console-token-123")
         await page.get_by_test_id("login-submit").click()
         await expect(login).to_be_hidden()
@@ -142,3 +147,36 @@ async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_mode
             re.compile("^(confirmed|rejected|uncertain)$")
         )
         await expect(card.get_by_test_id("thumb")).to_have_attribute("src", re.compile("^blob:"))
+
+
+async def test_the_list_keeps_the_newest_alerts_and_feedback_reaches_any_alert_id(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    async with run_daemon(settings) as d, browser_page() as page:
+        await page.goto(f"{d.base_url}/console/")
+        # an alert_id a browser would rewrite in a URL's path
+        assert (await d.post_alert(make_alert("..")))[0] == 202
+        dots = page.locator('[data-testid=alert][data-alert-id=".."]')
+        await dots.get_by_test_id("feedback-wrong").click()
+        await expect(dots.get_by_test_id("feedback-given")).to_contain_text("false (wrong)")
+
+        # a refused feedback says why on its card
+        refusal = '{"error": "several boxes sent this alert_id: give box_id"}'
+        await page.route(
+            "**/v1/feedback",
+            lambda route: route.fulfill(status=409, content_type="application/json", body=refusal),
+        )
+        await dots.get_by_test_id("feedback-right").click()
+        await expect(dots.get_by_test_id("feedback-error")).to_contain_text("several boxes")
+
+        # the list shows the newest 50 (alerts no rule matches: forwarded at once)
+        cards = page.get_by_test_id("alert")
+        for batch in range(2):
+            for i in range(30):
+                alert = make_alert(f"smoke-{batch}-{i}", event_type="smoke")
+                assert (await d.post_alert(alert))[0] == 202
+            await expect(cards).to_have_count(31 if batch == 0 else 50)
+        await expect(cards.first).to_have_attribute("data-alert-id", "smoke-1-29")
+        await expect(dots).to_have_count(0)

@@ -6,6 +6,7 @@ import base64
 import json
 
 from structlog.testing import capture_logs
+from yarl import URL
 
 from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
 
@@ -60,6 +61,26 @@ async def test_unknown_alert_is_404_and_ambiguous_id_is_409(tmp_path, tiny_model
         assert status == 409 and "box-a" in body["error"]
         status, body = await d.get_alert("shared-id", box_id="box-b")
         assert status == 200 and body["box_id"] == "box-b"
+        # the answer's url finds the alert whatever its id holds
+        status, body = await d.post_alert(make_alert("a/b?c#d é", box_id="box &c"))
+        async with d.http.get(URL(f"{d.base_url}{body['url']}", encoded=True)) as response:
+            assert response.status == 200
+            assert (await response.json())["alert_id"] == "a/b?c#d é"
+
+
+async def test_answers_carry_headers_that_keep_browsers_from_misreading_them(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings) as d:
+        assert (await d.post_alert(make_alert("pic")))[0] == 202
+        await d.wait_reviewed("pic")
+        for path in ("/console/", "/console/static/app.js", "/v1/snapshots/1/0", "/v1/alerts"):
+            async with d.http.get(f"{d.base_url}{path}") as response:
+                assert response.status == 200, path
+                headers = response.headers
+            assert headers["X-Content-Type-Options"] == "nosniff", path
+            assert "frame-ancestors 'none'" in headers["Content-Security-Policy"], path
+            if path.startswith("/v1/snapshots"):
+                assert headers["Cache-Control"] == "no-store"  # row ids come back in a new journal
 
 
 def _truncated_jpeg() -> str:

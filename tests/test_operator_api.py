@@ -87,6 +87,16 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
         status, body = await feedback("fire-0", {"label": "real", "correct": False})
         assert status == 400 and "disagree" in body["error"]
 
+        # the ids in the body (as the console sends them): an alert_id a browser would
+        # rewrite in a path
+        assert (await d.post_alert(make_alert("..", event_type="fire")))[0] == 202
+        await d.wait_reviewed("..")
+        body = {"alert_id": "..", "box_id": "box-t", "correct": True}
+        async with d.http.post(f"{d.base_url}/v1/feedback", json=body) as response:
+            assert response.status == 201 and (await response.json())["alert_id"] == ".."
+        async with d.http.post(f"{d.base_url}/v1/feedback", json={"correct": True}) as response:
+            assert response.status == 400 and (await response.json())["field"] == "alert_id"
+
         # the listing shows the feedback with the verdict, and filters
         async with d.http.get(f"{d.base_url}/v1/alerts", params={"rule": "smoke"}) as response:
             listed = (await response.json())["alerts"]

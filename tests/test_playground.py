@@ -132,3 +132,29 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         status, body = await call("PUT", "/v1/rules/bad", json={"prompt": "x", "event_types": 5})
         assert status == 400 and "event_types: a text or a list of texts" in body["error"]
         assert not (settings.rules.dir / "bad.toml").exists()
+        # a name with a newline; a rule's name another file holds; any Unicode in a prompt
+        status, body = await call("PUT", "/v1/rules/nl%0A", data=FIRE_RULE)
+        assert status == 400 and "name 'nl\\n'" in body["error"]
+        status, body = await call("PUT", "/v1/rules/dup", data='name = "fire"\n' + FIRE_RULE)
+        assert status == 400 and "rule 'fire' is already in fire.toml" in body["error"]
+        assert not (settings.rules.dir / "dup.toml").exists()
+        fiery = 'Is there fire 🔥 \\ "here"\u0007? Answer yes or no.'
+        status, tried = await call("POST", "/v1/try", json={"image": upload, "prompt": fiery})
+        assert status == 200 and tried["prompt"] == fiery
+        status, saved = await call(
+            "PUT", "/v1/rules/emoji", json={"prompt": fiery, "event_types": ["火灾"]}
+        )
+        assert status == 201 and saved["name"] == "emoji"
+        emoji = d.daemon.rules.get("emoji")
+        assert emoji is not None and emoji.prompt.text == fiery
+        assert emoji.match.event_types == ["火灾"]
+        # ids beyond SQLite's integers: refused or not found, never an internal error
+        huge = 10**20
+        status, body = await call("GET", f"/v1/alerts?before={huge}")
+        assert status == 400 and body["field"] == "before"
+        for path in (f"/v1/snapshots/{huge}/0", f"/v1/snapshots/1/{huge}"):
+            assert (await call("GET", path))[0] == 404
+        status, body = await call(
+            "POST", "/v1/try", json={"snapshot": {"ref": huge}, "prompt": "x"}
+        )
+        assert status == 400 and "snapshot: ref and idx" in body["error"]

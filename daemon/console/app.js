@@ -20,8 +20,15 @@ const num = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x
 // API with the bearer token, when the daemon wants one ------------------------------------
 let token = localStorage.getItem("secondlook-token") || "";
 
+// a bearer token is printable ASCII (a header cannot carry anything else)
+const TOKEN_CHARS = /^[\x21-\x7e]+$/;
+
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
+  if (token && !TOKEN_CHARS.test(token)) {
+    $("#login").hidden = false;
+    throw new Error("the token may hold printable ASCII characters only");
+  }
   if (token) headers.Authorization = `Bearer ${token}`;
   const response = await fetch(path, Object.assign({}, options, { headers }));
   if (response.status === 401) {
@@ -41,23 +48,32 @@ async function json(path, options) {
 $("#login").addEventListener("submit", (event) => {
   event.preventDefault();
   token = $("#token").value.trim();
+  if (!TOKEN_CHARS.test(token)) {
+    $("#status").textContent = "the token may hold printable ASCII characters only";
+    return;
+  }
   localStorage.setItem("secondlook-token", token);
   $("#login").hidden = true;
   refresh();
 });
 
-// images come through fetch (so the token goes along) as blob URLs, each once ------------
-const images = new Map();
-function thumbnail(ref, idx = 0) {
+// images come through fetch (so the token goes along) as blob URLs, each once per alert --
+const images = new Map(); // ref -> Promise of a blob URL ("" when there is none)
+function thumbnail(ref) {
   const img = el("img", { alt: "snapshot", "data-testid": "thumb" });
-  const key = `${ref}/${idx}`;
-  if (!images.has(key)) {
-    images.set(key, api(`/v1/snapshots/${key}?thumb=1`)
+  if (!images.has(ref)) {
+    images.set(ref, api(`/v1/snapshots/${ref}/0?thumb=1`)
       .then((r) => (r.ok ? r.blob() : null))
-      .then((blob) => (blob ? URL.createObjectURL(blob) : "")));
+      .then((blob) => (blob ? URL.createObjectURL(blob) : ""))
+      .catch(() => ""));
   }
-  images.get(key).then((url) => { if (url) img.src = url; });
+  images.get(ref).then((url) => { if (url) img.src = url; });
   return img;
+}
+function forgetThumbnail(ref) {
+  const url = images.get(ref);
+  images.delete(ref);
+  if (url) url.then((u) => { if (u) URL.revokeObjectURL(u); });
 }
 
 // pages ------------------------------------------------------------------------------------
@@ -83,18 +99,30 @@ async function refresh() {
   }
 }
 setInterval(() => { if (page === "alerts") refresh(); }, 2000);
-for (const id of ["#f-camera", "#f-rule", "#f-verdict"]) $(id).addEventListener("change", () => { cards.clear(); $("#alert-list").replaceChildren(); refresh(); });
+for (const id of ["#f-camera", "#f-rule", "#f-verdict"]) $(id).addEventListener("change", refresh);
 
 // alerts -----------------------------------------------------------------------------------
-const cards = new Map(); // ref -> {signature, node}
+const cards = new Map(); // ref -> {identity, signature, node}
+let asked = 0; // the newest request for the list: older answers are dropped
 
 async function showAlerts() {
   const query = new URLSearchParams({ limit: "50" });
   if ($("#f-camera").value) query.set("camera_id", $("#f-camera").value);
   if ($("#f-rule").value) query.set("rule", $("#f-rule").value);
   if ($("#f-verdict").value) query.set("verdict", $("#f-verdict").value);
+  const mine = ++asked;
   const { alerts } = await json(`/v1/alerts?${query}`);
+  if (mine !== asked) return; // the filters changed meanwhile
   const list = $("#alert-list");
+  // the cards shown are those of this answer only (a journal started afresh reuses refs)
+  const shown = new Map(alerts.map((alert) => [alert.ref, `${alert.box_id}\n${alert.alert_id}`]));
+  for (const [ref, card] of cards) {
+    if (shown.get(ref) !== card.identity) {
+      card.node.remove();
+      cards.delete(ref);
+      forgetThumbnail(ref);
+    }
+  }
   let previous = null;
   for (const alert of alerts) {
     const signature = JSON.stringify([alert.state, alert.verdicts]);
@@ -102,7 +130,7 @@ async function showAlerts() {
     if (!card || card.signature !== signature) {
       const node = alertCard(alert);
       if (card) card.node.replaceWith(node);
-      card = { signature, node };
+      card = { identity: shown.get(alert.ref), signature, node };
       cards.set(alert.ref, card);
     }
     if (previous === null ? list.firstChild !== card.node : previous.nextSibling !== card.node) {
@@ -132,10 +160,11 @@ function verdictRow(alert, v) {
     ? el("span", { "data-testid": "feedback-given" },
       `feedback: ${v.feedback.label ?? ""} ${v.feedback.correct === null ? "" : v.feedback.correct ? "(right)" : "(wrong)"}`)
     : null;
+  const problem = el("span", { class: "error", "data-testid": "feedback-error" });
   const buttons = v.rule
     ? el("span", { class: "feedback" }, sides.map(([label, said]) => el("button", {
       "data-testid": `feedback-${label.split(" ")[0]}`,
-      onclick: () => sendFeedback(alert, v.rule, said),
+      onclick: () => sendFeedback(alert, v.rule, said, problem),
     }, label)))
     : null;
   return el("div", {},
@@ -144,20 +173,25 @@ function verdictRow(alert, v) {
       el("span", {}, `rule ${v.rule ?? "–"}`),
       el("span", { "data-testid": "confidence" }, `P(real) ${num(v.confidence)}`),
       el("span", {}, `${v.latency_ms} ms`),
-      buttons, given),
+      buttons, given, problem),
     el("details", {}, el("summary", {}, v.reason),
       v.prompt ? el("pre", {}, `prompt: ${v.prompt}`) : null,
       v.raw ? el("pre", {}, `model: ${v.raw}`) : null,
       Object.keys(v.fields || {}).length ? el("pre", {}, JSON.stringify(v.fields)) : null));
 }
 
-async function sendFeedback(alert, rule, said) {
-  const query = new URLSearchParams({ box_id: alert.box_id });
-  await json(`/v1/alerts/${encodeURIComponent(alert.alert_id)}/feedback?${query}`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", "X-Feedback-Source": "console" },
-    body: JSON.stringify(Object.assign({ rule }, said)),
-  });
+async function sendFeedback(alert, rule, said, problem) {
+  // the ids go in the body: a browser rewrites a path holding an alert_id such as ".."
+  try {
+    await json("/v1/feedback", {
+      method: "POST",
+      headers: { "Content-Type": "application/json", "X-Feedback-Source": "console" },
+      body: JSON.stringify(Object.assign({ alert_id: alert.alert_id, box_id: alert.box_id, rule }, said)),
+    });
+  } catch (error) {
+    problem.textContent = `feedback not stored: ${error.message}`;
+    return;
+  }
   refresh();
 }
 
