@@ -119,7 +119,7 @@ class Alert(BaseModel):
     image_url: str | None = None
     score: Score | None = None
     boxes: list[Detection] = Field(default_factory=list)
-    site: str | None = None
+    site: Annotated[str, StringConstraints(max_length=256)] | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("extra")

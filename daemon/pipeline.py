@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import structlog
+from pydantic_core import PydanticSerializationError
 
 from daemon.backlog import Backlog
 from daemon.config import ImageSettings, Settings
@@ -215,6 +216,14 @@ class Pipeline:
             self.storage_problem = f"the journal cannot write: {exc}"
             log.error("journal write failed; intake paused", error=str(exc))
             return IngestResult("busy", alert, busy_reason=self.storage_problem)
+        except PydanticSerializationError:
+            # JSON's "\ud800" escapes decode to lone surrogates, which are not Unicode: the
+            # alert cannot be stored (its own text stays out of the message for that reason)
+            refused = AlertError(
+                "payload", "a text holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+            )
+            await self.record_refusal(refused, payload, source=source, topic=topic)
+            return IngestResult("refused", error=refused)
         ref = recorded.ref
         if not recorded.new:
             if not recorded.reviewed and not self.backlog.is_scheduled(ref):

@@ -21,6 +21,9 @@ ALERT_FIELDS = ("alert_id", "box_id", "camera_id", "event_type", "site", "occurr
 TOPIC_FIELDS = ("rule", "verdict")
 MISSING = "unknown"
 _TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
+#: characters of one alert value in a topic (MQTT topics end at 65,535 bytes; an `extra`
+#: value of any length must not make a verdict unpublishable)
+TOPIC_VALUE_CHARS = 128
 
 
 @dataclass(frozen=True)
@@ -84,11 +87,12 @@ def check_topic_template(text: str) -> Template:
 
 
 def render_topic(template: Template, alert: Alert, *, rule: str | None, verdict: str) -> str:
-    """Fill a topic template; alert values cannot add levels or wildcards."""
+    """Fill a topic template; alert values cannot add levels or wildcards, and each is cut
+    to its first TOPIC_VALUE_CHARS characters."""
     extras = {"rule": rule, "verdict": verdict}
 
     def value(name: str) -> str:
         text = alert_value(alert, name, extras)
-        return text.translate(_TOPIC_UNSAFE) if text else "_"
+        return text[:TOPIC_VALUE_CHARS].translate(_TOPIC_UNSAFE) if text else "_"
 
     return template.render(value)

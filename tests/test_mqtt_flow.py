@@ -89,6 +89,8 @@ async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
         json.dumps(
             {**make_alert(), "boxes": [{"x1": 0, "y1": 0, "x2": float("inf"), "y2": 9}]}
         ).encode(),
+        # "\ud800" in JSON decodes to a lone surrogate: no Unicode, so no journal can keep it
+        json.dumps({**make_alert(), "extra": {"z": "\ud800"}}).encode(),
     ]
     async with collect(broker, VERDICTS) as out, run_daemon(settings):
         with capture_logs() as logs:
@@ -101,11 +103,12 @@ async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
     refused = [entry for entry in logs if entry["event"] == "alert refused"]
     assert [entry["field"] for entry in refused] == [
         *["payload", "payload", "box_id", "image"],
-        *["payload", "payload", "extra", "score", "boxes[0].x2"],
+        *["payload", "payload", "extra", "score", "boxes[0].x2", "payload"],
     ]
     assert "not UTF-8" in refused[0]["error"] and "not a JPEG or PNG" in refused[3]["error"]
     assert "digits" in refused[4]["error"] and "nested too deeply" in refused[5]["error"]
     assert "finite" in refused[7]["error"] and "finite" in refused[8]["error"]
+    assert "lone UTF-16 surrogate" in refused[9]["error"]
     assert not [entry for entry in logs if entry["event"] == "alert intake failed; reconnecting"]
 
 

@@ -159,6 +159,12 @@ def test_topic_values_cannot_add_levels_or_wildcards():
     template = check_topic_template("a/{site}/{camera_id}/{verdict}/{rule}")
     topic = render_topic(template, alert, rule=None, verdict="confirmed")
     assert topic == "a/_/cam____/confirmed/_"
+    # an extra value of any length: the topic stays publishable (MQTT: 65,535 bytes at most)
+    huge = Alert.model_validate(make_alert(extra={"zone": "区" * 70_000}))
+    topic = render_topic(check_topic_template("a/{extra.zone}"), huge, rule=None, verdict="x")
+    assert topic == "a/" + "区" * 128
+    with pytest.raises(ValidationError, match="site"):
+        Alert.model_validate(make_alert(site="s" * 257))
 
 
 @pytest.mark.parametrize(
