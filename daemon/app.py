@@ -159,9 +159,15 @@ class Daemon:
             "backlog": self.pipeline.backlog.pending if self.pipeline else 0,
             "intake": (self.pipeline.busy_reason() if self.pipeline else None) or "open",
             "model_worker": getattr(self.backend, "health", dict)(),
-            "unpublished": await self.journal.count_unpublished() if self.journal else 0,
+            "unpublished": await self.count_unpublished(),
             "fatal": self.fatal,
         }
+
+    async def count_unpublished(self) -> int:
+        """Verdicts waiting for the broker (without MQTT none wait: nothing is published)."""
+        if self.journal is None or self.outbox is None:
+            return 0
+        return await self.journal.count_unpublished()
 
     async def open(self) -> Pipeline:
         """Open the journal, read the rules (alerts taken in while the model loads are matched
@@ -188,7 +194,9 @@ class Daemon:
         )
         if self.link is not None:
             self.link.intake_gate = self.pipeline.wait_for_intake
-        self.storage = StorageKeeper(s.storage, journal, self.pipeline)
+        self.storage = StorageKeeper(
+            s.storage, journal, self.pipeline, publishes=self.outbox is not None
+        )
         return self.pipeline
 
     async def start_model(self) -> None:

@@ -260,7 +260,7 @@ class ConsoleApi:
         gauges: dict[str, float] = {
             "rules": len(d.rules.rules),
             "rule_errors": len(d.rules.errors),
-            "unpublished": await self.journal.count_unpublished(),
+            "unpublished": await d.count_unpublished(),
         }
         if pipeline is not None:
             gauges["queued"] = pipeline.backlog.queued

@@ -87,8 +87,15 @@ CREATE TABLE IF NOT EXISTS rejects (
     error       TEXT NOT NULL,
     payload     BLOB NOT NULL               -- the first bytes, for diagnosis
 );
+CREATE INDEX IF NOT EXISTS rejects_by_time ON rejects (received_at);
 """
 REJECT_PAYLOAD_BYTES = 4096
+#: refused payloads kept at most (at 4 KiB each, 400 MiB)
+MAX_REJECTS = 100_000
+#: alerts (or alerts' snapshots) pruned per commit
+PRUNE_CHUNK = 2_000
+#: free pages given back to the file system per commit (16 MiB of 4 KiB pages)
+VACUUM_PAGES = 4_096
 
 
 @dataclass(frozen=True)
@@ -342,55 +349,86 @@ class Journal:
         )
 
     async def prune(
-        self, *, snapshots_before: datetime, alerts_before: datetime, snapshot_max_bytes: int
+        self,
+        *,
+        snapshots_before: datetime,
+        alerts_before: datetime,
+        snapshot_max_bytes: int,
+        published_only: bool = True,
+        max_rejects: int = MAX_REJECTS,
     ) -> Pruned:
-        """Forget what is done with: only alerts that are reviewed and whose verdicts are all
-        published are touched. Their snapshots go after `snapshots_before` (and, oldest first,
-        while all snapshots together exceed `snapshot_max_bytes`); the alerts themselves, with
-        their verdicts, and refused payloads go after `alerts_before`."""
-        done = (
-            "state = 'reviewed' AND reviewed_at < ? AND NOT EXISTS (SELECT 1 FROM verdicts v "
-            "WHERE v.alert_ref = alerts.id AND v.published_at IS NULL)"
+        """Forget what is done with: only alerts that are reviewed and (`published_only`:
+        a daemon with an outbox) whose verdicts are all published are touched. Their
+        snapshots go after `snapshots_before` (and, oldest first, while all snapshots
+        together exceed `snapshot_max_bytes`); the alerts themselves, with their verdicts,
+        after `alerts_before`; refused payloads after `alerts_before` and beyond the newest
+        `max_rejects`. The work is done PRUNE_CHUNK alerts and VACUUM_PAGES pages per commit,
+        so that intake's writes wait for one chunk at most, never for the whole prune."""
+        done = "a.state = 'reviewed' AND a.reviewed_at < ?"
+        if published_only:
+            done += (
+                " AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.alert_ref = a.id "
+                "AND v.published_at IS NULL)"
+            )
+        alerts = await self._in_chunks(
+            f"DELETE FROM alerts WHERE id IN (SELECT a.id FROM alerts a WHERE {done} LIMIT ?)",
+            alerts_before,
         )
-        far_future = "9999"
+        # from the snapshots still kept (a few days' worth), not from every old alert
+        # (CROSS JOIN: SQLite keeps that order)
+        snapshots = await self._in_chunks(
+            "DELETE FROM alert_images WHERE alert_ref IN (SELECT DISTINCT i.alert_ref FROM "
+            f"alert_images i CROSS JOIN alerts a ON a.id = i.alert_ref WHERE {done} LIMIT ?)",
+            snapshots_before,
+        )
 
-        def op(db: sqlite3.Connection) -> Pruned:
-            alerts = db.execute(
-                f"DELETE FROM alerts WHERE {done}", (alerts_before.isoformat(),)
-            ).rowcount
+        def cap(db: sqlite3.Connection) -> tuple[int, int]:
             db.execute("DELETE FROM rejects WHERE received_at < ?", (alerts_before.isoformat(),))
-            snapshots = db.execute(
-                f"DELETE FROM alert_images WHERE alert_ref IN (SELECT id FROM alerts WHERE {done})",
-                (snapshots_before.isoformat(),),
-            ).rowcount
+            db.execute(
+                "DELETE FROM rejects WHERE id <= "
+                "(SELECT id FROM rejects ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (max_rejects,),
+            )
             row = db.execute("SELECT coalesce(sum(length(data)), 0) FROM alert_images").fetchone()
             total = int((row or (0,))[0])
-            if total > snapshot_max_bytes:
-                excess = total - snapshot_max_bytes
-                doomed: list[int] = []
-                rows = db.execute(
-                    "SELECT alert_ref, sum(length(data)) FROM alert_images JOIN alerts "
-                    f"ON alerts.id = alert_ref WHERE {done} GROUP BY alert_ref "
-                    "ORDER BY reviewed_at, alert_ref",
-                    (far_future,),
-                )
-                for ref, size in rows:
-                    if excess <= 0:
-                        break
-                    doomed.append(ref)
-                    excess -= size
-                rows.close()
-                for ref in doomed:
-                    snapshots += db.execute(
-                        "DELETE FROM alert_images WHERE alert_ref = ?", (ref,)
-                    ).rowcount
-                total = excess + snapshot_max_bytes
-            # the pragma frees one page per step: run it to the end, or the savepoint
-            # cannot be released
-            db.execute("PRAGMA incremental_vacuum").fetchall()
-            return Pruned(alerts=alerts, snapshots=snapshots, snapshot_bytes=max(0, total))
+            if total <= snapshot_max_bytes:
+                return 0, total
+            excess = total - snapshot_max_bytes
+            doomed: list[int] = []
+            rows = db.execute(
+                "SELECT i.alert_ref, sum(length(i.data)) FROM alert_images i JOIN alerts a "
+                f"ON a.id = i.alert_ref WHERE {done} GROUP BY i.alert_ref "
+                "ORDER BY a.reviewed_at, i.alert_ref",
+                ("9999",),
+            )
+            for ref, size in rows:
+                if excess <= 0:
+                    break
+                doomed.append(ref)
+                excess -= size
+            rows.close()
+            deleted = sum(
+                db.execute("DELETE FROM alert_images WHERE alert_ref = ?", (ref,)).rowcount
+                for ref in doomed
+            )
+            return deleted, excess + snapshot_max_bytes
 
-        return await self._write(op)
+        capped, total = await self._write(cap)
+        while await self._write(_vacuum_some):
+            pass
+        return Pruned(alerts=alerts, snapshots=snapshots + capped, snapshot_bytes=max(0, total))
+
+    async def _in_chunks(self, sql: str, before: datetime) -> int:
+        """Rows `sql` deletes, run a commit at a time until it deletes fewer than a chunk
+        (`sql` takes the time and the chunk's size)."""
+        deleted = 0
+        while True:
+            count = await self._write(
+                lambda db: db.execute(sql, (before.isoformat(), PRUNE_CHUNK)).rowcount
+            )
+            deleted += count
+            if count < PRUNE_CHUNK:
+                return deleted
 
     # reads -------------------------------------------------------------------------------
 
@@ -540,6 +578,18 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
             db.execute("ROLLBACK")
         raise
     return results
+
+
+def _vacuum_some(db: sqlite3.Connection) -> bool:
+    """Give up to VACUUM_PAGES free pages back to the file system; True while more are left.
+    (Python's sqlite3 steps a statement without result columns once, and each step of
+    `incremental_vacuum` frees one page: hence a statement per page, each closed so that
+    the transaction can end.)"""
+    for _ in range(VACUUM_PAGES):
+        if not db.execute("PRAGMA freelist_count").fetchone()[0]:
+            return False
+        db.execute("PRAGMA incremental_vacuum").close()
+    return True
 
 
 def _in_savepoint(op: WriteOp, db: sqlite3.Connection) -> Any:

@@ -46,8 +46,17 @@ class StorageKeeper:
         "check_interval_s",
     )
 
-    def __init__(self, settings: StorageSettings, journal: Journal, pipeline: Pipeline) -> None:
+    def __init__(
+        self,
+        settings: StorageSettings,
+        journal: Journal,
+        pipeline: Pipeline,
+        *,
+        publishes: bool = True,
+    ) -> None:
         self._settings = settings
+        #: whether an outbox publishes verdicts: alerts wait for it before they are pruned
+        self.publishes = publishes
         #: set by a reload: the checks' loop takes the new intervals at once
         self._reloaded = asyncio.Event()
         self.journal = journal
@@ -83,6 +92,7 @@ class StorageKeeper:
             snapshots_before=days_before(now, s.snapshot_max_age_days),
             alerts_before=days_before(now, s.journal_max_age_days),
             snapshot_max_bytes=int(s.snapshot_max_mb * 2**20),
+            published_only=self.publishes,
         )
         self.last_pruned = pruned
         if pruned.alerts or pruned.snapshots:

@@ -7,12 +7,16 @@ import asyncio
 import base64
 import io
 import json
+import math
+import random
 import sqlite3
+from datetime import timedelta
 
 import pytest
 from PIL import Image
 
 from daemon import history
+from daemon.contract import utc_now
 from daemon.feedback import Feedback, FeedbackError, judged
 from daemon.journal import Journal
 from tests.conftest import (
@@ -247,3 +251,53 @@ async def test_a_timeline_over_a_sliver_of_time_counts_verdicts_stamped_ahead(tm
             assert series["rules"]["fire"]["confirmed"][-1] == 1, hours
     finally:
         await journal.close()
+
+
+async def test_stats_counted_in_the_journal_match_the_nearest_rank_definition(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    await (await Journal.open(path)).close()
+    rng = random.Random(7)
+    latencies = {"fire": rng.sample(range(1, 5000), 37), "smoke": [42], "gate": list(range(20))}
+    now = utc_now()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO alerts (box_id, alert_id, alert, source, received_at) "
+            "VALUES ('b', 'a', '{}', 'http', ?)",
+            (now.isoformat(),),
+        )
+        for rule, values in latencies.items():
+            for i, latency in enumerate(values):
+                verdict = "confirmed" if i % 3 else "rejected"
+                created = (now - timedelta(minutes=5 * i)).isoformat()
+                db.execute(
+                    "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
+                    "VALUES (1, ?, ?, 't', ?, ?)",
+                    (rule, verdict, json.dumps({"latency_ms": latency}), created),
+                )
+            # unreviewed verdicts count as alerts, never as latencies
+            db.execute(
+                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
+                "VALUES (1, ?, 'unreviewed', 't', '{\"latency_ms\": 999999}', ?)",
+                (rule, now.isoformat()),
+            )
+    journal = await Journal.open(path)
+    try:
+        stats = await history.rule_stats(journal)
+        series = await history.timeline(journal, hours=24)
+    finally:
+        await journal.close()
+    for rule, values in latencies.items():
+        ordered = sorted(values)
+        nearest = {q: ordered[math.ceil(q * len(ordered)) - 1] for q in (0.5, 0.95)}
+        got = stats[rule]
+        assert (got["latency_p50_ms"], got["latency_p95_ms"]) == (nearest[0.5], nearest[0.95])
+        assert got["alerts"] == len(values) + 1 and got["unreviewed"] == 1
+        assert got["rejected"] == len(range(0, len(values), 3))
+        counts = series["rules"][rule]
+        assert sum(map(sum, counts.values())) == len(values) + 1  # all within 24 h
+        assert counts["unreviewed"][-1] == 1  # stamped now: the last bucket
+    # "fire": one verdict every 5 minutes over the last 3 hours, 12 to an hour's bucket
+    fire = series["rules"]["fire"]
+    per_bucket = [sum(counts[b] for counts in fire.values()) for b in range(24)]
+    assert per_bucket[:-4] == [0] * 20 and sum(per_bucket[-4:]) == 38
+    assert max(per_bucket) <= 13 and sorted(per_bucket)[-3] >= 11

@@ -11,6 +11,7 @@ import sqlite3
 import types
 from datetime import timedelta
 
+from daemon import journal as journal_module
 from daemon.app import JOURNAL_FILE, Daemon
 from daemon.backlog import Backlog
 from daemon.config import StorageSettings
@@ -311,6 +312,49 @@ async def test_two_gateways_on_one_shared_subscription_review_each_alert_once(
     assert sorted(v["alert_id"] for _, v in verdicts) == ids  # each exactly once
     assert sum(share) == len(ids) and min(share) > 0, share
     print(f"\nshared subscription: {len(ids)} alerts split {share[0]} / {share[1]}, 0 twice")
+
+
+async def test_pruning_without_an_outbox_a_chunk_at_a_time_gives_the_space_back(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(journal_module, "PRUNE_CHUNK", 3)  # several commits per prune
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    parse = CanonicalFormat().parse
+    refs = []
+    for i in range(10):
+        alert = make_alert(f"a-{i}", image=base64.b64encode(noise_jpeg((400, 300))).decode())
+        incoming = parse(json.dumps(alert).encode(), topic=None)
+        recorded = await journal.record_alert(
+            incoming.alert, incoming.images, source="http", topic=None
+        )
+        refs.append(recorded.ref)
+    for ref in refs[:8]:  # reviewed, never published: no MQTT
+        await journal.finish_review(ref, [])
+    for _ in range(7):
+        await journal.record_reject(
+            source="http", topic=None, field="payload", error="bad", payload=b"x" * 4000
+        )
+    checkpoint = lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # noqa: E731
+    await journal.call_writer(checkpoint)
+    size = (tmp_path / "j.sqlite3").stat().st_size
+    later = utc_now() + timedelta(days=1)
+    pruned = await journal.prune(
+        snapshots_before=later,
+        alerts_before=utc_now() - timedelta(days=1),
+        snapshot_max_bytes=10**9,
+        published_only=False,
+        max_rejects=2,
+    )
+    assert (pruned.alerts, pruned.snapshots) == (0, 8)  # the snapshots of the 8 reviewed
+    assert (await journal.read_one("SELECT count(*) FROM rejects"))[0] == 2  # the newest
+    pruned = await journal.prune(
+        snapshots_before=later, alerts_before=later, snapshot_max_bytes=10**9, published_only=False
+    )
+    assert pruned.alerts == 8 and await journal.count_pending() == 2
+    assert (await journal.read_one("PRAGMA freelist_count"))[0] == 0
+    await journal.call_writer(checkpoint)
+    assert (tmp_path / "j.sqlite3").stat().st_size < size / 2  # given back, not kept free
+    await journal.close()
 
 
 async def test_a_max_age_beyond_the_calendar_keeps_everything(tmp_path):
