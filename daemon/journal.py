@@ -90,6 +90,8 @@ CREATE TABLE IF NOT EXISTS rejects (
 CREATE INDEX IF NOT EXISTS rejects_by_time ON rejects (received_at);
 """
 REJECT_PAYLOAD_BYTES = 4096
+#: the write-ahead log's size after a checkpoint, at most
+WAL_LIMIT_BYTES = 64 * 2**20
 #: refused payloads kept at most (at 4 KiB each, 400 MiB)
 MAX_REJECTS = 100_000
 #: alerts (or alerts' snapshots) pruned per commit
@@ -533,6 +535,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     # pages freed by pruning go back to the file system (takes effect in a new file)
     writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
     writer.execute("PRAGMA journal_mode = WAL")
+    # the write-ahead log is cut back to this size after checkpoints (a prune or a burst
+    # would otherwise leave it at its largest until the daemon stops)
+    writer.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     writer.execute("PRAGMA synchronous = FULL")
     writer.execute("PRAGMA foreign_keys = ON")
     _migrate(writer)
