@@ -5,11 +5,28 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 
 import pytest
+from aiohttp import web
 from PIL import Image
 
-from tests.conftest import EXTRACT_RULE, FIRE_RULE, free_port, make_alert, make_settings, run_daemon
+from daemon.inference.openai_backend import (
+    MAX_ANSWER_BYTES,
+    OpenAIBackend,
+    RemoteError,
+    _retry_after,
+)
+from daemon.plugin_api import ChoiceQuery, ModelLoadError, ModelRequest
+from tests.conftest import (
+    EXTRACT_RULE,
+    FIRE_RULE,
+    free_port,
+    make_alert,
+    make_settings,
+    run_daemon,
+    serve,
+)
 from tests.openai_server import Script, openai_server
 
 
@@ -151,3 +168,89 @@ async def test_the_api_key_comes_from_a_credentials_file_and_is_checked(tmp_path
     assert script.headers[0]["Authorization"] == "Bearer s3cret"
     assert refused["verdict"] == "unreviewed" and "HTTP 401" in refused["reason"]
     assert len(script.requests) == 2  # a refused key is not retried
+
+
+def _completion(top: object) -> dict:
+    """vLLM's shape with the given first token's `top_logprobs`."""
+    first = {"token": "No", "logprob": -0.01, "bytes": [78, 111], "top_logprobs": top}
+    return {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "No"},
+             "logprobs": {"content": [first]}, "finish_reason": "length"}
+        ]
+    }  # fmt: skip
+
+
+HOSTILE = {
+    # logprobs that are no log-probabilities: never a verdict
+    "nan": (_completion([{"token": "Yes", "logprob": math.nan}]), "no log-probability"),
+    "positive": (_completion([{"token": "Yes", "logprob": 40.0}]), "no log-probability"),
+    # a numeric string is read as its number
+    "text": (
+        _completion([{"token": "Yes", "logprob": "-0.1"}, {"token": "No", "logprob": -3}]),
+        None,
+    ),
+    "word": (_completion([{"token": "Yes", "logprob": "high"}]), "not a number"),
+    "old-style": (_completion({"Yes": -0.1}), "top_logprobs is dict"),
+    "entry": (_completion(["Yes"]), "no {token, logprob} entry"),
+    "message": ({"choices": [{"message": "Yes"}]}, "choices[0].message is str"),
+}
+
+
+async def test_answers_that_are_no_log_probabilities_or_no_json_fail_the_request(tmp_path):
+    mode = {"name": "nan"}
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        name = mode["name"]
+        if name == "html":
+            return web.Response(text="<html>gateway</html>", content_type="text/html")
+        if name == "huge":
+            response = web.StreamResponse()
+            await response.prepare(request)
+            for _ in range(80):  # 5 MB of an endless-looking body
+                await response.write(b" " * 2**16)
+            return response
+        if name == "latin-404":
+            return web.Response(status=404, body="introuvable: modèle".encode("latin-1"))
+        return web.json_response(HOSTILE[name][0])
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serve(app) as base:
+        settings = remote_settings(tmp_path, f"{base}/v1", max_retries=0).model
+        backend = OpenAIBackend(settings)
+        await backend.start()
+        request = ModelRequest(ChoiceQuery("Fire?", {"yes": ["Yes"], "no": ["No"]}))
+        try:
+            for name, (_, message) in HOSTILE.items():
+                mode["name"] = name
+                if message is None:
+                    answer_ = await backend.run(request)
+                    assert answer_.probabilities["yes"] > 0.5, name
+                    continue
+                with pytest.raises(RemoteError, match=re.escape(message)):
+                    await backend.run(request)
+            for name, message in [
+                ("html", "answered text/html; charset=utf-8 that is no JSON"),
+                ("huge", f"answered more than {MAX_ANSWER_BYTES} bytes"),
+                ("latin-404", "HTTP 404 from"),
+            ]:
+                mode["name"] = name
+                with pytest.raises(RemoteError, match=re.escape(message)):
+                    await backend.run(request)
+        finally:
+            await backend.close()
+
+
+async def test_a_key_file_of_more_than_one_line_stops_the_start_naming_it(tmp_path):
+    key_file = tmp_path / "api_key"
+    key_file.write_text("first line\nsecond line\n")
+    settings = remote_settings(tmp_path, "http://127.0.0.1:9/v1", api_key_file=key_file).model
+    with pytest.raises(ModelLoadError, match=r"api_key_file .*api_key: the key must be one line"):
+        await OpenAIBackend(settings).start()
+
+
+def test_waits_between_attempts_are_capped_and_honour_retry_after():
+    assert _retry_after({"Retry-After": "12"}) == 12.0
+    for nonsense in ("Wed, 21 Oct 2026 07:28:00 GMT", "-5", "nan", "inf"):
+        assert _retry_after({"Retry-After": nonsense}) is None

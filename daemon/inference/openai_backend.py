@@ -11,8 +11,12 @@ Images go as JPEG data URLs, already scaled to the token budget.
   with probability 1 (so such verdicts are never calibrated; `confirm_at`/`reject_below`
   still apply).
 - Generate queries send the rule's JSON schema as `response_format` (`json_schema`).
-- Timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff; other
-  answers fail at once. At most `concurrency` requests are in flight.
+- Timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff (each
+  wait at most 30 s; a Retry-After in seconds is honoured up to that); other answers fail
+  at once. At most `concurrency` requests are in flight, each on a connection of its own.
+- Answers are checked before use: at most 4 MiB, JSON, the expected shape, logprobs that
+  are finite log-probabilities. Anything else fails the request with a reason naming it
+  (the rule's `on_error` follows), never a confident verdict made of garbage.
 
 Response shapes follow vLLM's `ChatCompletionResponse`
 (vllm/entrypoints/openai/chat_completion/protocol.py), which follows OpenAI's API reference
@@ -25,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -51,6 +56,15 @@ from daemon.plugin_api import (
 log = structlog.get_logger(__name__)
 
 JPEG_QUALITY = 90
+#: the largest answer read (a chat completion of one token or a rule's fields is a few KB;
+#: a server that sends more, or an endless body, is not read into memory)
+MAX_ANSWER_BYTES = 4 * 2**20
+#: of an error answer, the start is kept for the reason
+ERROR_DETAIL_BYTES = 200
+#: the longest wait between two attempts (also for a 429's Retry-After)
+MAX_BACKOFF_S = 30.0
+#: a logprob above this is no log-probability (rounding may put a sure token a hair over 0)
+LOGPROB_MAX = 1e-3
 
 
 class RemoteError(RuntimeError):
@@ -58,7 +72,10 @@ class RemoteError(RuntimeError):
 
 
 class _Retryable(RemoteError):
-    pass
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        #: the server's Retry-After, in seconds, when it sent one
+        self.retry_after_s = retry_after_s
 
 
 def data_url(image: Image) -> str:
@@ -79,14 +96,15 @@ def choice_from_logprobs(
     top: Sequence[Mapping[str, Any]], choices: Mapping[str, Sequence[str]]
 ) -> ChoiceAnswer | None:
     """Label probabilities from the first answer token's top logprobs (None: no label
-    appears among them)."""
-    if not top:
+    appears among them). RemoteError for entries that are no (token, log-probability)."""
+    listed_tokens = _token_logprobs(top)
+    if not listed_tokens:
         return None
-    floor = min(float(entry["logprob"]) for entry in top)
+    floor = min(logprob for _, logprob in listed_tokens)
     scores: dict[str, float] = {}
     found = False
     for label, forms in choices.items():
-        listed = [float(entry["logprob"]) for entry in top if entry["token"] in set(forms)]
+        listed = [logprob for token, logprob in listed_tokens if token in set(forms)]
         found = found or bool(listed)
         scores[label] = _logsumexp(listed) if listed else floor
     if not found:
@@ -95,6 +113,28 @@ def choice_from_logprobs(
     weights = {label: math.exp(score - top_score) for label, score in scores.items()}
     total = sum(weights.values())
     return ChoiceAnswer({label: w / total for label, w in weights.items()}, scores)
+
+
+def _token_logprobs(top: Any) -> list[tuple[str, float]]:
+    """`top_logprobs` entries as (token, logprob), each checked."""
+    if not isinstance(top, list):
+        raise RemoteError(f"top_logprobs is {type(top).__name__}, not a list")
+    checked = []
+    for i, entry in enumerate(top):
+        token = entry.get("token") if isinstance(entry, dict) else None
+        logprob = entry.get("logprob") if isinstance(entry, dict) else None
+        if not isinstance(token, str) or isinstance(logprob, bool):
+            raise RemoteError(f"top_logprobs[{i}] is no {{token, logprob}} entry: {entry!r:.80}")
+        try:
+            value = float(logprob)  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            raise RemoteError(
+                f"top_logprobs[{i}].logprob is not a number: {logprob!r:.40}"
+            ) from None
+        if not -math.inf < value <= LOGPROB_MAX:  # NaN, +inf, -inf and positive values too
+            raise RemoteError(f"top_logprobs[{i}].logprob {value} is no log-probability")
+        checked.append((token, value))
+    return checked
 
 
 def choice_from_text(text: str, choices: Mapping[str, Sequence[str]]) -> ChoiceAnswer | None:
@@ -134,9 +174,18 @@ class OpenAIBackend:
                 key = read_secret(key_file, "[model.remote] api_key_file").strip()
             except CredentialError as exc:
                 raise ModelLoadError(str(exc)) from exc
+            if not key.isprintable() or not key.isascii() or " " in key:
+                raise ModelLoadError(
+                    f"[model.remote] api_key_file {key_file}: the key must be one line of "
+                    "printable ASCII without spaces"
+                )
             self._headers["Authorization"] = f"Bearer {key}"
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.remote.timeout_s), headers=self._headers
+            timeout=aiohttp.ClientTimeout(total=self.remote.timeout_s),
+            headers=self._headers,
+            # as many connections as requests in flight: none waits for a connection
+            # (the wait would count against its timeout)
+            connector=aiohttp.TCPConnector(limit=self.remote.concurrency),
         )
         log.info(
             "remote backend",
@@ -171,9 +220,14 @@ class OpenAIBackend:
 
     def _choice(self, response: Mapping[str, Any], query: ChoiceQuery) -> ChoiceAnswer:
         choice = _first_choice(response)
-        logprobs = (choice.get("logprobs") or {}).get("content") or []
-        if logprobs:
-            answer = choice_from_logprobs(logprobs[0].get("top_logprobs") or [], query.choices)
+        logprobs = _field(choice, "logprobs", dict, "choices[0]")
+        tokens = _field(logprobs, "content", list, "logprobs")
+        if tokens:
+            if not isinstance(tokens[0], dict):
+                raise RemoteError(f"logprobs.content[0] is {type(tokens[0]).__name__}, not dict")
+            top = _field(tokens[0], "top_logprobs", list, "logprobs.content[0]")
+            # no more than were asked for
+            answer = choice_from_logprobs(top[: self.remote.top_logprobs], query.choices)
             if answer is not None:
                 return answer
         # no logprobs from this server, or no label among them: read the answer instead
@@ -195,8 +249,10 @@ class OpenAIBackend:
             except _Retryable as exc:
                 if attempt == attempts:
                     raise RemoteError(f"{exc} (after {attempts} attempts)") from exc
-                delay = self.remote.retry_backoff_s * 2 ** (attempt - 1)
+                delay = min(MAX_BACKOFF_S, self.remote.retry_backoff_s * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)
+                if exc.retry_after_s is not None:
+                    delay = min(MAX_BACKOFF_S, max(delay, exc.retry_after_s))
                 log.warning(
                     "remote model retry",
                     attempt=attempt,
@@ -211,18 +267,58 @@ class OpenAIBackend:
         try:
             async with self._session.post(url, json=body) as response:
                 if response.status == 429 or response.status >= 500:
-                    raise _Retryable(f"HTTP {response.status} from {url}")
+                    raise _Retryable(
+                        f"HTTP {response.status} from {url}", _retry_after(response.headers)
+                    )
                 if response.status != 200:
-                    detail = (await response.text())[:200]
+                    start = await response.content.read(ERROR_DETAIL_BYTES)
+                    detail = start.decode("utf-8", errors="replace")
                     raise RemoteError(f"HTTP {response.status} from {url}: {detail}")
-                data = await response.json(content_type=None)
+                text = (await _read_capped(response, url)).decode("utf-8", errors="replace")
         except TimeoutError as exc:
             raise _Retryable(f"no answer from {url} within {self.remote.timeout_s} s") from exc
         except aiohttp.ClientError as exc:
             raise _Retryable(f"{url}: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            kind = response.headers.get("Content-Type", "no Content-Type")
+            raise RemoteError(f"{url} answered {kind} that is no JSON: {text[:80]!r}") from None
         if not isinstance(data, dict):
             raise RemoteError(f"{url} answered {type(data).__name__}, not a JSON object")
         return data
+
+
+async def _read_capped(response: aiohttp.ClientResponse, url: str) -> bytes:
+    """The answer's body (decompressed), refused past MAX_ANSWER_BYTES."""
+    refusal = f"{url} answered more than {MAX_ANSWER_BYTES} bytes"
+    if (response.content_length or 0) > MAX_ANSWER_BYTES:
+        raise RemoteError(refusal)
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(2**16):
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise RemoteError(refusal)
+    return bytes(body)
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """A Retry-After of seconds (an HTTP date, or nonsense, is left to the backoff)."""
+    try:
+        seconds = float(headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < math.inf else None
+
+
+def _field(parent: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
+    """`parent[key]` when it is of `kind`; an empty one when absent or null."""
+    value = parent.get(key)
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise RemoteError(f"{where}.{key} is {type(value).__name__}, not {kind.__name__}")
+    return value
 
 
 def _first_choice(response: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -233,7 +329,7 @@ def _first_choice(response: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _message_text(response: Mapping[str, Any]) -> str:
-    message = _first_choice(response).get("message") or {}
+    message = _field(_first_choice(response), "message", dict, "choices[0]")
     content = message.get("content")
     return content if isinstance(content, str) else ""
 
