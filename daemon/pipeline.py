@@ -29,8 +29,9 @@ from daemon.plugin_api import (
     BackendUnusable,
     IncomingAlert,
     Judgement,
+    RawImage,
 )
-from daemon.plugins import Registry
+from daemon.plugins import Registry, is_plugin_failure
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
 from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
@@ -70,15 +71,24 @@ def parse_payload(
         raise AlertError("format", f"unknown alert format {format_name!r}")
     try:
         incoming = parser.parse(payload, topic=topic)
+        if incoming is None:
+            return None
+        if not (
+            isinstance(incoming, IncomingAlert)
+            and isinstance(incoming.alert, Alert)
+            and isinstance(incoming.images, list | tuple)
+            and all(isinstance(image, RawImage) for image in incoming.images)
+        ):
+            raise TypeError(f"it returned {incoming!r:.80}, not an IncomingAlert of RawImages")
     except AlertError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        if not is_plugin_failure(exc):
+            raise
         # a format plugin's own failure on this payload: refused like a bad one, never
         # left to break intake (over MQTT the payload would come back again and again)
         log.exception("alert format failed", format=format_name)
         raise AlertError("payload", f"the {format_name} format could not read it: {exc!r}") from exc
-    if incoming is None:
-        return None
     for image in incoming.images:
         check_raw_image(image, images)
     if incoming.alert.image_url and not incoming.images:
@@ -424,16 +434,30 @@ class Pipeline:
         return PlannedVerdict(verdict, topic, judgement.prompt, judgement.raw, rule)
 
     async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
-        """Run `verdict_ready` hooks; their failures are logged, never fatal."""
+        """Run each plugin's `verdict_ready` on its own: a failure is logged naming the
+        plugin, never fatal, and never keeps the others from running."""
+        impls = [
+            impl
+            for impl in self.hooks.verdict_ready.get_hookimpls()
+            if not (impl.hookwrapper or impl.wrapper)
+        ]
         for item in planned:
-            try:
-                for result in self.hooks.verdict_ready(
-                    alert=alert, rule=item.rule, verdict=item.verdict
-                ):
+            given = {"alert": alert, "rule": item.rule, "verdict": item.verdict}
+            for impl in impls:
+                try:
+                    # as pluggy calls it: the arguments the implementation names, in order
+                    result = impl.function(*(given[name] for name in impl.argnames))
                     if inspect.isawaitable(result):
                         await result
-            except Exception:
-                log.exception("verdict_ready hook failed")
+                except BaseException as exc:
+                    if not is_plugin_failure(exc):
+                        raise
+                    log.error(
+                        "verdict_ready hook failed",
+                        plugin=getattr(impl.plugin, "__name__", type(impl.plugin).__name__),
+                        error=str(exc) or type(exc).__name__,
+                        error_type=type(exc).__name__,
+                    )
 
 
 def alert_age_s(stored: StoredAlert) -> float:

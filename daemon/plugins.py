@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 from collections.abc import Iterable
@@ -35,6 +36,19 @@ DEFAULT_PLUGINS: dict[str, str] = {
 
 class PluginError(Exception):
     """A plugin that does not fit its hook (duplicate name, missing attribute ...)."""
+
+
+def is_plugin_failure(exc: BaseException) -> bool:
+    """Whether `exc`, raised from a plugin's code, is that plugin's failure, to be handled
+    like any error: everything but the cancellation of the task that called it (a plugin's
+    SystemExit, KeyboardInterrupt or stray CancelledError must not end the daemon)."""
+    if not isinstance(exc, asyncio.CancelledError):
+        return True
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no event loop
+        return True
+    return task is None or not task.cancelling()
 
 
 def make_plugin_manager(

@@ -7,18 +7,27 @@ import dataclasses
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 import structlog
+from pydantic_core import to_json
 
 from daemon.config import ModelSettings
 from daemon.contract import Alert, VerdictKind, parse_rfc3339
 from daemon.images import Budget, Resample
 from daemon.journal import StoredAlert
-from daemon.plugin_api import Backend, BackendUnusable, Judgement, ModelRequest, RecentReview
-from daemon.plugins import Registry
+from daemon.plugin_api import (
+    Backend,
+    BackendUnusable,
+    ChoiceQuery,
+    GenerateQuery,
+    Judgement,
+    ModelRequest,
+    RecentReview,
+)
+from daemon.plugins import Registry, is_plugin_failure
 from daemon.rules import Rule
 from daemon.snapshots import SnapshotLoader, SnapshotSet
 from daemon.stats import StageStats
@@ -155,28 +164,32 @@ class Reviewer:
         """The rule's judgement, a repeat's reused one, or the `on_error` outcome (None: drop).
         `cooldown=False` (the playground) neither reuses a verdict nor offers one for reuse."""
         window = rule.cooldown.window_s if cooldown else 0
-        if window > 0:
-            recent = self.recent.within(rule, alert, window)
-            reused = self.hooks.suppress_alert(alert=alert, rule=rule, recent=recent)
-            if reused is not None:
-                log.info("model call spared", reason=reused.reason)
-                return reused
+        own = alert.model_copy(deep=True)  # what a plugin changes stays with this rule
         kind = self.registry.rule_kinds[rule.kind]
         try:
+            if window > 0:
+                recent = self.recent.within(rule, alert, window)
+                reused = self.hooks.suppress_alert(alert=own, rule=rule, recent=recent)
+                if reused is not None:
+                    reused = checked_judgement(reused, "suppress_alert")
+                    log.info("model call spared", reason=reused.reason)
+                    return reused
             with self.stats.time("prepare"):
                 snapshot_set = await images()
                 pictures = await asyncio.get_running_loop().run_in_executor(
                     self.prep_pool, snapshot_set.for_rule, rule.image, rule.crop_margin
                 )
-            query = kind.compose(alert, rule)
+            query = checked_query(kind.compose(own, rule), rule.kind)
             with self.stats.time("model"):
                 adapter = str(rule.adapter) if rule.adapter else None
                 answer = await self.backend.run(ModelRequest(query, pictures, adapter))
-            judgement = kind.interpret(answer, rule)
+            judgement = checked_judgement(kind.interpret(answer, rule), f"rule kind {rule.kind!r}")
             judgement = dataclasses.replace(judgement, prompt=query.prompt, raw=answer.raw())
         except BackendUnusable:
             raise  # not this alert's fault: it stays in the journal for the next run
-        except Exception as exc:
+        except BaseException as exc:
+            if not is_plugin_failure(exc):
+                raise
             log.error(
                 "review failed",
                 error=str(exc),
@@ -185,7 +198,53 @@ class Reviewer:
             )
             if rule.on_error == "drop":
                 return None
-            return Judgement(VerdictKind.UNREVIEWED, None, f"review failed: {exc}")
+            why = str(exc) or type(exc).__name__
+            return Judgement(VerdictKind.UNREVIEWED, None, f"review failed: {why}")
         if window > 0:
             self.recent.add(rule, alert, judgement)
         return judgement
+
+
+def checked_query(query: Any, kind: str) -> ChoiceQuery | GenerateQuery:
+    """A rule kind's query, checked before it joins a batch (one bad query must not fail
+    the other alerts of its batch)."""
+    if isinstance(query, GenerateQuery):
+        return query
+    if not isinstance(query, ChoiceQuery):
+        raise TypeError(f"rule kind {kind!r} composed {type(query).__name__}, not a query")
+    choices = query.choices
+    if not choices or not all(
+        isinstance(forms, list | tuple) and forms and all(isinstance(f, str) and f for f in forms)
+        for forms in choices.values()
+    ):
+        raise ValueError(f"rule kind {kind!r} composed choices without answers: {choices!r:.80}")
+    return query
+
+
+def checked_judgement(judgement: Any, source: str) -> Judgement:
+    """A plugin's judgement, checked against what a verdict may say (the contract): a
+    verdict kind, a P(real) in 0..1 or none (always none when unreviewed), a text reason,
+    fields that are a JSON object."""
+    if not isinstance(judgement, Judgement):
+        raise TypeError(f"{source} returned {type(judgement).__name__}, not a Judgement")
+    try:
+        verdict = VerdictKind(judgement.verdict)
+    except ValueError:
+        raise ValueError(f"{source} returned the verdict {judgement.verdict!r:.40}") from None
+    confidence = judgement.confidence
+    if confidence is not None and (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, int | float)
+        or not 0 <= confidence <= 1  # NaN too
+        or verdict is VerdictKind.UNREVIEWED
+    ):
+        raise ValueError(f"{source} returned the confidence {confidence!r:.40} for {verdict}")
+    if not isinstance(judgement.reason, str):
+        raise TypeError(f"{source} returned a reason of {type(judgement.reason).__name__}")
+    if not isinstance(judgement.fields, Mapping):
+        raise TypeError(f"{source} returned fields of {type(judgement.fields).__name__}")
+    try:
+        to_json(judgement.fields)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source} returned fields that are no JSON: {exc}") from None
+    return dataclasses.replace(judgement, verdict=verdict)

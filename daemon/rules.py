@@ -108,6 +108,8 @@ def parse_rule(
         options = kind.Options.model_validate(dict(spec.review.model_extra or {}))
     except ValidationError as exc:
         raise _validation_error(path, exc, prefix="review.") from exc
+    except Exception as exc:  # a kind's own validator failing otherwise
+        raise RuleError(path, "review", f"kind {spec.review.kind!r} failed: {exc!r}") from exc
     review = spec.review
     adapter = _adapter_dir(path, review.adapter) if review.adapter else None
     rule = Rule(
@@ -134,7 +136,11 @@ def parse_rule(
     choices = getattr(kind, "choices", None)
     if check_choices is not None and choices is not None:
         try:
-            check_choices(choices(rule))
+            listed = choices(rule)
+        except Exception as exc:
+            raise RuleError(path, "review", f"kind {rule.kind!r} failed: {exc!r}") from exc
+        try:
+            check_choices(listed)
         except ValueError as exc:
             raise RuleError(path, "review", f"answers cannot be told apart: {exc}") from exc
     return rule

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
 import sys
@@ -11,7 +12,7 @@ from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from daemon import hookspecs
 from daemon.cli import main
@@ -19,6 +20,7 @@ from daemon.contract import VerdictKind
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import ChoiceQuery, Judgement
 from daemon.plugins import ENTRY_POINT_GROUP, PluginError, Registry, make_plugin_manager
+from daemon.rules import RuleError, parse_rule
 from tests.conftest import FIRE_RULE, ROOT, make_alert, make_settings, run_daemon
 
 
@@ -108,6 +110,88 @@ async def test_verdict_ready_hooks_are_awaited_with_alert_rule_and_verdict(tmp_p
         await d.post_alert(make_alert("sink-1", event_type="unknown"))
         await d.wait_reviewed("sink-1")
     assert sink.seen == [("sink-1", None, "unreviewed")]
+
+
+class HostileKind:
+    """A rule kind whose behaviour each alert's `extra.act` picks: the ways a plugin fails."""
+
+    name: ClassVar[str] = "hostile"
+    Options: ClassVar[type[BaseModel]] = SmokeOptions
+
+    def compose(self, alert, rule):
+        act = alert.extra.get("act")
+        alert.extra["zone"] = "changed by a plugin"  # must not reach the other rules
+        if act == "exit":
+            raise SystemExit(7)
+        if act == "interrupt":
+            raise KeyboardInterrupt
+        if act == "cancel":
+            raise asyncio.CancelledError
+        if act == "no-choices":
+            return ChoiceQuery("Fire?", {"yes": [], "no": ["no"]})
+        return ChoiceQuery(rule.prompt_for(alert), {"yes": ["yes"], "no": ["no"]})
+
+    def interpret(self, answer, rule):
+        return Judgement(VerdictKind.CONFIRMED, 2.0, "sure")  # no probability
+
+
+class HostilePlugin:
+    def __init__(self) -> None:
+        self.announced: list[str] = []
+
+    @hookimpl
+    def register_rule_kinds(self, register):
+        register(HostileKind())
+
+    @hookimpl
+    def verdict_ready(self, alert, rule, verdict):
+        raise RuntimeError("a sink that is down")
+
+
+class CountingSink:
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    @hookimpl
+    def verdict_ready(self, verdict):  # a subset of the arguments, as pluggy allows
+        self.seen.append(verdict.alert_id)
+
+
+async def test_a_failing_plugin_fails_its_own_rule_only_and_the_daemon_runs_on(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "hostile.toml").write_text(
+        '[match]\nevent_types = ["fire"]\n[review]\nkind = "hostile"\nprompt = "Fire?"\n'
+    )
+    (settings.rules.dir / "fire.toml").write_text(
+        FIRE_RULE + '[publish]\ntopic = "alarms/{extra.zone}/{verdict}"\n'
+    )
+    sink = CountingSink()
+    acts = ["exit", "interrupt", "cancel", "no-choices", "garbage"]
+    async with run_daemon(settings, extra_plugins=[HostilePlugin(), sink]) as d:
+        for act in acts:
+            alert = make_alert(f"h-{act}", extra={"act": act, "zone": "dock"})
+            assert (await d.post_alert(alert))[0] == 202
+        records = [await d.wait_reviewed(f"h-{act}") for act in acts]
+        assert (await d.daemon.health())["status"] == "ok"
+        topics = await d.daemon.journal.read("SELECT topic FROM verdicts WHERE rule = 'fire'")
+    reasons = {}
+    for act, record in zip(acts, records, strict=True):
+        by_rule = {v["rule"]: v for v in record["verdicts"]}
+        # the other rule judged as if nothing happened, with the alert as sent
+        assert by_rule["fire"]["verdict"] != "unreviewed", act
+        assert by_rule["hostile"]["verdict"] == "unreviewed", act
+        reasons[act] = by_rule["hostile"]["reason"]
+    assert reasons["exit"] == "review failed: 7"
+    assert reasons["interrupt"] == "review failed: KeyboardInterrupt"
+    assert reasons["cancel"] == "review failed: CancelledError"
+    assert "composed choices without answers" in reasons["no-choices"]
+    assert "returned the confidence 2.0 for confirmed" in reasons["garbage"]
+    assert len(topics) == len(acts)
+    assert all(row["topic"].startswith("alarms/dock/") for row in topics)
+    # one sink failing keeps the next from nothing: each verdict reached it
+    assert len(sink.seen) == 2 * len(acts)
 
 
 # third-party packages, loose files, the plugins command, the hooks documentation ---------
@@ -224,3 +308,54 @@ def test_an_undocumented_hook_fails_the_documentation_check():
         extra.__dict__,
     )
     assert undocumented_hooks(extra, HOOKS_DOC.read_text()) == ["alert_expired"]
+
+
+class StringFormat:
+    """An alert format that returns the wrong type."""
+
+    name: ClassVar[str] = "wrong_type"
+
+    def parse(self, payload, *, topic):
+        return "an alert, honestly"
+
+
+class WrongTypePlugin:
+    @hookimpl
+    def register_alert_formats(self, register):
+        register(StringFormat())
+
+
+async def test_a_format_returning_the_wrong_type_is_a_refusal_naming_it(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings, extra_plugins=[WrongTypePlugin()]) as d:
+        url = f"{d.base_url}/v1/alerts?format=wrong_type"
+        async with d.http.post(url, json=make_alert("typed")) as response:
+            assert response.status == 400
+            body = await response.json()
+        assert (
+            body["field"] == "payload"
+            and "the wrong_type format could not read it" in (body["error"])
+        )
+        [row] = await d.daemon.journal.read("SELECT field FROM rejects")
+        assert row["field"] == "payload"
+
+
+class FragileOptions(BaseModel):
+    level: int = 0
+
+    @field_validator("level")
+    @classmethod
+    def _fragile(cls, value: int) -> int:
+        raise TypeError("a validator that breaks")  # pydantic lets TypeError through
+
+
+class FragileKind(SmokeKind):
+    name: ClassVar[str] = "fragile"
+    Options: ClassVar[type[BaseModel]] = FragileOptions
+
+
+def test_a_rule_kind_that_breaks_while_a_rule_loads_refuses_that_file_only(tmp_path):
+    path = tmp_path / "fragile.toml"
+    text = '[match]\nevent_types = ["fire"]\n[review]\nkind = "fragile"\nprompt = "x"\nlevel = 1\n'
+    with pytest.raises(RuleError, match="kind 'fragile' failed: TypeError"):
+        parse_rule(path, text, {"fragile": FragileKind()})
