@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import importlib.metadata
 import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ def make_plugin_manager(
     `plugins_dir`, then `extra_plugins`. Hook implementations that match no hook fail here."""
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
+    check_entry_point_names()
     pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     for name, module in DEFAULT_PLUGINS.items():
         if pm.get_plugin(name) is None:
@@ -69,6 +71,25 @@ def make_plugin_manager(
         pm.register(plugin)
     pm.check_pending()
     return pm
+
+
+def check_entry_point_names() -> None:
+    """PluginError when two installed packages declare one plugin name in the entry point
+    group (pluggy would load one of them and silently skip the other: a third-party
+    `cooldown` would replace the built-in, or be dropped, as the packages happen to be
+    found)."""
+    declared: dict[str, tuple[str, str]] = {}
+    for dist in importlib.metadata.distributions():
+        for point in dist.entry_points:
+            if point.group != ENTRY_POINT_GROUP:
+                continue
+            package = dist.metadata["Name"] or "?"
+            earlier = declared.setdefault(point.name, (package, point.value))
+            if earlier[1] != point.value:  # one package seen twice declares the same
+                raise PluginError(
+                    f"two packages declare the plugin {point.name!r}: {earlier[0]} "
+                    f"({earlier[1]}) and {package} ({point.value}); one must rename it"
+                )
 
 
 def load_plugin_file(path: Path) -> ModuleType:

@@ -136,9 +136,6 @@ class HostileKind:
 
 
 class HostilePlugin:
-    def __init__(self) -> None:
-        self.announced: list[str] = []
-
     @hookimpl
     def register_rule_kinds(self, register):
         register(HostileKind())
@@ -236,6 +233,19 @@ async def test_an_installed_plugin_package_is_loaded_through_its_entry_point(
     assert verdict["rule"] == "binary" and verdict["verdict"] == "confirmed"
     assert verdict["reason"].startswith("binary: P(real)=")
     assert ("pkg-1", "binary", "confirmed") in secondlook_example.VERDICTS
+
+
+def test_two_packages_declaring_one_plugin_name_stop_the_start(tmp_path, monkeypatch):
+    # a package that calls its plugin "cooldown", as the built-in is called
+    dist_info = tmp_path / "site_cooldown-1.0.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: site-cooldown\nVersion: 1.0\n"
+    )
+    (dist_info / "entry_points.txt").write_text("[secondlook]\ncooldown = site_cooldown.hooks\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PluginError, match="two packages declare the plugin 'cooldown'"):
+        make_plugin_manager()
 
 
 LOOSE_PLUGIN = """
