@@ -590,10 +590,15 @@ def _vacuum_some(db: sqlite3.Connection) -> bool:
     (Python's sqlite3 steps a statement without result columns once, and each step of
     `incremental_vacuum` frees one page: hence a statement per page, each closed so that
     the transaction can end.)"""
+    free = db.execute("PRAGMA freelist_count").fetchone()[0]
     for _ in range(VACUUM_PAGES):
-        if not db.execute("PRAGMA freelist_count").fetchone()[0]:
+        if not free:
             return False
         db.execute("PRAGMA incremental_vacuum").close()
+        left = db.execute("PRAGMA freelist_count").fetchone()[0]
+        if left >= free:  # a file made without incremental vacuum keeps its free pages
+            return False
+        free = left
     return True
 
 
