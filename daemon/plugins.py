@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import importlib.metadata
 import importlib.util
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,19 @@ def check_entry_point_names() -> None:
                 continue
             package = dist.metadata["Name"] or "?"
             earlier = declared.setdefault(point.name, (package, point.value))
-            if earlier[1] != point.value:  # one package seen twice declares the same
+            # one package found twice (an editable install and its build metadata) is fine
+            if _same_package(earlier[0], package):
+                continue
+            if earlier[1] != point.value:
                 raise PluginError(
                     f"two packages declare the plugin {point.name!r}: {earlier[0]} "
                     f"({earlier[1]}) and {package} ({point.value}); one must rename it"
                 )
+
+
+def _same_package(a: str, b: str) -> bool:
+    """Package names compared as pip does (case, and "-", "_", "." alike)."""
+    return re.sub(r"[-_.]+", "-", a).lower() == re.sub(r"[-_.]+", "-", b).lower()
 
 
 def load_plugin_file(path: Path) -> ModuleType:
