@@ -258,17 +258,17 @@ class LogSettings(_Section):
 
 def offset_tz(offset: str) -> tzinfo:
     """The time zone of a UTC offset such as +08:00 or Z; ValueError if it is none."""
-    zone = datetime.fromisoformat(f"2000-01-01T00:00:00{offset}").tzinfo
+    try:
+        zone = datetime.fromisoformat(f"2000-01-01T00:00:00{offset}").tzinfo
+    except ValueError:
+        zone = None
     if zone is None:
         raise ValueError(f"expected a UTC offset such as +08:00, got {offset!r}")
     return zone
 
 
 def _utc_offset(value: str) -> str:
-    try:
-        offset_tz(value)
-    except ValueError:
-        raise ValueError(f"expected a UTC offset such as +08:00, got {value!r}") from None
+    offset_tz(value)
     return value
 
 

@@ -397,11 +397,12 @@ class Journal:
                 return 0, total
             excess = total - snapshot_max_bytes
             doomed: list[int] = []
+            any_age = "9999"  # every done alert, the oldest first, however recent
             rows = db.execute(
                 "SELECT i.alert_ref, sum(length(i.data)) FROM alert_images i JOIN alerts a "
                 f"ON a.id = i.alert_ref WHERE {done} GROUP BY i.alert_ref "
                 "ORDER BY a.reviewed_at, i.alert_ref",
-                ("9999",),
+                (any_age,),
             )
             for ref, size in rows:
                 if excess <= 0:
