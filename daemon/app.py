@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import sys
 import threading
@@ -25,8 +26,8 @@ import structlog
 from daemon import feedback
 from daemon.config import Settings
 from daemon.console_api import ConsoleApi
-from daemon.credentials import read_tokens
-from daemon.http_api import HttpApi
+from daemon.credentials import CredentialError, read_tokens
+from daemon.http_api import BearerTokens, HttpApi
 from daemon.journal import Journal
 from daemon.logs import configure_logging
 from daemon.mqtt import MqttLink
@@ -49,6 +50,9 @@ JOURNAL_FILE = "journal.sqlite3"
 BUSY_RETRY_S = 1.0
 #: name prefixes of the threads a backend runs the model on
 MODEL_THREADS = ("model", "collate")
+#: open files (sockets included) the daemon raises its soft limit to, within the hard limit:
+#: systemd's default soft limit of 1024 is a few hundred slow HTTP clients
+OPEN_FILES = 65536
 #: settings that SIGHUP applies at once; the others take effect at the next start
 LIVE_SECTIONS = ("log", "images")
 LIVE_KEYS = {"pipeline": ("max_backlog",), "storage": StorageKeeper.LIVE_KEYS}
@@ -86,6 +90,7 @@ class Daemon:
         self.link: MqttLink | None = None
         self.outbox: Outbox | None = None
         self.storage: StorageKeeper | None = None
+        self.api: HttpApi | None = None
         #: why the backend became unusable (the daemon then exits non-zero)
         self.fatal: str | None = None
 
@@ -107,13 +112,22 @@ class Daemon:
             raise StartupError(f"[mqtt] verdict_topic: {exc}") from exc
 
     def reload_rules(self) -> None:
-        errors = self.rules.load()
+        """Read the rules directory again; a failure keeps the rules in force (never raises:
+        the watcher and SIGHUP call this)."""
+        try:
+            errors = self.rules.load()
+        except Exception:
+            log.exception("rules not reloaded; the rules in force stay")
+            self.stats.count("rule_reload_errors")
+            return
         self.stats.count("rule_reload_errors", len(errors))
         log.info("rules reloaded", rules=len(self.rules.rules), errors=len(errors))
 
     def reload(self) -> None:
-        """SIGHUP: the rules, and the config file's settings that can change live."""
+        """SIGHUP: the rules, the credential files, and the config file's settings that can
+        change live."""
         self.reload_rules()
+        self.reread_credentials()
         if self.reload_settings is None:
             return
         try:
@@ -122,6 +136,21 @@ class Daemon:
             log.error("config not reloaded; the running settings stay", error=str(exc))
             return
         self.apply_settings(new)
+
+    def reread_credentials(self) -> None:
+        """New HTTP tokens apply at once; the MQTT password and TLS files from the next
+        connection. A file that cannot be used keeps what is in force."""
+        http = self.settings.http
+        if self.api is not None and self.api.tokens is not None and http.tokens_file is not None:
+            try:
+                tokens = read_tokens(http.tokens_file)
+            except CredentialError as exc:
+                log.error("http tokens not re-read; the tokens in force stay", error=str(exc))
+            else:
+                self.api.tokens.replace(tokens)
+                log.info("http tokens re-read", tokens=len(tokens))
+        if self.link is not None:
+            self.link.reread_credentials()
 
     def apply_settings(self, new: Settings) -> None:
         old = self.settings
@@ -145,7 +174,16 @@ class Daemon:
         log.info("config reloaded", restart_needed_for=later)
 
     async def health(self) -> dict[str, Any]:
-        status = "stopping" if self.stopping else "ok" if self.ready.is_set() else "starting"
+        problem = self.unfit()
+        status = (
+            "stopping"
+            if self.stopping
+            else "starting"
+            if not self.ready.is_set()
+            else "failing"
+            if problem
+            else "ok"
+        )
         mqtt = "disabled"
         if self.link is not None:
             mqtt = "connected" if self.link.connected.is_set() else "disconnected"
@@ -161,6 +199,7 @@ class Daemon:
             "model_worker": getattr(self.backend, "health", dict)(),
             "unpublished": await self.count_unpublished(),
             "fatal": self.fatal,
+            "problem": problem,
         }
 
     async def count_unpublished(self) -> int:
@@ -215,27 +254,23 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then shut down in stages."""
         s = self.settings
-        pipeline = await self.open()
-        assert self.storage is not None
-        # before intake starts, or an alert arriving now would be queued twice
-        await pipeline.requeue_pending()
-        self.storage.check_space()
 
         def on_fatal(reason: str) -> None:
             self.fatal = reason
             log.critical("the backend is unusable: stopping so that systemd restarts us")
             stop.set()
 
-        pipeline.on_fatal = on_fatal
         api = None
         try:
+            pipeline = await self.open()
+            assert self.storage is not None
+            # before intake starts, or an alert arriving now would be queued twice
+            await pipeline.requeue_pending()
+            self.storage.check_space()
+            pipeline.on_fatal = on_fatal
             async with asyncio.TaskGroup() as tg:
                 if s.http.enabled:
-                    max_body = int(s.http.max_body_mb * 1024 * 1024)
-                    tokens = read_tokens(s.http.tokens_file) if s.http.tokens_file else []
-                    api = HttpApi(pipeline, self.health, max_body_bytes=max_body, tokens=tokens)
-                    api.app.add_routes(ConsoleApi(self).routes())
-                    await api.start(s.http.host, s.http.port)
+                    api = self.api = await self._start_http(pipeline)
                 background = [tg.create_task(self.storage.run())]
                 if (interval := watchdog_interval_s()) is not None:
                     background.append(tg.create_task(feed_watchdog(interval, self.unfit)))
@@ -246,12 +281,18 @@ class Daemon:
                     ]
                 notify("STATUS=loading model")
                 log.info("loading model", backend=s.model.backend, model=s.model.path)
-                await self.start_model()
-                background.append(tg.create_task(watch_rules(s.rules.dir, self.reload_rules)))
-                background += [
-                    tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
-                ]
-                if self.link is not None:
+                # a stop while the model loads does not wait for it (a loading thread left
+                # behind is not waited for either: see _leave_stuck_threads)
+                loading = asyncio.create_task(self.start_model())
+                await _first(loading, stop.wait())
+                if loading.done() and not loading.cancelled():
+                    loading.result()  # a load that failed stops the start
+                if not stop.is_set():
+                    background.append(tg.create_task(watch_rules(s.rules.dir, self.reload_rules)))
+                    background += [
+                        tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
+                    ]
+                if self.link is not None and not stop.is_set():
                     await _first(self.link.subscribed.wait(), stop.wait())
                 if not stop.is_set():
                     self.ready.set()
@@ -268,6 +309,25 @@ class Daemon:
             log.info("stopped")
         if self.fatal is not None:
             raise BackendUnusable(self.fatal)
+
+    async def _start_http(self, pipeline: Pipeline) -> HttpApi:
+        s = self.settings.http
+        tokens = BearerTokens(read_tokens(s.tokens_file)) if s.tokens_file else None
+        api = HttpApi(
+            pipeline,
+            self.health,
+            max_body_bytes=int(s.max_body_mb * 1024 * 1024),
+            tokens=tokens,
+        )
+        api.app.add_routes(ConsoleApi(self).routes())
+        try:
+            await api.start(s.host, s.port)
+        except OSError as exc:
+            await api.stop()
+            raise StartupError(
+                f"[http] listen = {s.listen!r}: cannot listen there: {exc.strerror or exc}"
+            ) from exc
+        return api
 
     def unfit(self) -> str | None:
         """Why the watchdog must not be fed now, or None."""
@@ -339,6 +399,7 @@ def run_daemon(settings: Settings, reload_settings: Callable[[], Settings] | Non
     """Run under asyncio with signal handling: TERM/INT stop (twice: at once), HUP reloads."""
 
     async def main() -> None:
+        _raise_open_file_limit()
         stop = asyncio.Event()
         daemon = Daemon(settings, reload_settings=reload_settings)
         loop = asyncio.get_running_loop()
@@ -358,6 +419,16 @@ def run_daemon(settings: Settings, reload_settings: Callable[[], Settings] | Non
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(main())
+
+
+def _raise_open_file_limit() -> None:
+    """Raise the soft limit on open files towards OPEN_FILES (asyncio uses epoll: a high
+    limit costs nothing)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = OPEN_FILES if hard == resource.RLIM_INFINITY else min(OPEN_FILES, hard)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _leave_stuck_threads() -> None:

@@ -683,13 +683,15 @@ def rules() -> None:
 
 @rules.command("check")
 @click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@CONFIG_OPTION
 @click.option(
     "--model",
     "model_path",
     help="Also check that the model's tokenizer tells each rule's answers apart (classify labels).",
 )
-def rules_check(directory: Path, model_path: str | None) -> None:
-    """Validate every *.toml in DIRECTORY; exit 1 naming each bad file."""
+def rules_check(directory: Path, config: Path | None, model_path: str | None) -> None:
+    """Validate every *.toml in DIRECTORY; exit 1 naming each bad file. With --config, rule
+    kinds of the config's [plugins] dir are known too."""
     from daemon.plugins import Registry, make_plugin_manager
     from daemon.rules import ChoiceChecker, RuleBook
 
@@ -703,7 +705,8 @@ def rules_check(directory: Path, model_path: str | None) -> None:
 
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         check_choices = lambda choices: choice_token_ids(tokenizer, choices)  # noqa: E731
-    kinds = Registry.collect(make_plugin_manager()).rule_kinds
+    settings = _settings(config)
+    kinds = Registry.collect(make_plugin_manager((), settings.plugins.dir), settings).rule_kinds
     book = RuleBook(directory, kinds, check_choices)
     errors = book.load()
     for rule in book.rules:

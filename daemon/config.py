@@ -27,7 +27,8 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # TOML has inf and nan: no setting means either
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Subscription(_Section):
@@ -128,6 +129,8 @@ class HttpSettings(_Section):
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError("expected HOST:PORT, e.g. 127.0.0.1:8080")
+        if not 1 <= int(port) <= 65535:
+            raise ValueError(f"port {port} is not from 1 to 65535")
         return value
 
     @property
@@ -205,6 +208,13 @@ class ImageSettings(_Section):
     #: hosts `image_url` may point to; empty refuses every `image_url`
     url_hosts: list[str] = Field(default_factory=list)
     url_timeout_s: float = Field(default=5.0, gt=0)
+
+    @field_validator("url_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        # URLs' host names compare in lower case, without a trailing dot
+        return [host.strip().lower().rstrip(".") for host in value]
+
     #: the last resize step after a JPEG draft decode: fast (nearest, when the step is mild)
     #: or bicubic (see daemon.images.Budget for the measured difference)
     resample: Literal["fast", "bicubic"] = "fast"
@@ -246,7 +256,8 @@ class PipelineSettings(_Section):
     #: intake pauses (the broker holds the messages) until it falls below nine tenths
     max_backlog: int = Field(default=20_000, ge=1)
     #: on SIGTERM, reviews under way get this long to finish; the rest stay journalled and
-    #: resume at the next start (keep it below the unit's TimeoutStopSec)
+    #: resume at the next start (keep it below the unit's TimeoutStopSec, less 10 s for
+    #: closing the model worker)
     stop_grace_s: float = Field(default=20, ge=0)
 
 
@@ -396,8 +407,12 @@ def load_settings(path: Path | None) -> Settings:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from exc
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:

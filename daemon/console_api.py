@@ -237,6 +237,14 @@ class ConsoleApi:
             )
         except ValueError as exc:
             return error(400, str(exc))
+        except OSError as exc:
+            # e.g. a rules directory under /etc that the service may only read
+            where = exc.filename or d.rules.directory
+            return error(
+                409,
+                f"cannot write the rule into {where}: {exc.strerror or exc} (the rules "
+                "directory must be writable by the daemon to save rules from the console)",
+            )
         d.reload_rules()
         return web.json_response(
             {"name": rule.name, "file": path.name, "rule_toml": text}, status=201
@@ -269,6 +277,9 @@ class ConsoleApi:
         worker: dict[str, Any] = getattr(d.backend, "health", dict)()
         if "waiting" in worker:
             gauges["model_waiting"] = worker["waiting"]
+        if "busy_for_s" in worker:
+            gauges["model_busy_for_seconds"] = worker["busy_for_s"]
+        gauges["healthy"] = 1 if (await d.health())["status"] == "ok" else 0
         body = metrics.render(d.stats, gauges, worker)
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 

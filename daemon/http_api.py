@@ -11,6 +11,7 @@ Errors are JSON: {"error": "...", "field": "..."}.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -28,6 +29,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HealthProbe = Callable[[], Awaitable[dict[str, Any]]]
 #: seconds a box is asked to wait before sending again while intake is paused
 RETRY_AFTER_S = 5
+#: a connection must send a request's headers within this many seconds of opening (or of its
+#: previous answer), else it is closed: idle and half-sent requests do not hold sockets
+HEADER_TIMEOUT_S = 20.0
+#: a body gets this many seconds, plus one more per BODY_MIN_RATE bytes received (a box on a
+#: slow link keeps going; a client that stops sending is answered 408)
+BODY_GRACE_S = 20.0
+BODY_MIN_RATE = 16 * 1024
 
 
 def error(status: int, message: str, field: str | None = None, **headers: str) -> web.Response:
@@ -41,6 +49,37 @@ def busy(reason: str) -> web.Response:
     """503: nothing was taken; the box keeps the alert and sends it again later."""
     message = f"not taken now, try again later: {reason}"
     return error(503, message, **{"Retry-After": str(RETRY_AFTER_S)})
+
+
+class SlowBody(Exception):
+    """A request body that stopped arriving (see BODY_GRACE_S)."""
+
+
+async def read_body(request: web.Request, max_bytes: int) -> bytes:
+    """The body, while it keeps coming: within BODY_GRACE_S plus a second per BODY_MIN_RATE
+    bytes received (else SlowBody); over `max_bytes` (declared or sent): 413."""
+    if (request.content_length or 0) > max_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=request.content_length)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        left = start + BODY_GRACE_S + received / BODY_MIN_RATE - loop.time()
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            waited = loop.time() - start
+            raise SlowBody(
+                f"request body not received in time: {received} bytes in {waited:.0f} s"
+            ) from None
+        if not chunk:
+            return b"".join(chunks)
+        received += len(chunk)
+        if received > max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=received)
+        chunks.append(chunk)
 
 
 def _too_large(request: web.Request) -> str:
@@ -69,10 +108,30 @@ OPEN_PATHS = ("/healthz", "/console", "/console/")
 OPEN_PREFIXES = ("/console/static/",)
 
 
-def bearer_auth(tokens: Sequence[str]) -> Callable[[web.Request, Handler], Awaitable[Any]]:
+def _token_bytes(token: str) -> bytes:
+    # header bytes that are not UTF-8 arrive as surrogates: they compare, and never match
+    return token.encode("utf-8", "surrogateescape")
+
+
+class BearerTokens:
+    """The tokens in force; `replace` swaps them (SIGHUP re-reads the tokens file)."""
+
+    def __init__(self, tokens: Sequence[str]) -> None:
+        self.replace(tokens)
+
+    def replace(self, tokens: Sequence[str]) -> None:
+        self._expected = [_token_bytes(token) for token in tokens]
+
+    def accepts(self, offered: str) -> bool:
+        given = _token_bytes(offered)
+        # every token compared, so the time taken does not tell which one nearly matched
+        matches = [hmac.compare_digest(given, token) for token in self._expected]
+        return any(matches)
+
+
+def bearer_auth(tokens: BearerTokens) -> Callable[[web.Request, Handler], Awaitable[Any]]:
     """Every other request needs `Authorization: Bearer <one of tokens>`, checked before its
     body is read; tokens are compared in constant time and never logged."""
-    expected = [token.encode() for token in tokens]
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -82,10 +141,7 @@ def bearer_auth(tokens: Sequence[str]) -> Callable[[web.Request, Handler], Await
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given:
             return _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-        offered = given.strip().encode()
-        # every token compared, so the time taken does not tell which one nearly matched
-        matches = [hmac.compare_digest(offered, token) for token in expected]
-        if not any(matches):
+        if not tokens.accepts(given.strip()):
             log.warning("http request with a wrong token", path=path, peer=request.remote)
             return _unauthorized("the bearer token is not valid")
         return await handler(request)
@@ -125,11 +181,14 @@ class HttpApi:
         health: HealthProbe,
         *,
         max_body_bytes: int,
-        tokens: Sequence[str] = (),
+        tokens: BearerTokens | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.health = health
-        middlewares = [json_errors] + ([bearer_auth(tokens)] if tokens else [])
+        #: None: no tokens_file, no authentication (a loopback address)
+        self.tokens = tokens
+        self.max_body_bytes = max_body_bytes
+        middlewares = [json_errors] + ([bearer_auth(tokens)] if tokens is not None else [])
         self.app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
         self.app.on_response_prepare.append(_safety_headers)
         self.app.add_routes(
@@ -142,7 +201,11 @@ class HttpApi:
         self._runner: web.AppRunner | None = None
 
     async def start(self, host: str, port: int) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # aiohttp's keep-alive timer also closes a connection whose first request's headers
+        # have not all arrived by then
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, keepalive_timeout=HEADER_TIMEOUT_S
+        )
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
         log.info("http listening", host=host, port=port)
@@ -162,11 +225,17 @@ class HttpApi:
         if reason := self.pipeline.busy_reason():
             return busy(reason)  # before reading a body that would not be taken
         try:
-            body = await request.read()
+            body = await read_body(request, self.max_body_bytes)
         except web.HTTPRequestEntityTooLarge:
             refused = AlertError("payload", _too_large(request))
             await self.pipeline.refuse(refused, b"", source="http")
             return error(413, refused.message, refused.field)
+        except SlowBody as exc:
+            refused = AlertError("payload", str(exc))
+            await self.pipeline.refuse(refused, b"", source="http")
+            answer = error(408, refused.message, refused.field)
+            answer.force_close()  # the rest of the body may still be on its way
+            return answer
         result = await self.pipeline.ingest(
             body, source="http", fmt=request.query.get("format", "canonical")
         )

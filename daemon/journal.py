@@ -287,6 +287,18 @@ class Journal:
 
         return await self._write(op)
 
+    async def uncount_attempts(self, refs: Sequence[int]) -> None:
+        """Take back the attempts of reviews a clean stop cut off (not yet reviewed)."""
+
+        def op(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE alerts SET attempts = attempts - 1 "
+                "WHERE id = ? AND state != 'reviewed' AND attempts > 0",
+                [(ref,) for ref in refs],
+            )
+
+        await self._write(op)
+
     async def finish_review(self, ref: int, planned: Sequence[PlannedVerdict]) -> None:
         """Store the alert's verdicts and mark it reviewed, in one transaction."""
         now = utc_now().isoformat()

@@ -76,6 +76,16 @@ GAUGES = {
     "rule_errors": "Rule files currently refused",
     "rules": "Rules loaded",
     "model_waiting": "Requests waiting for the model",
+    "model_busy_for_seconds": "How long the model's current pass has run (0: idle)",
+    "healthy": "1 while /healthz answers ok (0: starting, stopping, or the model worker "
+    "failed, ended or is stuck)",
+}
+
+
+#: the model worker's own counts
+WORKER_COUNTERS = {
+    "failures": "Model passes that failed (other than by running out of memory and splitting)",
+    "oom_splits": "Batches split in halves after running out of memory",
 }
 
 
@@ -120,6 +130,9 @@ def _batches(worker: Mapping[str, Any]) -> Iterable[Metric]:
             "Seconds the model spent in passes (its rate: the share of time the device works)",
             value=worker["busy_s"],
         )
+    for key, help_text in WORKER_COUNTERS.items():
+        if key in worker:
+            yield CounterMetricFamily(f"secondlook_model_{key}", help_text, value=worker[key])
 
 
 def _gauges(gauges: Mapping[str, float]) -> Iterable[Metric]:

@@ -185,6 +185,24 @@ class MqttLink:
         #: set once the first subscription is up
         self.subscribed = asyncio.Event()
 
+    def reread_credentials(self) -> None:
+        """Read the password and TLS files again (SIGHUP), for the next connection; a file
+        that cannot be used keeps the ones in force."""
+        s = self.settings
+        try:
+            password = (
+                read_secret(s.password_file, "[mqtt] password_file")
+                if s.password_file is not None
+                else None
+            )
+            tls = tls_context(s) if s.uses_tls else None
+        except CredentialError as exc:
+            log.error("mqtt credentials not re-read; those in force stay", error=str(exc))
+            return
+        self._password, self._tls = password, tls
+        if s.password_file is not None or s.uses_tls:
+            log.info("mqtt credentials re-read: used from the next connection")
+
     def _make_client(self) -> aiomqtt.Client:
         s = self.settings
         session: dict[str, Any]

@@ -144,6 +144,8 @@ class Pipeline:
         self._busy = 0
         self._quiet = asyncio.Event()
         self._quiet.set()
+        #: alerts whose review attempt is counted and not finished
+        self._attempting: set[int] = set()
         #: reviews start again at this loop time after a crash; the pause in force
         self._paused_until = 0.0
         self._crash_pause_s = 0.0
@@ -343,6 +345,10 @@ class Pipeline:
         try:
             await asyncio.wait_for(self._quiet.wait(), grace_s)
         except TimeoutError:
+            # cut off by a clean stop, not by a crash: the attempts do not count towards
+            # max_attempts (restarts would otherwise give alerts up unjudged)
+            if self._attempting:
+                await self.journal.uncount_attempts(sorted(self._attempting))
             return False
         return True
 
@@ -354,9 +360,13 @@ class Pipeline:
         alert = stored.alert
         with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
             attempts = await self.journal.begin_review(ref)
-            planned = await self._verdicts_for(stored, attempts)
-            with self.stats.time("journal_verdict"):
-                await self.journal.finish_review(ref, planned)
+            self._attempting.add(ref)
+            try:
+                planned = await self._verdicts_for(stored, attempts)
+                with self.stats.time("journal_verdict"):
+                    await self.journal.finish_review(ref, planned)
+            finally:
+                self._attempting.discard(ref)
             for item in planned:
                 self.stats.count(
                     "verdicts", rule=item.verdict.rule or "", verdict=item.verdict.verdict.value

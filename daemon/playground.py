@@ -22,7 +22,7 @@ from daemon.images import ImageError, inspect_image
 from daemon.journal import StoredAlert
 from daemon.plugin_api import RawImage, RuleKind
 from daemon.reviewer import Reviewer
-from daemon.rules import ChoiceChecker, Rule, RuleError, parse_rule
+from daemon.rules import ChoiceChecker, Rule, RuleError, parse_rule, read_rule_text, rule_files
 
 #: a rule name: a safe file stem
 RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -168,12 +168,16 @@ def save_rule(
 def _file_naming(rules_dir: Path, name: str, *, besides: Path) -> Path | None:
     """Another rule file of the directory whose rule is called `name` (its `name` key, or
     its stem), if any; files that cannot be read name nothing."""
-    for path in sorted(rules_dir.glob("*.toml")):
+    try:
+        paths = rule_files(rules_dir)
+    except OSError:
+        return None  # no directory yet
+    for path in paths:
         if path.name == besides.name:
             continue
         try:
-            declared = tomllib.loads(path.read_text(encoding="utf-8")).get("name", path.stem)
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            declared = tomllib.loads(read_rule_text(path)).get("name", path.stem)
+        except (RuleError, tomllib.TOMLDecodeError, RecursionError):
             continue
         if declared == name:
             return path

@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 
 #: model reviews kept per (rule, box, camera, event type) for cooldowns
 RECENT_PER_KEY = 32
+#: rule name and digest, box, camera, event type
+RecentKey = tuple[str, str, str, str, str]
 #: how often (in reviews kept) keys whose window has passed are dropped
 SWEEP_EVERY = 256
 
@@ -44,15 +46,16 @@ class RecentReviews:
     """Recent model reviews per rule, box, camera and event type (in memory)."""
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str, str, str], deque[RecentReview]] = {}
+        self._by_key: dict[RecentKey, deque[RecentReview]] = {}
         #: when each key's newest review leaves its rule's window
-        self._expires: dict[tuple[str, str, str, str], float] = {}
+        self._expires: dict[RecentKey, float] = {}
         self._adds = 0
 
     @staticmethod
-    def _key(rule: Rule, alert: Alert) -> tuple[str, str, str, str]:
-        # a camera id names a channel of its box: another box's cam-1 is another camera
-        return rule.name, alert.box_id, alert.camera_id, alert.event_type
+    def _key(rule: Rule, alert: Alert) -> RecentKey:
+        # a camera id names a channel of its box: another box's cam-1 is another camera; an
+        # edited rule (another digest) does not reuse what its earlier version judged
+        return rule.name, rule.digest, alert.box_id, alert.camera_id, alert.event_type
 
     def within(self, rule: Rule, alert: Alert, window_s: float) -> list[RecentReview]:
         """Those younger than `window_s` whose alerts happened within `window_s` of this one
@@ -90,7 +93,7 @@ class RecentReviews:
     def __len__(self) -> int:
         return len(self._by_key)
 
-    def _forget(self, key: tuple[str, str, str, str]) -> None:
+    def _forget(self, key: RecentKey) -> None:
         self._by_key.pop(key, None)
         self._expires.pop(key, None)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,10 @@ from daemon.rule_file import CooldownSpec, ImageMode, MatchSpec, RuleFile
 from daemon.templates import Template, check_topic_template, render_prompt
 
 log = structlog.get_logger(__name__)
+
+#: a rule file larger than this is refused unread (a rule is a few hundred bytes; every reload
+#: parses every file on the event loop)
+RULE_FILE_MAX_BYTES = 1024 * 1024
 
 #: checks that a kind's answers can be told apart by their first token (the model's tokenizer)
 ChoiceChecker = Callable[[Mapping[str, Sequence[str]]], None]
@@ -96,6 +101,8 @@ def parse_rule(
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RuleError(path, _toml_error_line(str(exc), text), f"not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise RuleError(path, "", "not valid TOML: nested too deeply") from exc
     try:
         spec = RuleFile.model_validate(data)
     except ValidationError as exc:
@@ -146,10 +153,37 @@ def parse_rule(
     return rule
 
 
+def rule_files(directory: Path) -> list[Path]:
+    """The directory's `*.toml` files, by name, minus hidden ones (editors' lock and swap
+    files); OSError when the directory cannot be listed."""
+    with os.scandir(directory) as entries:
+        names = [e.name for e in entries if e.name.endswith(".toml") and e.name[0] != "."]
+    return [directory / name for name in sorted(names)]
+
+
+def read_rule_text(path: Path) -> str:
+    """A rule file's text; RuleError when it cannot be read, is no UTF-8 or is too large."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(RULE_FILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise RuleError(path, "", f"cannot read: {exc.strerror or exc}") from exc
+    if len(data) > RULE_FILE_MAX_BYTES:
+        raise RuleError(path, "", f"over {RULE_FILE_MAX_BYTES} bytes: not a rule file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RuleError(path, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
+
+
 def _adapter_dir(path: Path, value: str) -> Path:
     """The adapter directory, relative to the rule file's folder; checked to hold one."""
-    adapter = (path.parent / value).resolve()
-    if not (adapter / "adapter_config.json").is_file():
+    try:
+        adapter = (path.parent / value).resolve()
+        found = (adapter / "adapter_config.json").is_file()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise RuleError(path, "review.adapter", f"{value}: cannot be followed: {exc}") from exc
+    if not found:
         raise RuleError(
             path, "review.adapter", f"{adapter} is no LoRA adapter (no adapter_config.json)"
         )
@@ -210,16 +244,24 @@ class RuleBook:
         afresh: the checks have changed). Two files may not name one rule: the file that
         already held the name keeps it.
         """
-        if not self.directory.is_dir():
-            self.errors = [RuleError(self.directory, "", "rules directory does not exist")]
-            log.error("rules directory missing", path=str(self.directory))
+        try:
+            paths = rule_files(self.directory)
+        except OSError as exc:
+            # the rules in force stay: a directory that cannot be read is not an empty one
+            reason = exc.strerror or str(exc)
+            if isinstance(exc, FileNotFoundError | NotADirectoryError):
+                reason = "rules directory does not exist"
+            self.errors = [RuleError(self.directory, "", reason)]
+            log.error("rules directory unreadable; the rules in force stay", error=reason)
             return self.errors
         parsed: dict[Path, Rule | RuleError] = {}
-        for path in sorted(self.directory.glob("*.toml")):
+        for path in paths:
             try:
                 parsed[path] = self._load_file(path)
             except RuleError as exc:
                 parsed[path] = exc
+            except Exception as exc:  # anything else about this one file: it alone is refused
+                parsed[path] = RuleError(path, "", f"cannot be read: {exc!r}")
         errors: list[RuleError] = []
         loaded: dict[Path, Rule] = {}
         names: dict[str, Path] = {}
@@ -274,11 +316,7 @@ class RuleBook:
         return errors
 
     def _load_file(self, path: Path) -> Rule:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RuleError(path, "", f"cannot read: {exc}") from exc
-        return parse_rule(path, text, self._kinds, self.check_choices)
+        return parse_rule(path, read_rule_text(path), self._kinds, self.check_choices)
 
     def match(self, alert: Alert) -> list[Rule]:
         """The rules that review this alert (see `select_rules`)."""

@@ -23,7 +23,7 @@ from daemon.images import (
 )
 from daemon.plugin_api import AlertError, RawImage
 from daemon.rule_file import ImageMode
-from daemon.url_guard import GuardedResolver, literal_address, refusal
+from daemon.url_guard import GuardedResolver, Refused, literal_address, refusal
 
 
 def check_raw_image(image: RawImage, settings: ImageSettings) -> None:
@@ -43,13 +43,23 @@ def check_image_url(url: str, settings: ImageSettings) -> None:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise AlertError("image_url", "expected an http(s) URL")
-    if parts.hostname not in settings.url_hosts:
+    if parts.hostname.rstrip(".") not in settings.url_hosts:
         raise AlertError(
             "image_url", f"host {parts.hostname!r} is not in the allowed hosts ([images] url_hosts)"
         )
     literal = literal_address(parts.hostname)
     if literal is not None and (reason := refusal(literal, loopback_allowed=True)):
         raise AlertError("image_url", f"{reason} address {literal} is never fetched from")
+
+
+def _fetch_failure(exc: BaseException) -> str:
+    """Why a fetch failed: the guard's refusal where the connector wrapped it, else the
+    error's text or, for a bare timeout, its kind."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, Refused):
+        return str(exc.os_error)
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError) and not str(exc):
+        return "timed out ([images] url_timeout_s)"
+    return str(exc) or type(exc).__name__
 
 
 class SnapshotLoader:
@@ -83,9 +93,7 @@ class SnapshotLoader:
                     if len(data) > limit:
                         break
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ImageError(
-                f"image_url could not be fetched: {exc or type(exc).__name__}"
-            ) from exc
+            raise ImageError(f"image_url could not be fetched: {_fetch_failure(exc)}") from exc
         if len(data) > limit:
             raise ImageError(f"image_url body is over the limit of {limit} bytes")
         image = RawImage("image_url", bytes(data))

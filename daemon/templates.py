@@ -8,6 +8,7 @@ alert text is inserted as it is (prompts) or made topic-safe (topics).
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,16 @@ ALERT_FIELDS = ("alert_id", "box_id", "camera_id", "event_type", "site", "occurr
 #: what a topic template may name besides the alert's fields
 TOPIC_FIELDS = ("rule", "verdict")
 MISSING = "unknown"
-_TOPIC_UNSAFE = str.maketrans({"/": "_", "+": "_", "#": "_", "\x00": "_"})
+#: what brokers refuse in a topic name (mosquitto drops the connection of a client that
+#: publishes one): control characters and Unicode noncharacters
+_TOPIC_REFUSED = "\x00-\x1f\x7f-\x9f\ufdd0-\ufdef" + "".join(
+    chr(plane + 0xFFFE) + chr(plane + 0xFFFF) for plane in range(0, 0x110000, 0x10000)
+)
+_TOPIC_REFUSED_RE = re.compile(f"[{_TOPIC_REFUSED}]")
+#: ... and, in an alert's value, what would add levels or wildcards
+_TOPIC_UNSAFE_RE = re.compile(f"[/+#{_TOPIC_REFUSED}]")
+#: characters of one alert value in a prompt (the prompt's length is the model's work)
+PROMPT_VALUE_CHARS = 1024
 #: characters of one alert value in a topic (MQTT topics end at 65,535 bytes; an `extra`
 #: value of any length must not make a verdict unpublishable)
 TOPIC_VALUE_CHARS = 128
@@ -43,9 +53,16 @@ class Template:
         parts = []
         for literal, name, spec, conversion in parsed:
             if name is not None:
+                field = name not in known and not (name.startswith("extra.") and len(name) > 6)
+                if field and (spec or conversion or not name.replace(".", "_").isidentifier()):
+                    # JSON or other text in braces, not a field: {"a": 1}
+                    raise ValueError(
+                        f"{{{name}{':' if spec else ''}{spec}}} is no field; write {{{{ and }}}} "
+                        "for literal braces"
+                    )
                 if spec or conversion:
                     raise ValueError(f"{{{name}}}: format specs and conversions are not allowed")
-                if name not in known and not (name.startswith("extra.") and len(name) > 6):
+                if field:
                     names = ", ".join("{" + n + "}" for n in known)
                     raise ValueError(f"unknown field {{{name}}}; known: {names}, {{extra.<key>}}")
             parts.append((literal, name))
@@ -75,7 +92,16 @@ def alert_value(alert: Alert, name: str, extras: Mapping[str, Any] | None = None
 
 
 def render_prompt(template: Template, alert: Alert) -> str:
-    return template.render(lambda name: alert_value(alert, name) or MISSING)
+    """Fill a prompt; each alert value is cut to PROMPT_VALUE_CHARS characters, and cannot
+    carry the chat format's control tokens (see `prompt_text`)."""
+    return template.render(lambda name: prompt_text(alert_value(alert, name) or MISSING))
+
+
+def prompt_text(value: str) -> str:
+    """An alert value as plain prompt text: `<|` becomes `< |`, so that no part of it is read
+    as one of the model's control tokens (`<|im_end|>`, `<|image_pad|>` ...), which would end
+    the user's turn or ask for an image that is not there."""
+    return value[:PROMPT_VALUE_CHARS].replace("<|", "< |")
 
 
 def check_topic_template(text: str) -> Template:
@@ -83,6 +109,8 @@ def check_topic_template(text: str) -> Template:
         raise ValueError("topic template is empty")
     if "+" in text or "#" in text:
         raise ValueError("a publish topic cannot contain the wildcards + or #")
+    if found := _TOPIC_REFUSED_RE.search(text):
+        raise ValueError(f"a topic cannot contain the character U+{ord(found[0]):04X}")
     return Template.parse(text, also=TOPIC_FIELDS)
 
 
@@ -93,6 +121,6 @@ def render_topic(template: Template, alert: Alert, *, rule: str | None, verdict:
 
     def value(name: str) -> str:
         text = alert_value(alert, name, extras)
-        return text[:TOPIC_VALUE_CHARS].translate(_TOPIC_UNSAFE) if text else "_"
+        return _TOPIC_UNSAFE_RE.sub("_", text[:TOPIC_VALUE_CHARS]) if text else "_"
 
     return template.render(value)

@@ -16,11 +16,29 @@ from aiohttp.resolver import ThreadedResolver
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+#: cloud metadata services and ranges that `ipaddress` does not class as special: AWS's IPv6
+#: metadata address, Alibaba Cloud's metadata address, and "this network" (0.0.0.0/8)
+REFUSED_NETWORKS = {
+    ipaddress.ip_network("fd00:ec2::254/128"): "cloud metadata",
+    ipaddress.ip_network("100.100.100.200/32"): "cloud metadata",
+    ipaddress.ip_network("0.0.0.0/8"): "unspecified",
+}
+
+
+class Refused(OSError):
+    """A name that resolves only to addresses the guard refuses."""
+
 
 def refusal(address: Address, *, loopback_allowed: bool) -> str | None:
     """Why an address may not be fetched from, or None."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        address = address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        # an IPv4 address inside an IPv6 one (mapped, 6to4) is judged as such
+        inner = address.ipv4_mapped or address.sixtofour
+        if inner is not None:
+            address = inner
+    for network, reason in REFUSED_NETWORKS.items():
+        if address in network:
+            return reason
     if address.is_link_local:
         return "link-local"
     if address.is_unspecified:
@@ -62,7 +80,7 @@ class GuardedResolver(AbstractResolver):
             else:
                 refused.append(f"{reason} {result['host']}")
         if not kept:
-            raise OSError(
+            raise Refused(
                 f"host {host!r} resolves only to refused addresses ({', '.join(refused)})"
             )
         return kept

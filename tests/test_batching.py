@@ -75,9 +75,10 @@ class OutOfMemoryAbove:
     """The real runner, except that batches larger than `limit` raise CUDA's out-of-memory
     error (injected: this machine has no GPU to run out of)."""
 
-    def __init__(self, runner: ModelRunner, limit: int) -> None:
+    def __init__(self, runner: ModelRunner, limit: int, error: Exception) -> None:
         self.runner = runner
         self.limit = limit
+        self.error = error
         self.sizes: list[int] = []
         self.failed_tensors: list[weakref.ref] = []  # of the passes that ran out of memory
         self.still_held: list[int] = []  # how many of those each later pass found alive
@@ -91,13 +92,25 @@ class OutOfMemoryAbove:
         if len(requests) > self.limit:
             activations = torch.ones(len(requests), 1024)
             self.failed_tensors += [weakref.ref(activations), weakref.ref(inputs["input_ids"])]
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise type(self.error)(*self.error.args)  # a fresh one, as torch raises
         return self.runner.forward(requests, inputs)
 
 
-async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model):
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        # what torch's CPU allocator raises
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 90183693636 bytes. Error code 12"
+        ),
+    ],
+    ids=["cuda", "cpu"],
+)
+async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model, error):
     runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
-    flaky = OutOfMemoryAbove(runner, limit=2)
+    flaky = OutOfMemoryAbove(runner, limit=2, error=error)
     with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
         batcher = MicroBatcher(
             flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
@@ -121,7 +134,9 @@ class NeverFits(TransformersBackend):
 
     async def start(self) -> None:
         await super().start()
-        self._batcher.runner = OutOfMemoryAbove(self._runner, limit=0)
+        self._batcher.runner = OutOfMemoryAbove(
+            self._runner, limit=0, error=torch.OutOfMemoryError("CUDA out of memory.")
+        )
 
 
 class NeverFitsPlugin:
@@ -150,6 +165,26 @@ async def test_a_request_that_never_fits_falls_back_to_on_error(tmp_path, tiny_m
     assert verdict["verdict"] == "unreviewed" and "CUDA out of memory" in verdict["reason"]
     assert dropped == []
     assert worker["failures"] == 2 and worker["state"] == "idle"
+
+
+async def test_a_request_that_breaks_its_batchs_collation_fails_alone(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            runner, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        good = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)][:4]
+        # a placeholder for an image the request does not have: the batch cannot collate
+        bad = ModelRequest(ChoiceQuery("Fire? <|image_pad|>", YES_NO), good[0].images)
+        answers = await asyncio.gather(
+            *(batcher.submit(r) for r in [good[0], bad, *good[1:]]), return_exceptions=True
+        )
+        running.cancel()
+    assert isinstance(answers[1], Exception)
+    for request, answer in zip(good, [answers[0], *answers[2:]], strict=True):
+        assert_same(answer, runner.run(request))
+    assert batcher.health.batches == 1 and batcher.health.requests == 4
 
 
 class AnswersOneTooFew:

@@ -176,6 +176,10 @@ async def test_a_decompression_bomb_over_http_is_refused_and_the_daemon_goes_on(
         ("127.0.0.1", "loopback"),
         ("::ffff:169.254.169.254", "link-local"),
         ("240.0.0.1", "reserved"),
+        ("0.1.2.3", "unspecified"),
+        ("fd00:ec2::254", "cloud metadata"),
+        ("100.100.100.200", "cloud metadata"),
+        ("2002:a9fe:a9fe::1", "link-local"),  # 6to4 of 169.254.169.254
         ("10.1.2.3", None),
         ("192.0.2.10", None),
     ],
@@ -189,6 +193,14 @@ def test_a_link_local_literal_is_refused_even_when_listed():
     with pytest.raises(AlertError, match=r"link-local address 169\.254\.169\.254 is never fetched"):
         check_image_url("http://169.254.169.254/latest/meta-data/", listed)
     check_image_url("http://127.0.0.1/snap.jpg", listed)  # a loopback literal, listed: fine
+
+
+def test_allowed_hosts_compare_as_urls_write_them():
+    listed = ImageSettings(url_hosts=["Camera.Plant.example."])
+    check_image_url("http://camera.plant.example/snap.jpg", listed)
+    check_image_url("http://CAMERA.plant.example./snap.jpg", listed)
+    with pytest.raises(AlertError, match="not in the allowed hosts"):
+        check_image_url("http://camera2.plant.example/snap.jpg", listed)
 
 
 class FixedLookup(GuardedResolver):

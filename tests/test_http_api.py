@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -153,3 +154,37 @@ async def test_healthz_reports_ready_state(tmp_path, tiny_model):
         body = json.loads(await response.text())
         assert body["status"] == "ok" and body["mqtt"] == "disabled"
         assert body["rules"] == ["fire"] and body["rule_errors"] == []
+
+
+async def test_clients_that_stop_sending_are_cut_off_and_intake_goes_on(
+    tmp_path, tiny_model, monkeypatch
+):
+    monkeypatch.setattr("daemon.http_api.HEADER_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("daemon.http_api.BODY_GRACE_S", 1.0)
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        host, port = d.settings.http.listen.split(":")
+        # half a request's headers, then nothing: the connection is closed
+        idle_reader, idle = await asyncio.open_connection(host, port)
+        idle.write(b"POST /v1/alerts HTTP/1.1\r\nHost: x\r\n")
+        # a body announced longer than what is sent: 408, recorded as a refusal
+        body = json.dumps(make_alert("slow-1")).encode()
+        slow_reader, slow = await asyncio.open_connection(host, port)
+        slow.write(
+            b"POST /v1/alerts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body[:100]
+        )
+        async with asyncio.timeout(10):
+            assert await idle_reader.read() == b""
+            answer = await slow_reader.readuntil(b"}")  # (closed after aiohttp's lingering)
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"request body not received in time: 100 bytes in 1 s" in answer
+        for writer in (idle, slow):
+            writer.close()
+        assert (await d.post_alert(make_alert("after-slow")))[0] == 202
+        assert (await d.wait_reviewed("after-slow"))["verdicts"][0]["rule"] == "fire"
+        assert (await d.get_alert("slow-1"))[0] == 404  # never taken
+        rejects = await d.daemon.journal.rejects()
+    assert ("payload", "request body not received in time: 100 bytes in 1 s") in rejects

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
 import time
 from typing import Any
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.config import ConfigError, LogSettings, load_settings
 from daemon.logs import configure_logging
@@ -109,3 +112,52 @@ def test_a_tokens_file_without_tokens_stops_the_start_naming_it(tmp_path, tiny_m
     result = run_to_exit(config, CREDENTIALS_DIRECTORY=str(tmp_path))
     assert result.returncode == 1
     assert f"error: [http] tokens_file {tmp_path / 'tokens'} holds no token" in result.stderr
+
+
+async def test_reload_reads_the_tokens_file_again_and_a_bad_one_keeps_those_in_force(
+    tmp_path, tiny_model, monkeypatch
+):
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    tokens = credentials / "http-tokens"
+    tokens.write_text("old-token\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, http={"tokens_file": "http-tokens"}
+    )
+    async with run_daemon(settings) as d, aiohttp.ClientSession() as http:
+
+        async def status(token: str) -> int:
+            async with http.get(f"{d.base_url}/v1/rules", headers=bearer(token)) as response:
+                return response.status
+
+        assert (await status("old-token"), await status("new-token")) == (200, 401)
+        tokens.write_text("new-token\n")
+        d.daemon.reload()  # what SIGHUP calls
+        assert (await status("old-token"), await status("new-token")) == (401, 200)
+        tokens.write_text("# emptied by mistake\n")
+        with capture_logs() as logs:
+            d.daemon.reload()
+        assert (await status("new-token")) == 200
+        assert any(e["event"].startswith("http tokens not re-read") for e in logs)
+        # header bytes that are not UTF-8 are a wrong token, not a server error
+        reader, writer = await asyncio.open_connection(*d.settings.http.listen.split(":"))
+        writer.write(b"GET /v1/rules HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+        await writer.drain()
+        assert (await reader.readline()).startswith(b"HTTP/1.1 401")
+        writer.close()
+
+
+def test_a_port_already_taken_stops_the_start_with_one_line(tmp_path, tiny_model):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config, _ = write_config(tmp_path, 1883, tiny_model)
+    text = config.read_text().replace("[mqtt]\n", "[mqtt]\nenabled = false\n")
+    config.write_text(re.sub(r'listen = "[^"]*"', f'listen = "127.0.0.1:{port}"', text))
+    with taken:
+        result = run_to_exit(config)
+    assert result.returncode == 1
+    assert f"error: [http] listen = '127.0.0.1:{port}': cannot listen there: " in result.stderr
+    assert "Traceback" not in result.stderr

@@ -8,6 +8,7 @@ kernel leaves; `stall N`: the pass hangs N seconds).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sqlite3
@@ -80,6 +81,12 @@ def alert_state(config: Path, alert_id: str) -> str:
     return state
 
 
+def alert_attempts(config: Path, alert_id: str) -> int:
+    with sqlite3.connect(config.parent / "var" / "journal.sqlite3") as db:
+        [(attempts,)] = db.execute("SELECT attempts FROM alerts WHERE alert_id = ?", (alert_id,))
+    return attempts
+
+
 def log_events(config: Path) -> list[dict]:
     lines = log_path(config).read_text().splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
@@ -143,6 +150,13 @@ async def test_the_watchdog_is_fed_only_while_the_model_worker_progresses(
         stalled_from = pings()
         await asyncio.sleep(2)
         assert pings() == stalled_from  # not fed: systemd would restart the daemon now
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{http}/healthz") as response,
+        ):
+            health = await response.json()
+        assert response.status == 503 and health["status"] == "failing"
+        assert "on one batch for" in health["problem"]
         fault.unlink()
         deadline = time.monotonic() + 15
         while pings() == stalled_from and time.monotonic() < deadline:
@@ -212,6 +226,8 @@ async def test_sigterm_gives_a_stuck_review_its_grace_then_a_second_sigterm_exit
             assert 1.5 <= time.monotonic() - stopped_at < 15
             await out.wait_until(status_topic, b"offline")
             assert alert_state(config, "graceful") == "received"
+            # a clean stop is no failed attempt: restarts never use up max_attempts
+            assert alert_attempts(config, "graceful") == 0
 
             proc = start(config, SECONDLOOK_TEST_FAULT=str(fault))
             await wait_http_ok(f"http://{http}", proc)  # the replayed review stalls again
@@ -233,3 +249,51 @@ async def test_sigterm_gives_a_stuck_review_its_grace_then_a_second_sigterm_exit
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 30) == 0
+
+
+SLOW_LOADING_BACKEND = """
+import asyncio
+import time
+
+from daemon.hookspecs import hookimpl
+from daemon.inference.transformers_backend import TransformersBackend
+
+
+class SlowLoading(TransformersBackend):
+    async def start(self):
+        # a model that takes minutes to load (or a load that hangs), on the model thread
+        await asyncio.get_running_loop().run_in_executor(self._model_pool, time.sleep, 120)
+        await super().start()
+
+
+@hookimpl
+def register_backends(register):
+    register("slow-loading", SlowLoading)
+"""
+
+
+async def test_sigterm_while_the_model_loads_stops_without_waiting_for_it(tmp_path, tiny_model):
+    plugins = tmp_path / "plugins.d"
+    plugins.mkdir()
+    (plugins / "slow.py").write_text(SLOW_LOADING_BACKEND)
+    config, http = write_config(tmp_path, 1883, tiny_model, '[plugins]\ndir = "plugins.d"\n')
+    text = config.read_text().replace("[mqtt]\n", "[mqtt]\nenabled = false\n")
+    config.write_text(text.replace("[model]\n", '[model]\nbackend = "slow-loading"\n'))
+    proc = start(config)
+    try:
+        # HTTP intake is open while the model loads: the alert is journalled
+        async with asyncio.timeout(30):
+            while True:
+                assert proc.poll() is None
+                with contextlib.suppress(aiohttp.ClientError):
+                    if await post(http, make_alert("during-load")) == 202:
+                        break
+                await asyncio.sleep(0.1)
+        stopped_at = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+        assert time.monotonic() - stopped_at < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert alert_state(config, "during-load") == "received"  # reviewed after the restart

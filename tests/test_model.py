@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +88,35 @@ def test_left_padded_batch_scores_equal_single_scores_and_generation_runs(model_
 def test_missing_model_is_a_clear_load_error(tmp_path):
     with pytest.raises(ModelLoadError, match="cannot load model"):
         ModelRunner.load(ModelSettings(path=str(tmp_path / "no-such-model")))
+
+
+def test_weights_that_do_not_fit_the_config_are_a_clear_load_error(tmp_path, tiny_model):
+    # a weights file cut short
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_model, cut)
+    weights = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ModelLoadError, match=r"cannot load model .*SafetensorError"):
+        ModelRunner.load(ModelSettings(path=str(cut)))
+    # a config with one layer more than the weights hold: the layer would be random noise
+    deeper = tmp_path / "deeper"
+    shutil.copytree(tiny_model, deeper)
+    config = json.loads((deeper / "config.json").read_text())
+    text = config["text_config"]
+    text["num_hidden_layers"] += 1
+    text["layer_types"].append(text["layer_types"][-1])
+    (deeper / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"weights do not match its config.json \(\d+ param"):
+        ModelRunner.load(ModelSettings(path=str(deeper)))
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("gpu", "is not a torch device"), ("cuda:999", "CUDA is not available|there are")],
+)
+def test_a_device_that_is_not_there_is_a_clear_load_error(tiny_model, device, message):
+    with pytest.raises(ModelLoadError, match=message):
+        ModelRunner.load(ModelSettings(path=str(tiny_model), device=device))
 
 
 def test_processor_expands_placeholders_to_visual_tokens(tiny_model):

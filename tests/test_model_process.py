@@ -153,6 +153,14 @@ async def test_a_model_process_that_dies_stops_the_daemon_and_its_alert_waits(
             assert verdict["alert_id"] == "first" and verdict["rule"] == "fire"
 
             os.kill(pid, signal.SIGKILL)
+            async with asyncio.timeout(10), aiohttp.ClientSession() as session:
+                while True:  # seen by the health check, before any alert needs the model
+                    async with session.get(f"http://{http}/healthz") as response:
+                        health = await response.json()
+                    if health["status"] == "failing":
+                        break
+                    await asyncio.sleep(0.1)
+            assert response.status == 503 and "model process ended" in health["problem"]
             assert await post(http, make_alert("orphan")) == 202
             # the backend is unusable: a non-zero exit, for systemd's Restart=on-failure
             assert await asyncio.to_thread(proc.wait, 60) == 1

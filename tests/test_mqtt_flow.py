@@ -195,3 +195,26 @@ async def test_availability_topic_is_retained_online_then_offline(tmp_path, brok
     async with collect(broker, "test/status-a") as status:
         await status.wait_until("test/status-a", b"offline")
         assert status.messages[0][1:] == (b"offline", True)
+
+
+async def test_characters_the_broker_refuses_in_topics_never_stop_publishing(
+    tmp_path, broker, tiny_model
+):
+    # mosquitto drops a client that publishes to a topic with a control character or a
+    # Unicode noncharacter: one such alert value would leave every later verdict unpublished
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(
+        FIRE_RULE + '[publish]\ntopic = "alarms/{extra.zone}/{camera_id}/{verdict}"\n'
+    )
+    odd = make_alert("odd-1", camera_id="cam\x07bell", extra={"zone": "tank\ufdd0farm\x7f"})
+    async with collect(broker, "alarms/#") as out, run_daemon(settings) as d:
+        await publish(broker, "secondlook/alerts/box-t", json.dumps(odd))
+        await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("after-1")))
+        received = {v["alert_id"]: topic for topic, v in await out.wait_for(2)}
+        for _ in range(50):  # marked published once the broker's acknowledgements are in
+            if (await d.daemon.health())["unpublished"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (await d.daemon.health())["unpublished"] == 0
+    assert received["odd-1"].startswith("alarms/tank_farm_/cam_bell/")
+    assert received["after-1"].startswith("alarms/_/cam-1/")

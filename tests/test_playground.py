@@ -148,6 +148,13 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         emoji = d.daemon.rules.get("emoji")
         assert emoji is not None and emoji.prompt.text == fiery
         assert emoji.match.event_types == ["火灾"]
+        # a rule file that cannot be written (here: a directory in its place; under systemd,
+        # a rules directory the service may only read): said, not an internal error
+        (settings.rules.dir / "blocked.toml").mkdir()
+        status, body = await call("PUT", "/v1/rules/blocked", data=FIRE_RULE)
+        assert status == 409 and "cannot write the rule into" in body["error"]
+        assert "must be writable by the daemon" in body["error"]
+        (settings.rules.dir / "blocked.toml").rmdir()
         # ids beyond SQLite's integers: refused or not found, never an internal error
         huge = 10**20
         status, body = await call("GET", f"/v1/alerts?before={huge}")

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from daemon.cli import main
 from daemon.contract import Alert
 from daemon.plugins import Registry, make_plugin_manager
-from daemon.rules import RuleBook
+from daemon.rules import RULE_FILE_MAX_BYTES, RuleBook
 from tests.conftest import FIRE_RULE, RULES, collect, make_alert, make_settings, publish, run_daemon
 
 KINDS = Registry.collect(make_plugin_manager()).rule_kinds
@@ -147,3 +147,68 @@ def test_a_newcomer_cannot_take_an_established_rules_name(tmp_path):
     errors = book.load()
     assert sorted(e.path.name for e in errors) == ["a-copy.toml", "fire.toml"]
     assert [(rule.name, rule.path.name) for rule in book.rules] == [("fire", "fire.toml")]
+
+
+def test_files_that_cannot_be_parsed_at_all_are_refused_alone(tmp_path):
+    (tmp_path / "fire.toml").write_text(FIRE_RULE)
+    (tmp_path / "deep.toml").write_text("x = " + "[" * 2000 + "]" * 2000 + "\n")
+    (tmp_path / "huge.toml").write_text(FIRE_RULE + "#" * (RULE_FILE_MAX_BYTES + 1))
+    (tmp_path / "latin.toml").write_bytes(FIRE_RULE.replace("Is", "Ist es Glüh").encode("latin-1"))
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "looped.toml").write_text(FIRE_RULE + 'adapter = "loop/x"\n')
+    # an editor's lock file (a dangling symlink) and swap files are not rule files
+    (tmp_path / ".#fire.toml").symlink_to(tmp_path / "nowhere")
+    (tmp_path / ".fire.toml.swp.toml").write_text("not a rule")
+    book = RuleBook(tmp_path, KINDS)
+    errors = {error.path.name: str(error) for error in book.load()}
+    assert [rule.name for rule in book.rules] == ["fire"]
+    assert errors.keys() == {"deep.toml", "huge.toml", "latin.toml", "looped.toml"}
+    assert "nested too deeply" in errors["deep.toml"]
+    assert f"over {RULE_FILE_MAX_BYTES} bytes" in errors["huge.toml"]
+    assert "not UTF-8 text" in errors["latin.toml"]
+    assert "review.adapter: loop/x: cannot be followed" in errors["looped.toml"]
+
+
+def test_a_directory_that_cannot_be_listed_keeps_the_rules_in_force(tmp_path, monkeypatch):
+    (tmp_path / "fire.toml").write_text(FIRE_RULE)
+    book = RuleBook(tmp_path, KINDS)
+    book.load()
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    # (the tests run as root, whom no permission stops: listing fails as it does for others)
+    monkeypatch.setattr("daemon.rules.os.scandir", refused)
+    [error] = book.load()
+    assert [rule.name for rule in book.rules] == ["fire"]
+    assert str(error) == f"{tmp_path}: Permission denied"
+    monkeypatch.undo()
+    (tmp_path / "fire.toml").rename(tmp_path.parent / f"{tmp_path.name}-fire.toml")
+    tmp_path.rmdir()
+    [error] = book.load()
+    assert [rule.name for rule in book.rules] == ["fire"]
+    assert "rules directory does not exist" in str(error)
+
+
+def test_rules_check_knows_the_rule_kinds_of_the_configs_plugins_dir(tmp_path):
+    plugins = tmp_path / "plugins.d"
+    plugins.mkdir()
+    (plugins / "binary.py").write_text(
+        "from daemon.hookspecs import hookimpl\n"
+        "from plugins.verdict import YesNoVerdict\n\n\n"
+        "class Binary(YesNoVerdict):\n"
+        '    name = "binary"\n\n\n'
+        "@hookimpl\n"
+        "def register_rule_kinds(register):\n"
+        "    register(Binary())\n"
+    )
+    config = tmp_path / "secondlook.toml"
+    config.write_text('[plugins]\ndir = "plugins.d"\n')
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "bin.toml").write_text(FIRE_RULE.replace('"verdict"', '"binary"'))
+    alone = CliRunner().invoke(main, ["rules", "check", str(rules)])
+    assert alone.exit_code == 1 and "unknown kind 'binary'" in alone.output
+    result = CliRunner().invoke(main, ["rules", "check", str(rules), "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "rule=bin kind=binary" in result.output

@@ -165,3 +165,54 @@ def test_bad_windows_and_scores_are_load_errors(tmp_path):
     with pytest.raises(RuleError) as info:
         parse_rule(tmp_path / "bad.toml", bad, KINDS)
     assert info.value.where == "match.hours" and "time window" in info.value.reason
+
+
+async def test_the_rules_directory_is_followed_when_created_removed_or_swapped(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    rules = settings.rules.dir
+    rules.rmdir()
+    async with run_daemon(settings) as d:
+        assert "does not exist" in (await d.daemon.health())["rule_errors"][0]
+        # created after the start
+        staged = tmp_path / "staged"
+        staged.mkdir()
+        (staged / "fire.toml").write_text(FIRE_RULE)
+        staged.rename(rules)
+        await wait_for_rules(d, ["fire"], timeout=4)
+        # removed: the rules in force stay, and the health report says why
+        (rules / "fire.toml").rename(tmp_path / "fire.toml")
+        rules.rmdir()
+        async with asyncio.timeout(4):
+            while not (await d.daemon.health())["rule_errors"]:
+                await asyncio.sleep(0.05)
+        assert (await d.daemon.health())["rules"] == ["fire"]
+        # made again, then swapped for another by a rename: each is read
+        rules.mkdir()
+        (rules / "smoke.toml").write_text(FIRE_RULE.replace('["fire"]', '["smoke"]'))
+        await wait_for_rules(d, ["smoke"], timeout=4)
+        staged.mkdir()
+        (staged / "gas.toml").write_text(FIRE_RULE.replace('["fire"]', '["gas"]'))
+        rules.rename(tmp_path / "old")
+        staged.rename(rules)
+        await wait_for_rules(d, ["gas"], timeout=4)
+        # and edits in the new directory are still seen
+        (rules / "fire.toml").write_text(FIRE_RULE)
+        await wait_for_rules(d, ["fire", "gas"], timeout=4)
+
+
+async def test_a_file_written_in_two_steps_is_read_once_whole(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    path = settings.rules.dir / "tank.toml"
+    whole = FIRE_RULE.replace('event_types = ["fire"]', 'event_types = ["fire"]\ncameras = ["t*"]')
+    async with run_daemon(settings) as d:
+        await asyncio.sleep(1)  # the watcher is in place
+        with capture_logs() as logs:
+            path.write_text(FIRE_RULE)  # a first write, valid without its cameras, then all
+            await asyncio.sleep(0.2)
+            path.write_text(whole)
+            await wait_for_rules(d, ["tank"], timeout=4)
+    [loaded] = [e for e in logs if e["event"] in ("rule loaded", "rule changed")]
+    assert d.daemon.rules.get("tank").match.cameras == ["t*"]
+    assert loaded["event"] == "rule loaded"

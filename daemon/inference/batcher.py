@@ -120,15 +120,36 @@ class MicroBatcher:
     async def _collect(self) -> None:
         while True:
             batch = await self._next_batch()
-            if not batch:
+            if not batch or (collated := await self._collate(batch)) is None:
                 continue
-            try:
-                inputs = await self._in(self.prep_pool, self.runner.collate, _requests(batch))
-            except Exception as exc:
+            await self._collated.put(collated)
+            del collated  # the model stage holds the inputs only as long as it needs them
+
+    async def _collate(self, batch: list[_Waiting]) -> tuple[list[_Waiting], Any] | None:
+        """The batch and its inputs. When a batch does not collate, each request is tried
+        alone: those that fail alone fail, and the others go on without them (None: none
+        is left)."""
+        try:
+            return batch, await self._in(self.prep_pool, self.runner.collate, _requests(batch))
+        except Exception as exc:
+            if len(batch) == 1:
                 _fail(batch, exc)
-                continue
-            await self._collated.put((batch, inputs))
-            del inputs  # the model stage holds them only as long as it needs them
+                return None
+        fit = []
+        for item in batch:
+            try:
+                await self._in(self.prep_pool, self.runner.collate, [item.request])
+            except Exception as exc:
+                _fail([item], exc)
+            else:
+                fit.append(item)
+        if not fit:
+            return None
+        try:
+            return fit, await self._in(self.prep_pool, self.runner.collate, _requests(fit))
+        except Exception as exc:
+            _fail(fit, exc)
+            return None
 
     async def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting request and up to max_batch - 1 of its kind behind it."""
@@ -169,30 +190,23 @@ class MicroBatcher:
         runs out of memory is split in halves, each retried."""
         health = self.health
         if inputs is None:
-            try:
-                inputs = await self._in(self.prep_pool, self.runner.collate, _requests(batch))
-            except Exception as error:
-                _fail(batch, error)
+            if (collated := await self._collate(batch)) is None:
                 return
+            batch, inputs = collated
+            del collated  # `del inputs` below must free them
         try:
             answers = await self._timed_pass(batch, inputs)
             if len(answers) != len(batch):  # a backend's bug: fail the batch, not the batcher
                 raise RuntimeError(
                     f"the model gave {len(answers)} answers to {len(batch)} requests"
                 )
-        except self.out_of_memory as exc:
-            # its traceback holds the failed pass's frames, and so its tensors on the device
-            out_of_memory = exc.with_traceback(None)
         except Exception as exc:
-            health.failures += 1
-            if (fatal := unusable_because(exc)) is not None:
-                health.fatal = fatal
-                log.critical("the model is unusable", error=str(exc))
-                _fail(batch, BackendUnusable(health.fatal))
-                self._fail_waiting(BackendUnusable(health.fatal))
+            if isinstance(exc, self.out_of_memory) or is_host_out_of_memory(exc):
+                # its traceback holds the failed pass's frames, and so its tensors on the device
+                out_of_memory = exc.with_traceback(None)
+            else:
+                self._failed(batch, exc)
                 return
-            _fail(batch, exc)
-            return
         else:
             health.batches += 1
             health.requests += len(batch)
@@ -215,6 +229,18 @@ class MicroBatcher:
         log.warning("out of memory: splitting the batch", size=len(batch))
         for part in (batch[:half], batch[half:]):
             await self._forward(part)
+
+    def _failed(self, batch: list[_Waiting], exc: Exception) -> None:
+        """A pass that failed otherwise than by running out of memory."""
+        health = self.health
+        health.failures += 1
+        if (fatal := unusable_because(exc)) is not None:
+            health.fatal = fatal
+            log.critical("the model is unusable", error=str(exc))
+            _fail(batch, BackendUnusable(fatal))
+            self._fail_waiting(BackendUnusable(fatal))
+            return
+        _fail(batch, exc)
 
     async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer]:
         health = self.health
@@ -256,6 +282,11 @@ def unusable_because(error: BaseException) -> str | None:
     if is_device_fatal(error):
         return f"the model's device failed: {error}"
     return None
+
+
+def is_host_out_of_memory(error: BaseException) -> bool:
+    """torch's CPU allocator refusing an allocation (a plain RuntimeError, unlike CUDA's)."""
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
 
 
 def is_device_fatal(error: BaseException) -> bool:

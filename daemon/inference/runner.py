@@ -40,9 +40,38 @@ SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def pick_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The torch device of `[model] device`; ModelLoadError when there is no such device."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"[model] device = {setting!r} is not a torch device (auto, cpu, cuda, cuda:1 ...)"
+        ) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"[model] device = {setting!r}, but CUDA is not available here (no GPU, no driver, "
+            'or a torch build without CUDA); use "auto" or "cpu"'
+        )
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= count:
+        raise ModelLoadError(f"[model] device = {setting!r}, but there are {count} GPUs")
+    return device
+
+
+def check_loading(path: str, loading: Mapping[str, Any]) -> None:
+    """Refuse weights that leave parameters of the model's config without values (randomly
+    initialised: its verdicts would be noise) or that do not fit their shapes."""
+    missing = sorted(loading.get("missing_keys") or ())
+    mismatched = [str(item[0]) for item in loading.get("mismatched_keys") or ()]
+    if missing or mismatched:
+        some = ", ".join((missing + mismatched)[:3])
+        raise ModelLoadError(
+            f"cannot load model {path!r}: its weights do not match its config.json "
+            f"({len(missing)} parameters missing, {len(mismatched)} of another shape, e.g. "
+            f"{some})"
+        )
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -206,16 +235,27 @@ class ModelRunner:
                     supported=SUPPORTED_MODEL_TYPES,
                 )
             processor = load_processor(settings.path)
-            model = AutoModelForImageTextToText.from_pretrained(
-                settings.path, dtype=dtype, attn_implementation=attention
+            model, loading = AutoModelForImageTextToText.from_pretrained(
+                settings.path, dtype=dtype, attn_implementation=attention, output_loading_info=True
             )
+        except ModelLoadError:
+            raise
         except (OSError, ValueError, ImportError) as exc:
             reason = str(exc).rstrip(".")
             raise ModelLoadError(
                 f"cannot load model {settings.path!r}: {reason}. Set [model] path to a local "
                 "directory holding a Hugging Face snapshot, or download the hub id first."
             ) from exc
-        model.to(device)
+        except Exception as exc:  # a weights file cut short, weights of another shape ...
+            raise ModelLoadError(
+                f"cannot load model {settings.path!r}: {type(exc).__name__}: "
+                f"{str(exc).strip()[:500]}"
+            ) from exc
+        check_loading(settings.path, loading)
+        try:
+            model.to(device)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot move the model to {device}: {exc}") from exc
         vision_attention = prepare_for_inference(model, settings.compile)
         log.info(
             "model loaded",

@@ -78,6 +78,12 @@ class TransformersBackend:
     def health(self) -> dict[str, Any]:
         if self._batcher is None:
             return {"state": "loading"}
+        if isinstance(self._runner, ModelProcess) and not self._batcher.health.fatal:
+            process = self._runner.process
+            if not process.is_alive():  # seen now, not at the next pass
+                fatal = f"the model process ended (exit code {process.exitcode})"
+                self._batcher.health.fatal = fatal
+                log.critical("the model is unusable", error=fatal)
         report = self._batcher.report()
         if isinstance(self._runner, ModelProcess):
             report["pid"] = self._runner.process.pid
