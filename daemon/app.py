@@ -48,6 +48,8 @@ log = structlog.get_logger(__name__)
 JOURNAL_FILE = "journal.sqlite3"
 #: while the journal cannot take an MQTT alert, it is retried this often (unacknowledged)
 BUSY_RETRY_S = 1.0
+#: at a stop, how long the verdicts still in the outbox may take to be acknowledged
+FINAL_FLUSH_S = 10.0
 #: name prefixes of the threads a backend runs the model on
 MODEL_THREADS = ("model", "collate")
 #: open files (sockets included) the daemon raises its soft limit to, within the hard limit:
@@ -128,6 +130,8 @@ class Daemon:
         change live."""
         self.reload_rules()
         self.reread_credentials()
+        if self.outbox is not None:
+            self.outbox.retry_refused()
         if self.reload_settings is None:
             return
         try:
@@ -198,6 +202,7 @@ class Daemon:
             "intake": (self.pipeline.busy_reason() if self.pipeline else None) or "open",
             "model_worker": getattr(self.backend, "health", dict)(),
             "unpublished": await self.count_unpublished(),
+            "publish_refused": len(self.outbox.refused) if self.outbox else 0,
             "fatal": self.fatal,
             "problem": problem,
         }
@@ -376,7 +381,11 @@ class Daemon:
         if not await pipeline.drain(self.settings.pipeline.stop_grace_s):
             log.warning("reviews still running at the deadline; they resume at next start")
         if self.outbox is not None and self.link is not None and self.link.connected.is_set():
-            await self.outbox.flush()
+            try:
+                async with asyncio.timeout(FINAL_FLUSH_S):
+                    await self.outbox.flush()
+            except TimeoutError:
+                log.warning("verdicts not all published before the stop; sent at next start")
             await self.link.announce_offline()
 
 

@@ -35,8 +35,20 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    # libraries log through the standard library: warnings and worse only
-    logging.basicConfig(level=logging.WARNING, stream=stream, force=True)
+    # libraries log through the standard library: warnings and worse only, rendered like
+    # the daemon's own lines (one JSON object each under journald)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+            ],
+        )
+    )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     # huggingface_hub prints its own warnings (download retries): once is enough
     logging.getLogger("huggingface_hub").propagate = False
     # download/loading progress bars are noise in a service log

@@ -56,6 +56,11 @@ EVENTS = {
         "Verdict publishes the broker did not acknowledge (they are retried)",
         (),
     ),
+    "publish_refused": (
+        "secondlook_publish_refused",
+        "Verdicts the broker refused (MQTT 5 reason code): kept, retried on SIGHUP or restart",
+        (),
+    ),
     "rule_reload_errors": (
         "secondlook_rule_reload_errors",
         "Rule files refused at a reload",

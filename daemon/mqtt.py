@@ -5,7 +5,10 @@
 - reconnects with capped, jittered exponential backoff and resubscribes every time;
 - keeps a retained availability topic: `online` on connect, `offline` by last will or on
   clean shutdown;
-- publishes verdicts at QoS 1; `publish` returns once the broker acknowledged.
+- publishes verdicts at QoS 1; `publish` returns once the broker acknowledged, and raises
+  `PublishRefused` when its acknowledgement refuses the message (MQTT 5 reason codes);
+- subscribes with MQTT 5's retain handling 1: a retained alert comes with a new subscription
+  only, not again at every reconnect (when the journal may have pruned it long ago).
 """
 
 from __future__ import annotations
@@ -19,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+import paho.mqtt.client as paho_mqtt
 import structlog
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import MqttSettings
 from daemon.credentials import CredentialError, credential_path, read_secret
@@ -49,6 +55,31 @@ class IntakeFailed(aiomqtt.MqttError):
 
 class PublishError(Exception):
     """A publish that the broker did not acknowledge (not connected, timeout, error)."""
+
+
+class PublishRefused(PublishError):
+    """A publish the broker acknowledged with a failure reason code (MQTT 5): not
+    authorized, quota exceeded, topic name invalid ... Sending it again will not help."""
+
+
+class PubAcks:
+    """The PUBACKs of one connection, by message id."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[int, asyncio.Future[ReasonCode]] = {}
+
+    def expect(self, mid: int) -> asyncio.Future[ReasonCode]:
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[mid] = future
+        return future
+
+    def forget(self, mid: int) -> None:
+        self._waiting.pop(mid, None)
+
+    def arrived(self, mid: int, reason_code: ReasonCode) -> None:
+        future = self._waiting.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(reason_code)
 
 
 #: (topic, payload, alert format of the subscription it arrived on)
@@ -179,6 +210,7 @@ class MqttLink:
         self.intake_gate: Callable[[], Awaitable[None]] = _open_gate
         self._intake_open = True
         self._client: aiomqtt.Client | None = None
+        self._acks = PubAcks()
         #: set when the current connection ends; a new event for each connection
         self._lost = asyncio.Event()
         self.connected = asyncio.Event()
@@ -238,6 +270,15 @@ class MqttLink:
         client._client.manual_ack_set(True)
         # the outbox keeps a batch of publishes in flight: that is no reason to warn
         client.pending_calls_threshold = 1000
+        # each PUBACK's reason code reaches `publish` (aiomqtt's own callback drops it)
+        acks = self._acks = PubAcks()
+        aiomqtt_on_publish = client._client.on_publish
+
+        def on_publish(paho: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+            acks.arrived(mid, reason)
+            aiomqtt_on_publish(paho, userdata, mid, reason, properties)
+
+        client._client.on_publish = on_publish
         return client
 
     async def run(self) -> None:
@@ -250,10 +291,10 @@ class MqttLink:
                 async with self._make_client() as client:
                     await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
                     for subscription in self.subscriptions:
-                        await client.subscribe(self._filter(subscription.topic), qos=1)
+                        await self._subscribe(client, self._filter(subscription.topic))
                     if s.feedback_topic:
                         # not shared: the gateway that holds the alert is the one that stores it
-                        await client.subscribe(s.feedback_topic, qos=1)
+                        await self._subscribe(client, s.feedback_topic)
                     self._client = client
                     self._lost = asyncio.Event()
                     self.connected.set()
@@ -283,8 +324,23 @@ class MqttLink:
                 # make a reconnect loop
                 next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
             delay = next_delay()
-            log.warning("mqtt disconnected", error=error, retry_in_s=round(delay, 2))
+            hint = {}
+            if not up and not s.uses_tls and ("timed out" in error or "reset" in error):
+                # a TLS listener says nothing to a plain CONNECT, or drops it
+                hint = {
+                    "hint": "no MQTT answer: is it the broker's port, and does it want TLS "
+                    "([mqtt] tls)?"
+                }
+            log.warning("mqtt disconnected", error=error, retry_in_s=round(delay, 2), **hint)
             await asyncio.sleep(delay)
+
+    async def _subscribe(self, client: aiomqtt.Client, topic: str) -> None:
+        """At QoS 1; on MQTT 5 retained messages only with a new subscription (the session
+        keeps it across reconnects, so a retained alert is not delivered at each one)."""
+        if self.settings.protocol == "5":
+            await client.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=1))
+        else:
+            await client.subscribe(topic, qos=1)
 
     def _filter(self, topic: str) -> str:
         group = self.settings.share_group
@@ -364,33 +420,37 @@ class MqttLink:
             budget.give(_size(message))
 
     async def publish(self, topic: str, payload: str | bytes, *, retain: bool = False) -> None:
-        """Publish at QoS 1 and wait for the broker's acknowledgement."""
-        client, lost = self._client, self._lost
+        """Publish at QoS 1 and wait for the broker's acknowledgement, or for the connection
+        to be lost (a stalled broker is dropped by the keep-alive). No time limit of its
+        own: a message given up on would still be sent by the client later, and then again
+        by the outbox."""
+        client, acks, lost = self._client, self._acks, self._lost
         if client is None:
             raise PublishError("not connected to the broker")
-        sending = asyncio.ensure_future(
-            client.publish(topic, payload, qos=1, retain=retain, timeout=PUBLISH_TIMEOUT_S)
-        )
+        info = client._client.publish(topic, payload, qos=1, retain=retain)
+        if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
+            raise PublishError(f"could not publish: {paho_mqtt.error_string(info.rc)}")
+        acked = acks.expect(info.mid)
         dropped = asyncio.ensure_future(lost.wait())
         try:
-            await asyncio.wait({sending, dropped}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({acked, dropped}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             dropped.cancel()
-        if not sending.done():
-            # a connection that is gone will never deliver the PUBACK
-            sending.cancel()
+            if not acked.done():
+                acks.forget(info.mid)
+        if not acked.done():  # a connection that is gone will never deliver the PUBACK
             raise PublishError("connection lost before the broker acknowledged")
-        try:
-            sending.result()
-        except aiomqtt.MqttError as exc:
-            raise PublishError(str(exc)) from exc
+        reason = acked.result()
+        if reason.is_failure:
+            raise PublishRefused(f"the broker refused it: {reason} (reason code {reason.value})")
 
     async def announce_offline(self) -> None:
         """Clean shutdown: replace the retained `online` with `offline` (best effort)."""
         try:
-            await self.publish(self.settings.status_topic, OFFLINE, retain=True)
-        except PublishError as exc:
-            log.warning("could not publish offline status", error=str(exc))
+            async with asyncio.timeout(PUBLISH_TIMEOUT_S):
+                await self.publish(self.settings.status_topic, OFFLINE, retain=True)
+        except (PublishError, TimeoutError) as exc:
+            log.warning("could not publish offline status", error=str(exc) or "timed out")
 
 
 async def publish_all(host: str, port: int, topic: str, payloads: Sequence[str | bytes]) -> None:

@@ -1,4 +1,10 @@
-"""The verdict outbox: publishes journalled verdicts in order, marks each once acknowledged."""
+"""The verdict outbox: publishes journalled verdicts in order, marks each once acknowledged.
+
+A verdict the broker refuses (an MQTT 5 PUBACK with a failure reason code: not authorized
+for its topic, quota exceeded ...) stays unpublished in the journal, logged once, and is
+set aside so that it does not hold up the others; SIGHUP or a restart tries it again (after
+the broker's access list is fixed, say).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import Protocol
 import structlog
 
 from daemon.journal import Journal
+from daemon.mqtt import PublishRefused
 from daemon.stats import StageStats
 
 log = structlog.get_logger(__name__)
@@ -40,6 +47,15 @@ class Outbox:
         #: verdicts the broker acknowledged that the journal could not mark yet (a full
         #: disk): marked at the next flush, never published again meanwhile
         self._acknowledged: set[int] = set()
+        #: verdicts the broker refused, by id: the reason
+        self.refused: dict[int, str] = {}
+
+    def retry_refused(self) -> None:
+        """Offer the refused verdicts to the broker again (SIGHUP)."""
+        if self.refused:
+            log.info("verdicts the broker refused: trying them again", count=len(self.refused))
+            self.refused.clear()
+            self.wake()
 
     def wake(self) -> None:
         """New verdicts, or a new connection: look at the journal again."""
@@ -73,7 +89,7 @@ class Outbox:
 
     async def _flush(self) -> None:
         await self._mark_acknowledged()
-        while batch := await self.journal.unpublished(limit=BATCH):
+        while batch := await self.journal.unpublished(limit=BATCH, skip=self.refused.keys()):
             started = time.perf_counter()
             results = await asyncio.gather(
                 *(self.publisher.publish(item.topic, item.payload) for item in batch),
@@ -83,12 +99,21 @@ class Outbox:
             done = [item.id for item, result in zip(batch, results, strict=True) if result is None]
             self._acknowledged.update(done)
             await self._mark_acknowledged()
-            if len(done) < len(batch):
-                self.stats.count("publish_failures", len(batch) - len(done))
-                error = next(r for r in results if r is not None)
-                log.warning(
-                    "verdicts not published yet", pending=len(batch) - len(done), error=str(error)
-                )
+            for item, result in zip(batch, results, strict=True):
+                if isinstance(result, PublishRefused):
+                    self.refused[item.id] = str(result)
+                    self.stats.count("publish_refused")
+                    log.error(
+                        "verdict refused by the broker; kept unpublished, tried again on SIGHUP "
+                        "or at the next start",
+                        topic=item.topic,
+                        verdict_id=item.id,
+                        error=str(result),
+                    )
+            failed = [r for r in results if r is not None and not isinstance(r, PublishRefused)]
+            if failed:
+                self.stats.count("publish_failures", len(failed))
+                log.warning("verdicts not published yet", pending=len(failed), error=str(failed[0]))
                 return
 
     async def _mark_acknowledged(self) -> None:

@@ -225,8 +225,10 @@ class Pipeline:
                     priority=priority,
                 )
         except sqlite3.Error as exc:
-            self.storage_problem = f"the journal cannot write: {exc}"
-            log.error("journal write failed; intake paused", error=str(exc))
+            problem = f"the journal cannot write: {exc}"
+            if problem != self.storage_problem:  # once, not once per alert held meanwhile
+                log.error("journal write failed; intake paused", error=str(exc))
+            self.storage_problem = problem
             return IngestResult("busy", alert, busy_reason=self.storage_problem)
         except PydanticSerializationError:
             # JSON's "\ud800" escapes decode to lone surrogates, which are not Unicode: the

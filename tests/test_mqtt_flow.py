@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+from pathlib import Path
 
+import aiomqtt
 from structlog.testing import capture_logs
 
 from daemon.mqtt import publish_all
 from tests.conftest import (
     FIRE_RULE,
+    Broker,
     collect,
     make_alert,
     make_settings,
@@ -218,3 +222,99 @@ async def test_characters_the_broker_refuses_in_topics_never_stop_publishing(
         assert (await d.daemon.health())["unpublished"] == 0
     assert received["odd-1"].startswith("alarms/tank_farm_/cam_bell/")
     assert received["after-1"].startswith("alarms/_/cam-1/")
+
+
+def private_broker(tmp_path: Path, acl: str | None = None) -> Broker:
+    """A broker of this test's own (with an access list for anonymous clients, if given)."""
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    broker = Broker(workdir)
+    if acl is not None:
+        (workdir / "acl").write_text(acl)
+        broker.config.write_text(broker.config.read_text() + f"acl_file {workdir / 'acl'}\n")
+    broker.start()
+    return broker
+
+
+async def test_a_verdict_the_broker_refuses_is_kept_and_sent_again_on_reload(tmp_path, tiny_model):
+    # the gateway may publish unreviewed verdicts only: a rule's verdicts are refused (MQTT 5
+    # PUBACK reason code 135, not authorized); they must not be marked published
+    broker = private_broker(
+        tmp_path,
+        "topic readwrite secondlook/alerts/#\ntopic readwrite secondlook/status\n"
+        "topic read #\ntopic write secondlook/verdicts/unreviewed/#\n",
+    )
+    try:
+        settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+        (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+        async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+            await d.post_alert(make_alert("ruled"))
+            await d.post_alert(make_alert("unruled", event_type="smoke"))
+            [(_, verdict)] = await out.wait_for(1)
+            assert verdict["alert_id"] == "unruled"
+            async with asyncio.timeout(10):
+                while (health := await d.daemon.health())["publish_refused"] < 1:
+                    await asyncio.sleep(0.1)
+            assert health["unpublished"] == 1
+            # the access list is fixed; SIGHUP offers the verdict again
+            (broker.workdir / "acl").write_text("topic readwrite #\n")
+            broker.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.5)
+            d.daemon.reload()
+            await out.wait_for(2)
+            async with asyncio.timeout(10):
+                while (await d.daemon.health())["unpublished"]:
+                    await asyncio.sleep(0.1)
+        assert [v["alert_id"] for _, v in out.verdicts()] == ["unruled", "ruled"]
+    finally:
+        broker.stop()
+
+
+async def test_a_retained_alert_is_not_delivered_again_at_each_reconnect(tmp_path, tiny_model):
+    broker = private_broker(tmp_path)
+    try:
+        settings = make_settings(
+            tmp_path,
+            broker=broker,
+            model=tiny_model,
+            storage={"journal_max_age_days": 1e-5, "prune_interval_s": 0.2},
+        )
+        (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+        async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+            async with aiomqtt.Client("127.0.0.1", broker.port) as box:
+                payload = json.dumps(make_alert("kept"))
+                await box.publish("secondlook/alerts/b", payload, qos=1, retain=True)
+            await out.wait_for(1)
+            async with asyncio.timeout(10):  # pruned from the journal: no duplicate check left
+                while (await d.get_alert("kept"))[0] != 404:
+                    await asyncio.sleep(0.1)
+            d.daemon.link.connected.clear()
+            broker.restart()
+            async with asyncio.timeout(15):
+                while not d.daemon.link.connected.is_set():
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)
+        assert [v["alert_id"] for _, v in out.verdicts()] == ["kept"]
+    finally:
+        broker.stop()
+
+
+async def test_a_broker_that_stalls_gets_each_verdict_once(tmp_path, tiny_model):
+    broker = private_broker(tmp_path)
+    try:
+        settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+        (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+        async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+            broker.proc.send_signal(signal.SIGSTOP)  # frozen, its connections kept open
+            try:
+                for i in range(5):
+                    assert (await d.post_alert(make_alert(f"stall-{i}")))[0] == 202
+                await asyncio.sleep(12)  # longer than a publish used to wait before retrying
+            finally:
+                broker.proc.send_signal(signal.SIGCONT)
+            await out.wait_for(5)
+            await asyncio.sleep(2)
+        ids = sorted(v["alert_id"] for _, v in out.verdicts())
+        assert ids == [f"stall-{i}" for i in range(5)]  # each once
+    finally:
+        broker.stop()
