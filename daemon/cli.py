@@ -16,6 +16,7 @@ import click
 import structlog
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.logs import configure_logging
@@ -84,6 +85,14 @@ CONFIG_OPTION = click.option(
 MODEL_OPTION = click.option(
     "--model", "model_path", help="Hub id or local model directory (overrides the config)."
 )
+
+
+def _writable_dir(path: Path) -> None:
+    """Make an output directory now; a path where none can be made is a one-line error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write into {path}: {exc.strerror or exc}") from exc
 
 
 def _known_failures(exc: BaseException) -> list[BaseException]:
@@ -226,6 +235,7 @@ def eval_(
     from daemon.eval_plots import calibration_plot, sweep_plot
     from daemon.eval_run import evaluate, print_report
 
+    _writable_dir(out_dir)  # before the model loads: not after every review is done
     with tempfile.TemporaryDirectory(prefix="secondlook-eval-") as scratch:
         settings = _offline(_settings(config, model_path=model_path, rules_dir=rules_dir), scratch)
         files = _review_inputs((directory,), settings)
@@ -239,7 +249,6 @@ def eval_(
                 target_precision=target_precision,
             )
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(result, indent=1))
     sweep_plot(result, out_dir / "sweep.png")
     calibration_plot(result, out_dir / "calibration.png")
@@ -248,6 +257,9 @@ def eval_(
     else:
         # piped: wide rows rather than wrapped cells
         print_report(result, Console() if sys.stdout.isatty() else Console(width=220), out_dir)
+    if not result["rules"]:
+        click.echo("error: no labelled alert was judged by a rule: nothing was measured", err=True)
+        sys.exit(1)
 
 
 @main.command("export-dataset")
@@ -280,6 +292,9 @@ def export_dataset(
     journal = settings.storage.dir / "journal.sqlite3"
     if not journal.exists():
         raise click.ClickException(f"no journal at {journal} ([storage] dir)")
+    _writable_dir(out_dir / "images")
+    # this command reports on stdout itself: log lines (rules loaded ...) only when it fails
+    configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
     # how each rule showed the model its snapshots: the samples show them alike
     pm = make_plugin_manager(plugins_dir=settings.plugins.dir)
     book = RuleBook(settings.rules.dir, Registry.collect(pm, settings).rule_kinds)
@@ -333,10 +348,20 @@ def try_(
     as_json: bool,
 ) -> None:
     """Try a prompt or a rule on one image: verdict, P(real), fields, raw output, latency."""
-    from daemon.playground import PlaygroundError, rule_toml
+    from daemon.playground import RULE_NAME, PlaygroundError, rule_toml
 
     if (prompt is None) == (rule_file is None):
         raise click.UsageError("give either --prompt or --rule")
+    if save_as is not None and prompt is not None and event_type is None:
+        raise click.UsageError(
+            "--save-rule with --prompt needs --event-type: the alerts the saved rule reviews "
+            "(else it would review every alert)"
+        )
+    if save_as is not None and not RULE_NAME.fullmatch(save_as):
+        raise click.UsageError(
+            f"--save-rule {save_as!r}: letters, digits, '_', '-' and '.', starting with a "
+            "letter or digit"
+        )
     if prompt is not None and kind in ("classify", "extract"):
         raise click.UsageError(
             f"a {kind} rule needs its labels or fields: write a rule file and try it with --rule"
@@ -376,7 +401,8 @@ def try_(
         _print_try(result)
     if saved is not None:
         console.print(
-            f"saved as {saved[0]}" + (" (it replaced the earlier file)" if saved[1] else "")
+            f"saved as {saved[0]}" + (" (it replaced the earlier file)" if saved[1] else ""),
+            markup=False,
         )
 
 
@@ -393,7 +419,8 @@ async def _try(
 ) -> tuple[dict[str, Any], tuple[Path, bool] | None]:
     """The rule's result, and where it was saved (and whether that replaced a file)."""
     from daemon.app import Daemon
-    from daemon.playground import load_rule, save_rule, try_rule
+    from daemon.images import ImageError, inspect_image
+    from daemon.playground import PlaygroundError, load_rule, save_rule, try_rule
 
     # the rule under trial alone: the rules directory is not read
     empty = settings.storage.dir / "no-rules"
@@ -401,11 +428,17 @@ async def _try(
     daemon = Daemon(
         settings.model_copy(update={"rules": settings.rules.model_copy(update={"dir": empty})})
     )
+    kinds = daemon.registry.rule_kinds
+    load_rule(text, kinds, None, name)  # a mistake in the rule is told before the model loads
+    try:
+        inspect_image(image, max_pixels=settings.images.max_input_pixels)
+    except ImageError as exc:
+        raise PlaygroundError(f"image: {exc}") from exc
     pipeline = await daemon.open()
     try:
         with console.status(f"loading model {settings.model.path}"):
             await daemon.start_model()
-        kinds, check = daemon.registry.rule_kinds, daemon.rules.check_choices
+        check = daemon.rules.check_choices
         rule = load_rule(text, kinds, check, name)
         result = await try_rule(
             pipeline.reviewer,
@@ -440,7 +473,8 @@ def _print_try(result: dict[str, Any]) -> None:
         "raw",
     ):
         value = result[key]
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        # prompts and model output are shown as they are, never read as markup
+        table.add_row(key, Text(json.dumps(value) if isinstance(value, dict) else str(value)))
     Console().print(table)
 
 
@@ -703,7 +737,12 @@ def rules_check(directory: Path, config: Path | None, model_path: str | None) ->
 
         from daemon.inference.runner import choice_token_ids
 
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(
+                f"cannot load the tokenizer of {model_path!r}: {exc}"
+            ) from exc
         check_choices = lambda choices: choice_token_ids(tokenizer, choices)  # noqa: E731
     settings = _settings(config)
     kinds = Registry.collect(make_plugin_manager((), settings.plugins.dir), settings).rule_kinds

@@ -8,6 +8,7 @@ import tomllib
 from datetime import datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -365,6 +366,20 @@ class Settings(_Section):
     #: field-mapping alert formats, by name: [formats.<name>]
     formats: dict[str, MappingFormat] = Field(default_factory=dict)
     plugins: PluginSettings = Field(default_factory=PluginSettings)
+
+    @model_validator(mode="after")
+    def _frigate_api_allowed(self) -> Settings:
+        api = self.frigate.api_url
+        if api is not None:
+            parts = urlsplit(api)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"frigate.api_url: expected an http(s) URL, got {api!r}")
+            if parts.hostname.rstrip(".") not in self.images.url_hosts:
+                raise ValueError(
+                    f"frigate.api_url: its host {parts.hostname!r} must be in [images] "
+                    "url_hosts, or every snapshot fetched from it is refused"
+                )
+        return self
 
     def resolve_paths(self, base: Path) -> Settings:
         """Relative directories are taken relative to `base` (the config file's folder).

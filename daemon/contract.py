@@ -103,6 +103,9 @@ class Detection(BaseModel):
     def _ordered(self) -> Detection:
         if self.x2 < self.x1 or self.y2 < self.y1:
             raise ValueError("x2/y2 must not be smaller than x1/y1")
+        # a box's own keys (a tracker id, a class index ...) are kept like `extra`: as deep
+        if _depth(self.model_extra or {}) > MAX_EXTRA_DEPTH:
+            raise ValueError(f"nested more than {MAX_EXTRA_DEPTH} levels deep")
         return self
 
 

@@ -28,10 +28,6 @@ def _by_reject_below(rule: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [points[x] for x in sorted(points)]
 
 
-def _at(rule: Mapping[str, Any], reject_below: float) -> Mapping[str, Any]:
-    return min(rule["sweep"], key=lambda p: abs(p["reject_below"] - reject_below))
-
-
 def _trade_off(ax: Axes, name: str, rule: Mapping[str, Any], target: float) -> None:
     points = _by_reject_below(rule)
     xs = [_pct(p["real_alarms_rejected"]) for p in points]
@@ -53,7 +49,7 @@ def _trade_off(ax: Axes, name: str, rule: Mapping[str, Any], target: float) -> N
     ax.axvline(_pct(target), color="tab:red", linestyle=":", linewidth=1, label="target miss rate")
     for key, style in (("current", "s"), ("best", "*")):
         if rule.get(key):
-            p = _at(rule, rule[key]["reject_below"])
+            p = rule[key]  # its own figures (the current pair may lie off the grid)
             ax.plot(
                 _pct(p["real_alarms_rejected"]),
                 _pct(p["false_alarms_filtered"]),

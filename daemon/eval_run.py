@@ -15,11 +15,12 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from daemon.config import Settings
 from daemon.evaluation import LABELS, Judged, rule_report
 from daemon.plugins import Registry, make_plugin_manager
-from daemon.replay import replay
+from daemon.replay import printable, replay
 from daemon.rules import RuleBook
 from plugins.verdict import VerdictOptions
 
@@ -65,14 +66,14 @@ async def evaluate(
         try:
             labelled[path] = read_labelled(path)
         except LabelError as exc:
-            errors.append({"file": path.name, "error": str(exc)})
+            errors.append({"file": printable(path.name), "error": str(exc)})
     payloads = {path: item.payload for path, item in labelled.items()}
     rows = await replay(settings, list(labelled), console, payloads=payloads, each_alone=True)
     judged: dict[str, list[Judged]] = {}
     ruled: set[Path] = set()
     for row in rows:
         if row.verdict is None:
-            errors.append({"file": row.file.name, "error": row.error or "not reviewed"})
+            errors.append({"file": printable(row.file.name), "error": row.error or "not reviewed"})
             continue
         verdict = row.verdict
         if verdict.rule is None:
@@ -81,10 +82,12 @@ async def evaluate(
         kind = verdict.verdict.value
         p_real = verdict.confidence if kind != "unreviewed" else None
         judged.setdefault(verdict.rule, []).append(
-            Judged(row.file.name, labelled[row.file].label, kind, p_real)
+            Judged(printable(row.file.name), labelled[row.file].label, kind, p_real)
         )
     refused = {e["file"] for e in errors}
-    unmatched = [p.name for p in labelled if p not in ruled and p.name not in refused]
+    unmatched = [
+        printable(p.name) for p in labelled if p not in ruled and printable(p.name) not in refused
+    ]
     info = rule_info(settings)
     rules = {}
     for name, judged_rows in sorted(judged.items()):
@@ -146,7 +149,7 @@ def print_report(result: dict[str, Any], console: Console, out_dir: Path) -> Non
         table.add_column(column)
     for name, rule in result["rules"].items():
         table.add_row(
-            name,
+            Text(name),
             rule["kind"] or "?",
             str(rule["alerts"]),
             str(rule["real"]),
@@ -165,10 +168,10 @@ def print_report(result: dict[str, Any], console: Console, out_dir: Path) -> Non
         errors.add_column("file")
         errors.add_column("error", overflow="fold")
         for error in result["errors"]:
-            errors.add_row(error["file"], error["error"])
+            errors.add_row(Text(error["file"]), Text(error["error"]))
         console.print(errors)
     if result["unmatched"]:
-        console.print(f"no rule matched: {', '.join(result['unmatched'])}")
+        console.print(f"no rule matched: {', '.join(result['unmatched'])}", markup=False)
     precision = result["target_precision"]
     console.print(
         "accuracy counts uncertain and unreviewed as wrong; best: the most false alarms "
@@ -176,7 +179,7 @@ def print_report(result: dict[str, Any], console: Console, out_dir: Path) -> Non
         + (f", confirmations at least {_pct(precision)} real" if precision is not None else "")
         + "; ties: fewest uncertain"
     )
-    console.print(f"report.json, sweep.png, calibration.png in {out_dir}")
+    console.print(f"report.json, sweep.png, calibration.png in {out_dir}", markup=False)
 
 
 def _pct(value: float | None) -> str:

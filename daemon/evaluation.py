@@ -12,7 +12,9 @@ The threshold sweep reads each P(real) again with other `confirm_at` / `reject_b
 with the verdict kind's own function. The best pair filters the most false alarms while
 missing at most the target share of real ones; ties go to the fewest uncertain, then the
 fewest misses, then the lowest thresholds. A target precision, when given, comes first among
-the ties: pairs whose confirmations are at least that share real are preferred.
+the ties: pairs whose confirmations are at least that share real are preferred. The rule's
+current pair is a candidate too (it may lie off the grid), so the advice is never worse than
+it; a rule that judged only real or only false alarms gets no advice (any pair looks right).
 """
 
 from __future__ import annotations
@@ -149,7 +151,16 @@ def rule_report(
     scored = any(r.p_real is not None for r in rows)
     if thresholds and scored:
         points = sweep(rows)
-        entry["best"] = best_thresholds(points, target_miss_rate, target_precision)
+        # the current pair competes too (it may lie off the grid): never advise worse
+        current = at_thresholds(rows, thresholds["confirm_at"], thresholds["reject_below"])
+        entry["current"] = current
+        # with one class only, any pair looks perfect: no advice
+        both = entry["real"] > 0 and entry["false"] > 0
+        entry["best"] = (
+            best_thresholds([*points, current], target_miss_rate, target_precision)
+            if both
+            else None
+        )
         entry["sweep"] = points
     if scored:
         entry["calibration"] = calibration(rows)

@@ -83,13 +83,16 @@ def answer_for(row: sqlite3.Row, verdict: dict[str, Any]) -> str | None:
         return str(verdict["fields"]["label"]) if right else None
     if corrected:
         return json.dumps(corrected, ensure_ascii=False, separators=(",", ":"))
-    if right:
+    if right and verdict.get("verdict") == "confirmed":  # a valid extraction, said right
         return json.dumps(verdict.get("fields") or {}, ensure_ascii=False, separators=(",", ":"))
     return None
 
 
 def sample_id(row: sqlite3.Row) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{row['box_id']}-{row['alert_id']}-{row['rule']}")
+    """A file-safe id; the journal's row id keeps two alerts whose names read alike once
+    made safe (box `a b` and `a_b`) apart."""
+    readable = f"{row['box_id']}-{row['alert_id']}-{row['rule']}"
+    return f"{row['ref']}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", readable)
 
 
 def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, Callable[[], list[bytes]]]]:
@@ -139,6 +142,7 @@ def export(
     skipped: Counter[str] = Counter()
     named: set[str] = set()
     written: set[str] = set()
+    taken: set[str] = set()
     for row, read_snapshots in rows(journal):
         progress()
         named.add(row["rule"])
@@ -156,6 +160,9 @@ def export(
             skipped["the snapshot was pruned"] += 1
         else:
             ident = sample_id(row)
+            while ident in taken:  # two rules whose names read alike once made safe
+                ident += "_"
+            taken.add(ident)
             try:
                 jpegs = pictures(row, snapshots, (shown or {}).get(row["rule"], ("frame", 0.0)))
             except ImageError as exc:

@@ -116,6 +116,10 @@ def check_fields(fields: dict[str, Any], verdict: dict[str, Any], rule: Rule | N
         if set(fields) != {"label"} or fields["label"] not in scores:
             raise FeedbackError(400, f'fields: give {{"label": one of {sorted(scores)}}}', "fields")
         return
+    if rule is not None and rule.kind == "verdict":
+        raise FeedbackError(
+            400, "fields: a verdict rule has no fields to correct; give label or correct", "fields"
+        )
     if rule is None or rule.kind != "extract":
         return  # the rule is gone, or of a kind whose fields are its own
     from plugins.extract import validate_fields  # the extract kind's own check

@@ -230,12 +230,15 @@ class Pipeline:
                 log.error("journal write failed; intake paused", error=str(exc))
             self.storage_problem = problem
             return IngestResult("busy", alert, busy_reason=self.storage_problem)
-        except PydanticSerializationError:
+        except PydanticSerializationError as exc:
             # JSON's "\ud800" escapes decode to lone surrogates, which are not Unicode: the
             # alert cannot be stored (its own text stays out of the message for that reason)
-            refused = AlertError(
-                "payload", "a text holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+            reason = (
+                "a text holds a lone UTF-16 surrogate (\\ud800-\\udfff)"
+                if "surrogate" in str(exc)
+                else "the alert cannot be written as JSON (nested too deeply?)"
             )
+            refused = AlertError("payload", reason)
             await self.record_refusal(refused, payload, source=source, topic=topic)
             return IngestResult("refused", error=refused)
         ref = recorded.ref

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
 from daemon.app import Daemon
 from daemon.config import Settings
@@ -99,7 +101,7 @@ async def _replay_one(pipeline: Pipeline, path: Path, payload: bytes | None) -> 
             payload = await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             return [ReplayRow(path, error=f"cannot read: {exc.strerror}")]
-    result = await pipeline.ingest(payload, source="replay", topic=str(path))
+    result = await pipeline.ingest(payload, source="replay", topic=printable(path))
     if result.status == "refused":
         return [ReplayRow(path, error=str(result.error))]
     if result.status == "duplicate":
@@ -115,6 +117,12 @@ async def _replay_one(pipeline: Pipeline, path: Path, payload: bytes | None) -> 
     return rows or [ReplayRow(path, error="dropped")]
 
 
+def printable(path: Path | str) -> str:
+    """A path as text: a name that is no UTF-8 (surrogates in Python) can neither be stored
+    nor printed as it is."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
 def verdict_table(rows: list[ReplayRow], shadow_prefix: str | None = None) -> Table:
     table = Table(title="secondlook replay")
     for column in ("file", "alert", "rule", "verdict", "P(real)", "ms", "reason"):
@@ -122,8 +130,17 @@ def verdict_table(rows: list[ReplayRow], shadow_prefix: str | None = None) -> Ta
     colours = {"confirmed": "red", "rejected": "green", "uncertain": "yellow"}
     for row in rows:
         v = row.verdict
+        # text from files, alerts and the model is shown as it is, never read as markup
         if v is None:
-            table.add_row(row.file.stem, "", "", "[bold]refused[/]", "", "", row.error or "")
+            table.add_row(
+                Text(printable(row.file.stem)),
+                "",
+                "",
+                "[bold]refused[/]",
+                "",
+                "",
+                Text(row.error or ""),
+            )
             continue
         shadow = bool(shadow_prefix and row.topic and row.topic.startswith(shadow_prefix))
         colour = colours.get(v.verdict.value, "dim")
@@ -131,12 +148,12 @@ def verdict_table(rows: list[ReplayRow], shadow_prefix: str | None = None) -> Ta
         extracted = {k: f for k, f in v.fields.items() if k != "scores"}
         reason = v.reason + (f" {json.dumps(extracted)}" if extracted else "")
         table.add_row(
-            row.file.stem,
-            v.alert_id,
-            (v.rule or "-") + (" (shadow)" if shadow else ""),
+            Text(printable(row.file.stem)),
+            Text(v.alert_id),
+            Text((v.rule or "-") + (" (shadow)" if shadow else "")),
             f"[{colour}]{v.verdict.value}[/]",
             confidence,
             str(v.latency_ms),
-            reason[:160],
+            Text(reason[:160]),
         )
     return table

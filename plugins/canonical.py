@@ -27,7 +27,11 @@ def decode_base64_image(value: Any, field: str) -> RawImage:
     """Decode a base64 string (a `data:` URL prefix is allowed) into image bytes."""
     if not isinstance(value, str):
         raise AlertError(field, f"expected a base64 string, got {type(value).__name__}")
-    text = value.split(",", 1)[1] if value.startswith("data:") else value
+    text = value
+    if value.startswith("data:"):
+        _, comma, text = value.partition(",")
+        if not comma:
+            raise AlertError(field, "a data: URL without a comma before its base64")
     try:
         data = pybase64.b64decode(text, validate=True)  # SIMD: ~40x the standard library
     except (binascii.Error, ValueError):

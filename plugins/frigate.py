@@ -10,65 +10,118 @@ Subscribe this format to Frigate's topics (prefix `frigate` by default):
     format = "frigate"
 
 `frigate/<camera>/<label>/snapshot` carries a JPEG of the best frame of the latest object of
-that label on that camera; it is kept in memory, not reviewed. `frigate/events` carries
+that label on that camera (by default cropped to the object, with its box drawn); it is
+checked like any snapshot and kept in memory. `frigate/events` carries
 `{"type": "new" | "update" | "end", "before": {...}, "after": {...}}`; the `after` object of a
-type listed in `[frigate] review` becomes an alert: id, camera, label, start_time, top_score,
-box and zones. Its snapshot is the latest one kept for its camera and label when that arrived
-after the event started (else it shows an earlier object), or else Frigate's HTTP API
-(`[frigate] api_url` + /api/events/<id>/snapshot.jpg). Message shapes follow
-Frigate's MQTT documentation (docs.frigate.video/integrations/mqtt).
+type listed in `[frigate] review` becomes an alert: id, camera, label, start_time, top_score
+and zones. Its snapshot is the latest one kept for its camera and label when that arrived
+after the event's first message (less SNAPSHOT_SLACK_S; an earlier one shows an earlier
+object), or else Frigate's HTTP API (`[frigate] api_url` + /api/events/<id>/snapshot.jpg,
+the whole frame: the alert then carries the detection box too). Without an API, an event
+whose snapshot has not come yet (Frigate publishes the event first) waits for it: the
+snapshot's message, or the event's next one, brings the alert in; its `end` without one is
+refused. Message shapes follow Frigate's MQTT documentation
+(docs.frigate.video/integrations/mqtt).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
-from daemon.config import FrigateSettings, Settings, offset_tz
+from daemon.config import FrigateSettings, ImageSettings, Settings, offset_tz
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert, RawImage
+from daemon.snapshots import check_raw_image
 from plugins.canonical import load_json_object, validate_alert
 
 #: snapshots kept (one per camera and label); the oldest is dropped past this
 MAX_SNAPSHOTS = 256
-#: a snapshot received this long before its event's start still counts as its own (clocks)
+#: ... and past this many bytes in all
+MAX_SNAPSHOT_BYTES = 128 * 2**20
+#: a snapshot received this long before its event's first message still counts as its own
 SNAPSHOT_SLACK_S = 2.0
+#: events waiting for their snapshot, at most (the oldest is dropped past this)
+MAX_WAITING = 256
+EVENT_TYPES = ("new", "update", "end")
 
 
 class FrigateFormat:
     name = "frigate"
 
-    def __init__(self, settings: FrigateSettings) -> None:
+    def __init__(self, settings: FrigateSettings, images: ImageSettings) -> None:
         self.settings = settings
+        self.images = images
+        #: when messages arrive (Unix time)
+        self.clock: Callable[[], float] = time.time
         #: the latest snapshot per camera and label, with when it arrived (Unix time)
         self._snapshots: dict[tuple[str, str], tuple[float, bytes]] = {}
+        #: events of a reviewed type still without a snapshot, by id: the event and when
+        #: its first message arrived
+        self._waiting: dict[str, tuple[dict[str, Any], float]] = {}
 
     def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert | None:
         levels = (topic or "").split("/")
         if len(levels) >= 4 and levels[-1] == "snapshot":
-            self._keep_snapshot(levels[-3], levels[-2], payload)
-            return None
+            return self._snapshot(levels[-3], levels[-2], payload)
         message = load_json_object(payload)
-        if message.get("type") not in self.settings.review:
-            return None
+        kind = message.get("type")
+        if kind not in EVENT_TYPES:
+            raise AlertError(
+                "type", f"expected a Frigate event type (new, update, end), got {kind!r:.40}"
+            )
         event = message.get("after")
         if not isinstance(event, dict):
             raise AlertError("after", "a Frigate event needs an 'after' object")
-        return self._alert(event)
+        event_id = str(event.get("id"))
+        waiting = self._waiting.pop(event_id, None)
+        if waiting is None and kind not in self.settings.review:
+            return None
+        first_seen = waiting[1] if waiting is not None else self.clock()
+        incoming = self._alert(event, first_seen)
+        if incoming is not None:
+            return incoming
+        if kind == "end":
+            raise AlertError(
+                "image",
+                f"no snapshot received for {event['camera']}/{event['label']} before the event "
+                "ended, and no [frigate] api_url to fetch one from",
+            )
+        self._waiting[event_id] = (event, first_seen)
+        while len(self._waiting) > MAX_WAITING:
+            self._waiting.pop(next(iter(self._waiting)))
+        return None  # waits for its snapshot
 
-    def _keep_snapshot(self, camera: str, label: str, jpeg: bytes) -> None:
+    def _snapshot(self, camera: str, label: str, jpeg: bytes) -> IncomingAlert | None:
+        """Keep a snapshot (checked like any); the event that waited for it, if any, comes
+        in with it."""
+        check_raw_image(RawImage("image", jpeg), self.images)
         self._snapshots.pop((camera, label), None)
-        self._snapshots[(camera, label)] = (time.time(), jpeg)
-        while len(self._snapshots) > MAX_SNAPSHOTS:
+        self._snapshots[(camera, label)] = (self.clock(), jpeg)
+        while len(self._snapshots) > MAX_SNAPSHOTS or (
+            len(self._snapshots) > 1
+            and sum(len(kept) for _, kept in self._snapshots.values()) > MAX_SNAPSHOT_BYTES
+        ):
             self._snapshots.pop(next(iter(self._snapshots)))
+        for event_id, (event, first_seen) in list(self._waiting.items()):
+            if (str(event.get("camera")), str(event.get("label"))) == (camera, label):
+                del self._waiting[event_id]
+                return self._alert(event, first_seen)
+        return None
 
-    def _alert(self, event: dict[str, Any]) -> IncomingAlert:
+    def _alert(self, event: dict[str, Any], first_seen: float) -> IncomingAlert | None:
+        """The event's alert with its snapshot (or its API URL); None while it has none."""
         for key in ("id", "camera", "label", "start_time"):
             if key not in event:
                 raise AlertError(f"after.{key}", "missing from the Frigate event")
+        start_time = event["start_time"]
+        if isinstance(start_time, bool):
+            raise AlertError("after.start_time", f"not a Unix time: {start_time!r}")
         try:
-            started = datetime.fromtimestamp(float(event["start_time"]), UTC).astimezone(
+            started = datetime.fromtimestamp(float(start_time), UTC).astimezone(
                 offset_tz(self.settings.utc_offset)
             )
         except (TypeError, ValueError, OverflowError, OSError) as exc:
@@ -88,28 +141,28 @@ class FrigateFormat:
                 "frigate_id": event["id"],
             },
         }
-        box = event.get("box")
+        kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
+        # one that arrived before the event shows an earlier object (the topic is retained
+        # and holds the latest object of that label on that camera); the MQTT snapshot is
+        # cropped to the object by default, so the event's box (in the camera frame's
+        # pixels) does not apply to it
+        if kept is not None and kept[0] >= first_seen - SNAPSHOT_SLACK_S:
+            return IncomingAlert(validate_alert(canonical), [RawImage("image", kept[1])])
+        if not self.settings.api_url:
+            return None
+        snapshot = event.get("snapshot")
+        # Frigate 0.14 and later: the box of the frame the snapshot shows
+        box = snapshot.get("box") if isinstance(snapshot, dict) else event.get("box")
         if isinstance(box, list) and len(box) == 4:
             canonical["boxes"] = [
                 dict(zip(("x1", "y1", "x2", "y2"), box, strict=True), label=event["label"])
             ]
-        kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
-        # one that arrived before the event started shows an earlier object (the topic is
-        # retained and holds the latest object of that label on that camera)
-        if kept is not None and kept[0] >= started.timestamp() - SNAPSHOT_SLACK_S:
-            return IncomingAlert(validate_alert(canonical), [RawImage("image", kept[1])])
-        if not self.settings.api_url:
-            what = "only one older than the event" if kept is not None else "no snapshot"
-            raise AlertError(
-                "image",
-                f"{what} received for {event['camera']}/{event['label']}, and no "
-                "[frigate] api_url to fetch one from",
-            )
         api = self.settings.api_url.rstrip("/")
-        canonical["image_url"] = f"{api}/api/events/{event['id']}/snapshot.jpg"
+        event_id = quote(str(event["id"]), safe="")
+        canonical["image_url"] = f"{api}/api/events/{event_id}/snapshot.jpg"
         return IncomingAlert(validate_alert(canonical))
 
 
 @hookimpl
 def register_alert_formats(register, settings: Settings):
-    register(FrigateFormat(settings.frigate))
+    register(FrigateFormat(settings.frigate, settings.images))

@@ -19,6 +19,7 @@ A new box vendor needs a table in the config, not code:
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +30,10 @@ from daemon.plugin_api import AlertError, IncomingAlert
 from plugins.canonical import alert_from_dict, load_json_object
 
 _MISSING = object()
+#: zone names `%Z` reads as UTC (strptime accepts them, and returns a naive time)
+_UTC_NAMES = ("UTC", "GMT")
+#: contract fields that are names: a vendor's number (not a boolean) becomes its text
+_NAME_FIELDS = ("alert_id", "box_id", "camera_id", "event_type")
 
 
 def lookup(data: Any, path: str) -> Any:
@@ -58,8 +63,21 @@ def to_rfc3339(value: Any, time_format: str, utc_offset: str) -> str:
         return parse_rfc3339(value, offset).isoformat()
     parsed = datetime.strptime(value, time_format)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=offset)
+        # %Z reads a zone name but leaves the time naive: UTC and GMT are UTC, not the
+        # configured offset
+        named_utc = "%Z" in time_format and any(name in value for name in _UTC_NAMES)
+        parsed = parsed.replace(tzinfo=UTC if named_utc else offset)
     return parsed.isoformat()
+
+
+def json_text(value: Any) -> str:
+    """A JSON value as its JSON text (true, 1001 for 1001.0, "x" as x): the key it is
+    looked up by in `values` translations, and a name field's text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return json.dumps(value)
 
 
 class MappedFormat:
@@ -75,17 +93,17 @@ class MappedFormat:
             if value is _MISSING:
                 continue
             translations = self.spec.values.get(field)
-            if translations is not None:
-                value = translations.get(str(value), value)
+            if translations is not None and not isinstance(value, dict | list):
+                value = translations.get(json_text(value), value)
             if field == "occurred_at":
                 try:
                     value = to_rfc3339(value, self.spec.time_format, self.spec.utc_offset)
                 except (ValueError, OverflowError, OSError) as exc:  # out of datetime's range
                     raise AlertError(f"{path} (occurred_at)", str(exc)) from exc
-            elif field in ("alert_id", "box_id", "camera_id", "event_type") and isinstance(
-                value, int
-            ):
-                value = str(value)
+            elif field in _NAME_FIELDS and isinstance(value, int | float):
+                if isinstance(value, bool):
+                    raise AlertError(f"{path} ({field})", f"expected a name, got {value!r:.40}")
+                value = json_text(value)
             canonical[field] = value
         canonical["extra"] = {
             key: value

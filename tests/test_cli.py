@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -149,3 +150,26 @@ def test_replay_and_eval_refuse_missing_rules_or_no_alert_files(tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 1 and message in result.output, (args, result.output)
     assert not (tmp_path / "e").exists()
+
+
+def test_replay_shows_names_and_ids_as_they_are(tmp_path, tiny_model):
+    alerts = tmp_path / "alerts"
+    alerts.mkdir()
+    (alerts / "odd.json").write_text(json.dumps(make_alert("cam[/x]-1")))
+    (alerts / "red.json").write_text(json.dumps(make_alert("cam[red]-2")))
+    # a file name that is no UTF-8 (seen as surrogates): stored and shown with a stand-in
+    (alerts / os.fsdecode(b"caf\xe9.json")).write_text(json.dumps(make_alert("latin-1")))
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "fire.toml").write_text(FIRE_RULE)
+    replay = ["replay", str(alerts), "--rules", str(rules), "--model", str(tiny_model)]
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", *replay],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cam[/x]-1" in result.stdout and "cam[red]-2" in result.stdout
+    assert "caf\ufffd" in result.stdout and "latin-1" in result.stdout

@@ -13,7 +13,7 @@ from PIL import Image
 
 from daemon.cli import main
 from daemon.eval_run import read_labelled
-from daemon.evaluation import Judged, best_thresholds, sweep
+from daemon.evaluation import Judged, best_thresholds, rule_report, sweep
 from tests.conftest import RULES, SAMPLES, make_alert
 
 #: P(real) the scripted model gives each fire alert, by what the alert really was
@@ -154,7 +154,7 @@ def test_every_figure_of_the_report_matches_the_known_answers(case, tmp_path):
     assert fire["uncertain_share"] == 0.1667  # 2 of 12
     assert fire["unreviewed_share"] == 0.0
     assert fire["confirmed_precision"] == 0.6  # 3 of 5
-    assert fire["current"] == {"confirm_at": 0.6, "reject_below": 0.4}
+    assert (fire["current"]["confirm_at"], fire["current"]["reject_below"]) == (0.6, 0.4)
 
     points = {(p["confirm_at"], p["reject_below"]): p for p in fire["sweep"]}
     assert len(points) == 21 * 22 // 2  # every confirm_at >= reject_below of 0.00 .. 1.00
@@ -255,6 +255,22 @@ def test_ties_in_false_alarms_filtered_go_to_the_fewest_uncertain():
     assert best_thresholds([p for p in points if p["real_alarms_rejected"] > 0], 0.0) is None
 
 
+def test_the_advice_is_never_worse_than_the_current_thresholds_and_needs_both_classes():
+    # reject_below = 0.42 lies off the grid: rejecting 0.41 and 0.2, keeping 0.43
+    rows = [
+        Judged("", label, "", p)
+        for label, p in (("real", 0.9), ("real", 0.43), ("false", 0.41), ("false", 0.2))
+    ]
+    current = {"confirm_at": 0.6, "reject_below": 0.42}
+    report = rule_report(rows, current, target_miss_rate=0.05)
+    assert report["current"]["false_alarms_filtered"] == 1.0  # its own figures, not the grid's
+    best = report["best"]
+    assert (best["false_alarms_filtered"], best["real_alarms_rejected"]) == (1.0, 0.0)
+    # one class only: every pair looks perfect, so nothing is advised
+    only_real = rule_report(rows[:2], current, target_miss_rate=0.05)
+    assert only_real["best"] is None and only_real["sweep"]
+
+
 def test_the_table_names_rules_figures_and_the_files_not_used(case, tmp_path):
     alerts, config = case
     out = tmp_path / "report"
@@ -309,9 +325,30 @@ def test_the_real_model_path_yields_a_report_for_the_samples(tmp_path, tiny_mode
     assert "calibration" not in rules["people_extraction"]
     for rule in rules.values():
         if rule["kind"] == "verdict":
-            assert len(rule["sweep"]) == 231 and rule["best"] is not None
+            assert len(rule["sweep"]) == 231
+            # advice only where real and false alarms were both judged
+            assert (rule["best"] is not None) == (rule["real"] > 0 and rule["false"] > 0)
             assert sum(b["count"] for b in rule["calibration"]) == rule["alerts"]
             assert all(0 <= b["mean_p_real"] <= 1 for b in rule["calibration"] if b["count"])
     for name in ("sweep.png", "calibration.png"):
         with Image.open(out / name) as image:
             assert image.format == "PNG"
+
+
+def test_a_run_that_measured_nothing_fails(tmp_path, tiny_model):
+    alerts = tmp_path / "alerts"
+    alerts.mkdir()
+    (alerts / "unlabelled.json").write_text(json.dumps(make_alert("u-1")))
+    (alerts / "[odd].json").write_text("{not json")
+    out = tmp_path / "report"
+    args = ["eval", str(alerts), "--out", str(out), "--rules", str(RULES)]
+    result = CliRunner().invoke(main, [*args, "--model", str(tiny_model)])
+    assert result.exit_code == 1
+    assert "no labelled alert was judged by a rule" in result.output
+    assert "[odd].json" in result.output  # file names shown as they are
+    # an output path where no folder can be made: said before any model loads
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(
+        main, ["eval", str(alerts), "--out", str(tmp_path / "file" / "r"), "--model", "/none"]
+    )
+    assert result.exit_code == 1 and "cannot write into" in result.output

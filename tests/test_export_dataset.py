@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -68,6 +69,7 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
             ("x-wrong", {"fields": {"persons": 4}}, "persons: not a field of this rule"),
             ("x-wrong", {"fields": {"people": "many"}}, "people: "),
             ("c-fixed", {"fields": {"label": "dance"}}, "one of ['fight', 'play']"),
+            ("v-none", {"fields": {"note": "x"}}, "a verdict rule has no fields to correct"),
         ):
             async with d.http.post(
                 f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=said
@@ -75,6 +77,18 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
                 body = await response.json()
                 assert response.status == 400 and why in body["error"], body
                 assert body["field"] == "fields"
+        # two alerts whose names read alike once made file-safe stay two samples
+        for box_id in ("a b", "a_b"):
+            assert (await d.post_alert(make_alert("x", box_id=box_id)))[0] == 202
+        for box_id, label in (("a b", "real"), ("a_b", "false")):
+            async with asyncio.timeout(30):
+                while (await d.get_alert("x", box_id=box_id))[1].get("state") != "reviewed":
+                    await asyncio.sleep(0.05)
+            async with d.http.post(
+                f"{d.base_url}/v1/feedback",
+                json={"alert_id": "x", "box_id": box_id, "rule": "fire", "label": label},
+            ) as response:
+                assert response.status == 201, await response.text()
 
     config = tmp_path / "secondlook.toml"
     config.write_text(f'[storage]\ndir = "{settings.storage.dir}"\n')
@@ -83,32 +97,38 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
         main, ["export-dataset", "--config", str(config), "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
-    assert "4 samples written" in result.output
+    assert "6 samples written" in result.output
     assert "1 left out: the feedback does not give the right answer" in result.output
 
     samples = {s["id"]: s for s in json.loads((out / "dataset.json").read_text())}
     assert set(samples) == {
-        "box-t-v-real-fire",
-        "box-t-v-false-fire",
-        "box-t-x-fixed-people",
-        "box-t-c-fixed-fight",
+        "1-box-t-v-real-fire",
+        "2-box-t-v-false-fire",
+        "4-box-t-x-fixed-people",
+        "6-box-t-c-fixed-fight",
+        "7-a_b-x-fire",
+        "8-a_b-x-fire",
     }
-    fire = samples["box-t-v-real-fire"]
-    assert fire["image"] == "images/box-t-v-real-fire.jpg"
+    assert [samples[f"{ref}-a_b-x-fire"]["conversations"][1]["value"] for ref in (7, 8)] == [
+        "yes",
+        "no",
+    ]
+    fire = samples["1-box-t-v-real-fire"]
+    assert fire["image"] == "images/1-box-t-v-real-fire.jpg"
     assert fire["conversations"] == [
         {"from": "human", "value": "<image>\nIs there a real open flame? Answer yes or no."},
         {"from": "gpt", "value": "yes"},
     ]
-    assert samples["box-t-v-false-fire"]["conversations"][1]["value"] == "no"
-    assert samples["box-t-x-fixed-people"]["conversations"][1]["value"] == '{"people":4}'
-    assert samples["box-t-x-fixed-people"]["conversations"][0]["value"].startswith(
+    assert samples["2-box-t-v-false-fire"]["conversations"][1]["value"] == "no"
+    assert samples["4-box-t-x-fixed-people"]["conversations"][1]["value"] == '{"people":4}'
+    assert samples["4-box-t-x-fixed-people"]["conversations"][0]["value"].startswith(
         "<image>\nCount the people."
     )
-    fight = samples["box-t-c-fixed-fight"]
+    fight = samples["6-box-t-c-fixed-fight"]
     assert fight["conversations"][1]["value"] == "play"
     assert fight["image"] == [
-        "images/box-t-c-fixed-fight-0.jpg",
-        "images/box-t-c-fixed-fight-1.jpg",
+        "images/6-box-t-c-fixed-fight-0.jpg",
+        "images/6-box-t-c-fixed-fight-1.jpg",
     ]
     assert fight["conversations"][0]["value"].startswith("<image>\n<image>\nWhat do the people do?")
     sizes = [Image.open(out / path).size for path in fight["image"]]
@@ -117,27 +137,29 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
         for path in [sample["image"]] if isinstance(sample["image"], str) else sample["image"]:
             with Image.open(out / path) as image:
                 assert image.format == "JPEG"  # the PNG snapshot too
-    assert (out / "images" / "box-t-v-real-fire.jpg").read_bytes() == jpeg_bytes()
+    assert (out / "images" / "1-box-t-v-real-fire.jpg").read_bytes() == jpeg_bytes()
 
     # filters
     only = tmp_path / "only-fire"
     result = CliRunner().invoke(
         main, ["export-dataset", "--config", str(config), "--out", str(only), "--rules", "fire"]
     )
-    assert "2 samples written" in result.output
+    assert "4 samples written" in result.output
     # again into the first folder, one rule only: the other rules' images go with the rest
     export = ["export-dataset", "--config", str(config), "--out", str(out)]
     result = CliRunner().invoke(main, [*export, "--rules", "fire", "--rules", "smoke"])
-    assert "2 samples written" in result.output
+    assert "4 samples written" in result.output
     assert "no feedback in the journal names the rule 'smoke'" in result.output
     assert sorted(p.name for p in (out / "images").iterdir()) == [
-        "box-t-v-false-fire.jpg",
-        "box-t-v-real-fire.jpg",
+        "1-box-t-v-real-fire.jpg",
+        "2-box-t-v-false-fire.jpg",
+        "7-a_b-x-fire.jpg",
+        "8-a_b-x-fire.jpg",
     ]
     # --since: a time with an offset is compared as the instant it names
     in_an_hour = (datetime.now(UTC) + timedelta(hours=1)).astimezone(timezone(timedelta(hours=8)))
     an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
-    for since, written in ((in_an_hour, 0), (an_hour_ago.replace(tzinfo=None), 4)):
+    for since, written in ((in_an_hour, 0), (an_hour_ago.replace(tzinfo=None), 6)):
         result = CliRunner().invoke(main, [*export, "--since", since.isoformat()])
         assert f"{written} samples written" in result.output, (since, result.output)
     result = CliRunner().invoke(main, [*export, "--since", "2026-13-45"])

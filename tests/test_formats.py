@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import json
-import time
 
 import pytest
 
-from daemon.config import FrigateSettings, MappingFormat
-from daemon.plugin_api import AlertError
+from daemon.config import FrigateSettings, ImageSettings, MappingFormat
+from daemon.plugin_api import AlertError, IncomingAlert
 from plugins.frigate import FrigateFormat
 from plugins.mapping import MappedFormat
 from tests.conftest import (
@@ -63,8 +63,10 @@ async def test_a_frigate_event_and_its_snapshot_yield_one_verdict(tmp_path, brok
     )
     (settings.rules.dir / "person.toml").write_text(PERSON_RULE)
     async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
+        # Frigate's order: the event, then the snapshot of its object
+        await publish(broker, "frigate/events", frigate_event("new", "1763647390.25-abc123"))
         await publish(broker, "frigate/loading_dock/person/snapshot", jpeg_bytes((1280, 720)))
-        for kind in ("new", "update", "update", "end"):
+        for kind in ("update", "update", "end"):
             await publish(broker, "frigate/events", frigate_event(kind, "1763647390.25-abc123"))
         [(topic, verdict)] = await out.wait_for(1)
         _, record = await d.get_alert("1763647390.25-abc123")
@@ -173,29 +175,62 @@ async def test_frigate_messages_that_are_not_reviewed_are_consumed(tmp_path, tin
     assert status == 404
 
 
-def test_a_frigate_snapshot_older_than_its_event_is_not_used():
-    snapshot = jpeg_bytes((64, 48))
-    event = json.loads(frigate_event("new", "evt-late", camera="gate"))
-    event["after"]["start_time"] = time.time() + 10  # an object seen after the snapshot came
-    late = json.dumps(event).encode()
-    with_api = FrigateFormat(FrigateSettings(api_url="http://nvr:5000"))
-    with_api.parse(snapshot, topic="frigate/gate/person/snapshot")
-    incoming = with_api.parse(late, topic="frigate/events")
-    assert incoming is not None and not incoming.images
-    assert incoming.alert.image_url == "http://nvr:5000/api/events/evt-late/snapshot.jpg"
-    without_api = FrigateFormat(FrigateSettings())
-    without_api.parse(snapshot, topic="frigate/gate/person/snapshot")
-    with pytest.raises(AlertError, match="only one older than the event received for gate/person"):
-        without_api.parse(late, topic="frigate/events")
-    # the snapshot of an object seen before it came is used
-    on_time = without_api.parse(
-        frigate_event("new", "evt-on-time", camera="gate").encode(), topic="frigate/events"
-    )
-    assert on_time is not None and on_time.images[0].data == snapshot
+def test_a_frigate_event_waits_for_its_snapshot_and_an_older_one_is_not_used():
+    now = [1000.0]
+    old, fresh = jpeg_bytes((64, 48)), jpeg_bytes((48, 64))
+    snapshot_topic = "frigate/gate/person/snapshot"
+    with_api = FrigateFormat(FrigateSettings(api_url="http://nvr:5000"), ImageSettings())
+    without_api = FrigateFormat(FrigateSettings(), ImageSettings())
+    for frigate in (with_api, without_api):
+        frigate.clock = lambda: now[0]  # when messages arrive
+        assert frigate.parse(old, topic=snapshot_topic) is None  # an earlier object's
+    now[0] = 1010.0
+    event = frigate_event("new", "../../api/config#", camera="gate").encode()
+    fetched = with_api.parse(event, topic="frigate/events")
+    assert fetched is not None and not fetched.images
+    # the event id is one path segment of Frigate's API, whatever it holds
+    url = "http://nvr:5000/api/events/..%2F..%2Fapi%2Fconfig%23/snapshot.jpg"
+    assert fetched.alert.image_url == url
+    assert [b.x1 for b in fetched.alert.boxes] == [424]  # the API's frame: the box applies
+    assert without_api.parse(event, topic="frigate/events") is None  # waits for its snapshot
+    now[0] = 1010.3
+    arrived = without_api.parse(fresh, topic=snapshot_topic)  # brings the event in
+    assert arrived is not None and arrived.alert.alert_id == "../../api/config#"
+    assert arrived.images[0].data == fresh
+    assert arrived.alert.boxes == []  # Frigate's MQTT snapshot is cropped to the object
+    # an event whose end comes before any snapshot of its own is refused, named
+    lonely = frigate_event("new", "evt-lonely", camera="yard").encode()
+    assert without_api.parse(lonely, topic="frigate/events") is None
+    ended = frigate_event("end", "evt-lonely", camera="yard").encode()
+    with pytest.raises(AlertError, match="no snapshot received for yard/person before the"):
+        without_api.parse(ended, topic="frigate/events")
+
+
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ({"after": {"id": "x"}}, "type"),
+        ({"type": "created", "after": {}}, "type"),
+        ({"type": "new", "after": "x"}, "after"),
+    ],
+)
+def test_frigate_messages_that_are_no_event_are_refused_naming_the_field(message, field):
+    frigate = FrigateFormat(FrigateSettings(), ImageSettings())
+    with pytest.raises(AlertError) as refused:
+        frigate.parse(json.dumps(message).encode(), topic="frigate/events")
+    assert refused.value.field == field
+
+
+def test_frigate_snapshots_are_checked_before_they_are_kept():
+    frigate = FrigateFormat(FrigateSettings(), ImageSettings(max_bytes_mb=0.001))
+    with pytest.raises(AlertError, match="over the limit"):
+        frigate.parse(jpeg_bytes((640, 480)), topic="frigate/gate/person/snapshot")
+    with pytest.raises(AlertError, match="not a JPEG or PNG"):
+        frigate.parse(b"GIF89a....", topic="frigate/gate/person/snapshot")
 
 
 def test_frigate_times_are_written_in_the_cameras_utc_offset():
-    local = FrigateFormat(FrigateSettings(utc_offset="+08:00"))
+    local = FrigateFormat(FrigateSettings(utc_offset="+08:00"), ImageSettings())
     local.parse(jpeg_bytes((64, 48)), topic="frigate/gate/person/snapshot")
     incoming = local.parse(frigate_event("new", "evt-local", camera="gate").encode(), topic=None)
     # start_time 1763647390.25 is 14:03:10 UTC: a rule's hours see the cameras' 22:03
@@ -210,7 +245,7 @@ def test_vendor_times_beyond_the_calendar_are_refused_naming_the_field():
         | {"occurred_at": "t", "image": "img"},
     )
     acme = MappedFormat("acme", spec)
-    frigate = FrigateFormat(FrigateSettings(utc_offset="+08:00"))
+    frigate = FrigateFormat(FrigateSettings(utc_offset="+08:00"), ImageSettings())
     for seconds in (1e18, "inf", 253402300799):  # the last: year 10000 at +08:00
         payload = json.dumps({"id": "1", "t": seconds, "img": "x"}).encode()
         with pytest.raises(AlertError) as refused:
@@ -221,3 +256,28 @@ def test_vendor_times_beyond_the_calendar_are_refused_naming_the_field():
         with pytest.raises(AlertError) as refused:
             frigate.parse(json.dumps(event).encode(), topic="frigate/events")
         assert refused.value.field == "after.start_time"
+
+
+def test_mapped_values_are_read_the_json_way():
+    spec = MappingFormat(
+        time_format="%Y-%m-%d %H:%M:%S %Z",
+        utc_offset="+08:00",
+        fields={"alert_id": "id", "box_id": "=b", "camera_id": "ch", "event_type": "type"}
+        | {"occurred_at": "t", "image": "img"},
+        values={"event_type": {"1001": "fire", "true": "smoke"}},
+    )
+    acme = MappedFormat("acme", spec)
+    image = base64.b64encode(jpeg_bytes((64, 48))).decode()
+
+    def parse(**fields: object) -> IncomingAlert:
+        data = {"id": 7, "ch": 3.0, "type": 1001.0, "t": "2024-05-01 10:00:00 UTC", "img": image}
+        return acme.parse(json.dumps(data | fields).encode(), topic="acme/x")
+
+    alert = parse().alert
+    # a zone name read by %Z is its zone, not the configured offset
+    assert alert.occurred_at == "2024-05-01T10:00:00+00:00"
+    # numbers name things as JSON writes them; translations are keyed alike
+    assert (alert.alert_id, alert.camera_id, alert.event_type) == ("7", "3", "fire")
+    assert parse(type=True).alert.event_type == "smoke"
+    with pytest.raises(AlertError, match=r"ch \(camera_id\): expected a name, got True"):
+        parse(ch=True)

@@ -49,6 +49,31 @@ def check_alert_payload(payload: bytes) -> None:
         assert exc.field and exc.message, exc
 
 
+def nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"image": "data:image/jpeg;base64"}, "image", "data: URL without a comma"),
+        (
+            {"boxes": [{"x1": 1, "y1": 1, "x2": 2, "y2": 2, "meta": nested(40)}]},
+            "boxes[0]",
+            "nested more than 32 levels deep",
+        ),
+        ({"extra": {"a": nested(40)}}, "extra", "nested more than 32 levels deep"),
+    ],
+)
+def test_odd_shapes_are_refused_naming_the_field(changes, field, message):
+    with pytest.raises(AlertError) as refused:
+        parse_payload(json.dumps(VALID | changes).encode(), None, CANONICAL, "canonical", IMAGES)
+    assert refused.value.field == field and message in refused.value.message
+
+
 @FUZZ
 @given(st.binary(max_size=400))
 def test_fuzzed_bytes_are_refused_with_a_reason(payload):

@@ -63,6 +63,18 @@ def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tin
     saved = tmp_path / "site-rules" / "my_fire.toml"
     assert 'event_types = ["fire"]' in saved.read_text()
     assert saved.stat().st_mode & 0o777 == 0o644 and saved.read_text().endswith("\n")
+    # saved without the event type it is for, a prompt would review every alert: refused
+    # before the model loads, as is a name that cannot be a file's
+    for extra, message in (([], "needs --event-type"), (["--event-type", "x"], "letters, digits")):
+        result = runner.invoke(
+            main, [*base, "--prompt", "Fire?", *extra, "--save-rule", "../x", "--model", "/none"]
+        )
+        assert result.exit_code == 2 and message in result.output
+    # text is shown as it is: brackets in a prompt are no markup
+    plain = ["try", str(image), "--model", str(tiny_model)]
+    result = runner.invoke(main, [*plain, "--prompt", "Is zone [/north] on [red]fire?"])
+    assert result.exit_code == 0, result.output
+    assert "Is zone [/north] on [red]fire?" in result.output
     not_image = tmp_path / "notes.txt"
     not_image.write_text("hello")
     result = runner.invoke(

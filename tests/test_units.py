@@ -434,6 +434,10 @@ def test_an_edited_rule_does_not_reuse_what_its_earlier_version_judged(tmp_path,
         ("[http]\nmax_body_mb = inf\n", r"http\.max_body_mb: .*finite"),
         ("[pipeline]\nstop_grace_s = nan\n", r"pipeline\.stop_grace_s: .*finite"),
         ("a = " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+        (
+            '[frigate]\napi_url = "http://nvr:5000"\n',
+            r"frigate\.api_url: its host 'nvr' must be in \[images\] url_hosts",
+        ),
     ],
 )
 def test_config_values_that_would_fail_later_are_refused_by_name(tmp_path, text, message):

@@ -35,7 +35,10 @@ class ImageOnlyProcessor:
         self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {self.image_token} token")
+            raise ValueError(
+                f"the tokenizer has no {self.image_token} token (tokenizer.json missing, or "
+                "not a Qwen-VL model's tokenizer)"
+            )
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> ImageOnlyProcessor:
