@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
@@ -237,14 +238,17 @@ def test_frigate_times_are_written_in_the_cameras_utc_offset():
     assert incoming is not None and incoming.alert.occurred_at == "2025-11-20T22:03:10.250000+08:00"
 
 
+def short_mapping(time_format: str, **changes: Any) -> MappedFormat:
+    """A mapped format reading the contract's fields from short paths (`id`, `t`, `img`),
+    at +08:00; `changes`: other fields or values."""
+    fields = {"alert_id": "id", "box_id": "=b", "camera_id": "=c", "event_type": "=fire"}
+    fields |= {"occurred_at": "t", "image": "img"} | changes.pop("fields", {})
+    spec = MappingFormat(time_format=time_format, utc_offset="+08:00", fields=fields, **changes)
+    return MappedFormat("acme", spec)
+
+
 def test_vendor_times_beyond_the_calendar_are_refused_naming_the_field():
-    spec = MappingFormat(
-        time_format="epoch_s",
-        utc_offset="+08:00",
-        fields={"alert_id": "id", "box_id": "=b", "camera_id": "=c", "event_type": "=fire"}
-        | {"occurred_at": "t", "image": "img"},
-    )
-    acme = MappedFormat("acme", spec)
+    acme = short_mapping("epoch_s")
     frigate = FrigateFormat(FrigateSettings(utc_offset="+08:00"), ImageSettings())
     for seconds in (1e18, "inf", 253402300799):  # the last: year 10000 at +08:00
         payload = json.dumps({"id": "1", "t": seconds, "img": "x"}).encode()
@@ -259,14 +263,11 @@ def test_vendor_times_beyond_the_calendar_are_refused_naming_the_field():
 
 
 def test_mapped_values_are_read_the_json_way():
-    spec = MappingFormat(
-        time_format="%Y-%m-%d %H:%M:%S %Z",
-        utc_offset="+08:00",
-        fields={"alert_id": "id", "box_id": "=b", "camera_id": "ch", "event_type": "type"}
-        | {"occurred_at": "t", "image": "img"},
+    acme = short_mapping(
+        "%Y-%m-%d %H:%M:%S %Z",
+        fields={"camera_id": "ch", "event_type": "type"},
         values={"event_type": {"1001": "fire", "true": "smoke"}},
     )
-    acme = MappedFormat("acme", spec)
     image = base64.b64encode(jpeg_bytes((64, 48))).decode()
 
     def parse(**fields: object) -> IncomingAlert:
