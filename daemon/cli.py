@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -88,11 +89,13 @@ MODEL_OPTION = click.option(
 
 
 def _writable_dir(path: Path) -> None:
-    """Make an output directory now; a path where none can be made is a one-line error."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise click.ClickException(f"cannot write into {path}: {exc.strerror or exc}") from exc
+    """Check now, before any model loads, that `path` is or can become a folder to write
+    into (it is made once there is something to write); else a one-line error."""
+    found = path
+    while not found.exists() and found.parent != found:
+        found = found.parent
+    if not found.is_dir() or not os.access(found, os.W_OK | os.X_OK):
+        raise click.ClickException(f"cannot write into {path}: {found} is no writable folder")
 
 
 def _known_failures(exc: BaseException) -> list[BaseException]:
@@ -249,6 +252,7 @@ def eval_(
                 target_precision=target_precision,
             )
         )
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(result, indent=1))
     sweep_plot(result, out_dir / "sweep.png")
     calibration_plot(result, out_dir / "calibration.png")
@@ -292,7 +296,7 @@ def export_dataset(
     journal = settings.storage.dir / "journal.sqlite3"
     if not journal.exists():
         raise click.ClickException(f"no journal at {journal} ([storage] dir)")
-    _writable_dir(out_dir / "images")
+    _writable_dir(out_dir)
     # this command reports on stdout itself: log lines (rules loaded ...) only when it fails
     configure_logging(settings.log.model_copy(update={"level": "warning"}), sys.stderr)
     # how each rule showed the model its snapshots: the samples show them alike
