@@ -362,8 +362,12 @@ class Daemon:
         """Ingest one MQTT alert; while the journal cannot take it, hold it (unacknowledged)
         and try again."""
         assert self.pipeline is not None
+        parsed = None  # once parsed, never again: formats may keep state
         while True:
-            result = await self.pipeline.ingest(payload, source="mqtt", topic=topic, fmt=fmt)
+            result = await self.pipeline.ingest(
+                payload, source="mqtt", topic=topic, fmt=fmt, parsed=parsed
+            )
+            parsed = result.incoming or parsed
             if result.status != "busy":
                 return
             if self.stopping:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -492,12 +492,12 @@ class Journal:
             state=row["state"],
         )
 
-    async def unpublished(self, limit: int = 100, skip: Iterable[int] = ()) -> list[OutboxItem]:
-        """The oldest verdicts not yet published, but those in `skip`."""
+    async def unpublished(self, limit: int = 100, after: int = 0) -> list[OutboxItem]:
+        """The oldest verdicts not yet published whose id is above `after`."""
         rows = await self.read(
-            "SELECT id, topic, payload FROM verdicts WHERE published_at IS NULL "
-            "AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-            (json.dumps(sorted(skip)), limit),
+            "SELECT id, topic, payload FROM verdicts WHERE published_at IS NULL AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (after, limit),
         )
         return [OutboxItem(r["id"], r["topic"], r["payload"]) for r in rows]
 

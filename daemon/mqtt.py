@@ -285,6 +285,7 @@ class MqttLink:
         """Stay connected until cancelled."""
         s = self.settings
         next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
+        ever_up = False  # a broker that answered once is no TLS mix-up
         while True:
             up, intake_failed, error = False, False, "the connection ended"
             try:
@@ -299,7 +300,7 @@ class MqttLink:
                     self._lost = asyncio.Event()
                     self.connected.set()
                     self.subscribed.set()
-                    up = True
+                    up = ever_up = True
                     topics = [subscription.topic for subscription in self.subscriptions]
                     log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
                     self.on_connected()
@@ -325,7 +326,7 @@ class MqttLink:
                 next_delay = backoff_delays(s.reconnect_min_s, s.reconnect_max_s)
             delay = next_delay()
             hint = {}
-            if not up and not s.uses_tls and ("timed out" in error or "reset" in error):
+            if not ever_up and not s.uses_tls and ("timed out" in error or "reset" in error):
                 # a TLS listener says nothing to a plain CONNECT, or drops it
                 hint = {
                     "hint": "no MQTT answer: is it the broker's port, and does it want TLS "

@@ -49,12 +49,16 @@ class Outbox:
         self._acknowledged: set[int] = set()
         #: verdicts the broker refused, by id: the reason
         self.refused: dict[int, str] = {}
+        #: every unpublished verdict with an id up to this one is refused: flushes start
+        #: above it (however many refused verdicts pile up, a flush reads none of them)
+        self._refused_upto = 0
 
     def retry_refused(self) -> None:
         """Offer the refused verdicts to the broker again (SIGHUP)."""
         if self.refused:
             log.info("verdicts the broker refused: trying them again", count=len(self.refused))
             self.refused.clear()
+            self._refused_upto = 0
             self.wake()
 
     def wake(self) -> None:
@@ -89,7 +93,8 @@ class Outbox:
 
     async def _flush(self) -> None:
         await self._mark_acknowledged()
-        while batch := await self.journal.unpublished(limit=BATCH, skip=self.refused.keys()):
+        after = self._refused_upto
+        while batch := await self.journal.unpublished(limit=BATCH, after=after):
             started = time.perf_counter()
             results = await asyncio.gather(
                 *(self.publisher.publish(item.topic, item.payload) for item in batch),
@@ -115,6 +120,10 @@ class Outbox:
                 self.stats.count("publish_failures", len(failed))
                 log.warning("verdicts not published yet", pending=len(failed), error=str(failed[0]))
                 return
+            # all of this batch published or refused: no later flush needs to read it again
+            after = batch[-1].id
+            if self.refused:
+                self._refused_upto = after
 
     async def _mark_acknowledged(self) -> None:
         if self._acknowledged:

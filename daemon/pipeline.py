@@ -56,6 +56,9 @@ class IngestResult:
     error: AlertError | None = None
     #: why a busy payload was not taken
     busy_reason: str | None = None
+    #: a busy payload's alert, parsed: given back to `ingest` (`parsed=`) instead of the
+    #: payload being parsed again (a format may keep state: Frigate's waiting events)
+    incoming: IncomingAlert | None = None
 
 
 def parse_payload(
@@ -151,7 +154,13 @@ class Pipeline:
         self._crash_pause_s = 0.0
 
     async def ingest(
-        self, payload: bytes, *, source: str, topic: str | None = None, fmt: str | None = None
+        self,
+        payload: bytes,
+        *,
+        source: str,
+        topic: str | None = None,
+        fmt: str | None = None,
+        parsed: IncomingAlert | None = None,
     ) -> IngestResult:
         """Parse, check and journal one payload; queue it for review if it is new.
 
@@ -165,7 +174,7 @@ class Pipeline:
             # be new), so that concurrent intakes cannot overshoot max_backlog
             self.backlog.reserve()
             try:
-                result = await self._ingest(payload, source, topic, fmt)
+                result = await self._ingest(payload, source, topic, fmt, parsed)
             finally:
                 self.backlog.release()
         self.stats.count("alerts_received", source=source, outcome=result.status)
@@ -194,12 +203,17 @@ class Pipeline:
             log.error("could not record the refusal", error=str(write_error))
 
     async def _ingest(
-        self, payload: bytes, source: str, topic: str | None, fmt: str | None
+        self,
+        payload: bytes,
+        source: str,
+        topic: str | None,
+        fmt: str | None,
+        parsed: IncomingAlert | None,
     ) -> IngestResult:
         format_name = fmt or self.settings.mqtt.format
         try:
             with self.stats.time("parse"):
-                incoming = parse_payload(
+                incoming = parsed or parse_payload(
                     payload,
                     topic,
                     self.registry.alert_formats.get(format_name),
@@ -229,7 +243,7 @@ class Pipeline:
             if problem != self.storage_problem:  # once, not once per alert held meanwhile
                 log.error("journal write failed; intake paused", error=str(exc))
             self.storage_problem = problem
-            return IngestResult("busy", alert, busy_reason=self.storage_problem)
+            return IngestResult("busy", alert, busy_reason=problem, incoming=incoming)
         except PydanticSerializationError as exc:
             # JSON's "\ud800" escapes decode to lone surrogates, which are not Unicode: the
             # alert cannot be stored (its own text stays out of the message for that reason)

@@ -59,8 +59,9 @@ async def watch_rules(directory: Path, reload: Callable[[], object]) -> None:
             await _watch_while_same(directory, identity, reload)
         except (OSError, RuntimeError) as exc:  # the watcher lost the directory under it
             log.warning("rules directory watch ended", path=str(directory), error=str(exc))
-        log.info("rules directory replaced or removed: reading it again", path=str(directory))
-        reload()
+        log.info("rules directory replaced or removed", path=str(directory))
+        if await asyncio.to_thread(directory_identity, directory) is None:
+            reload()  # said in the health report; a replacement is read by its own watch
         await asyncio.sleep(IDLE_MS / 1000)
 
 

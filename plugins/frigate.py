@@ -10,13 +10,14 @@ Subscribe this format to Frigate's topics (prefix `frigate` by default):
     format = "frigate"
 
 `frigate/<camera>/<label>/snapshot` carries a JPEG of the best frame of the latest object of
-that label on that camera (by default cropped to the object, with its box drawn); it is
-checked like any snapshot and kept in memory. `frigate/events` carries
+that label on that camera (by default cropped to the object, with its box drawn); a JPEG or
+PNG is kept in memory (MAX_SNAPSHOT_BYTES in all), and checked like any snapshot, with the
+`[images]` settings of the moment, once an alert uses it. `frigate/events` carries
 `{"type": "new" | "update" | "end", "before": {...}, "after": {...}}`; the `after` object of a
 type listed in `[frigate] review` becomes an alert: id, camera, label, start_time, top_score
 and zones. Its snapshot is the latest one kept for its camera and label when that arrived
-after the event's first message (less SNAPSHOT_SLACK_S; an earlier one shows an earlier
-object), or else Frigate's HTTP API (`[frigate] api_url` + /api/events/<id>/snapshot.jpg,
+after the event's first message of any type (less SNAPSHOT_SLACK_S; an earlier one shows
+an earlier object), or else Frigate's HTTP API (`[frigate] api_url` + /api/events/<id>/snapshot.jpg,
 the whole frame: the alert then carries the detection box too). Without an API, an event
 whose snapshot has not come yet (Frigate publishes the event first) waits for it: the
 snapshot's message, or the event's next one, brings the alert in; its `end` without one is
@@ -32,10 +33,10 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
-from daemon.config import FrigateSettings, ImageSettings, Settings, offset_tz
+from daemon.config import FrigateSettings, Settings, offset_tz
 from daemon.hookspecs import hookimpl
+from daemon.images import JPEG_MAGIC, PNG_MAGIC
 from daemon.plugin_api import AlertError, IncomingAlert, RawImage
-from daemon.snapshots import check_raw_image
 from plugins.canonical import load_json_object, validate_alert
 
 #: snapshots kept (one per camera and label); the oldest is dropped past this
@@ -46,15 +47,16 @@ MAX_SNAPSHOT_BYTES = 128 * 2**20
 SNAPSHOT_SLACK_S = 2.0
 #: events waiting for their snapshot, at most (the oldest is dropped past this)
 MAX_WAITING = 256
+#: events whose first message's arrival is remembered, at most
+MAX_SEEN = 4096
 EVENT_TYPES = ("new", "update", "end")
 
 
 class FrigateFormat:
     name = "frigate"
 
-    def __init__(self, settings: FrigateSettings, images: ImageSettings) -> None:
+    def __init__(self, settings: FrigateSettings) -> None:
         self.settings = settings
-        self.images = images
         #: when messages arrive (Unix time)
         self.clock: Callable[[], float] = time.time
         #: the latest snapshot per camera and label, with when it arrived (Unix time)
@@ -62,6 +64,8 @@ class FrigateFormat:
         #: events of a reviewed type still without a snapshot, by id: the event and when
         #: its first message arrived
         self._waiting: dict[str, tuple[dict[str, Any], float]] = {}
+        #: when each recent event's first message (of any type) arrived
+        self._first_seen: dict[str, float] = {}
 
     def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert | None:
         levels = (topic or "").split("/")
@@ -77,10 +81,10 @@ class FrigateFormat:
         if not isinstance(event, dict):
             raise AlertError("after", "a Frigate event needs an 'after' object")
         event_id = str(event.get("id"))
+        first_seen = self._seen(event_id, ended=kind == "end")
         waiting = self._waiting.pop(event_id, None)
         if waiting is None and kind not in self.settings.review:
             return None
-        first_seen = waiting[1] if waiting is not None else self.clock()
         incoming = self._alert(event, first_seen)
         if incoming is not None:
             return incoming
@@ -95,10 +99,21 @@ class FrigateFormat:
             self._waiting.pop(next(iter(self._waiting)))
         return None  # waits for its snapshot
 
+    def _seen(self, event_id: str, *, ended: bool) -> float:
+        """When the event's first message arrived (now, for its first); forgotten at its end."""
+        first = self._first_seen.pop(event_id, None) or self.clock()
+        if not ended:
+            self._first_seen[event_id] = first
+            while len(self._first_seen) > MAX_SEEN:
+                self._first_seen.pop(next(iter(self._first_seen)))
+        return first
+
     def _snapshot(self, camera: str, label: str, jpeg: bytes) -> IncomingAlert | None:
-        """Keep a snapshot (checked like any); the event that waited for it, if any, comes
-        in with it."""
-        check_raw_image(RawImage("image", jpeg), self.images)
+        """Keep a snapshot; the event that waited for it, if any, comes in with it."""
+        if not jpeg.startswith((JPEG_MAGIC, PNG_MAGIC)):
+            raise AlertError("image", "not a JPEG or PNG image")
+        if len(jpeg) > MAX_SNAPSHOT_BYTES:
+            raise AlertError("image", f"{len(jpeg)} bytes, over {MAX_SNAPSHOT_BYTES} kept at most")
         self._snapshots.pop((camera, label), None)
         self._snapshots[(camera, label)] = (self.clock(), jpeg)
         while len(self._snapshots) > MAX_SNAPSHOTS or (
@@ -165,4 +180,4 @@ class FrigateFormat:
 
 @hookimpl
 def register_alert_formats(register, settings: Settings):
-    register(FrigateFormat(settings.frigate, settings.images))
+    register(FrigateFormat(settings.frigate))

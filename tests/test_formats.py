@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from typing import Any
 
 import pytest
 
-from daemon.config import FrigateSettings, ImageSettings, MappingFormat
+from daemon.config import FrigateSettings, MappingFormat
 from daemon.plugin_api import AlertError, IncomingAlert
 from plugins.frigate import FrigateFormat
 from plugins.mapping import MappedFormat
@@ -180,8 +181,8 @@ def test_a_frigate_event_waits_for_its_snapshot_and_an_older_one_is_not_used():
     now = [1000.0]
     old, fresh = jpeg_bytes((64, 48)), jpeg_bytes((48, 64))
     snapshot_topic = "frigate/gate/person/snapshot"
-    with_api = FrigateFormat(FrigateSettings(api_url="http://nvr:5000"), ImageSettings())
-    without_api = FrigateFormat(FrigateSettings(), ImageSettings())
+    with_api = FrigateFormat(FrigateSettings(api_url="http://nvr:5000"))
+    without_api = FrigateFormat(FrigateSettings())
     for frigate in (with_api, without_api):
         frigate.clock = lambda: now[0]  # when messages arrive
         assert frigate.parse(old, topic=snapshot_topic) is None  # an earlier object's
@@ -207,6 +208,28 @@ def test_a_frigate_event_waits_for_its_snapshot_and_an_older_one_is_not_used():
         without_api.parse(ended, topic="frigate/events")
 
 
+@pytest.mark.parametrize("review", [["end"], ["update"]])
+def test_a_frigate_event_reviewed_later_uses_the_snapshot_that_followed_its_first_message(
+    review,
+):
+    now = [1000.0]
+    frigate = FrigateFormat(FrigateSettings(review=review))
+    frigate.clock = lambda: now[0]
+    snapshot = jpeg_bytes((64, 48))
+    came: list[IncomingAlert | None] = []
+    for at, topic, payload in (
+        (1000.0, "frigate/events", frigate_event("new", "evt-late", camera="gate").encode()),
+        (1000.2, "frigate/gate/person/snapshot", snapshot),
+        (1005.0, "frigate/events", frigate_event("update", "evt-late", camera="gate").encode()),
+        (1010.0, "frigate/events", frigate_event("end", "evt-late", camera="gate").encode()),
+    ):
+        now[0] = at
+        came.append(frigate.parse(payload, topic=topic))
+    [incoming] = [c for c in came if c is not None]
+    assert came.index(incoming) == (3 if review == ["end"] else 2)
+    assert incoming.images[0].data == snapshot
+
+
 @pytest.mark.parametrize(
     ("message", "field"),
     [
@@ -216,22 +239,23 @@ def test_a_frigate_event_waits_for_its_snapshot_and_an_older_one_is_not_used():
     ],
 )
 def test_frigate_messages_that_are_no_event_are_refused_naming_the_field(message, field):
-    frigate = FrigateFormat(FrigateSettings(), ImageSettings())
+    frigate = FrigateFormat(FrigateSettings())
     with pytest.raises(AlertError) as refused:
         frigate.parse(json.dumps(message).encode(), topic="frigate/events")
     assert refused.value.field == field
 
 
-def test_frigate_snapshots_are_checked_before_they_are_kept():
-    frigate = FrigateFormat(FrigateSettings(), ImageSettings(max_bytes_mb=0.001))
-    with pytest.raises(AlertError, match="over the limit"):
+def test_frigate_snapshots_are_checked_before_they_are_kept(monkeypatch):
+    monkeypatch.setattr("plugins.frigate.MAX_SNAPSHOT_BYTES", 1000)
+    frigate = FrigateFormat(FrigateSettings())
+    with pytest.raises(AlertError, match="over 1000 kept at most"):
         frigate.parse(jpeg_bytes((640, 480)), topic="frigate/gate/person/snapshot")
     with pytest.raises(AlertError, match="not a JPEG or PNG"):
         frigate.parse(b"GIF89a....", topic="frigate/gate/person/snapshot")
 
 
 def test_frigate_times_are_written_in_the_cameras_utc_offset():
-    local = FrigateFormat(FrigateSettings(utc_offset="+08:00"), ImageSettings())
+    local = FrigateFormat(FrigateSettings(utc_offset="+08:00"))
     local.parse(jpeg_bytes((64, 48)), topic="frigate/gate/person/snapshot")
     incoming = local.parse(frigate_event("new", "evt-local", camera="gate").encode(), topic=None)
     # start_time 1763647390.25 is 14:03:10 UTC: a rule's hours see the cameras' 22:03
@@ -249,7 +273,7 @@ def short_mapping(time_format: str, **changes: Any) -> MappedFormat:
 
 def test_vendor_times_beyond_the_calendar_are_refused_naming_the_field():
     acme = short_mapping("epoch_s")
-    frigate = FrigateFormat(FrigateSettings(utc_offset="+08:00"), ImageSettings())
+    frigate = FrigateFormat(FrigateSettings(utc_offset="+08:00"))
     for seconds in (1e18, "inf", 253402300799):  # the last: year 10000 at +08:00
         payload = json.dumps({"id": "1", "t": seconds, "img": "x"}).encode()
         with pytest.raises(AlertError) as refused:
@@ -282,3 +306,31 @@ def test_mapped_values_are_read_the_json_way():
     assert parse(type=True).alert.event_type == "smoke"
     with pytest.raises(AlertError, match=r"ch \(camera_id\): expected a name, got True"):
         parse(ch=True)
+
+
+async def test_a_frigate_alert_held_back_by_the_journal_is_not_lost(tmp_path, broker, tiny_model):
+    settings = make_settings(
+        tmp_path,
+        broker=broker,
+        model=tiny_model,
+        mqtt={"subscriptions": FRIGATE_SUBSCRIPTIONS},
+        storage={"check_interval_s": 0.2},
+    )
+    (settings.rules.dir / "person.toml").write_text(PERSON_RULE)
+    async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
+        journal = d.daemon.journal
+        record_alert = journal.record_alert
+        failures = [sqlite3.OperationalError("database or disk is full")]
+
+        async def full_once(*args, **kwargs):  # the disk is full for the first write
+            if failures:
+                raise failures.pop()
+            return await record_alert(*args, **kwargs)
+
+        journal.record_alert = full_once
+        await publish(broker, "frigate/events", frigate_event("new", "evt-held"))
+        # the snapshot brings the waiting event in; its first write fails, the retry must
+        # not parse the snapshot again (the event no longer waits by then)
+        await publish(broker, "frigate/loading_dock/person/snapshot", jpeg_bytes((640, 360)))
+        [(_, verdict)] = await out.wait_for(1, timeout=30)
+    assert verdict["alert_id"] == "evt-held" and not failures
