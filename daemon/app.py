@@ -177,17 +177,17 @@ class Daemon:
             self.storage.settings = settings.storage
         log.info("config reloaded", restart_needed_for=later)
 
-    async def health(self) -> dict[str, Any]:
+    def status(self) -> tuple[str, str | None]:
+        """ok, starting, failing or stopping; and what makes it fail (see `unfit`)."""
         problem = self.unfit()
-        status = (
-            "stopping"
-            if self.stopping
-            else "starting"
-            if not self.ready.is_set()
-            else "failing"
-            if problem
-            else "ok"
-        )
+        if self.stopping:
+            return "stopping", problem
+        if not self.ready.is_set():
+            return "starting", problem
+        return ("failing" if problem else "ok"), problem
+
+    async def health(self) -> dict[str, Any]:
+        status, problem = self.status()
         mqtt = "disabled"
         if self.link is not None:
             mqtt = "connected" if self.link.connected.is_set() else "disconnected"

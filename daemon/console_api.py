@@ -279,7 +279,7 @@ class ConsoleApi:
             gauges["model_waiting"] = worker["waiting"]
         if "busy_for_s" in worker:
             gauges["model_busy_for_seconds"] = worker["busy_for_s"]
-        gauges["healthy"] = 1 if (await d.health())["status"] == "ok" else 0
+        gauges["healthy"] = 1 if d.status()[0] == "ok" else 0
         body = metrics.render(d.stats, gauges, worker)
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
 

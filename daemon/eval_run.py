@@ -85,9 +85,8 @@ async def evaluate(
             Judged(printable(row.file.name), labelled[row.file].label, kind, p_real)
         )
     refused = {e["file"] for e in errors}
-    unmatched = [
-        printable(p.name) for p in labelled if p not in ruled and printable(p.name) not in refused
-    ]
+    unjudged = (printable(p.name) for p in labelled if p not in ruled)
+    unmatched = [name for name in unjudged if name not in refused]
     info = rule_info(settings)
     rules = {}
     for name, judged_rows in sorted(judged.items()):

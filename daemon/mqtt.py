@@ -158,6 +158,17 @@ def _tls_file(path: Path | None, key: str) -> str | None:
     return str(found)
 
 
+def _credentials(settings: MqttSettings) -> tuple[str | None, ssl.SSLContext | None]:
+    """The broker password and TLS context the settings' files give (CredentialError if a
+    file cannot be used)."""
+    password = (
+        read_secret(settings.password_file, "[mqtt] password_file")
+        if settings.password_file is not None
+        else None
+    )
+    return password, tls_context(settings) if settings.uses_tls else None
+
+
 def _no_passphrase(key: str) -> str:
     """Asked for an encrypted key's passphrase: refuse (OpenSSL would prompt on the terminal)."""
     raise CredentialError(f"{TLS_UNUSABLE}tls_key_file {key} is encrypted; give an unencrypted key")
@@ -194,13 +205,8 @@ class MqttLink:
     ) -> None:
         self.settings = settings
         self.subscriptions = settings.all_subscriptions()
-        # read once at start, so that a missing file stops the start with its name
-        self._password = (
-            read_secret(settings.password_file, "[mqtt] password_file")
-            if settings.password_file is not None
-            else None
-        )
-        self._tls = tls_context(settings) if settings.uses_tls else None
+        # read at start, so that a missing file stops the start with its name
+        self._password, self._tls = _credentials(settings)
         self._on_message = on_message
         #: called after every (re)connection, once subscribed
         self.on_connected = on_connected
@@ -222,16 +228,10 @@ class MqttLink:
         that cannot be used keeps the ones in force."""
         s = self.settings
         try:
-            password = (
-                read_secret(s.password_file, "[mqtt] password_file")
-                if s.password_file is not None
-                else None
-            )
-            tls = tls_context(s) if s.uses_tls else None
+            self._password, self._tls = _credentials(s)
         except CredentialError as exc:
             log.error("mqtt credentials not re-read; those in force stay", error=str(exc))
             return
-        self._password, self._tls = password, tls
         if s.password_file is not None or s.uses_tls:
             log.info("mqtt credentials re-read: used from the next connection")
 

@@ -47,8 +47,8 @@ class Outbox:
         #: verdicts the broker acknowledged that the journal could not mark yet (a full
         #: disk): marked at the next flush, never published again meanwhile
         self._acknowledged: set[int] = set()
-        #: verdicts the broker refused, by id: the reason
-        self.refused: dict[int, str] = {}
+        #: ids of the verdicts the broker refused (each logged with its reason)
+        self.refused: set[int] = set()
         #: every unpublished verdict with an id up to this one is refused: flushes start
         #: above it (however many refused verdicts pile up, a flush reads none of them)
         self._refused_upto = 0
@@ -106,7 +106,7 @@ class Outbox:
             await self._mark_acknowledged()
             for item, result in zip(batch, results, strict=True):
                 if isinstance(result, PublishRefused):
-                    self.refused[item.id] = str(result)
+                    self.refused.add(item.id)
                     self.stats.count("publish_refused")
                     log.error(
                         "verdict refused by the broker; kept unpublished, tried again on SIGHUP "

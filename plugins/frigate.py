@@ -61,9 +61,8 @@ class FrigateFormat:
         self.clock: Callable[[], float] = time.time
         #: the latest snapshot per camera and label, with when it arrived (Unix time)
         self._snapshots: dict[tuple[str, str], tuple[float, bytes]] = {}
-        #: events of a reviewed type still without a snapshot, by id: the event and when
-        #: its first message arrived
-        self._waiting: dict[str, tuple[dict[str, Any], float]] = {}
+        #: events of a reviewed type still without a snapshot, by id
+        self._waiting: dict[str, dict[str, Any]] = {}
         #: when each recent event's first message (of any type) arrived
         self._first_seen: dict[str, float] = {}
 
@@ -94,7 +93,7 @@ class FrigateFormat:
                 f"no snapshot received for {event['camera']}/{event['label']} before the event "
                 "ended, and no [frigate] api_url to fetch one from",
             )
-        self._waiting[event_id] = (event, first_seen)
+        self._waiting[event_id] = event
         while len(self._waiting) > MAX_WAITING:
             self._waiting.pop(next(iter(self._waiting)))
         return None  # waits for its snapshot
@@ -121,10 +120,11 @@ class FrigateFormat:
             and sum(len(kept) for _, kept in self._snapshots.values()) > MAX_SNAPSHOT_BYTES
         ):
             self._snapshots.pop(next(iter(self._snapshots)))
-        for event_id, (event, first_seen) in list(self._waiting.items()):
+        for event_id, event in list(self._waiting.items()):
             if (str(event.get("camera")), str(event.get("label"))) == (camera, label):
                 del self._waiting[event_id]
-                return self._alert(event, first_seen)
+                # the snapshot just kept came after the event's first message: it is its own
+                return self._alert(event, self._first_seen.get(event_id, 0.0))
         return None
 
     def _alert(self, event: dict[str, Any], first_seen: float) -> IncomingAlert | None:

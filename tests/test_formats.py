@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from daemon.config import FrigateSettings, MappingFormat
+from daemon.config import FrigateSettings, MappingFormat, Settings
 from daemon.plugin_api import AlertError, IncomingAlert
 from plugins.frigate import FrigateFormat
 from plugins.mapping import MappedFormat
@@ -55,15 +55,23 @@ def frigate_event(kind: str, event_id: str, camera: str = "loading_dock") -> str
     return json.dumps({"type": kind, "before": after, "after": after})
 
 
-async def test_a_frigate_event_and_its_snapshot_yield_one_verdict(tmp_path, broker, tiny_model):
+def frigate_settings(tmp_path, broker, model, **sections: Any) -> Settings:
+    """A daemon subscribed to Frigate's topics, with a rule for `person` events."""
     settings = make_settings(
         tmp_path,
         broker=broker,
-        model=tiny_model,
+        model=model,
         mqtt={"subscriptions": FRIGATE_SUBSCRIPTIONS},
-        frigate={"box_id": "frigate-nvr", "site": "plant-north"},
+        **sections,
     )
     (settings.rules.dir / "person.toml").write_text(PERSON_RULE)
+    return settings
+
+
+async def test_a_frigate_event_and_its_snapshot_yield_one_verdict(tmp_path, broker, tiny_model):
+    settings = frigate_settings(
+        tmp_path, broker, tiny_model, frigate={"box_id": "frigate-nvr", "site": "plant-north"}
+    )
     async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
         # Frigate's order: the event, then the snapshot of its object
         await publish(broker, "frigate/events", frigate_event("new", "1763647390.25-abc123"))
@@ -309,14 +317,7 @@ def test_mapped_values_are_read_the_json_way():
 
 
 async def test_a_frigate_alert_held_back_by_the_journal_is_not_lost(tmp_path, broker, tiny_model):
-    settings = make_settings(
-        tmp_path,
-        broker=broker,
-        model=tiny_model,
-        mqtt={"subscriptions": FRIGATE_SUBSCRIPTIONS},
-        storage={"check_interval_s": 0.2},
-    )
-    (settings.rules.dir / "person.toml").write_text(PERSON_RULE)
+    settings = frigate_settings(tmp_path, broker, tiny_model, storage={"check_interval_s": 0.2})
     async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
         journal = d.daemon.journal
         record_alert = journal.record_alert
