@@ -36,6 +36,7 @@ from daemon.pipeline import Pipeline
 from daemon.plugin_api import BackendUnusable
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleBook
+from daemon.rules_saved import SAVED_RULES_FILE, SavedRules
 from daemon.rules_watch import watch_rules
 from daemon.sdnotify import notify
 from daemon.stats import StageStats
@@ -82,7 +83,11 @@ class Daemon:
         self.pm = make_plugin_manager(extra_plugins, settings.plugins.dir)
         self.registry = Registry.collect(self.pm, settings)
         self._check_settings()
-        self.rules = RuleBook(settings.rules.dir, self.registry.rule_kinds)
+        self.rules = RuleBook(
+            settings.rules.dir,
+            self.registry.rule_kinds,
+            saved=SavedRules(settings.storage.dir / SAVED_RULES_FILE),
+        )
         self.backend = self.registry.backends[settings.model.backend](settings.model)
         self.ready = asyncio.Event()
         self.stats = StageStats()

@@ -19,6 +19,7 @@ from daemon.config import describe_validation_error, key_path
 from daemon.contract import Alert
 from daemon.plugin_api import RuleKind
 from daemon.rule_file import CooldownSpec, ImageMode, MatchSpec, RuleFile
+from daemon.rules_saved import SavedRules
 from daemon.templates import Template, check_topic_template, render_prompt
 
 log = structlog.get_logger(__name__)
@@ -212,19 +213,24 @@ def _same(old: Rule | None, new: Rule) -> bool:
 
 
 class RuleBook:
-    """The rules of one directory. A file that breaks keeps its last good version."""
+    """The rules of one directory. A file that breaks keeps its last good version (across
+    restarts too, when given `saved`)."""
 
     def __init__(
         self,
         directory: Path,
         kinds: Mapping[str, RuleKind],
         check_choices: ChoiceChecker | None = None,
+        saved: SavedRules | None = None,
     ) -> None:
         self.directory = directory
         self._kinds = kinds
         #: set once the model's tokenizer is known; rules are then re-checked
         self.check_choices = check_choices
+        self.saved = saved
         self._by_path: dict[Path, Rule] = {}
+        #: the text each rule in force was read from
+        self._texts: dict[Path, str] = {}
         self.errors: list[RuleError] = []
         #: when the directory was last read, and when each rule's current version came in
         self.loaded_at: datetime | None = None
@@ -240,9 +246,10 @@ class RuleBook:
     def load(self, *, recheck: bool = False) -> list[RuleError]:
         """(Re)read every `*.toml`; report and skip bad files; forget deleted ones.
 
-        A file that breaks keeps its last good version, unless `recheck` (every file judged
-        afresh: the checks have changed). Two files may not name one rule: the file that
-        already held the name keeps it.
+        A file that breaks keeps its last good version: the one in force, or after a restart
+        the one saved (if it passes today's checks). With `recheck` (the checks have
+        changed) the last good version is judged afresh too. Two files may not name one rule:
+        the file that already held the name keeps it.
         """
         try:
             paths = rule_files(self.directory)
@@ -255,9 +262,11 @@ class RuleBook:
             log.error("rules directory unreadable; the rules in force stay", error=reason)
             return self.errors
         parsed: dict[Path, Rule | RuleError] = {}
+        texts: dict[Path, str] = {}
         for path in paths:
             try:
-                parsed[path] = self._load_file(path)
+                texts[path] = read_rule_text(path)
+                parsed[path] = self._parse(path, texts[path])
             except RuleError as exc:
                 parsed[path] = exc
             except Exception as exc:  # anything else about this one file: it alone is refused
@@ -273,9 +282,9 @@ class RuleBook:
                 rule = RuleError(path, "name", f"rule {rule.name!r} already in {names[rule.name]}")
             if isinstance(rule, RuleError):
                 errors.append(rule)
-                kept = previous
-                if recheck or (kept is not None and kept.name in names):
-                    kept = None  # judged afresh, or its name is another file's now
+                kept = self._last_good(path, texts.get(path), recheck)
+                if kept is not None and kept.name in names:
+                    kept = None  # its name is another file's now
                 log.error(
                     "rule file rejected",
                     path=str(path),
@@ -287,6 +296,7 @@ class RuleBook:
                 if kept is not None:
                     loaded[path] = kept
                     names[kept.name] = path
+                    texts[path] = self._last_good_text(path) or ""
                 continue
             if previous is None:
                 log.info("rule loaded", rule=rule.name, path=str(path), digest=rule.digest)
@@ -311,12 +321,35 @@ class RuleBook:
             for path, rule in loaded.items()
         }
         self._by_path = loaded
+        self._texts = {path: texts[path] for path in loaded}
         self.errors = errors
         self.loaded_at = now
+        if self.saved is not None:
+            self.saved.replace(self._texts)
         return errors
 
-    def _load_file(self, path: Path) -> Rule:
-        return parse_rule(path, read_rule_text(path), self._kinds, self.check_choices)
+    def _parse(self, path: Path, text: str) -> Rule:
+        return parse_rule(path, text, self._kinds, self.check_choices)
+
+    def _last_good_text(self, path: Path) -> str | None:
+        """The text of the version in force, else the one saved before a restart."""
+        text = self._texts.get(path)
+        if text is None and self.saved is not None:
+            text = self.saved.get(path)
+        return text
+
+    def _last_good(self, path: Path, broken: str | None, recheck: bool) -> Rule | None:
+        """The version of a broken file that stays in force, if any."""
+        previous = self._by_path.get(path)
+        if previous is not None and not recheck:
+            return previous
+        text = self._last_good_text(path)
+        if text is None or text == broken:
+            return None
+        try:
+            return self._parse(path, text)
+        except Exception:  # no longer good under today's checks (or kinds)
+            return None
 
     def match(self, alert: Alert) -> list[Rule]:
         """The rules that review this alert (see `select_rules`)."""

@@ -11,6 +11,7 @@ from daemon.cli import main
 from daemon.contract import Alert
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RULE_FILE_MAX_BYTES, RuleBook
+from daemon.rules_saved import SavedRules
 from tests.conftest import FIRE_RULE, RULES, collect, make_alert, make_settings, publish, run_daemon
 
 KINDS = Registry.collect(make_plugin_manager()).rule_kinds
@@ -76,6 +77,65 @@ def test_a_broken_edit_keeps_the_last_good_version(tmp_path):
     assert book.load() == [] and book.rules == []
 
 
+def test_a_file_broken_across_a_restart_keeps_its_saved_version(tmp_path):
+    rules, saved = tmp_path / "rules", tmp_path / "var" / "rules-last-good.json"
+    rules.mkdir()
+    saved.parent.mkdir()
+    path = rules / "fire.toml"
+    path.write_text(FIRE_RULE)
+    first = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    assert first.load() == []
+    good = first.rules[0]
+    # broken while the daemon is down: the next start uses the version saved
+    path.write_text(FIRE_RULE.replace("[review]", "[review\n"))
+    restarted = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    with capture_logs() as logs:
+        [error] = restarted.load()
+    assert error.path == path and "not valid TOML" in error.reason
+    assert [(r.name, r.digest) for r in restarted.rules] == [("fire", good.digest)]
+    rejected = next(entry for entry in logs if entry["event"] == "rule file rejected")
+    assert rejected["action"] == "keeping last good version"
+    # ... and keeps it saved for the start after that
+    third = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    third.load()
+    assert [r.digest for r in third.rules] == [good.digest]
+    # a deleted file is forgotten, here and after a restart
+    path.unlink()
+    third.load()
+    path.write_text("not toml [")
+    fourth = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    assert len(fourth.load()) == 1 and fourth.rules == []
+
+
+def test_a_saved_version_is_judged_by_todays_checks(tmp_path):
+    saved = SavedRules(tmp_path / "saved.json")
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "fire.toml").write_text(FIRE_RULE)
+    RuleBook(rules, KINDS, saved=saved).load()
+    (rules / "fire.toml").write_text("broken [")
+
+    def refuse(choices):
+        raise ValueError("yes and no share a first token")
+
+    book = RuleBook(rules, KINDS, check_choices=refuse, saved=SavedRules(saved.path))
+    assert len(book.load()) == 1 and book.rules == []
+
+
+def test_an_unreadable_saved_rules_file_is_ignored_and_written_afresh(tmp_path):
+    saved = tmp_path / "saved.json"
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    (rules / "fire.toml").write_text(FIRE_RULE)
+    for junk in (b"\xff{", b"[]", b'{"version": 9, "files": {}}', b"[" * 100_000):
+        saved.write_bytes(junk)
+        with capture_logs() as logs:
+            book = RuleBook(rules, KINDS, saved=SavedRules(saved))
+        assert any("saved rules" in entry["event"] for entry in logs), junk[:20]
+        assert book.load() == [] and [r.name for r in book.rules] == ["fire"]
+        assert SavedRules(saved).get(rules / "fire.toml") == FIRE_RULE
+
+
 def test_matching_by_event_type_and_camera_and_box_globs(tmp_path):
     (tmp_path / "north.toml").write_text(
         FIRE_RULE.replace(
@@ -131,6 +191,23 @@ async def test_daemon_skips_a_broken_rule_file_and_reviews_with_the_rest(
         verdicts = {v["alert_id"]: v for _, v in await out.wait_for(2)}
     assert verdicts["r-1"]["rule"] == "fire"
     assert verdicts["r-2"]["verdict"] == "unreviewed" and verdicts["r-2"]["reason"] == "no rule"
+
+
+async def test_a_rule_file_broken_while_the_daemon_was_down_keeps_its_last_good_version(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    path = settings.rules.dir / "fire.toml"
+    path.write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        assert (await d.daemon.health())["rules"] == ["fire"]
+    path.write_text(FIRE_RULE.replace("[review]", "[review\n"))
+    async with run_daemon(settings) as d:
+        health = await d.daemon.health()
+        assert health["rules"] == ["fire"] and "fire.toml: line" in health["rule_errors"][0]
+        await d.post_alert(make_alert("kept-1"))
+        [verdict] = (await d.wait_reviewed("kept-1"))["verdicts"]
+    assert verdict["rule"] == "fire" and verdict["verdict"] != "unreviewed"
 
 
 def test_a_newcomer_cannot_take_an_established_rules_name(tmp_path):
