@@ -21,7 +21,10 @@ an earlier object), or else Frigate's HTTP API (`[frigate] api_url` + /api/event
 the whole frame: the alert then carries the detection box too). Without an API, an event
 whose snapshot has not come yet (Frigate publishes the event first) waits for it: the
 snapshot's message, or the event's next one, brings the alert in; its `end` without one is
-refused. Message shapes follow Frigate's MQTT documentation
+refused. An event whose first message here is of a later type than one reviewed (it began
+before a restart, which may have caught it waiting) is reviewed at that message, with a
+snapshot received since the start; the journal drops it if it was taken in before. Message
+shapes follow Frigate's MQTT documentation
 (docs.frigate.video/integrations/mqtt).
 """
 
@@ -32,6 +35,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
+
+import structlog
 
 from daemon.config import FrigateSettings, Settings, offset_tz
 from daemon.hookspecs import hookimpl
@@ -49,7 +54,10 @@ SNAPSHOT_SLACK_S = 2.0
 MAX_WAITING = 256
 #: events whose first message's arrival is remembered, at most
 MAX_SEEN = 4096
+#: in the order Frigate sends them
 EVENT_TYPES = ("new", "update", "end")
+
+log = structlog.get_logger(__name__)
 
 
 class FrigateFormat:
@@ -65,8 +73,12 @@ class FrigateFormat:
         self._waiting: dict[str, dict[str, Any]] = {}
         #: when each recent event's first message (of any type) arrived
         self._first_seen: dict[str, float] = {}
+        #: when the first message of all arrived
+        self._since: float | None = None
 
     def parse(self, payload: bytes, *, topic: str | None) -> IncomingAlert | None:
+        if self._since is None:
+            self._since = self.clock()
         levels = (topic or "").split("/")
         if len(levels) >= 4 and levels[-1] == "snapshot":
             return self._snapshot(levels[-3], levels[-2], payload)
@@ -80,13 +92,25 @@ class FrigateFormat:
         if not isinstance(event, dict):
             raise AlertError("after", "a Frigate event needs an 'after' object")
         event_id = str(event.get("id"))
+        known = event_id in self._first_seen
         first_seen = self._seen(event_id, ended=kind == "end")
         waiting = self._waiting.pop(event_id, None)
+        caught_up = False
         if waiting is None and kind not in self.settings.review:
-            return None
+            if known or not self._missed_review(kind):
+                return None
+            # begun before the start: its reviewed message may have waited when the daemon
+            # stopped; a snapshot received since the start is taken as its own
+            caught_up = True
+            first_seen = self._since or first_seen
+            if event_id in self._first_seen:
+                self._first_seen[event_id] = first_seen
         incoming = self._alert(event, first_seen)
         if incoming is not None:
             return incoming
+        if kind == "end" and caught_up:
+            log.info("frigate event seen first at its end, without a snapshot", frigate_id=event_id)
+            return None
         if kind == "end":
             raise AlertError(
                 "image",
@@ -95,8 +119,18 @@ class FrigateFormat:
             )
         self._waiting[event_id] = event
         while len(self._waiting) > MAX_WAITING:
-            self._waiting.pop(next(iter(self._waiting)))
+            dropped = self._waiting.pop(next(iter(self._waiting)))
+            log.warning(
+                "frigate event dropped: waited too long for its snapshot",
+                frigate_id=dropped.get("id"),
+            )
         return None  # waits for its snapshot
+
+    def _missed_review(self, kind: str) -> bool:
+        """Whether an event's first message here comes after a type that is reviewed."""
+        return any(
+            earlier in self.settings.review for earlier in EVENT_TYPES[: EVENT_TYPES.index(kind)]
+        )
 
     def _seen(self, event_id: str, *, ended: bool) -> float:
         """When the event's first message arrived (now, for its first); forgotten at its end."""

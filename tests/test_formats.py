@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import sqlite3
@@ -172,7 +173,7 @@ async def test_a_field_mapping_ingests_a_vendor_payload(tmp_path, broker, tiny_m
 
 
 async def test_frigate_messages_that_are_not_reviewed_are_consumed(tmp_path, tiny_model):
-    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    settings = make_settings(tmp_path, broker=None, model=tiny_model, frigate={"review": ["end"]})
     async with run_daemon(settings) as d:
         async with d.http.post(
             f"{d.base_url}/v1/alerts?format=frigate",
@@ -236,6 +237,65 @@ def test_a_frigate_event_reviewed_later_uses_the_snapshot_that_followed_its_firs
     [incoming] = [c for c in came if c is not None]
     assert came.index(incoming) == (3 if review == ["end"] else 2)
     assert incoming.images[0].data == snapshot
+
+
+def test_a_frigate_event_begun_before_the_start_is_reviewed_at_its_first_message_here():
+    now = [2000.0]
+    frigate = FrigateFormat(FrigateSettings())  # reviews "new"
+    frigate.clock = lambda: now[0]
+    snapshot, later = jpeg_bytes((64, 48)), jpeg_bytes((48, 64))
+
+    def event(kind: str, event_id: str, camera: str = "gate") -> IncomingAlert | None:
+        return frigate.parse(frigate_event(kind, event_id, camera).encode(), topic="frigate/events")
+
+    # a snapshot taken since the start serves an event that began before it
+    assert frigate.parse(snapshot, topic="frigate/gate/person/snapshot") is None
+    now[0] = 2030.0
+    caught = event("update", "evt-before")
+    assert caught is not None and caught.images[0].data == snapshot
+    assert event("update", "evt-before") is None  # once
+    # without one, it waits for the next, as a new event would
+    assert event("update", "evt-waits", camera="yard") is None
+    now[0] = 2031.0
+    came = frigate.parse(later, topic="frigate/yard/person/snapshot")
+    assert came is not None and came.alert.alert_id == "evt-waits"
+    # an event seen first at its end, without a snapshot: not refused (it may well have been
+    # reviewed before the start)
+    assert event("end", "evt-gone", camera="dock") is None
+    # events that begin here follow their first message's rules
+    assert event("new", "evt-here", camera="dock") is None  # waits
+    assert event("end", "evt-here-2", camera="gate") is not None
+    with pytest.raises(AlertError, match="no snapshot received"):
+        event("end", "evt-here", camera="dock")
+    # a type that no reviewed type precedes is not caught up
+    only_end = FrigateFormat(FrigateSettings(review=["end"]))
+    assert only_end.parse(frigate_event("update", "u").encode(), topic="frigate/events") is None
+    assert only_end._waiting == {}
+
+
+async def test_a_frigate_event_waiting_at_a_restart_is_reviewed_after_it_once(
+    tmp_path, broker, tiny_model
+):
+    settings = frigate_settings(tmp_path, broker, tiny_model)
+    snapshot_topic = "frigate/loading_dock/person/snapshot"
+    async with collect(broker, "secondlook/verdicts/#") as out:
+        async with run_daemon(settings):
+            await publish(broker, "frigate/events", frigate_event("new", "evt-done"))
+            await publish(broker, snapshot_topic, jpeg_bytes((640, 360)))
+            await out.wait_for(1)
+            # stopped while this one waits for its snapshot
+            await publish(broker, "frigate/events", frigate_event("new", "evt-waiting", "gate"))
+            await asyncio.sleep(0.5)
+        async with run_daemon(settings) as d:
+            await publish(broker, "frigate/events", frigate_event("update", "evt-done"))
+            await publish(broker, "frigate/events", frigate_event("update", "evt-waiting", "gate"))
+            await publish(broker, snapshot_topic, jpeg_bytes((640, 360)))
+            await publish(broker, "frigate/gate/person/snapshot", jpeg_bytes((640, 360)))
+            verdicts = await out.wait_for(2)
+            _, done = await d.get_alert("evt-done")
+            await asyncio.sleep(0.5)
+    assert [v["alert_id"] for _, v in verdicts] == ["evt-done", "evt-waiting"]
+    assert len(out.messages) == 2 and done["attempts"] == 1  # evt-done not reviewed twice
 
 
 @pytest.mark.parametrize(
