@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -33,7 +34,7 @@ from aiohttp import web
 from PIL import Image
 
 from daemon import feedback, history, metrics, playground
-from daemon.contract import utc_now
+from daemon.contract import Alert, utc_now
 from daemon.images import ImageError, decode, draw_detections
 from daemon.journal import Journal
 from plugins.canonical import decode_base64_image
@@ -67,7 +68,8 @@ class ConsoleApi:
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
             web.get("/v1/alerts", self.list_alerts),
-            web.get("/v1/snapshots/{ref:\\d+}/{idx:\\d+}", self.snapshot),
+            # more digits than a row id has: no such snapshot (404), not a number to parse
+            web.get("/v1/snapshots/{ref:\\d{1,19}}/{idx:\\d{1,19}}", self.snapshot),
             web.post("/v1/alerts/{alert_id}/feedback", self.feedback),
             web.post("/v1/feedback", self.feedback),
             web.get("/v1/rules", self.rules),
@@ -124,6 +126,9 @@ class ConsoleApi:
         return [(b.x1, b.y1, b.x2, b.y2) for b in stored.alert.boxes]
 
     async def feedback(self, request: web.Request) -> web.Response:
+        source = request.headers.get("X-Feedback-Source", "http")
+        if not (source.isascii() and source.isprintable()):
+            return error(400, "printable ASCII only", "X-Feedback-Source")
         try:
             said = feedback.parse_feedback(await request.read())
             stored = await feedback.record(
@@ -131,7 +136,7 @@ class ConsoleApi:
                 said,
                 alert_id=feedback.alert_id_of(said, request.match_info.get("alert_id")),
                 box_id=request.query.get("box_id") or said.box_id,
-                source=request.headers.get("X-Feedback-Source", "http")[:16],
+                source=source[:16],
                 stats=self.daemon.stats,
                 rules=self.daemon.rules,
             )
@@ -141,7 +146,7 @@ class ConsoleApi:
 
     async def rules(self, request: web.Request) -> web.Response:
         book = self.daemon.rules
-        counts = await history.rule_stats(self.journal)
+        counts = await history.rule_counts(self.journal)
         rules = [
             {
                 "name": rule.name,
@@ -157,9 +162,7 @@ class ConsoleApi:
                 "digest": rule.digest,
                 "since": _iso(book.since.get(rule.name)),
                 "state": "disabled" if not rule.enabled else "shadow" if rule.shadow else "active",
-                "counts": {
-                    k: v for k, v in counts.get(rule.name, {}).items() if isinstance(v, int)
-                },
+                "counts": counts.get(rule.name, {}),
             }
             for rule in book.rules
         ]
@@ -178,10 +181,8 @@ class ConsoleApi:
     async def try_rule(self, request: web.Request) -> web.Response:
         d = self.daemon
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise playground.PlaygroundError("expected a JSON object")
-            image = await self._playground_image(body)
+            body = await _json_object(request)
+            image, like = await self._playground_image(body)
             text = (
                 _text(body, "rule_toml")
                 if body.get("rule_toml")
@@ -198,12 +199,15 @@ class ConsoleApi:
                 camera_id=str(body.get("camera_id") or "playground"),
                 event_type=body.get("event_type") or None,
                 max_pixels=d.settings.images.max_input_pixels,
+                like=like,
             )
         except ValueError as exc:  # PlaygroundError, JSON errors
             return error(400, str(exc))
         return web.json_response({**result, "rule_toml": text})
 
-    async def _playground_image(self, body: dict[str, Any]) -> bytes:
+    async def _playground_image(self, body: dict[str, Any]) -> tuple[bytes, Alert | None]:
+        """The image to try, and for a stored snapshot its alert (with the request's
+        `camera_id` and `event_type`, where given): the try sees what the review saw."""
         if isinstance(body.get("snapshot"), dict):
             ref, idx = body["snapshot"].get("ref"), body["snapshot"].get("idx", 0)
             if not all(type(n) is int and 0 <= n <= MAX_ID for n in (ref, idx)):
@@ -213,28 +217,46 @@ class ConsoleApi:
             data = await history.snapshot(self.journal, ref, idx)
             if data is None:
                 raise playground.PlaygroundError("snapshot: no such stored snapshot")
-            return data
-        return decode_base64_image(body.get("image"), "image").data
+            alert = (await self.journal.load_alert(ref)).alert
+            given = {key: body[key] for key in ("camera_id", "event_type") if body.get(key)}
+            if idx:  # the detection boxes belong to the first snapshot
+                given["boxes"] = []
+            return data, alert.model_copy(update=given)
+        if body.get("image") is None:
+            raise playground.PlaygroundError(
+                'give an image (base64) or a stored snapshot ({"ref", "idx"})'
+            )
+        return decode_base64_image(body.get("image"), "image").data, None
 
     async def save_rule(self, request: web.Request) -> web.Response:
         d = self.daemon
         name = request.match_info["name"]
         try:
             if request.content_type == "application/json":
-                body = await request.json()
-                if not isinstance(body, dict):
-                    raise playground.PlaygroundError("expected a JSON object")
+                body = await _json_object(request)
+                event_types = _texts(body, "event_types")
+                if not event_types:
+                    raise playground.PlaygroundError(
+                        'event_types: name the event types to review ("*" for all of them)'
+                    )
                 text = playground.rule_toml(
                     _text(body, "prompt"),
                     kind=str(body.get("kind") or "verdict"),
-                    event_types=_texts(body, "event_types") or ["*"],
+                    event_types=event_types,
                     description=str(body.get("description") or ""),
                 )
             else:
-                text = await request.text()
+                text = await _body_text(request)
             path, rule = playground.save_rule(
-                d.rules.directory, name, text, d.registry.rule_kinds, d.rules.check_choices
+                d.rules.directory,
+                name,
+                text,
+                d.registry.rule_kinds,
+                d.rules.check_choices,
+                overwrite=request.query.get("overwrite") == "1",
             )
+        except playground.RuleFileExists as exc:
+            return error(409, f"{exc}: add ?overwrite=1 to replace it", "name")
         except ValueError as exc:
             return error(400, str(exc))
         except OSError as exc:
@@ -300,6 +322,27 @@ def _thumbnail(data: bytes, boxes: list[tuple[float, float, float, float]]) -> b
     # no chroma subsampling: it would wash out the thin red box lines
     img.save(out, "JPEG", quality=85, subsampling=0)
     return out.getvalue()
+
+
+async def _body_text(request: web.Request) -> str:
+    """The body as UTF-8 text, whatever charset the request names."""
+    try:
+        return (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise playground.PlaygroundError(
+            f"the body is not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from exc
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object (UTF-8, whatever charset the request names)."""
+    try:
+        body = json.loads(await _body_text(request))
+    except RecursionError as exc:
+        raise playground.PlaygroundError("JSON nested too deeply") from exc
+    if not isinstance(body, dict):
+        raise playground.PlaygroundError("expected a JSON object")
+    return body
 
 
 def _text(body: dict[str, Any], key: str) -> str:

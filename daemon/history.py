@@ -1,7 +1,8 @@
 """What happened, read from the journal for operators: recent alerts, snapshots, stats.
 
-Read-only queries on the journal's reader connection; the web console and `/v1/stats` use
-them. Alerts are pruned after `[storage] journal_max_age_days`, so the stats cover that long.
+Read-only queries on the journal's connection for operators (`Journal.browse`), each led
+by one of the journal's indexes; the web console and `/v1/stats` use them. Alerts are pruned
+after `[storage] journal_max_age_days`, so the stats cover that long.
 """
 
 from __future__ import annotations
@@ -30,29 +31,30 @@ class AlertFilter:
 
 async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, Any]]:
     """Newest first: each alert with its verdicts and the latest feedback per rule."""
-    sql = ["SELECT a.* FROM alerts a WHERE 1 = 1"]
     args: list[Any] = []
+    if where.rule or where.verdict:
+        # led by the verdicts' index of that rule (or verdict), newest alert first
+        sql = ["SELECT a.* FROM verdicts v JOIN alerts a ON a.id = v.alert_ref WHERE 1 = 1"]
+        for column, value in (("rule", where.rule), ("verdict", where.verdict)):
+            if value:
+                sql.append(f"AND v.{column} = ?")
+                args.append(value)
+        ref, tail = "v.alert_ref", "GROUP BY v.alert_ref ORDER BY v.alert_ref DESC LIMIT ?"
+    else:
+        sql = ["SELECT a.* FROM alerts a WHERE 1 = 1"]
+        ref, tail = "a.id", "ORDER BY a.id DESC LIMIT ?"
     if where.camera_id:
-        sql.append("AND json_extract(a.alert, '$.camera_id') = ?")
+        sql.append("AND json_extract(a.alert, '$.camera_id') = ?")  # as alerts_by_camera
         args.append(where.camera_id)
     if where.box_id:
         sql.append("AND a.box_id = ?")
         args.append(where.box_id)
-    if where.rule or where.verdict:
-        sql.append("AND EXISTS (SELECT 1 FROM verdicts v WHERE v.alert_ref = a.id")
-        if where.rule:
-            sql.append("AND v.rule = ?")
-            args.append(where.rule)
-        if where.verdict:
-            sql.append("AND v.verdict = ?")
-            args.append(where.verdict)
-        sql.append(")")
     if where.before is not None:
-        sql.append("AND a.id < ?")
+        sql.append(f"AND {ref} < ?")
         args.append(where.before)
-    sql.append("ORDER BY a.id DESC LIMIT ?")
+    sql.append(tail)
     args.append(max(1, min(where.limit, 500)))
-    alerts = await journal.read(" ".join(sql), args)
+    alerts = await journal.browse(" ".join(sql), args)
     refs = [row["id"] for row in alerts]
     verdicts = await _verdicts_of(journal, refs)
     feedback = await _feedback_of(journal, refs)
@@ -86,10 +88,23 @@ async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, 
 
 async def snapshot(journal: Journal, ref: int, idx: int) -> bytes | None:
     """The stored bytes of an alert's snapshot, None when gone (pruned) or never there."""
-    row = await journal.read_one(
+    rows = await journal.browse(
         "SELECT data FROM alert_images WHERE alert_ref = ? AND idx = ?", (ref, idx)
     )
-    return bytes(row["data"]) if row else None
+    return bytes(rows[0]["data"]) if rows else None
+
+
+async def rule_counts(journal: Journal) -> dict[str, dict[str, int]]:
+    """Per rule: its verdicts of each kind in the journal, and all of them (`alerts`)."""
+    counts: dict[str, dict[str, int]] = {}
+    for row in await journal.browse(
+        "SELECT rule, verdict, count(*) AS n FROM verdicts WHERE rule IS NOT NULL "
+        "GROUP BY rule, verdict"
+    ):
+        per_rule = counts.setdefault(row["rule"], {"alerts": 0, **dict.fromkeys(VERDICT_KINDS, 0)})
+        per_rule["alerts"] += row["n"]
+        per_rule[row["verdict"]] = per_rule.get(row["verdict"], 0) + row["n"]
+    return counts
 
 
 async def rule_stats(journal: Journal, since: datetime | None = None) -> dict[str, dict[str, Any]]:
@@ -98,23 +113,23 @@ async def rule_stats(journal: Journal, since: datetime | None = None) -> dict[st
     per_rule: dict[str, dict[str, Any]] = {}
     # counted and ranked by SQLite on the reader's thread: a journal of millions of
     # verdicts never passes through the event loop row by row
-    for row in await journal.read(
-        "SELECT rule, verdict, count(*) AS n FROM verdicts "
-        "WHERE rule IS NOT NULL AND created_at >= ? GROUP BY rule, verdict",
+    for row in await journal.browse(
+        "SELECT rule, verdict, count(*) AS n FROM verdicts INDEXED BY verdicts_by_time "
+        "WHERE created_at >= ? AND rule IS NOT NULL GROUP BY rule, verdict",
         (since_text,),
     ):
         stats = per_rule.setdefault(row["rule"], _empty_stats())
         stats["alerts"] += row["n"]
         stats[row["verdict"]] = stats.get(row["verdict"], 0) + row["n"]
     latency: dict[tuple[str, str], int] = {}
-    for row in await journal.read(_LATENCY_PERCENTILES, (since_text,)):
+    for row in await journal.browse(_LATENCY_PERCENTILES, (since_text,)):
         for name, rank in (
             ("p50", (row["total"] + 1) // 2),
             ("p95", (95 * row["total"] + 99) // 100),
         ):
             if row["rank"] == rank:
                 latency[(row["rule"], name)] = int(row["latency"])
-    for row in await journal.read(
+    for row in await journal.browse(
         "SELECT f.rule, f.verdict, f.label, f.correct FROM feedback f WHERE f.id IN "
         "(SELECT max(id) FROM feedback GROUP BY alert_ref, rule) AND f.created_at >= ?",
         (since_text,),
@@ -148,10 +163,11 @@ async def timeline(journal: Journal, *, hours: float = 24, buckets: int = 24) ->
     width = max((end - start) / buckets, timedelta(microseconds=1))
     series: dict[str, dict[str, list[int]]] = {}
     # bucketed by SQLite (to the millisecond); a verdict stamped ahead goes in the last
-    for row in await journal.read(
+    for row in await journal.browse(
         "SELECT rule, verdict, count(*) AS n, min(max(CAST((julianday(created_at) - "
         "julianday(?)) * 86400.0 / ? AS INTEGER), 0), ?) AS bucket FROM verdicts "
-        "WHERE rule IS NOT NULL AND created_at >= ? GROUP BY rule, verdict, bucket",
+        "INDEXED BY verdicts_by_time WHERE created_at >= ? AND rule IS NOT NULL "
+        "GROUP BY rule, verdict, bucket",
         (start.isoformat(), width.total_seconds(), buckets - 1, start.isoformat()),
     ):
         counts = series.setdefault(row["rule"], {kind: [0] * buckets for kind in VERDICT_KINDS})
@@ -188,8 +204,9 @@ def _ratio(part: int, whole: int) -> float | None:
 #: (rank ceil(q * total), in whole numbers)
 _LATENCY_PERCENTILES = """
 WITH reviewed AS (
-    SELECT rule, json_extract(payload, '$.latency_ms') AS latency FROM verdicts
-    WHERE rule IS NOT NULL AND verdict != 'unreviewed' AND created_at >= ?
+    SELECT rule, json_extract(payload, '$.latency_ms') AS latency
+    FROM verdicts INDEXED BY verdicts_by_time
+    WHERE created_at >= ? AND rule IS NOT NULL AND verdict != 'unreviewed'
 ), ranked AS (
     SELECT rule, latency, row_number() OVER (PARTITION BY rule ORDER BY latency) AS rank,
            count(*) OVER (PARTITION BY rule) AS total
@@ -205,7 +222,7 @@ async def _rows_of(journal: Journal, select: str, refs: list[int], tail: str) ->
     if not refs:
         return []
     marks = ",".join("?" * len(refs))
-    return await journal.read(f"{select} WHERE alert_ref IN ({marks}) {tail}", refs)
+    return await journal.browse(f"{select} WHERE alert_ref IN ({marks}) {tail}", refs)
 
 
 async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict[str, Any]]]:

@@ -44,6 +44,8 @@ CREATE TABLE IF NOT EXISTS alerts (
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (priority DESC, id) WHERE state = 'received';
 CREATE INDEX IF NOT EXISTS alerts_reviewed ON alerts (reviewed_at) WHERE state = 'reviewed';
 CREATE INDEX IF NOT EXISTS alerts_by_alert_id ON alerts (alert_id);
+-- the console's filters and stats (history.py): each answers without scanning the journal
+CREATE INDEX IF NOT EXISTS alerts_by_camera ON alerts (json_extract(alert, '$.camera_id'));
 CREATE TABLE IF NOT EXISTS alert_images (
     alert_ref INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
     idx       INTEGER NOT NULL,
@@ -65,6 +67,9 @@ CREATE TABLE IF NOT EXISTS verdicts (
 );
 CREATE INDEX IF NOT EXISTS verdicts_unpublished ON verdicts (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS verdicts_by_alert ON verdicts (alert_ref);
+CREATE INDEX IF NOT EXISTS verdicts_by_rule ON verdicts (rule, alert_ref, verdict);
+CREATE INDEX IF NOT EXISTS verdicts_by_verdict ON verdicts (verdict, alert_ref);
+CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (created_at);
 CREATE TABLE IF NOT EXISTS feedback (
     id          INTEGER PRIMARY KEY,
     alert_ref   INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
@@ -169,14 +174,22 @@ WriteOp = Callable[[sqlite3.Connection], Any]
 
 
 class Journal:
-    """Two connections to one file: writes go through a group-commit queue on one, owned by
-    a thread of its own; reads use the other (WAL lets them run side by side, and readers
-    only ever see committed data)."""
+    """Three connections to one file: writes go through a group-commit queue on one, owned
+    by a thread of its own; the daemon's reads use the second, and operators' queries (the
+    console, stats) the third, so that a long one never holds up a review (WAL lets them
+    all run side by side, and readers only ever see committed data)."""
 
-    def __init__(self, writer: sqlite3.Connection, reader: aiosqlite.Connection, path: Path):
+    def __init__(
+        self,
+        writer: sqlite3.Connection,
+        reader: aiosqlite.Connection,
+        browser: aiosqlite.Connection,
+        path: Path,
+    ):
         self._db = writer
         self._writer_thread = ThreadPoolExecutor(1, "journal-writer")
         self._reader = reader
+        self._browser = browser
         self.path = path
         self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
@@ -184,9 +197,12 @@ class Journal:
     @classmethod
     async def open(cls, path: Path) -> Journal:
         writer = await asyncio.to_thread(_open_writer, path)
-        reader = await aiosqlite.connect(path, isolation_level=None)
-        reader.row_factory = aiosqlite.Row
-        return cls(writer, reader, path)
+        readers = []
+        for _ in range(2):
+            reader = await aiosqlite.connect(path, isolation_level=None)
+            reader.row_factory = aiosqlite.Row
+            readers.append(reader)
+        return cls(writer, *readers, path)
 
     async def close(self) -> None:
         if self._flushing is not None:
@@ -194,6 +210,7 @@ class Journal:
         await self.call_writer(lambda db: db.close())
         self._writer_thread.shutdown()
         await self._reader.close()
+        await self._browser.close()
 
     async def call_writer(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         """`fn(connection)` on the writer's thread, outside any transaction (maintenance)."""
@@ -459,6 +476,10 @@ class Journal:
         rows = await self.read(sql, args)
         return rows[0] if rows else None
 
+    async def browse(self, sql: str, args: Sequence[Any] = ()) -> list[aiosqlite.Row]:
+        """As `read`, for operators' queries: on a connection of their own."""
+        return list(await self._browser.execute_fetchall(sql, args))
+
     async def pending_reviews(self, limit: int = -1) -> list[tuple[int, int]]:
         """(row id, priority) of alerts journalled but not reviewed, highest priority and
         then oldest first."""
@@ -573,9 +594,9 @@ def _migrate(db: sqlite3.Connection) -> None:
 
 
 def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
-    """Run `ops` in one transaction; each op's result, or the sqlite3.Error it raised: one
-    failing write does not undo the others. A failed commit (disk full, I/O error) raises:
-    nothing in it is durable.
+    """Run `ops` in one transaction; each op's result, or the error it raised (SQLite's, or
+    Python's, such as a value it cannot encode): one failing write does not undo the others.
+    A failed commit (disk full, I/O error) raises: nothing in it is durable.
 
     Ops run straight in the transaction first; only when one fails is the transaction rolled
     back and run again with a savepoint per op (ops are functions of the database alone, so
@@ -586,7 +607,7 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
         db.execute("BEGIN IMMEDIATE")
         try:
             results = [op(db) for op in ops]
-        except sqlite3.Error:
+        except Exception:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             db.execute("BEGIN IMMEDIATE")
@@ -617,11 +638,11 @@ def _vacuum_some(db: sqlite3.Connection) -> bool:
 
 
 def _in_savepoint(op: WriteOp, db: sqlite3.Connection) -> Any:
-    """`op`'s result, or its sqlite3.Error with only its own writes undone."""
+    """`op`'s result, or its error with only its own writes undone."""
     db.execute("SAVEPOINT op")
     try:
         result = op(db)
-    except sqlite3.Error as exc:
+    except Exception as exc:
         if not db.in_transaction:
             raise  # SQLite undid the whole transaction (disk full, I/O error)
         db.execute("ROLLBACK TO op")

@@ -22,7 +22,15 @@ from daemon.images import ImageError, inspect_image
 from daemon.journal import StoredAlert
 from daemon.plugin_api import RawImage, RuleKind
 from daemon.reviewer import Reviewer
-from daemon.rules import ChoiceChecker, Rule, RuleError, parse_rule, read_rule_text, rule_files
+from daemon.rules import (
+    RULE_FILE_MAX_BYTES,
+    ChoiceChecker,
+    Rule,
+    RuleError,
+    parse_rule,
+    read_rule_text,
+    rule_files,
+)
 
 #: a rule name: a safe file stem
 RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -48,6 +56,10 @@ def toml_string(text: str) -> str:
 
 class PlaygroundError(ValueError):
     """Input the playground cannot use; the message says what is wrong."""
+
+
+class RuleFileExists(PlaygroundError):
+    """A rule file of that name is there already (and was not to be replaced)."""
 
 
 def rule_toml(
@@ -94,23 +106,29 @@ async def try_rule(
     event_type: str | None = None,
     boxes: Sequence[Mapping[str, float]] = (),
     max_pixels: int = 40_000_000,
+    like: Alert | None = None,
 ) -> dict[str, Any]:
-    """The rule's judgement of the image, with the prompt, raw answer and latency."""
+    """The rule's judgement of the image, with the prompt, raw answer and latency; `like`:
+    a stored alert whose fields (camera, event type, boxes, extra ...) the try takes."""
     try:
         inspect_image(image, max_pixels=max_pixels)
     except ImageError as exc:
         raise PlaygroundError(f"image: {exc}") from exc
-    plain = [t for t in rule.match.event_types if not any(c in t for c in "*?[")]
-    alert = Alert.model_validate(
-        {
-            "alert_id": f"try-{uuid.uuid4().hex[:8]}",
-            "box_id": "playground",
-            "camera_id": camera_id,
-            "event_type": event_type or (plain[0] if plain else "playground"),
-            "occurred_at": utc_now().isoformat(),
-            "boxes": list(boxes),
-        }
-    )
+    try_id = f"try-{uuid.uuid4().hex[:8]}"
+    if like is not None:
+        alert = like.model_copy(update={"alert_id": try_id, "box_id": "playground"})
+    else:
+        plain = [t for t in rule.match.event_types if not any(c in t for c in "*?[")]
+        alert = Alert.model_validate(
+            {
+                "alert_id": try_id,
+                "box_id": "playground",
+                "camera_id": camera_id,
+                "event_type": event_type or (plain[0] if plain else "playground"),
+                "occurred_at": utc_now().isoformat(),
+                "boxes": list(boxes),
+            }
+        )
     stored = StoredAlert(0, alert, [RawImage("image", image)], utc_now(), 0, "received")
     started = time.perf_counter()
     # a try neither reuses a verdict nor lends one to the live alerts of its camera
@@ -138,17 +156,24 @@ def save_rule(
     text: str,
     kinds: Mapping[str, RuleKind],
     check_choices: ChoiceChecker | None = None,
+    *,
+    overwrite: bool = True,
 ) -> tuple[Path, Rule]:
     """Check `text` as a rule, then write `<rules_dir>/<name>.toml` at once (a temporary file
     renamed over it), so the rules watcher never reads half a file. A rule whose name (its
     `name` key) another file of the directory holds is refused: the directory would refuse
-    it too."""
+    it too; so is one over the directory's size limit, and without `overwrite` an existing
+    file (RuleFileExists)."""
     if not RULE_NAME.fullmatch(name):
         raise PlaygroundError(
             f"name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit"
         )
+    if len(text.encode()) > RULE_FILE_MAX_BYTES:
+        raise PlaygroundError(f"over {RULE_FILE_MAX_BYTES} bytes: not a rule file")
     rule = load_rule(text, kinds, check_choices, name)
     target = rules_dir / f"{name}.toml"
+    if not overwrite and target.exists():
+        raise RuleFileExists(f"{target.name} exists")
     holder = _file_naming(rules_dir, rule.name, besides=target)
     if holder is not None:
         raise PlaygroundError(f"rule {rule.name!r} is already in {holder.name}")

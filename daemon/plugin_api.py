@@ -118,16 +118,16 @@ class ModelRequest:
 
     query: Query
     images: Sequence[Image] = ()
-    #: a LoRA adapter directory to apply for this request (None: the base model); backends
-    #: that cannot apply adapters refuse such requests
+    #: a LoRA adapter directory to apply for this request (None: the base model); only
+    #: backends that say `applies_adapters = True` are given such requests
     adapter: str | None = None
 
 
-def refuse_adapter(request: ModelRequest, backend: str) -> None:
+def refuse_adapter(request: ModelRequest, model: str) -> None:
     """For backends that serve a fixed model: a rule's LoRA adapter cannot be honoured."""
     if request.adapter is not None:
         raise ValueError(
-            f"the {backend} backend cannot apply LoRA adapters ([review] adapter = "
+            f"the backend of {model!r} cannot apply LoRA adapters ([review] adapter = "
             f"{request.adapter!r}); use the transformers backend, or serve the merged model"
         )
 
@@ -182,6 +182,9 @@ class Backend(Protocol):
     scales images to multiples of it within the token budget. A backend that scores choices
     from its own tokenizer may also define `check_choices(choices)`, raising ValueError when
     two answers share their first token; rules are then checked against it when loaded.
+    One that can apply a rule's LoRA adapter (`ModelRequest.adapter`) says
+    `applies_adapters = True`; the host refuses such requests to the others. One that can
+    fail for good may define `health()` (see docs/hooks.md).
     """
 
     model_name: str

@@ -26,6 +26,7 @@ from daemon.plugin_api import (
     Judgement,
     ModelRequest,
     RecentReview,
+    refuse_adapter,
 )
 from daemon.plugins import Registry, is_plugin_failure
 from daemon.rules import Rule
@@ -185,7 +186,10 @@ class Reviewer:
             query = checked_query(kind.compose(own, rule), rule.kind)
             with self.stats.time("model"):
                 adapter = str(rule.adapter) if rule.adapter else None
-                answer = await self.backend.run(ModelRequest(query, pictures, adapter))
+                request = ModelRequest(query, pictures, adapter)
+                if not getattr(self.backend, "applies_adapters", False):
+                    refuse_adapter(request, self.backend.model_name)
+                answer = await self.backend.run(request)
             judgement = checked_judgement(kind.interpret(answer, rule), f"rule kind {rule.kind!r}")
             judgement = dataclasses.replace(judgement, prompt=query.prompt, raw=answer.raw())
         except BackendUnusable:

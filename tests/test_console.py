@@ -115,6 +115,27 @@ async def test_playground_verdict_for_an_upload_and_a_rule_saved_from_it(tmp_pat
         [made] = (await d.wait_reviewed("lift-1"))["verdicts"]
         assert made["rule"] == "forklift_load" and made["verdict"] != "unreviewed"
 
+        # without event types it would review every alert: the page asks for them
+        await page.get_by_test_id("save-name").fill("everything")
+        await page.get_by_test_id("save-events").fill("")
+        await page.get_by_test_id("save-rule").click()
+        await expect(page.get_by_test_id("save-result")).to_contain_text("name the event types")
+        assert not (settings.rules.dir / "everything.toml").exists()
+        # the name of a rule file that exists: replaced once the operator agrees
+        asked: list[str] = []
+
+        async def agree(dialog) -> None:
+            asked.append(dialog.message)
+            await dialog.accept()
+
+        page.once("dialog", agree)
+        await page.get_by_test_id("save-name").fill("forklift_load")
+        await page.get_by_test_id("save-events").fill("forklift_over_height, forklift")
+        await page.get_by_test_id("save-rule").click()
+        await expect(page.get_by_test_id("save-result")).to_have_text("saved as forklift_load.toml")
+        assert asked == ["A rule file forklift_load.toml exists. Replace it?"]
+        assert '"forklift"' in (settings.rules.dir / "forklift_load.toml").read_text()
+
 
 async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_model):
     tokens = tmp_path / "tokens"

@@ -34,20 +34,34 @@ def insert_then_fail(db: sqlite3.Connection) -> None:
     db.execute("INSERT INTO no_such_table VALUES (1)")
 
 
-async def test_a_failing_write_in_a_group_commit_undoes_only_itself(tmp_path):
+def insert_then_fail_to_encode(db: sqlite3.Connection) -> None:
+    insert_reject("written by the failing write")(db)
+    insert_reject("a lone surrogate: \udcff")(db)  # no UTF-8: raised by Python, not SQLite
+
+
+@pytest.mark.parametrize(
+    ("failing", "error", "message"),
+    [
+        (insert_then_fail, sqlite3.OperationalError, "no_such_table"),
+        (insert_then_fail_to_encode, UnicodeEncodeError, "surrogates not allowed"),
+    ],
+)
+async def test_a_failing_write_in_a_group_commit_undoes_only_itself(
+    tmp_path, failing, error, message
+):
     journal = await Journal.open(tmp_path / "journal.db")
     try:
         image = RawImage("image", jpeg_bytes())
         # issued in one tick, so all four share one commit
         results = await asyncio.gather(
             journal.record_alert(alert("kept-1"), [image], source="test", topic=None),
-            journal._write(insert_then_fail),
+            journal._write(failing),
             journal._write(insert_reject("kept-2")),
             journal.record_alert(alert("kept-3"), [image], source="test", topic=None),
             return_exceptions=True,
         )
-        assert isinstance(results[1], sqlite3.OperationalError)
-        assert "no_such_table" in str(results[1])
+        assert isinstance(results[1], error)
+        assert message in str(results[1])
         assert results[0].new and results[3].new
         assert results[2] > 0
         alerts = await journal.read("SELECT alert_id FROM alerts ORDER BY id")

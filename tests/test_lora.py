@@ -3,7 +3,6 @@ batches, refused where a backend cannot apply them."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from pathlib import Path
 
@@ -12,8 +11,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
+from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
-from daemon.plugin_api import ChoiceQuery, ModelRequest
+from daemon.plugin_api import Answer, ModelRequest
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleError, parse_rule
 from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
@@ -77,7 +77,36 @@ def test_a_missing_adapter_is_a_load_error_naming_the_key(tmp_path):
         parse_rule(tmp_path / "rules" / "tuned.toml", TUNED_RULE, kinds)
 
 
-def test_backends_serving_a_fixed_model_refuse_adapters():
-    request = ModelRequest(ChoiceQuery("Fire?", {"yes": ["yes"], "no": ["no"]}), (), "/lora")
-    with pytest.raises(ValueError, match="instant backend cannot apply LoRA adapters"):
-        asyncio.run(InstantBackend(None).run(request))  # type: ignore[arg-type]
+class FixedModel(InstantBackend):
+    """A backend that says nothing of adapters (as docs/hooks.md's example)."""
+
+    def __init__(self, settings: object) -> None:
+        super().__init__(settings)  # type: ignore[arg-type]
+        self.model_name = "fixed"
+        self.requests: list[ModelRequest] = []
+
+    async def run(self, request: ModelRequest) -> Answer:
+        self.requests.append(request)
+        return await super().run(request)
+
+
+class FixedModelPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("fixed", FixedModel)
+
+
+async def test_a_backend_that_applies_no_adapters_is_never_asked_to(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    model = settings.model.model_copy(update={"backend": "fixed"})
+    settings = settings.model_copy(update={"model": model})
+    adapter = tmp_path / "adapters" / "fire-lora"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (settings.rules.dir / "tuned.toml").write_text(TUNED_RULE)
+    async with run_daemon(settings, extra_plugins=[FixedModelPlugin()]) as d:
+        assert (await d.post_alert(make_alert("lora-1")))[0] == 202
+        [verdict] = (await d.wait_reviewed("lora-1"))["verdicts"]
+        assert d.daemon.backend.requests == []  # judged by the base model it would have been
+    assert verdict["verdict"] == "unreviewed"
+    assert "the backend of 'fixed' cannot apply LoRA adapters" in verdict["reason"]

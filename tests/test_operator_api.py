@@ -45,9 +45,9 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
         for alert_id in ids:
             await d.wait_reviewed(alert_id)
 
-        async def feedback(alert_id: str, body: dict) -> tuple[int, dict]:
+        async def feedback(alert_id: str, body: dict, **headers: str) -> tuple[int, dict]:
             async with d.http.post(
-                f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=body
+                f"{d.base_url}/v1/alerts/{alert_id}/feedback", json=body, headers=headers
             ) as response:
                 return response.status, await response.json()
 
@@ -63,6 +63,9 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
         assert before["fire"]["feedback"]["precision"] is None
         assert before["fire"]["latency_p50_ms"] is not None
 
+        # a source the journal could not store: refused, and nothing else disturbed
+        status, body = await feedback("fire-0", {"correct": True}, **{"X-Feedback-Source": "cÿ"})
+        assert status == 400 and body["field"] == "X-Feedback-Source"
         # three of four confirmed fires were real, one was a lamp
         for alert_id in ("fire-0", "fire-1", "fire-2"):
             status, body = await feedback(alert_id, {"correct": True})
@@ -304,3 +307,103 @@ async def test_stats_counted_in_the_journal_match_the_nearest_rank_definition(tm
     per_bucket = [sum(counts[b] for counts in fire.values()) for b in range(24)]
     assert per_bucket[:-4] == [0] * 20 and sum(per_bucket[-4:]) == 38
     assert max(per_bucket) <= 13 and sorted(per_bucket)[-3] >= 11
+
+
+async def test_operator_queries_are_led_by_an_index_and_answer_what_was_asked(tmp_path):
+    path = tmp_path / "j.sqlite3"
+    await (await Journal.open(path)).close()
+    now = utc_now().isoformat()
+    with sqlite3.connect(path) as db:
+        for ref in range(1, 41):
+            alert = {"camera_id": f"cam-{ref % 4}", "event_type": "fire"}
+            db.execute(
+                "INSERT INTO alerts (id, box_id, alert_id, alert, source, received_at) "
+                "VALUES (?, ?, ?, ?, 'http', ?)",
+                (ref, f"box-{ref % 2}", f"a-{ref}", json.dumps(alert), now),
+            )
+            for rule in ("fire", "smoke") if ref % 3 else ("fire",):
+                verdict = ("confirmed", "rejected", "uncertain")[(ref + len(rule)) % 3]
+                db.execute(
+                    "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at)"
+                    " VALUES (?, ?, ?, 't', ?, ?)",
+                    (ref, rule, verdict, json.dumps({"rule": rule, "verdict": verdict}), now),
+                )
+    journal = await Journal.open(path)
+    asked: list[tuple[str, tuple]] = []
+    browse = journal.browse
+
+    async def recording(sql: str, args=()):
+        asked.append((sql, tuple(args)))
+        return await browse(sql, args)
+
+    journal.browse = recording  # type: ignore[method-assign]
+    try:
+        expected = {}
+        for where in (
+            history.AlertFilter(rule="smoke", before=30, limit=5),
+            history.AlertFilter(verdict="rejected", limit=5),
+            history.AlertFilter(rule="fire", verdict="confirmed", box_id="box-1"),
+            history.AlertFilter(camera_id="cam-2"),
+            history.AlertFilter(camera_id="cam-1", rule="smoke", verdict="uncertain"),
+        ):
+            listed = await history.recent_alerts(journal, where)
+            expected[where] = [a["ref"] for a in listed]
+            # what a plain reading of the filter selects, newest first
+            with sqlite3.connect(path) as db:
+                rows = db.execute("SELECT id, box_id, alert FROM alerts ORDER BY id DESC")
+                wanted = []
+                for ref, box, alert in rows:
+                    verdicts = db.execute(
+                        "SELECT rule, verdict FROM verdicts WHERE alert_ref = ?", (ref,)
+                    ).fetchall()
+                    if (
+                        (where.before is None or ref < where.before)
+                        and (where.box_id is None or box == where.box_id)
+                        and (where.camera_id in (None, json.loads(alert)["camera_id"]))
+                        and any(
+                            where.rule in (None, r) and where.verdict in (None, v)
+                            for r, v in verdicts
+                        )
+                    ):
+                        wanted.append(ref)
+            assert expected[where] == wanted[: where.limit], where
+        counted: dict[str, dict[str, int]] = {}
+        with sqlite3.connect(path) as db:
+            for rule, verdict in db.execute("SELECT rule, verdict FROM verdicts"):
+                per_rule = counted.setdefault(rule, dict.fromkeys(history.VERDICT_KINDS, 0))
+                per_rule[verdict] += 1
+                per_rule["alerts"] = per_rule.get("alerts", 0) + 1
+        assert await history.rule_counts(journal) == counted
+        assert counted["smoke"]["alerts"] == 27 and len(counted["fire"]) == 5
+        await history.rule_stats(journal, utc_now() - timedelta(hours=1))
+        await history.timeline(journal, hours=1)
+        await history.snapshot(journal, 1, 0)
+        with sqlite3.connect(path) as db:
+            for sql, args in asked:
+                steps = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args)]
+                scans = [s for s in steps if s.split(" ")[:2] in (["SCAN", "a"], ["SCAN", "v"])]
+                scans += [s for s in steps if s.startswith(("SCAN verdicts", "SCAN alert"))]
+                # only the unfiltered list walks the alerts, newest first, up to its limit
+                assert not scans or sql.endswith("WHERE 1 = 1 ORDER BY a.id DESC LIMIT ?"), (
+                    sql,
+                    steps,
+                )
+    finally:
+        await journal.close()
+
+
+async def test_a_long_operator_query_holds_up_none_of_the_daemons_reads(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    try:
+        slow = asyncio.create_task(
+            journal.browse(
+                "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n "
+                "WHERE x < 20000000) SELECT count(*) FROM n"
+            )
+        )
+        await asyncio.sleep(0.05)  # under way on the operators' connection
+        assert await journal.count_pending() == 0
+        assert not slow.done()
+        assert (await slow)[0][0] == 20_000_000
+    finally:
+        await journal.close()

@@ -163,7 +163,7 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         # a rule file that cannot be written (here: a directory in its place; under systemd,
         # a rules directory the service may only read): said, not an internal error
         (settings.rules.dir / "blocked.toml").mkdir()
-        status, body = await call("PUT", "/v1/rules/blocked", data=FIRE_RULE)
+        status, body = await call("PUT", "/v1/rules/blocked?overwrite=1", data=FIRE_RULE)
         assert status == 409 and "cannot write the rule into" in body["error"]
         assert "must be writable by the daemon" in body["error"]
         (settings.rules.dir / "blocked.toml").rmdir()
@@ -177,3 +177,73 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
             "POST", "/v1/try", json={"snapshot": {"ref": huge}, "prompt": "x"}
         )
         assert status == 400 and "snapshot: ref and idx" in body["error"]
+
+
+async def test_saved_rules_name_their_event_types_and_replace_a_file_only_when_asked(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text("# the site's own notes\n" + FIRE_RULE)
+    async with run_daemon(settings) as d:
+
+        async def call(method: str, path: str, **kwargs) -> tuple[int, dict]:
+            async with d.http.request(method, f"{d.base_url}{path}", **kwargs) as response:
+                return response.status, await response.json()
+
+        # no event types: it would review every alert; "*" says so on purpose
+        status, body = await call("PUT", "/v1/rules/everything", json={"prompt": "Real?"})
+        assert status == 400 and "event_types: name the event types" in body["error"]
+        status, _ = await call(
+            "PUT", "/v1/rules/everything", json={"prompt": "Real?", "event_types": "*"}
+        )
+        assert status == 201
+        # an existing file is replaced only with ?overwrite=1
+        status, body = await call("PUT", "/v1/rules/fire", data=FIRE_RULE)
+        assert status == 409 and body["field"] == "name" and "overwrite=1" in body["error"]
+        assert (settings.rules.dir / "fire.toml").read_text().startswith("# the site's")
+        status, _ = await call("PUT", "/v1/rules/fire?overwrite=1", data=FIRE_RULE)
+        assert status == 201 and (settings.rules.dir / "fire.toml").read_text() == FIRE_RULE
+        # too large for the rules directory to load: refused before it is written
+        big = FIRE_RULE + "#" * (1024 * 1024) + "\n"
+        status, body = await call("PUT", "/v1/rules/big", data=big)
+        assert status == 400 and "over 1048576 bytes" in body["error"]
+        assert not (settings.rules.dir / "big.toml").exists()
+        # bodies are UTF-8 whatever charset they name
+        status, _ = await call(
+            "PUT",
+            "/v1/rules/smoke",
+            data=FIRE_RULE.replace('"fire"', '"smoke"').encode(),
+            headers={"Content-Type": "text/plain; charset=bogus"},
+        )
+        assert status == 201
+        status, body = await call(
+            "PUT",
+            "/v1/rules/latin",
+            data="# caf\xe9\n".encode("latin-1") + FIRE_RULE.encode(),
+            headers={"Content-Type": "text/plain; charset=latin-1"},
+        )
+        assert status == 400 and "not UTF-8" in body["error"]
+        status, body = await call(
+            "POST",
+            "/v1/try",
+            data=b"{}",
+            headers={"Content-Type": "application/json; charset=bogus"},
+        )
+        assert status == 400 and "or a stored snapshot" in body["error"]
+        # a snapshot number longer than any row id: not found
+        assert (await call("GET", "/v1/snapshots/" + "9" * 5000 + "/0"))[0] == 404
+
+        # a stored snapshot is tried as its alert: camera, extra, boxes
+        alert = make_alert("gate", camera_id="gate-7", extra={"zone": "loading bay"})
+        assert (await d.post_alert(alert))[0] == 202
+        await d.wait_reviewed("gate")
+        [listed] = (await call("GET", "/v1/alerts?camera_id=gate-7"))[1]["alerts"]
+        asking = FIRE_RULE.replace(
+            "Is there a real open flame?", "Camera {camera_id} in {extra.zone}: flame?"
+        )
+        status, tried = await call(
+            "POST",
+            "/v1/try",
+            json={"snapshot": {"ref": listed["ref"]}, "rule_toml": asking},
+        )
+        assert status == 200 and tried["prompt"].startswith("Camera gate-7 in loading bay:")

@@ -307,12 +307,24 @@ $("#save-form").addEventListener("submit", async (event) => {
   let options;
   if ($("#try-kind").value === "rule") {
     options = { method: "PUT", headers: { "Content-Type": "text/plain" }, body: $("#try-prompt").value };
+  } else if (!events.length) {
+    // a rule without event types would review every alert: "*" says so on purpose
+    $("#save-result").textContent = "name the event types to review (* for all of them)";
+    return;
   } else {
     options = { method: "PUT", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt: $("#try-prompt").value, kind: "verdict", event_types: events.length ? events : ["*"] }) };
+      body: JSON.stringify({ prompt: $("#try-prompt").value, kind: "verdict", event_types: events }) };
   }
+  const path = `/v1/rules/${encodeURIComponent(name)}`;
   try {
-    const saved = await json(`/v1/rules/${encodeURIComponent(name)}`, options);
+    let response = await api(path, options);
+    // a rule file of that name exists: replaced only when the operator says so
+    if (response.status === 409 && (await response.clone().json()).field === "name"
+        && window.confirm(`A rule file ${name}.toml exists. Replace it?`)) {
+      response = await api(`${path}?overwrite=1`, options);
+    }
+    const saved = await response.json();
+    if (!response.ok) throw new Error(saved.error || response.statusText);
     $("#save-result").textContent = `saved as ${saved.file}`;
   } catch (error) {
     $("#save-result").textContent = error.message;

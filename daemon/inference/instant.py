@@ -13,7 +13,6 @@ from daemon.plugin_api import (
     ChoiceQuery,
     ModelRequest,
     TextAnswer,
-    refuse_adapter,
 )
 
 
@@ -30,7 +29,6 @@ class InstantBackend:
         return None
 
     async def run(self, request: ModelRequest) -> Answer:
-        refuse_adapter(request, "instant")
         query = request.query
         if isinstance(query, ChoiceQuery):
             share = 1.0 / len(query.choices)

@@ -50,7 +50,6 @@ from daemon.plugin_api import (
     ModelLoadError,
     ModelRequest,
     TextAnswer,
-    refuse_adapter,
 )
 
 log = structlog.get_logger(__name__)
@@ -160,7 +159,8 @@ class OpenAIBackend:
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         self.remote = settings.remote
-        self.model_name = self.remote.model or settings.display_name
+        # the verdicts' `model`: [model] name when set, else the model the server serves
+        self.model_name = settings.name or self.remote.model or settings.display_name
         self.image_factor = self.remote.image_factor
         self._served_model = self.remote.model or settings.path
         self._limit = asyncio.Semaphore(self.remote.concurrency)
@@ -199,7 +199,6 @@ class OpenAIBackend:
             await self._session.close()
 
     async def run(self, request: ModelRequest) -> Answer:
-        refuse_adapter(request, "openai")
         query = request.query
         body: dict[str, Any] = {
             "model": self._served_model,

@@ -28,6 +28,8 @@ CLOSE_WAIT_S = 5.0
 class TransformersBackend:
     """Loads the model once (then a warm-up pass); batches requests for it."""
 
+    applies_adapters = True
+
     def __init__(self, settings: ModelSettings) -> None:
         self.settings = settings
         self.model_name = settings.display_name
