@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import resource
 import signal
@@ -33,7 +34,7 @@ from daemon.logs import configure_logging
 from daemon.mqtt import MqttLink
 from daemon.outbox import Outbox
 from daemon.pipeline import Pipeline
-from daemon.plugin_api import BackendUnusable
+from daemon.plugin_api import AlertError, BackendUnusable
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleBook
 from daemon.rules_saved import SAVED_RULES_FILE, SavedRules
@@ -49,6 +50,12 @@ log = structlog.get_logger(__name__)
 JOURNAL_FILE = "journal.sqlite3"
 #: while the journal cannot take an MQTT alert, it is retried this often (unacknowledged)
 BUSY_RETRY_S = 1.0
+#: an MQTT message whose intake fails this many times with an unforeseen error is refused
+#: (recorded and acknowledged), else the broker would deliver it, and block the messages
+#: behind it, for ever
+INTAKE_ATTEMPTS = 3
+#: messages whose failed intakes are counted, at most
+INTAKE_FAILURES_KEPT = 256
 #: at a stop, how long the verdicts still in the outbox may take to be acknowledged
 FINAL_FLUSH_S = 10.0
 #: name prefixes of the threads a backend runs the model on
@@ -100,6 +107,8 @@ class Daemon:
         self.api: HttpApi | None = None
         #: why the backend became unusable (the daemon then exits non-zero)
         self.fatal: str | None = None
+        #: failed intakes per MQTT message (by digest of topic and payload)
+        self._intake_failures: dict[bytes, int] = {}
 
     def _check_settings(self) -> None:
         s = self.settings
@@ -369,15 +378,35 @@ class Daemon:
         assert self.pipeline is not None
         parsed = None  # once parsed, never again: formats may keep state
         while True:
-            result = await self.pipeline.ingest(
-                payload, source="mqtt", topic=topic, fmt=fmt, parsed=parsed
-            )
+            try:
+                result = await self.pipeline.ingest(
+                    payload, source="mqtt", topic=topic, fmt=fmt, parsed=parsed
+                )
+            except Exception as exc:
+                if not await self._refused_after_failures(topic, payload, exc):
+                    raise  # unacknowledged: the broker delivers it again
+                return
             parsed = result.incoming or parsed
             if result.status != "busy":
                 return
             if self.stopping:
                 raise IntakeDeferred(f"not journalled before shutdown: {result.busy_reason}")
             await asyncio.sleep(BUSY_RETRY_S)
+
+    async def _refused_after_failures(self, topic: str, payload: bytes, exc: Exception) -> bool:
+        """Count an unforeseen intake failure of a message; at INTAKE_ATTEMPTS it is refused
+        (True), and the messages behind it go on."""
+        key = hashlib.sha256(topic.encode(errors="surrogateescape") + b"\0" + payload).digest()
+        failures = self._intake_failures.pop(key, 0) + 1
+        if failures < INTAKE_ATTEMPTS:
+            self._intake_failures[key] = failures
+            while len(self._intake_failures) > INTAKE_FAILURES_KEPT:
+                self._intake_failures.pop(next(iter(self._intake_failures)))
+            return False
+        assert self.pipeline is not None
+        error = AlertError("payload", f"intake failed {failures} times: {exc!r:.300}")
+        await self.pipeline.refuse(error, payload, source="mqtt", topic=topic)
+        return True
 
     async def _shutdown(self, api: HttpApi | None, pipeline: Pipeline) -> None:
         self.stopping = True

@@ -20,6 +20,8 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.plugin_api import MAX_NEW_TOKENS
+
 DEFAULT_VERDICT_TOPIC = "secondlook/verdicts/{verdict}/{box_id}/{camera_id}/{event_type}"
 
 
@@ -195,7 +197,7 @@ class ModelSettings(_Section):
     #: token budget: each image is scaled to at most this many pixels before the processor
     image_max_pixels: int = Field(default=448 * 448, ge=28 * 28)
     #: the longest answer an extract rule may generate
-    max_new_tokens: int = Field(default=256, ge=1, le=4096)
+    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS)
 
     @property
     def display_name(self) -> str:

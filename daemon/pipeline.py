@@ -80,9 +80,20 @@ def parse_payload(
             isinstance(incoming, IncomingAlert)
             and isinstance(incoming.alert, Alert)
             and isinstance(incoming.images, list | tuple)
-            and all(isinstance(image, RawImage) for image in incoming.images)
+            and all(
+                isinstance(image, RawImage)
+                and isinstance(image.data, bytes)
+                and isinstance(image.source, str)
+                for image in incoming.images
+            )
         ):
-            raise TypeError(f"it returned {incoming!r:.80}, not an IncomingAlert of RawImages")
+            raise TypeError(
+                f"it returned {incoming!r:.80}, not an IncomingAlert of RawImages of bytes"
+            )
+        for image in incoming.images:
+            check_raw_image(image, images)
+        if incoming.alert.image_url and not incoming.images:
+            check_image_url(incoming.alert.image_url, images)
     except AlertError:
         raise
     except BaseException as exc:
@@ -92,10 +103,6 @@ def parse_payload(
         # left to break intake (over MQTT the payload would come back again and again)
         log.exception("alert format failed", format=format_name)
         raise AlertError("payload", f"the {format_name} format could not read it: {exc!r}") from exc
-    for image in incoming.images:
-        check_raw_image(image, images)
-    if incoming.alert.image_url and not incoming.images:
-        check_image_url(incoming.alert.image_url, images)
     return incoming
 
 

@@ -70,12 +70,16 @@ class ChoiceQuery:
     choices: Mapping[str, Sequence[str]]
 
 
+#: the longest answer a query may ask for, in tokens
+MAX_NEW_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class GenerateQuery:
     """Generate text greedily, e.g. a JSON object of extracted fields."""
 
     prompt: str
-    #: None: the backend's configured limit
+    #: None: the backend's configured limit; else 1 to MAX_NEW_TOKENS
     max_new_tokens: int | None = None
     #: JSON schema the answer must follow, for backends that can constrain generation
     json_schema: Mapping[str, Any] | None = None

@@ -19,6 +19,7 @@ from daemon.contract import Alert, VerdictKind, parse_rfc3339
 from daemon.images import Budget, Resample
 from daemon.journal import StoredAlert
 from daemon.plugin_api import (
+    MAX_NEW_TOKENS,
     Backend,
     BackendUnusable,
     ChoiceQuery,
@@ -215,7 +216,17 @@ class Reviewer:
 def checked_query(query: Any, kind: str) -> ChoiceQuery | GenerateQuery:
     """A rule kind's query, checked before it joins a batch (one bad query must not fail
     the other alerts of its batch)."""
+    if not isinstance(getattr(query, "prompt", None), str):
+        raise TypeError(f"rule kind {kind!r} composed a query without a text prompt")
     if isinstance(query, GenerateQuery):
+        limit = query.max_new_tokens
+        if limit is not None and (type(limit) is not int or not 1 <= limit <= MAX_NEW_TOKENS):
+            raise ValueError(
+                f"rule kind {kind!r} asked for max_new_tokens={limit!r:.20}: a whole number "
+                f"from 1 to {MAX_NEW_TOKENS}, or None"
+            )
+        if query.json_schema is not None and not isinstance(query.json_schema, Mapping):
+            raise TypeError(f"rule kind {kind!r} composed a json_schema that is no mapping")
         return query
     if not isinstance(query, ChoiceQuery):
         raise TypeError(f"rule kind {kind!r} composed {type(query).__name__}, not a query")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from daemon.contract import Alert, VerdictKind
 from daemon.hookspecs import hookimpl
-from daemon.plugin_api import Answer, GenerateQuery, Judgement, TextAnswer
+from daemon.plugin_api import MAX_NEW_TOKENS, Answer, GenerateQuery, Judgement, TextAnswer
 from daemon.rules import Rule
 
 FieldType = Literal["integer", "number", "boolean", "string"]
@@ -28,7 +28,7 @@ class ExtractOptions(BaseModel):
 
     fields: dict[str, FieldSpec] = Field(min_length=1)
     #: None: the model's configured `max_new_tokens`
-    max_new_tokens: int | None = Field(default=None, ge=1, le=4096)
+    max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
 
 
 def schema_instructions(fields: dict[str, FieldSpec]) -> str:

@@ -17,7 +17,15 @@ import numpy as np
 from PIL import Image
 
 from daemon.mqtt import publish_all
-from tests.conftest import FIRE_RULE, Collector, collect, make_alert, make_settings, run_daemon
+from tests.conftest import (
+    FIRE_RULE,
+    Collector,
+    collect,
+    make_alert,
+    make_settings,
+    publish,
+    run_daemon,
+)
 from tests.daemon_proc import start, wait_http_ok, write_config
 
 ALERTS = "secondlook/alerts/box-t"
@@ -231,3 +239,29 @@ async def test_a_10x_burst_keeps_memory_bounded_answers_503_and_loses_nothing(
     later_payload_mb = payload_mb / 2 * 4 / 5
     for early, phase_peak in phases:
         assert phase_peak - early < 0.5 * later_payload_mb, "memory grew with the burst"
+
+
+async def test_an_mqtt_alert_whose_intake_keeps_failing_is_refused_and_the_rest_go_on(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, "secondlook/verdicts/#") as out, run_daemon(settings) as d:
+        journal = d.daemon.journal
+        record_alert = journal.record_alert
+        tries: list[str] = []
+
+        async def failing_for_one(alert, *args, **kwargs):  # a fault nobody foresaw
+            if alert.alert_id == "poison":
+                tries.append(alert.alert_id)
+                raise RuntimeError("an unforeseen fault")
+            return await record_alert(alert, *args, **kwargs)
+
+        journal.record_alert = failing_for_one
+        await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("poison")))
+        await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("after")))
+        [(_, verdict)] = await out.wait_for(1)
+        [reject] = await journal.read("SELECT field, error FROM rejects")
+    assert verdict["alert_id"] == "after" and len(tries) == 3
+    assert reject["field"] == "payload"
+    assert reject["error"] == "intake failed 3 times: RuntimeError('an unforeseen fault')"

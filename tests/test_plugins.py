@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 import sys
 import tomllib
@@ -16,12 +17,20 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from daemon import hookspecs
 from daemon.cli import main
-from daemon.contract import VerdictKind
+from daemon.contract import Alert, VerdictKind
 from daemon.hookspecs import hookimpl
-from daemon.plugin_api import ChoiceQuery, Judgement
+from daemon.plugin_api import ChoiceQuery, GenerateQuery, IncomingAlert, Judgement, RawImage
 from daemon.plugins import ENTRY_POINT_GROUP, PluginError, Registry, make_plugin_manager
 from daemon.rules import RuleError, parse_rule
-from tests.conftest import FIRE_RULE, ROOT, make_alert, make_settings, run_daemon
+from tests.conftest import (
+    FIRE_RULE,
+    ROOT,
+    collect,
+    make_alert,
+    make_settings,
+    publish,
+    run_daemon,
+)
 
 
 def test_built_in_plugins_are_loaded_from_the_entry_point_group():
@@ -129,6 +138,8 @@ class HostileKind:
             raise asyncio.CancelledError
         if act == "no-choices":
             return ChoiceQuery("Fire?", {"yes": [], "no": ["no"]})
+        if act == "bad-limit":  # would fail every request of its batch in the runner
+            return GenerateQuery(rule.prompt_for(alert), max_new_tokens="24")
         return ChoiceQuery(rule.prompt_for(alert), {"yes": ["yes"], "no": ["no"]})
 
     def interpret(self, answer, rule):
@@ -165,7 +176,7 @@ async def test_a_failing_plugin_fails_its_own_rule_only_and_the_daemon_runs_on(
         FIRE_RULE + '[publish]\ntopic = "alarms/{extra.zone}/{verdict}"\n'
     )
     sink = CountingSink()
-    acts = ["exit", "interrupt", "cancel", "no-choices", "garbage"]
+    acts = ["exit", "interrupt", "cancel", "no-choices", "bad-limit", "garbage"]
     async with run_daemon(settings, extra_plugins=[HostilePlugin(), sink]) as d:
         for act in acts:
             alert = make_alert(f"h-{act}", extra={"act": act, "zone": "dock"})
@@ -184,6 +195,7 @@ async def test_a_failing_plugin_fails_its_own_rule_only_and_the_daemon_runs_on(
     assert reasons["interrupt"] == "review failed: KeyboardInterrupt"
     assert reasons["cancel"] == "review failed: CancelledError"
     assert "composed choices without answers" in reasons["no-choices"]
+    assert "asked for max_new_tokens='24'" in reasons["bad-limit"]
     assert "returned the confidence 2.0 for confirmed" in reasons["garbage"]
     assert len(topics) == len(acts)
     assert all(row["topic"].startswith("alarms/dock/") for row in topics)
@@ -329,25 +341,51 @@ class StringFormat:
         return "an alert, honestly"
 
 
+class UndecodedFormat:
+    """An alert format that forgets to decode its snapshot: text where bytes belong."""
+
+    name: ClassVar[str] = "undecoded"
+
+    def parse(self, payload, *, topic):
+        data = json.loads(payload)
+        alert = Alert.model_validate({k: v for k, v in data.items() if k != "image"})
+        return IncomingAlert(alert, [RawImage("image", data["image"])])
+
+
 class WrongTypePlugin:
     @hookimpl
     def register_alert_formats(self, register):
         register(StringFormat())
+        register(UndecodedFormat())
 
 
-async def test_a_format_returning_the_wrong_type_is_a_refusal_naming_it(tmp_path, tiny_model):
-    settings = make_settings(tmp_path, broker=None, model=tiny_model)
-    async with run_daemon(settings, extra_plugins=[WrongTypePlugin()]) as d:
-        url = f"{d.base_url}/v1/alerts?format=wrong_type"
+@pytest.mark.parametrize("fmt", ["wrong_type", "undecoded"])
+async def test_a_format_returning_the_wrong_type_is_a_refusal_naming_it(
+    tmp_path, broker, tiny_model, fmt
+):
+    settings = make_settings(
+        tmp_path,
+        broker=broker,
+        model=tiny_model,
+        mqtt={"subscriptions": [{"topic": "vendor/#", "format": fmt}]},
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with (
+        collect(broker, "secondlook/verdicts/#") as out,
+        run_daemon(settings, extra_plugins=[WrongTypePlugin()]) as d,
+    ):
+        url = f"{d.base_url}/v1/alerts?format={fmt}"
         async with d.http.post(url, json=make_alert("typed")) as response:
             assert response.status == 400
             body = await response.json()
-        assert (
-            body["field"] == "payload"
-            and "the wrong_type format could not read it" in (body["error"])
-        )
-        [row] = await d.daemon.journal.read("SELECT field FROM rejects")
-        assert row["field"] == "payload"
+        assert body["field"] == "payload" and f"the {fmt} format could not read it" in body["error"]
+        # over MQTT: refused and acknowledged, so the next message goes on
+        await publish(broker, "vendor/box-1", json.dumps(make_alert("typed-too")))
+        await publish(broker, "secondlook/alerts/box-1", json.dumps(make_alert("after")))
+        [(_, verdict)] = await out.wait_for(1)
+        rows = await d.daemon.journal.read("SELECT source, field FROM rejects ORDER BY id")
+    assert verdict["alert_id"] == "after"
+    assert [tuple(row) for row in rows] == [("http", "payload"), ("mqtt", "payload")]
 
 
 class FragileOptions(BaseModel):
