@@ -169,6 +169,9 @@ class Daemon:
                 log.info("http tokens re-read", tokens=len(tokens))
         if self.link is not None:
             self.link.reread_credentials()
+        reread = getattr(self.backend, "reread_credentials", None)
+        if reread is not None:
+            reread()
 
     def apply_settings(self, new: Settings) -> None:
         old = self.settings

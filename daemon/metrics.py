@@ -89,7 +89,8 @@ GAUGES = {
 
 #: the model worker's own counts
 WORKER_COUNTERS = {
-    "failures": "Model passes that failed (other than by running out of memory and splitting)",
+    "failures": "Model passes (remote: requests) that failed, other than by running out of "
+    "memory and splitting",
     "oom_splits": "Batches split in halves after running out of memory",
 }
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import structlog
+from pluggy import HookImpl
 from pydantic_core import PydanticSerializationError
 
 from daemon.backlog import Backlog
@@ -45,6 +46,8 @@ FRESH_IN_MEMORY = 256
 #: after a review crashes (a journal that cannot write, a bug), reviews pause this long at
 #: first, twice as long after each further crash, at most the second figure
 CRASH_PAUSE_S = (0.5, 30.0)
+#: an `async def verdict_ready` hook is given up on after this long (logged)
+VERDICT_HOOK_LIMIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ class Pipeline:
         self._quiet.set()
         #: alerts whose review attempt is counted and not finished
         self._attempting: set[int] = set()
+        #: `verdict_ready` hooks under way (they run beside the reviews)
+        self._announcing: set[asyncio.Task[None]] = set()
         #: reviews start again at this loop time after a crash; the pause in force
         self._paused_until = 0.0
         self._crash_pause_s = 0.0
@@ -306,6 +311,9 @@ class Pipeline:
         await self.backlog.wait_for_room()
 
     async def close(self) -> None:
+        for task in self._announcing:
+            task.cancel()
+        await asyncio.gather(*self._announcing, return_exceptions=True)
         await self.snapshots.close()
         self.reviewer.close()
 
@@ -368,8 +376,12 @@ class Pipeline:
     async def drain(self, grace_s: float) -> bool:
         """Start no more reviews; wait for those running. False if `grace_s` ran out first."""
         self._closed = True
+        deadline = asyncio.get_running_loop().time() + grace_s
         try:
             await asyncio.wait_for(self._quiet.wait(), grace_s)
+            if self._announcing:  # the hooks of the last verdicts, in what is left
+                left = deadline - asyncio.get_running_loop().time()
+                await asyncio.wait(self._announcing, timeout=max(left, 0.0))
         except TimeoutError:
             # cut off by a clean stop, not by a crash: the attempts do not count towards
             # max_attempts (restarts would otherwise give alerts up unjudged)
@@ -404,8 +416,12 @@ class Pipeline:
                     confidence=item.verdict.confidence,
                     latency_ms=item.verdict.latency_ms,
                 )
-            await self._announce(alert, planned)
-        self.on_verdicts()
+            # published first; the hooks run beside the outbox and the next reviews
+            self.on_verdicts()
+            if planned and self.hooks.verdict_ready.get_hookimpls():
+                task = asyncio.create_task(self._announce(alert, planned))
+                self._announcing.add(task)
+                task.add_done_callback(self._announcing.discard)
         return planned
 
     async def _verdicts_for(self, stored: StoredAlert, attempts: int) -> list[PlannedVerdict]:
@@ -470,30 +486,39 @@ class Pipeline:
         return PlannedVerdict(verdict, topic, judgement.prompt, judgement.raw, rule)
 
     async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
-        """Run each plugin's `verdict_ready` on its own: a failure is logged naming the
-        plugin, never fatal, and never keeps the others from running."""
+        """Run each plugin's `verdict_ready` for each verdict on its own (async ones side by
+        side), each with a copy of the alert."""
         impls = [
             impl
             for impl in self.hooks.verdict_ready.get_hookimpls()
             if not (impl.hookwrapper or impl.wrapper)
         ]
-        for item in planned:
-            given = {"alert": alert, "rule": item.rule, "verdict": item.verdict}
-            for impl in impls:
-                try:
-                    # as pluggy calls it: the arguments the implementation names, in order
-                    result = impl.function(*(given[name] for name in impl.argnames))
-                    if inspect.isawaitable(result):
-                        await result
-                except BaseException as exc:
-                    if not is_plugin_failure(exc):
-                        raise
-                    log.error(
-                        "verdict_ready hook failed",
-                        plugin=getattr(impl.plugin, "__name__", type(impl.plugin).__name__),
-                        error=str(exc) or type(exc).__name__,
-                        error_type=type(exc).__name__,
-                    )
+        await asyncio.gather(
+            *(self._verdict_ready(impl, alert, item) for item in planned for impl in impls)
+        )
+
+    async def _verdict_ready(self, impl: HookImpl, alert: Alert, item: PlannedVerdict) -> None:
+        """One plugin's `verdict_ready` for one verdict: a failure is logged naming the
+        plugin, never fatal; an async one is given up on after VERDICT_HOOK_LIMIT_S."""
+        plugin = getattr(impl.plugin, "__name__", type(impl.plugin).__name__)
+        given = {"alert": alert.model_copy(deep=True), "rule": item.rule, "verdict": item.verdict}
+        try:
+            # as pluggy calls it: the arguments the implementation names, in order
+            result = impl.function(*(given[name] for name in impl.argnames))
+            if inspect.isawaitable(result):
+                async with asyncio.timeout(VERDICT_HOOK_LIMIT_S):
+                    await result
+        except TimeoutError:
+            log.error("verdict_ready hook given up on", plugin=plugin, limit_s=VERDICT_HOOK_LIMIT_S)
+        except BaseException as exc:
+            if not is_plugin_failure(exc):
+                raise
+            log.error(
+                "verdict_ready hook failed",
+                plugin=plugin,
+                error=str(exc) or type(exc).__name__,
+                error_type=type(exc).__name__,
+            )
 
 
 def alert_age_s(stored: StoredAlert) -> float:

@@ -7,6 +7,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,14 +103,18 @@ def _same_package(a: str, b: str) -> bool:
 
 
 def load_plugin_file(path: Path) -> ModuleType:
-    """Import one loose plugin file as a module of its own."""
-    spec = importlib.util.spec_from_file_location(f"secondlook_plugin_{path.stem}", path)
+    """Import one loose plugin file as a module of its own (in sys.modules, as an import
+    would put it: dataclasses and pydantic look their module up there)."""
+    name = f"secondlook_plugin_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise PluginError(f"{path}: cannot be imported as a module")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a file that exits on import stops no daemon
+        del sys.modules[name]
         raise PluginError(f"{path}: {type(exc).__name__}: {exc}") from exc
     return module
 

@@ -121,6 +121,51 @@ async def test_verdict_ready_hooks_are_awaited_with_alert_rule_and_verdict(tmp_p
     assert sink.seen == [("sink-1", None, "unreviewed")]
 
 
+class StuckSink:
+    """A `verdict_ready` that changes the alert it is given and never returns."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    @hookimpl
+    async def verdict_ready(self, alert, verdict):
+        alert.extra["zone"] = "changed by a sink"
+        self.started.append(verdict.alert_id)
+        await asyncio.Event().wait()
+
+
+class ZoneWatcher:
+    """Notes the zone of each verdict's alert, then changes it."""
+
+    def __init__(self) -> None:
+        self.zones: list[str] = []
+
+    @hookimpl
+    def verdict_ready(self, alert):
+        self.zones.append(alert.extra["zone"])
+        alert.extra["zone"] = "changed by a watcher"
+
+
+async def test_a_verdict_ready_hook_that_never_returns_holds_up_no_review(tmp_path, tiny_model):
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, pipeline={"workers": 1, "stop_grace_s": 0.5}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "fire_too.toml").write_text(FIRE_RULE)
+    stuck, watcher = StuckSink(), ZoneWatcher()
+    async with run_daemon(settings, extra_plugins=[watcher, stuck]) as d:
+        for i in range(3):
+            assert (await d.post_alert(make_alert(f"s-{i}", extra={"zone": "dock"})))[0] == 202
+        for i in range(3):  # one review worker: each review ended without its hooks
+            await d.wait_reviewed(f"s-{i}")
+        async with asyncio.timeout(5):
+            while len(stuck.started) < 6:
+                await asyncio.sleep(0.02)
+    assert sorted(stuck.started) == ["s-0", "s-0", "s-1", "s-1", "s-2", "s-2"]
+    # each call is given its own copy of the alert: two rules' verdicts, the zone as sent
+    assert watcher.zones == ["dock"] * 6
+
+
 class HostileKind:
     """A rule kind whose behaviour each alert's `extra.act` picks: the ways a plugin fails."""
 
@@ -261,14 +306,23 @@ def test_two_packages_declaring_one_plugin_name_stop_the_start(tmp_path, monkeyp
 
 
 LOOSE_PLUGIN = """
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 from daemon.contract import VerdictKind
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import Judgement
 
 
+@dataclass
+class Pattern:  # needs its module in sys.modules (string annotations)
+    key: str = "test_pattern"
+
+
 @hookimpl
 def suppress_alert(alert, rule, recent):
-    if alert.extra.get("test_pattern"):
+    if alert.extra.get(Pattern().key):
         return Judgement(VerdictKind.REJECTED, 0.0, "camera test pattern")
     return None
 """
@@ -296,10 +350,15 @@ async def test_loose_plugin_files_are_loaded_and_listed(tmp_path, tiny_model):
     assert verdict["verdict"] == "rejected" and verdict["reason"] == "camera test pattern"
 
 
-def test_a_broken_plugin_file_stops_the_start_naming_the_file(tmp_path):
-    (tmp_path / "broken.py").write_text("import not_a_module_anywhere\n")
-    with pytest.raises(PluginError, match=r"broken\.py: ModuleNotFoundError"):
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [("import not_a_module_anywhere\n", "ModuleNotFoundError"), ("raise SystemExit(3)\n", "3")],
+)
+def test_a_broken_plugin_file_stops_the_start_naming_the_file(tmp_path, text, error):
+    (tmp_path / "broken.py").write_text(text)
+    with pytest.raises(PluginError, match=rf"broken\.py: .*{error}"):
         make_plugin_manager(plugins_dir=tmp_path)
+    assert "secondlook_plugin_broken" not in sys.modules
 
 
 HOOKS_DOC = ROOT / "docs" / "hooks.md"

@@ -16,6 +16,7 @@ from daemon.inference.openai_backend import (
     OpenAIBackend,
     RemoteError,
     _retry_after,
+    choice_from_logprobs,
 )
 from daemon.plugin_api import ChoiceQuery, ModelLoadError, ModelRequest
 from tests.conftest import (
@@ -254,3 +255,80 @@ def test_waits_between_attempts_are_capped_and_honour_retry_after():
     assert _retry_after({"Retry-After": "12"}) == 12.0
     for nonsense in ("Wed, 21 Oct 2026 07:28:00 GMT", "-5", "nan", "inf"):
         assert _retry_after({"Retry-After": nonsense}) is None
+
+
+def test_labels_of_several_tokens_are_scored_from_the_token_that_begins_them():
+    choices = {
+        "forklift": ["forklift", "Forklift", " forklift"],
+        "pedestrian": ["pedestrian", "Pedestrian", " pedestrian"],
+        "person": ["person", "Person"],
+    }
+    top = [
+        {"token": token, "logprob": logprob}
+        for token, logprob in [("fork", -0.22), ("Fork", -2.5), ("ped", -2.6), ("p", -3.0)]
+    ]
+    answer = choice_from_logprobs(top, choices)
+    assert answer is not None
+    # "p" begins two labels' forms: it counts for neither (the lowest listed stands in)
+    scores = {"forklift": lse(-0.22, -2.5), "pedestrian": -2.6, "person": -3.0}
+    assert answer.logits == pytest.approx(scores)
+    assert answer.probabilities["forklift"] > 0.8
+    assert choice_from_logprobs([{"token": "The", "logprob": -0.1}], choices) is None
+
+
+async def test_logprobs_without_any_label_are_no_answer_whatever_the_text_says(tmp_path):
+    script = Script(top_logprobs={"The": -0.1, "A": -2.0}, text="Yes")
+    async with openai_server(script) as url:
+        [[verdict]] = await review(remote_settings(tmp_path, url), make_alert("r-none"))
+    assert verdict["verdict"] == "unreviewed"
+    assert "none of yes, no among the answer's likeliest first tokens" in verdict["reason"]
+
+
+async def test_a_redirect_is_refused_and_the_snapshot_goes_nowhere_else(tmp_path):
+    elsewhere = Script()
+    async with openai_server(elsewhere) as other:
+
+        async def moved(request: web.Request) -> web.Response:
+            raise web.HTTPTemporaryRedirect(f"{other}/chat/completions")
+
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", moved)
+        async with serve(app) as base:
+            settings = remote_settings(tmp_path, f"{base}/v1", max_retries=2)
+            async with run_daemon(settings) as d:
+                assert (await d.post_alert(make_alert("r-moved")))[0] == 202
+                [verdict] = (await d.wait_reviewed("r-moved"))["verdicts"]
+                worker = (await d.daemon.health())["model_worker"]
+    assert verdict["verdict"] == "unreviewed" and "HTTP 307" in verdict["reason"]
+    assert f"redirects to {other}/chat/completions" in verdict["reason"]
+    assert elsewhere.requests == []  # and it was not retried either
+    assert worker["failures"] == 1 and worker["failing_in_a_row"] == 1
+    assert "HTTP 307" in worker["last_error"]
+
+
+async def test_the_api_key_file_is_read_again_on_reload(tmp_path):
+    key_file = tmp_path / "api_key"
+    key_file.write_text("old-key\n")
+    script = Script(api_key="old-key")
+    async with openai_server(script) as url:
+        settings = remote_settings(tmp_path, url, api_key_file=key_file)
+        async with run_daemon(settings) as d:
+            assert (await d.post_alert(make_alert("k-1")))[0] == 202
+            await d.wait_reviewed("k-1")
+            # the key is rotated: the file and the server change, then SIGHUP
+            key_file.write_text("new-key\n")
+            script.api_key = "new-key"
+            d.daemon.reload()
+            assert (await d.post_alert(make_alert("k-2")))[0] == 202
+            [rotated] = (await d.wait_reviewed("k-2"))["verdicts"]
+            # a file that cannot be used keeps the key in force
+            key_file.write_text("two\nlines\n")
+            d.daemon.reload()
+            assert (await d.post_alert(make_alert("k-3")))[0] == 202
+            [kept] = (await d.wait_reviewed("k-3"))["verdicts"]
+    assert rotated["confidence"] is not None and kept["confidence"] is not None
+    assert [h["Authorization"] for h in script.headers] == [
+        "Bearer old-key",
+        "Bearer new-key",
+        "Bearer new-key",
+    ]

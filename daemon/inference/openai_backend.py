@@ -95,19 +95,26 @@ def choice_from_logprobs(
     top: Sequence[Mapping[str, Any]], choices: Mapping[str, Sequence[str]]
 ) -> ChoiceAnswer | None:
     """Label probabilities from the first answer token's top logprobs (None: no label
-    appears among them). RemoteError for entries that are no (token, log-probability)."""
+    appears among them). A listed token counts for the one label whose forms it begins
+    (as the transformers backend scores each form's first token: "fork" for "forklift");
+    one that begins forms of several labels counts for none. RemoteError for entries that
+    are no (token, log-probability)."""
     listed_tokens = _token_logprobs(top)
     if not listed_tokens:
         return None
     floor = min(logprob for _, logprob in listed_tokens)
-    scores: dict[str, float] = {}
-    found = False
-    for label, forms in choices.items():
-        listed = [logprob for token, logprob in listed_tokens if token in set(forms)]
-        found = found or bool(listed)
-        scores[label] = _logsumexp(listed) if listed else floor
-    if not found:
+    per_label: dict[str, list[float]] = {label: [] for label in choices}
+    for token, logprob in listed_tokens:
+        if not token.strip():
+            continue
+        owners = [
+            label for label, forms in choices.items() if any(f.startswith(token) for f in forms)
+        ]
+        if len(owners) == 1:
+            per_label[owners[0]].append(logprob)
+    if not any(per_label.values()):
         return None
+    scores = {label: _logsumexp(got) if got else floor for label, got in per_label.items()}
     top_score = max(scores.values())
     weights = {label: math.exp(score - top_score) for label, score in scores.items()}
     total = sum(weights.values())
@@ -165,24 +172,22 @@ class OpenAIBackend:
         self._served_model = self.remote.model or settings.path
         self._limit = asyncio.Semaphore(self.remote.concurrency)
         self._session: aiohttp.ClientSession | None = None
+        #: sent with each request (a key re-read on SIGHUP applies to the next one)
         self._headers: dict[str, str] = {}
+        #: requests that failed (after their retries), in all and in a row; the last reason
+        self._failures = 0
+        self._failing = 0
+        self._last_error: str | None = None
 
     async def start(self) -> None:
         key_file = self.remote.api_key_file
         if key_file is not None:
             try:
-                key = read_secret(key_file, "[model.remote] api_key_file").strip()
+                self._headers["Authorization"] = f"Bearer {self._read_key()}"
             except CredentialError as exc:
                 raise ModelLoadError(str(exc)) from exc
-            if not key.isprintable() or not key.isascii() or " " in key:
-                raise ModelLoadError(
-                    f"[model.remote] api_key_file {key_file}: the key must be one line of "
-                    "printable ASCII without spaces"
-                )
-            self._headers["Authorization"] = f"Bearer {key}"
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.remote.timeout_s),
-            headers=self._headers,
             # as many connections as requests in flight: none waits for a connection
             # (the wait would count against its timeout)
             connector=aiohttp.TCPConnector(limit=self.remote.concurrency),
@@ -193,6 +198,40 @@ class OpenAIBackend:
             model=self._served_model,
             authenticated=key_file is not None,
         )
+
+    def _read_key(self) -> str:
+        """The API key from its file; CredentialError naming the file when unusable."""
+        key_file = self.remote.api_key_file
+        assert key_file is not None
+        key = read_secret(key_file, "[model.remote] api_key_file").strip()
+        if not key.isprintable() or not key.isascii() or " " in key:
+            raise CredentialError(
+                f"[model.remote] api_key_file {key_file}: the key must be one line of "
+                "printable ASCII without spaces"
+            )
+        return key
+
+    def reread_credentials(self) -> None:
+        """SIGHUP: read the API key file again; a file that cannot be used keeps the key
+        in force."""
+        if self.remote.api_key_file is None:
+            return
+        try:
+            self._headers["Authorization"] = f"Bearer {self._read_key()}"
+        except CredentialError as exc:
+            log.error("api key not re-read; the key in force stays", error=str(exc))
+            return
+        log.info("api key re-read")
+
+    def health(self) -> dict[str, Any]:
+        """What /healthz and /metrics show of the server. Failures make the daemon no less
+        fit (a restart would not mend the server): the alerts end `unreviewed`, named."""
+        return {
+            "url": self.remote.url,
+            "failures": self._failures,
+            "failing_in_a_row": self._failing,
+            "last_error": self._last_error,
+        }
 
     async def close(self) -> None:
         if self._session is not None:
@@ -229,7 +268,12 @@ class OpenAIBackend:
             answer = choice_from_logprobs(top[: self.remote.top_logprobs], query.choices)
             if answer is not None:
                 return answer
-        # no logprobs from this server, or no label among them: read the answer instead
+            listed = ", ".join(repr(e.get("token")) for e in top[:8] if isinstance(e, dict))
+            raise RemoteError(
+                f"none of {', '.join(query.choices)} among the answer's likeliest first "
+                f"tokens ({listed})"
+            )
+        # no logprobs from this server: read the answer instead
         text = _message_text(response)
         answer = choice_from_text(text, query.choices)
         if answer is None:
@@ -237,6 +281,17 @@ class OpenAIBackend:
         return answer
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            answer = await self._post_with_retries(body)
+        except RemoteError as exc:
+            self._failures += 1
+            self._failing += 1
+            self._last_error = str(exc)
+            raise
+        self._failing = 0
+        return answer
+
+    async def _post_with_retries(self, body: dict[str, Any]) -> dict[str, Any]:
         if self._session is None:
             raise RuntimeError("the backend is not started")
         url = self.remote.url.rstrip("/") + "/chat/completions"
@@ -264,7 +319,16 @@ class OpenAIBackend:
     async def _post_once(self, url: str, body: dict[str, Any]) -> dict[str, Any]:
         assert self._session is not None
         try:
-            async with self._session.post(url, json=body) as response:
+            # never redirected: the snapshots go to the configured server or nowhere
+            async with self._session.post(
+                url, json=body, headers=self._headers, allow_redirects=False
+            ) as response:
+                if 300 <= response.status < 400:
+                    where = response.headers.get("Location", "nowhere")
+                    raise RemoteError(
+                        f"HTTP {response.status} from {url}: redirects to {where[:200]}; "
+                        "set [model.remote] url to the server that answers"
+                    )
                 if response.status == 429 or response.status >= 500:
                     raise _Retryable(
                         f"HTTP {response.status} from {url}", _retry_after(response.headers)
