@@ -547,7 +547,7 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     "--alerts",
     type=click.IntRange(1),
     default=None,
-    help="How many alerts (default: 8 for the model, 2000 for instant).",
+    help="How many alerts (default: 8 for the model, 2000 for instant and pipeline).",
 )
 @click.option(
     "--baseline-alerts",
@@ -555,8 +555,15 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     default=None,
     help="Run the slow naive path on only the first N alerts (default: all).",
 )
-@click.option("--max-batch", type=click.IntRange(1), default=None, help="Default: the config's.")
-@click.option("--max-wait-ms", type=click.IntRange(0), default=None, help="Default: the config's.")
+@click.option(
+    "--max-batch", type=click.IntRange(1), default=None, help="Default: [model] max_batch's (16)."
+)
+@click.option(
+    "--max-wait-ms",
+    type=click.IntRange(0),
+    default=None,
+    help="Default: [model] max_wait_ms's (10).",
+)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model.")
 @click.option(

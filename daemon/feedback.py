@@ -147,6 +147,15 @@ async def record(
     if len({row["alert_ref"] for row in rows}) > 1:
         raise FeedbackError(409, "several boxes sent this alert_id: give box_id", "box_id")
     reviewed = [row for row in rows if row["rule"] is not None]
+    if not reviewed:
+        waiting = rows[0]["payload"] is None
+        raise FeedbackError(
+            409,
+            "the alert is not reviewed yet: try again once its verdict is out"
+            if waiting
+            else "no rule reviewed the alert (its verdict is of no rule): nothing to judge",
+            "rule",
+        )
     if feedback.rule is not None:
         reviewed = [row for row in reviewed if row["rule"] == feedback.rule]
         if not reviewed:
@@ -185,9 +194,10 @@ async def record(
 
 
 async def _verdicts(journal: Journal, alert_id: str, box_id: str | None) -> list[Any]:
-    """The alert's verdict rows (the latest of each rule last), with the alert's row id."""
+    """The alert's verdict rows (the latest of each rule last), with the alert's row id; an
+    alert without verdicts yet gives one row of NULLs."""
     sql = (
-        "SELECT a.id AS alert_ref, v.rule, v.payload FROM alerts a JOIN verdicts v "
+        "SELECT a.id AS alert_ref, v.rule, v.payload FROM alerts a LEFT JOIN verdicts v "
         "ON v.alert_ref = a.id WHERE a.alert_id = ?"
     )
     args: tuple[Any, ...] = (alert_id,)

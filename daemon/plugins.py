@@ -62,17 +62,40 @@ def make_plugin_manager(
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     check_entry_point_names()
-    pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    for name, module in DEFAULT_PLUGINS.items():
-        if pm.get_plugin(name) is None:
-            pm.register(importlib.import_module(module), name=name)
-    if plugins_dir is not None:
-        for path in sorted(plugins_dir.glob("*.py")):
-            pm.register(load_plugin_file(path), name=f"file:{path.name}")
-    for plugin in extra_plugins:
-        pm.register(plugin)
-    pm.check_pending()
+    try:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from exc
+    except Exception as exc:
+        raise PluginError(
+            f"installed plugin {_failing_entry_point()}: {type(exc).__name__}: {exc}"
+        ) from exc
+    try:
+        for name, module in DEFAULT_PLUGINS.items():
+            if pm.get_plugin(name) is None:
+                pm.register(importlib.import_module(module), name=name)
+        if plugins_dir is not None:
+            for path in sorted(plugins_dir.glob("*.py")):
+                pm.register(load_plugin_file(path), name=f"file:{path.name}")
+        for plugin in extra_plugins:
+            pm.register(plugin)
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:  # a misnamed hook or argument
+        raise PluginError(str(exc)) from exc
     return pm
+
+
+def _failing_entry_point() -> str:
+    """The installed plugin (entry point) that fails to import, named with its package."""
+    for dist in importlib.metadata.distributions():
+        for point in dist.entry_points:
+            if point.group != ENTRY_POINT_GROUP:
+                continue
+            try:
+                point.load()
+            except Exception:
+                return f"{point.name!r} ({dist.metadata['Name']}, {point.value})"
+    return "(unknown)"
 
 
 def check_entry_point_names() -> None:
@@ -126,43 +149,73 @@ class Registry:
     rule_kinds: dict[str, RuleKind] = field(default_factory=dict)
     alert_formats: dict[str, AlertFormat] = field(default_factory=dict)
     backends: dict[str, BackendFactory] = field(default_factory=dict)
+    #: the plugin that registered each (what, name)
+    _owners: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: the plugin whose registration hook runs now
+    _calling: str = ""
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager, settings: Settings | None = None) -> Registry:
+        """Call every plugin's registration hooks; PluginError naming the plugin for one
+        that fails or registers something unfit."""
         registry = cls()
-        pm.hook.register_rule_kinds(register=registry._add_kind)
-        pm.hook.register_alert_formats(
-            register=registry._add_format, settings=settings or Settings()
-        )
-        pm.hook.register_backends(register=registry._add_backend)
+        given = {
+            "register_rule_kinds": {"register": registry._add_kind},
+            "register_alert_formats": {
+                "register": registry._add_format,
+                "settings": settings or Settings(),
+            },
+            "register_backends": {"register": registry._add_backend},
+        }
+        for hook_name, arguments in given.items():
+            # in pluggy's order (the last registered first), one plugin at a time
+            for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+                if impl.hookwrapper or impl.wrapper:
+                    continue
+                registry._calling = pm.get_name(impl.plugin) or repr(impl.plugin)
+                try:
+                    impl.function(*(arguments[name] for name in impl.argnames))
+                except PluginError:
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {registry._calling}: {hook_name} failed: "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
         return registry
 
     def _add_kind(self, kind: Any) -> None:
-        _require(kind, "rule kind", ("name", "Options", "compose", "interpret"))
-        _unique(self.rule_kinds, kind.name, "rule kind")
+        self._require(kind, "rule kind", ("name", "Options", "compose", "interpret"))
+        self._claim(self.rule_kinds, kind.name, "rule kind")
         self.rule_kinds[kind.name] = kind
 
     def _add_format(self, fmt: Any) -> None:
-        _require(fmt, "alert format", ("name", "parse"))
-        _unique(self.alert_formats, fmt.name, "alert format")
+        self._require(fmt, "alert format", ("name", "parse"))
+        self._claim(self.alert_formats, fmt.name, "alert format")
         self.alert_formats[fmt.name] = fmt
 
-    def _add_backend(self, name: str, factory: Any) -> None:
+    def _add_backend(self, name: Any, factory: Any) -> None:
         if not callable(factory):
-            raise PluginError(f"backend {name!r}: factory is not callable")
-        _unique(self.backends, name, "backend")
+            raise PluginError(f"plugin {self._calling}: backend {name!r}: factory is not callable")
+        self._claim(self.backends, name, "backend")
         self.backends[name] = factory
 
+    def _require(self, obj: Any, what: str, attributes: tuple[str, ...]) -> None:
+        missing = [a for a in attributes if not hasattr(obj, a)]
+        if missing:
+            raise PluginError(f"plugin {self._calling}: {what} {obj!r} lacks {', '.join(missing)}")
 
-def _require(obj: Any, what: str, attributes: tuple[str, ...]) -> None:
-    missing = [a for a in attributes if not hasattr(obj, a)]
-    if missing:
-        raise PluginError(f"{what} {obj!r} lacks {', '.join(missing)}")
-
-
-def _unique(registered: dict[str, Any], name: str, what: str) -> None:
-    if name in registered:
-        raise PluginError(f"two plugins register the {what} {name!r}")
+    def _claim(self, registered: dict[str, Any], name: Any, what: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise PluginError(
+                f"plugin {self._calling}: a {what}'s name must be a text, not {name!r}"
+            )
+        if name in registered:
+            raise PluginError(
+                f"two plugins register the {what} {name!r}: "
+                f"{self._owners[(what, name)]} and {self._calling}"
+            )
+        self._owners[(what, name)] = self._calling
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,9 @@ class Reviewer:
                 error=str(exc),
                 error_type=type(exc).__name__,
                 on_error=rule.on_error,
+                kind=rule.kind,
+                kind_module=type(kind).__module__,
+                exc_info=exc,
             )
             if rule.on_error == "drop":
                 return None

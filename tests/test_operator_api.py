@@ -93,6 +93,10 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
         assert status == 404 and body["field"] == "rule"
         status, body = await feedback("fire-0", {"label": "real", "correct": False})
         assert status == 400 and "disagree" in body["error"]
+        assert (await d.post_alert(make_alert("stray", event_type="unknown")))[0] == 202
+        await d.wait_reviewed("stray")
+        status, body = await feedback("stray", {"correct": True})
+        assert status == 409 and "no rule reviewed the alert" in body["error"]
 
         # the ids in the body (as the console sends them): an alert_id a browser would
         # rewrite in a path

@@ -85,8 +85,13 @@ async def test_a_third_party_rule_kind_reviews_alerts(tmp_path, tiny_model):
 
 
 def test_two_plugins_registering_one_name_is_an_error():
-    with pytest.raises(PluginError, match="two plugins register the rule kind 'smoke_check'"):
-        Registry.collect(make_plugin_manager([SmokePlugin(), SmokePlugin()]))
+    pm = make_plugin_manager()
+    pm.register(SmokePlugin(), name="site-a")
+    pm.register(SmokePlugin(), name="site-b")
+    with pytest.raises(
+        PluginError, match="two plugins register the rule kind 'smoke_check': site-b and site-a"
+    ):
+        Registry.collect(pm)
 
 
 def test_an_unknown_hook_implementation_fails_at_start():
@@ -95,10 +100,52 @@ def test_an_unknown_hook_implementation_fails_at_start():
         def register_rule_kind(self, register):  # missing "s"
             pass
 
-    from pluggy import PluginValidationError
-
-    with pytest.raises(PluginValidationError, match="unknown hook 'register_rule_kind'"):
+    with pytest.raises(PluginError, match="unknown hook 'register_rule_kind'"):
         make_plugin_manager([Typo()])
+
+
+class NamelessKind(SmokeKind):
+    name = None  # type: ignore[assignment]
+
+
+class BrokenRegistration:
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    @hookimpl
+    def register_rule_kinds(self, register):
+        if self.what == "raises":
+            raise KeyError("zone")
+        register(NamelessKind())
+
+
+@pytest.mark.parametrize(
+    ("what", "error"),
+    [
+        ("raises", r"plugin broken: register_rule_kinds failed: KeyError: 'zone'"),
+        ("nameless", r"plugin broken: a rule kind's name must be a text, not None"),
+    ],
+)
+def test_a_plugin_that_fails_to_register_stops_the_start_naming_it(what, error):
+    pm = make_plugin_manager()
+    pm.register(BrokenRegistration(what), name="broken")
+    with pytest.raises(PluginError, match=error):
+        Registry.collect(pm)
+
+
+def test_a_misnamed_hook_in_a_loose_file_is_one_error_line(tmp_path):
+    plugin_dir = tmp_path / "plugins.d"
+    plugin_dir.mkdir()
+    (plugin_dir / "typo.py").write_text(
+        "from daemon.hookspecs import hookimpl\n\n"
+        "@hookimpl\ndef register_rule_kind(register):\n    pass\n"
+    )
+    config = tmp_path / "c.toml"
+    config.write_text('[plugins]\ndir = "plugins.d"\n')
+    result = CliRunner().invoke(main, ["plugins", "--config", str(config)])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: unknown hook 'register_rule_kind' in plugin")
+    assert "Traceback" not in result.output
 
 
 class VerdictSink:
