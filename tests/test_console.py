@@ -77,6 +77,9 @@ async def test_results_page_shows_a_fresh_verdict_and_feedback_changes_the_stats
         await expect(row.get_by_test_id("feedback-count")).to_have_text("1")
         await expect(row.get_by_test_id("precision")).to_have_text("0.0 %")
         await expect(page.get_by_test_id("chart")).to_have_count(1)
+        await expect(page.get_by_test_id("chart")).to_contain_text("fire: verdicts per 1 h since")
+        await page.get_by_test_id("period").select_option("1")  # 24 bars of 150 s
+        await expect(page.get_by_test_id("chart")).to_contain_text("verdicts per 2.5 min since")
         await shoot(page, tmp_path, "stats")
 
         await page.get_by_test_id("tab-rules").click()

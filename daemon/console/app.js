@@ -38,6 +38,12 @@ async function api(path, options = {}) {
   return response;
 }
 
+// a bucket's width as people say it: "2.5 min", "1 h"
+function bucketText(seconds) {
+  const [size, unit] = seconds >= 3600 ? [seconds / 3600, "h"] : [seconds / 60, "min"];
+  return `${Number(size.toFixed(1))} ${unit}`;
+}
+
 async function json(path, options) {
   const response = await api(path, options);
   const body = await response.json();
@@ -227,7 +233,7 @@ async function showStats() {
 const COLOURS = { confirmed: "#c0392b", rejected: "#27ae60", uncertain: "#e67e22", unreviewed: "#7f8c8d" };
 
 function chart(name, series, timeline) {
-  // stacked bars of verdicts per time bucket, drawn as SVG
+  // stacked bars of verdicts per time bucket, drawn as SVG (a bucket of 150 s reads "2.5 min")
   const width = 480, height = 120, n = timeline.buckets, bar = width / n;
   const totals = Array.from({ length: n }, (_, i) => Object.values(series).reduce((a, s) => a + s[i], 0));
   const top = Math.max(1, ...totals);
@@ -251,7 +257,7 @@ function chart(name, series, timeline) {
   }
   const start = new Date(timeline.start).toLocaleString();
   return el("div", { class: "chart", "data-testid": "chart" },
-    el("div", {}, `${name}: verdicts per ${Math.round(timeline.bucket_s / 60)} min since ${start} (max ${top})`), svg);
+    el("div", {}, `${name}: verdicts per ${bucketText(timeline.bucket_s)} since ${start} (max ${top})`), svg);
 }
 
 // playground -------------------------------------------------------------------------------
