@@ -17,9 +17,11 @@ import hashlib
 import os
 import resource
 import signal
+import sqlite3
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -29,7 +31,7 @@ from daemon.config import Settings
 from daemon.console_api import ConsoleApi
 from daemon.credentials import CredentialError, read_tokens
 from daemon.http_api import BearerTokens, HttpApi
-from daemon.journal import Journal
+from daemon.journal import Journal, JournalError, lock_journal
 from daemon.logs import configure_logging
 from daemon.mqtt import MqttLink
 from daemon.outbox import Outbox
@@ -109,6 +111,8 @@ class Daemon:
         self.fatal: str | None = None
         #: failed intakes per MQTT message (by digest of topic and payload)
         self._intake_failures: dict[bytes, int] = {}
+        #: the journal's lock (a descriptor), held from the start to the end
+        self._journal_lock: int | None = None
 
     def _check_settings(self) -> None:
         s = self.settings
@@ -237,7 +241,7 @@ class Daemon:
         if s.mqtt.enabled:
             # first: unreadable credentials stop the start before the journal is open
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
-        self.journal = journal = await Journal.open(s.storage.dir / JOURNAL_FILE)
+        self.journal = journal = await self._open_journal(s.storage.dir / JOURNAL_FILE)
         self.rules.load()
         if self.link is not None:
             self.link.on_feedback = self._mqtt_feedback
@@ -260,6 +264,17 @@ class Daemon:
         )
         return self.pipeline
 
+    async def _open_journal(self, path: Path) -> Journal:
+        """The journal, locked to this daemon; StartupError saying why it cannot be used."""
+        try:
+            if self._journal_lock is None:
+                self._journal_lock = await asyncio.to_thread(lock_journal, path)
+            return await Journal.open(path)
+        except JournalError as exc:
+            raise StartupError(str(exc)) from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise StartupError(f"the journal {path} cannot be opened: {exc}{_hint(exc)}") from exc
+
     async def start_model(self) -> None:
         """Load the model, then read the rules again, checked against its tokenizer."""
         await self.backend.start()
@@ -272,6 +287,9 @@ class Daemon:
         await self.backend.close()
         if self.journal is not None:
             await self.journal.close()
+        if self._journal_lock is not None:
+            os.close(self._journal_lock)
+            self._journal_lock = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until `stop` is set, then shut down in stages."""
@@ -428,6 +446,21 @@ class Daemon:
             except TimeoutError:
                 log.warning("verdicts not all published before the stop; sent at next start")
             await self.link.announce_offline()
+
+
+def _hint(exc: Exception) -> str:
+    """What to look at, for the journal errors people meet."""
+    text = str(exc)
+    if "disk I/O error" in text or "disk is full" in text:
+        return " (is its disk full, or failing?)"
+    if "not a database" in text or "malformed" in text:
+        return (
+            " (the file is damaged: move it aside, with its -wal and -shm files, to start "
+            "afresh; sqlite3's .recover may save its rows)"
+        )
+    if "unable to open" in text or isinstance(exc, PermissionError):
+        return " (does its directory exist, and may the daemon's user write there?)"
+    return ""
 
 
 async def _first(*aws: Any) -> None:

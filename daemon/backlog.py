@@ -30,6 +30,9 @@ class Backlog:
         #: the journal holds unreviewed alerts that are not in the heap
         self._spilled = False
         self._refilling = asyncio.Lock()
+        #: while the journal is read: the alerts whose reviews ended meanwhile (the read
+        #: may still list them as waiting)
+        self._ended_while_reading: set[int] | None = None
         self._available = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
@@ -105,8 +108,16 @@ class Backlog:
         self._active.discard(ref)
         if reviewed:
             self.pending = max(0, self.pending - 1)
+            if self._ended_while_reading is not None:
+                self._ended_while_reading.add(ref)
         else:
             self._spilled = True
+        self._update()
+
+    def drop(self, ref: int) -> None:
+        """An alert taken that turned out reviewed already (counted when that review
+        ended): forgotten, and counted no second time."""
+        self._active.discard(ref)
         self._update()
 
     async def wait_for_room(self) -> None:
@@ -120,11 +131,15 @@ class Backlog:
                 return
             self._spilled = False  # adds that spill while we read set it again
             limit = self.capacity + len(self._active)
-            rows = await self._read_pending(limit)
+            self._ended_while_reading = set()
+            try:
+                rows = await self._read_pending(limit)
+            finally:
+                ended, self._ended_while_reading = self._ended_while_reading, None
             if len(rows) >= limit:
                 self._spilled = True
             for ref, priority in rows:
-                if ref in self._queued or ref in self._active:
+                if ref in self._queued or ref in self._active or ref in ended:
                     continue
                 if len(self._heap) >= self.capacity:
                     self._spilled = True

@@ -7,7 +7,9 @@ here before it is published, and marked published only after the broker acknowle
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -101,6 +103,10 @@ WAL_LIMIT_BYTES = 64 * 2**20
 MAX_REJECTS = 100_000
 #: alerts (or alerts' snapshots) pruned per commit
 PRUNE_CHUNK = 2_000
+#: alerts whose snapshots are pruned per commit, at most ...
+SNAPSHOT_PRUNE_CHUNK = 256
+#: ... and snapshot bytes per commit, at most (beyond one alert's)
+SNAPSHOT_PRUNE_BYTES = 64 * 2**20
 #: free pages given back to the file system per commit (16 MiB of 4 KiB pages)
 VACUUM_PAGES = 4_096
 
@@ -316,8 +322,9 @@ class Journal:
 
         await self._write(op)
 
-    async def finish_review(self, ref: int, planned: Sequence[PlannedVerdict]) -> None:
-        """Store the alert's verdicts and mark it reviewed, in one transaction."""
+    async def finish_review(self, ref: int, planned: Sequence[PlannedVerdict]) -> bool:
+        """Store the alert's verdicts and mark it reviewed, in one transaction; False (and
+        nothing stored) when it is reviewed already."""
         now = utc_now().isoformat()
         verdicts = [
             (
@@ -333,17 +340,21 @@ class Journal:
             for p in planned
         ]
 
-        def op(db: sqlite3.Connection) -> None:
-            db.executemany(
-                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at, "
-                "prompt, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                verdicts,
-            )
-            db.execute(
-                "UPDATE alerts SET state = 'reviewed', reviewed_at = ? WHERE id = ?", (now, ref)
-            )
+        def op(db: sqlite3.Connection) -> bool:
+            marked = db.execute(
+                "UPDATE alerts SET state = 'reviewed', reviewed_at = ? "
+                "WHERE id = ? AND state = 'received'",
+                (now, ref),
+            ).rowcount
+            if marked:
+                db.executemany(
+                    "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, "
+                    "created_at, prompt, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    verdicts,
+                )
+            return bool(marked)
 
-        await self._write(op)
+        return await self._write(op)
 
     async def record_feedback(self, feedback: FeedbackRow) -> int:
         """Store an operator's judgement of one verdict; the latest per alert and rule counts."""
@@ -393,8 +404,9 @@ class Journal:
         snapshots go after `snapshots_before` (and, oldest first, while all snapshots
         together exceed `snapshot_max_bytes`); the alerts themselves, with their verdicts,
         after `alerts_before`; refused payloads after `alerts_before` and beyond the newest
-        `max_rejects`. The work is done PRUNE_CHUNK alerts and VACUUM_PAGES pages per commit,
-        so that intake's writes wait for one chunk at most, never for the whole prune."""
+        `max_rejects`. The work is done PRUNE_CHUNK alerts (SNAPSHOT_PRUNE_CHUNK alerts' or
+        SNAPSHOT_PRUNE_BYTES of snapshots) and VACUUM_PAGES pages per commit, so that
+        intake's writes wait for one chunk at most, never for the whole prune."""
         done = "a.state = 'reviewed' AND a.reviewed_at < ?"
         if published_only:
             done += (
@@ -404,6 +416,7 @@ class Journal:
         alerts = await self._in_chunks(
             f"DELETE FROM alerts WHERE id IN (SELECT a.id FROM alerts a WHERE {done} LIMIT ?)",
             alerts_before,
+            PRUNE_CHUNK,
         )
         # from the snapshots still kept (a few days' worth), not from every old alert
         # (CROSS JOIN: SQLite keeps that order)
@@ -411,9 +424,12 @@ class Journal:
             "DELETE FROM alert_images WHERE alert_ref IN (SELECT DISTINCT i.alert_ref FROM "
             f"alert_images i CROSS JOIN alerts a ON a.id = i.alert_ref WHERE {done} LIMIT ?)",
             snapshots_before,
+            SNAPSHOT_PRUNE_CHUNK,
         )
 
-        def cap(db: sqlite3.Connection) -> tuple[int, int]:
+        def forget_rejects_and_choose(db: sqlite3.Connection) -> tuple[list[tuple[int, int]], int]:
+            """Refused payloads go; the snapshots to go beyond the cap, oldest first (each
+            alert's, with their size), and all snapshots' size."""
             db.execute("DELETE FROM rejects WHERE received_at < ?", (alerts_before.isoformat(),))
             db.execute(
                 "DELETE FROM rejects WHERE id <= "
@@ -422,10 +438,10 @@ class Journal:
             )
             row = db.execute("SELECT coalesce(sum(length(data)), 0) FROM alert_images").fetchone()
             total = int((row or (0,))[0])
-            if total <= snapshot_max_bytes:
-                return 0, total
             excess = total - snapshot_max_bytes
-            doomed: list[int] = []
+            doomed: list[tuple[int, int]] = []
+            if excess <= 0:
+                return doomed, total
             any_age = "9999"  # every done alert, the oldest first, however recent
             rows = db.execute(
                 "SELECT i.alert_ref, sum(length(i.data)) FROM alert_images i JOIN alerts a "
@@ -436,30 +452,31 @@ class Journal:
             for ref, size in rows:
                 if excess <= 0:
                     break
-                doomed.append(ref)
+                doomed.append((ref, size))
                 excess -= size
             rows.close()
-            deleted = sum(
-                db.execute("DELETE FROM alert_images WHERE alert_ref = ?", (ref,)).rowcount
-                for ref in doomed
-            )
-            return deleted, excess + snapshot_max_bytes
+            return doomed, total
 
-        capped, total = await self._write(cap)
+        doomed, total = await self._write(forget_rejects_and_choose)
+        sizes = dict(doomed)
+        capped = 0
+        for chunk in _chunks_by_bytes(doomed, SNAPSHOT_PRUNE_CHUNK, SNAPSHOT_PRUNE_BYTES):
+            capped += await self._write(partial(_delete_snapshots, chunk))
+            total -= sum(sizes[ref] for ref in chunk)
         while await self._write(_vacuum_some):
             pass
         return Pruned(alerts=alerts, snapshots=snapshots + capped, snapshot_bytes=max(0, total))
 
-    async def _in_chunks(self, sql: str, before: datetime) -> int:
+    async def _in_chunks(self, sql: str, before: datetime, chunk: int) -> int:
         """Rows `sql` deletes, run a commit at a time until it deletes fewer than a chunk
         (`sql` takes the time and the chunk's size)."""
         deleted = 0
         while True:
             count = await self._write(
-                lambda db: db.execute(sql, (before.isoformat(), PRUNE_CHUNK)).rowcount
+                lambda db: db.execute(sql, (before.isoformat(), chunk)).rowcount
             )
             deleted += count
-            if count < PRUNE_CHUNK:
+            if count < chunk:
                 return deleted
 
     # reads -------------------------------------------------------------------------------
@@ -562,6 +579,31 @@ class Journal:
         return found
 
 
+class JournalError(Exception):
+    """A journal this daemon cannot use as it is."""
+
+
+def lock_journal(path: Path) -> int:
+    """Hold an exclusive lock beside the journal for as long as the returned descriptor is
+    open: two daemons on one journal would review its alerts twice. JournalError when
+    another process holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise JournalError(
+            f"{path} is in use by another secondlook daemon (pid {holder}, holding "
+            f"{lock_path}): stop it first, or give this one another [storage] dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _open_writer(path: Path) -> sqlite3.Connection:
     """The write connection, its pragmas set and the schema brought up to date."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -575,22 +617,49 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     writer.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     writer.execute("PRAGMA synchronous = FULL")
     writer.execute("PRAGMA foreign_keys = ON")
-    _migrate(writer)
-    writer.executescript(SCHEMA)
-    writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    try:
+        row = writer.execute("PRAGMA user_version").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise JournalError(
+                f"{path} was written by a newer secondlook (journal schema {version}, this one "
+                f"knows {SCHEMA_VERSION}): upgrade secondlook, or start with another "
+                "[storage] dir"
+            )
+        # one transaction: a start cut short leaves the journal as it was, never half migrated
+        writer.executescript(
+            "\n".join(
+                [
+                    "BEGIN IMMEDIATE;",
+                    *_migrations(version),
+                    SCHEMA,
+                    f"PRAGMA user_version = {SCHEMA_VERSION};",
+                    "COMMIT;",
+                ]
+            )
+        )
+    except BaseException:
+        if writer.in_transaction:
+            writer.execute("ROLLBACK")
+        writer.close()
+        raise
     return writer
 
 
-def _migrate(db: sqlite3.Connection) -> None:
-    """Bring a journal written by an older version up to SCHEMA_VERSION."""
-    row = db.execute("PRAGMA user_version").fetchone()
-    version = int(row[0]) if row else 0
+def _migrations(version: int) -> list[str]:
+    """The statements that bring a journal of schema `version` up to SCHEMA_VERSION."""
+    steps = []
     if version == 1:
-        db.execute("ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0")
-        db.execute("DROP INDEX IF EXISTS alerts_pending")
+        steps += [
+            "ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;",
+            "DROP INDEX IF EXISTS alerts_pending;",
+        ]
     if 1 <= version <= 2:
-        db.execute("ALTER TABLE verdicts ADD COLUMN prompt TEXT")
-        db.execute("ALTER TABLE verdicts ADD COLUMN raw TEXT")
+        steps += [
+            "ALTER TABLE verdicts ADD COLUMN prompt TEXT;",
+            "ALTER TABLE verdicts ADD COLUMN raw TEXT;",
+        ]
+    return steps
 
 
 def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
@@ -618,6 +687,30 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
             db.execute("ROLLBACK")
         raise
     return results
+
+
+def _delete_snapshots(refs: list[int], db: sqlite3.Connection) -> int:
+    """Delete the snapshots of these alerts; how many."""
+    return db.executemany(
+        "DELETE FROM alert_images WHERE alert_ref = ?", [(ref,) for ref in refs]
+    ).rowcount
+
+
+def _chunks_by_bytes(sized: list[tuple[int, int]], most: int, most_bytes: int) -> list[list[int]]:
+    """The refs of `sized` ((ref, bytes) pairs) in order, in chunks of at most `most` refs
+    and `most_bytes` bytes (a single larger ref makes a chunk of its own)."""
+    chunks: list[list[int]] = []
+    chunk: list[int] = []
+    size = 0
+    for ref, ref_bytes in sized:
+        if chunk and (len(chunk) == most or size + ref_bytes > most_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(ref)
+        size += ref_bytes
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def _vacuum_some(db: sqlite3.Connection) -> bool:

@@ -337,10 +337,10 @@ class Pipeline:
                 break
             self._busy += 1
             self._quiet.clear()
-            reviewed = False
+            reviewed: bool | None = False
             try:
-                await self.review(ref)
-                reviewed = True
+                # None: reviewed already (by an earlier take of it): counted then
+                reviewed = await self.review(ref) is not None
                 self._crash_pause_s = 0.0
             except BackendUnusable as exc:
                 if self.fatal is None:
@@ -350,7 +350,10 @@ class Pipeline:
             except Exception as exc:
                 self._pause_after_crash(ref, exc, loop.time())
             finally:
-                self.backlog.done(ref, reviewed=reviewed)
+                if reviewed is None:
+                    self.backlog.drop(ref)
+                else:
+                    self.backlog.done(ref, reviewed=reviewed)
                 self._busy -= 1
                 if self._busy == 0:
                     self._quiet.set()
@@ -390,11 +393,12 @@ class Pipeline:
             return False
         return True
 
-    async def review(self, ref: int) -> list[PlannedVerdict]:
-        """Review one journalled alert with every matching rule; journal the verdicts."""
+    async def review(self, ref: int) -> list[PlannedVerdict] | None:
+        """Review one journalled alert with every matching rule; journal the verdicts.
+        None: the alert was reviewed already (its verdicts are out)."""
         stored = self._fresh.pop(ref, None) or await self.journal.load_alert(ref)
         if stored.state == "reviewed":
-            return []
+            return None
         alert = stored.alert
         with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
             attempts = await self.journal.begin_review(ref)
@@ -402,9 +406,12 @@ class Pipeline:
             try:
                 planned = await self._verdicts_for(stored, attempts)
                 with self.stats.time("journal_verdict"):
-                    await self.journal.finish_review(ref, planned)
+                    finished = await self.journal.finish_review(ref, planned)
             finally:
                 self._attempting.discard(ref)
+            if not finished:  # another review of it ended first: its verdicts stand
+                log.warning("alert reviewed twice; the first review's verdicts stand")
+                return None
             for item in planned:
                 self.stats.count(
                     "verdicts", rule=item.verdict.rule or "", verdict=item.verdict.verdict.value

@@ -110,7 +110,7 @@ async def _replay_one(pipeline: Pipeline, path: Path, payload: bytes | None) -> 
         return [ReplayRow(path, error=f"not taken: {result.busy_reason}")]
     ref = await pipeline.backlog.take()
     try:
-        planned = await pipeline.review(ref)
+        planned = await pipeline.review(ref) or []
     finally:
         pipeline.backlog.done(ref, reviewed=True)
     rows = [ReplayRow(path, verdict=p.verdict, topic=p.topic) for p in planned]

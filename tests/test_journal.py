@@ -7,14 +7,36 @@ import sqlite3
 
 import pytest
 
-from daemon.contract import Alert
-from daemon.journal import Journal
+from daemon import journal as journal_module
+from daemon.contract import Alert, Verdict, VerdictKind
+from daemon.journal import Journal, JournalError, PlannedVerdict
 from daemon.plugin_api import RawImage
 from tests.conftest import jpeg_bytes, make_alert
 
 
 def alert(alert_id: str) -> Alert:
     return Alert.model_validate(make_alert(alert_id))
+
+
+def verdict_of(alert_id: str, kind: VerdictKind) -> Verdict:
+    return Verdict.model_validate(
+        {
+            "alert_id": alert_id,
+            "box_id": "box-t",
+            "camera_id": "cam-1",
+            "event_type": "fire",
+            "occurred_at": "2026-11-20T14:03:12+08:00",
+            "site": None,
+            "rule": "fire",
+            "verdict": kind.value,
+            "confidence": 0.5,
+            "reason": "",
+            "model": "m",
+            "received_at": "2026-11-20T14:03:13+08:00",
+            "reviewed_at": "2026-11-20T14:03:14+08:00",
+            "latency_ms": 1,
+        }
+    )
 
 
 def insert_reject(error: str):
@@ -84,3 +106,58 @@ async def test_writes_after_a_failed_group_still_commit(tmp_path):
         assert [row["error"] for row in rejects] == ["after"]
     finally:
         await journal.close()
+
+
+async def test_an_alert_is_marked_reviewed_once_and_keeps_its_first_verdicts(tmp_path):
+    journal = await Journal.open(tmp_path / "journal.db")
+    try:
+        recorded = await journal.record_alert(alert("once"), [], source="test", topic=None)
+        first = PlannedVerdict(verdict_of("once", VerdictKind.CONFIRMED), "t")
+        second = PlannedVerdict(verdict_of("once", VerdictKind.REJECTED), "t")
+        assert await journal.finish_review(recorded.ref, [first]) is True
+        assert await journal.finish_review(recorded.ref, [second]) is False
+        rows = await journal.read("SELECT verdict FROM verdicts")
+        assert [row["verdict"] for row in rows] == ["confirmed"]
+    finally:
+        await journal.close()
+
+
+async def test_a_migration_cut_short_leaves_the_journal_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / "journal.db"
+    await (await Journal.open(path)).close()
+    with sqlite3.connect(path) as db:  # as version 2 left it
+        db.execute("ALTER TABLE verdicts DROP COLUMN prompt")
+        db.execute("ALTER TABLE verdicts DROP COLUMN raw")
+        db.execute("PRAGMA user_version = 2")
+
+    def columns() -> tuple[set[str], int]:
+        with sqlite3.connect(path) as db:
+            names = {row[1] for row in db.execute("PRAGMA table_info(verdicts)")}
+            return names, db.execute("PRAGMA user_version").fetchone()[0]
+
+    real = journal_module._migrations
+    # the first step works, the second fails (a crash, a full disk): neither is kept
+    monkeypatch.setattr(
+        journal_module,
+        "_migrations",
+        lambda version: [real(version)[0], "ALTER TABLE nowhere ADD COLUMN x;"],
+    )
+    with pytest.raises(sqlite3.OperationalError, match="no such table: nowhere"):
+        await Journal.open(path)
+    names, version = columns()
+    assert "prompt" not in names and version == 2
+    monkeypatch.setattr(journal_module, "_migrations", real)
+    await (await Journal.open(path)).close()
+    names, version = columns()
+    assert {"prompt", "raw"} <= names and version == journal_module.SCHEMA_VERSION
+
+
+async def test_a_journal_of_a_newer_schema_is_refused_untouched(tmp_path):
+    path = tmp_path / "journal.db"
+    await (await Journal.open(path)).close()
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(JournalError, match=r"written by a newer secondlook \(journal schema 99"):
+        await Journal.open(path)
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 99

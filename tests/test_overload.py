@@ -50,6 +50,45 @@ async def test_the_backlog_hands_out_best_first_and_spills_to_the_journal():
     assert backlog.pending == 0 and not backlog.full
 
 
+async def test_a_review_that_ends_while_the_journal_is_read_is_not_taken_again():
+    waiting = {1: 0, 2: 0, 3: 0}  # the journal's unreviewed alerts
+    reading = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def read_pending(limit: int) -> list[tuple[int, int]]:
+        rows = sorted(waiting.items())[:limit]  # read before the review below ends
+        reading.set()
+        await answer.wait()
+        return rows
+
+    backlog = Backlog(read_pending, capacity=1, max_backlog=10)
+    for ref in waiting:
+        backlog.add(ref, 0)
+    assert await backlog.take() == 1  # 2 and 3 spilled to the journal
+    second = asyncio.create_task(backlog.take())
+    await reading.wait()
+    del waiting[1]
+    backlog.done(1, reviewed=True)  # ... while the journal is read
+    answer.set()
+    assert await second == 2  # not 1 again
+    backlog.done(2, reviewed=True)
+    del waiting[2]
+    assert await backlog.take() == 3
+    backlog.done(3, reviewed=True)
+    assert backlog.pending == 0
+
+
+async def test_an_alert_reviewed_already_is_dropped_uncounted():
+    async def nothing(limit: int) -> list[tuple[int, int]]:
+        return []
+
+    backlog = Backlog(nothing, capacity=10, max_backlog=10)
+    backlog.add(7, 0)
+    backlog.add(8, 0)
+    backlog.drop(await backlog.take())
+    assert backlog.pending == 2 and backlog.active == 0
+
+
 async def test_intake_reopens_below_nine_tenths_of_the_backlog():
     async def nothing(limit: int) -> list[tuple[int, int]]:
         return []
@@ -356,6 +395,52 @@ async def test_pruning_without_an_outbox_a_chunk_at_a_time_gives_the_space_back(
     await journal.call_writer(checkpoint)
     assert (tmp_path / "j.sqlite3").stat().st_size < size / 2  # given back, not kept free
     await journal.close()
+
+
+async def test_snapshots_over_the_cap_are_pruned_oldest_first_in_commits_of_bounded_size(
+    tmp_path, monkeypatch
+):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    parse = CanonicalFormat().parse
+    sizes = []
+    for i in range(10):
+        picture = noise_jpeg((400, 300))
+        sizes.append(len(picture))
+        alert = make_alert(f"a-{i}", image=base64.b64encode(picture).decode())
+        incoming = parse(json.dumps(alert).encode(), topic=None)
+        recorded = await journal.record_alert(
+            incoming.alert, incoming.images, source="http", topic=None
+        )
+        await journal.finish_review(recorded.ref, [])
+    # at most three snapshots' bytes per commit
+    monkeypatch.setattr(journal_module, "SNAPSHOT_PRUNE_BYTES", 3 * max(sizes))
+    commits = []
+    write = journal._write
+
+    async def counted(op):
+        commits.append(op)
+        return await write(op)
+
+    journal._write = counted
+    delete_snapshots = journal_module._delete_snapshots
+    pruned = await journal.prune(
+        snapshots_before=utc_now() - timedelta(days=1),
+        alerts_before=utc_now() - timedelta(days=1),
+        snapshot_max_bytes=sum(sizes[-2:]),
+        published_only=False,
+    )
+    assert pruned.snapshots == 8 and pruned.snapshot_bytes == sum(sizes[-2:])
+    kept = await journal.read("SELECT alert_ref FROM alert_images ORDER BY alert_ref")
+    assert [row["alert_ref"] for row in kept] == [9, 10]  # the newest two
+    deletes = [op.args[0] for op in commits if getattr(op, "func", None) is delete_snapshots]
+    assert [len(refs) for refs in deletes] == [3, 3, 2]
+    await journal.close()
+
+
+def test_refs_are_chunked_by_count_and_by_bytes():
+    sized = [(1, 10), (2, 10), (3, 50), (4, 5), (5, 5), (6, 5)]
+    assert journal_module._chunks_by_bytes(sized, 2, 30) == [[1, 2], [3], [4, 5], [6]]
+    assert journal_module._chunks_by_bytes([], 2, 30) == []
 
 
 async def test_a_journal_made_without_incremental_vacuum_is_pruned_all_the_same(tmp_path):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
-from daemon.app import JOURNAL_FILE
+import pytest
+
+from daemon.app import JOURNAL_FILE, Daemon, StartupError
 from daemon.journal import Journal
 from plugins.canonical import CanonicalFormat
 from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, run_daemon
@@ -79,3 +82,38 @@ async def test_a_resend_of_an_alert_whose_intake_was_cut_short_is_reviewed(tmp_p
         await asyncio.sleep(0.2)
         record = (await d.get_alert("cut-1"))[1]
     assert record["attempts"] == 1 and len(record["verdicts"]) == 1
+
+
+async def test_a_second_daemon_on_the_same_journal_is_refused_at_its_start(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings):
+        second = Daemon(settings)
+        with pytest.raises(
+            StartupError, match=rf"in use by another secondlook daemon \(pid {os.getpid()}"
+        ):
+            await second.open()
+        await second.close()
+    third = Daemon(settings)  # once the first has stopped
+    await third.open()
+    await third.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "hint"),
+    [
+        (b"\x00\xff" * 3000, "the file is damaged: move it aside"),
+        (None, "may the daemon's user write there"),
+    ],
+)
+async def test_a_journal_that_cannot_be_opened_is_one_clear_error(tmp_path, damage, hint):
+    settings = make_settings(tmp_path, broker=None, model=tmp_path / "unused")
+    path = settings.storage.dir / JOURNAL_FILE
+    path.parent.mkdir(parents=True)
+    if damage is not None:
+        path.write_bytes(damage)
+    else:
+        path.mkdir()  # a directory where the file belongs
+    daemon = Daemon(settings)
+    with pytest.raises(StartupError, match=rf"the journal {path} cannot be opened: .*{hint}"):
+        await daemon.open()
+    await daemon.close()
