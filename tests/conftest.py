@@ -28,6 +28,7 @@ from yarl import URL
 
 from daemon.app import Daemon
 from daemon.config import Settings
+from daemon.contract import Verdict, utc_now
 from daemon.hookspecs import hookimpl
 from daemon.inference.synthetic import build_tiny_model
 from daemon.inference.transformers_backend import TransformersBackend
@@ -125,6 +126,28 @@ def jpeg_bytes(
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
+
+
+def make_verdict(alert_id: str, verdict: str = "confirmed", confidence: float = 0.9) -> Verdict:
+    """A verdict of the rule `fire` on an alert of `box-t`, as the pipeline would plan it."""
+    return Verdict.model_validate(
+        {
+            "alert_id": alert_id,
+            "box_id": "box-t",
+            "camera_id": "cam-1",
+            "event_type": "fire",
+            "occurred_at": "2026-11-20T14:03:12+08:00",
+            "site": None,
+            "rule": "fire",
+            "verdict": verdict,
+            "confidence": confidence,
+            "reason": "",
+            "model": "m",
+            "received_at": utc_now().isoformat(),
+            "reviewed_at": utc_now().isoformat(),
+            "latency_ms": 1,
+        }
+    )
 
 
 def make_alert(alert_id: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -8,35 +8,14 @@ import sqlite3
 import pytest
 
 from daemon import journal as journal_module
-from daemon.contract import Alert, Verdict, VerdictKind
+from daemon.contract import Alert
 from daemon.journal import Journal, JournalError, PlannedVerdict
 from daemon.plugin_api import RawImage
-from tests.conftest import jpeg_bytes, make_alert
+from tests.conftest import jpeg_bytes, make_alert, make_verdict
 
 
 def alert(alert_id: str) -> Alert:
     return Alert.model_validate(make_alert(alert_id))
-
-
-def verdict_of(alert_id: str, kind: VerdictKind) -> Verdict:
-    return Verdict.model_validate(
-        {
-            "alert_id": alert_id,
-            "box_id": "box-t",
-            "camera_id": "cam-1",
-            "event_type": "fire",
-            "occurred_at": "2026-11-20T14:03:12+08:00",
-            "site": None,
-            "rule": "fire",
-            "verdict": kind.value,
-            "confidence": 0.5,
-            "reason": "",
-            "model": "m",
-            "received_at": "2026-11-20T14:03:13+08:00",
-            "reviewed_at": "2026-11-20T14:03:14+08:00",
-            "latency_ms": 1,
-        }
-    )
 
 
 def insert_reject(error: str):
@@ -112,8 +91,8 @@ async def test_an_alert_is_marked_reviewed_once_and_keeps_its_first_verdicts(tmp
     journal = await Journal.open(tmp_path / "journal.db")
     try:
         recorded = await journal.record_alert(alert("once"), [], source="test", topic=None)
-        first = PlannedVerdict(verdict_of("once", VerdictKind.CONFIRMED), "t")
-        second = PlannedVerdict(verdict_of("once", VerdictKind.REJECTED), "t")
+        first = PlannedVerdict(make_verdict("once", "confirmed"), "t")
+        second = PlannedVerdict(make_verdict("once", "rejected"), "t")
         assert await journal.finish_review(recorded.ref, [first]) is True
         assert await journal.finish_review(recorded.ref, [second]) is False
         rows = await journal.read("SELECT verdict FROM verdicts")

@@ -21,7 +21,7 @@ from daemon.journal import Journal, PlannedVerdict
 from daemon.mqtt import publish_all
 from daemon.storage import StorageKeeper
 from plugins.canonical import CanonicalFormat
-from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, run_daemon
+from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, make_verdict, run_daemon
 from tests.test_faults import noise_jpeg
 
 ALERTS = "secondlook/alerts/box-t"
@@ -260,27 +260,8 @@ async def test_pruning_forgets_only_what_is_reviewed_and_published(tmp_path):
         refs[alert_id] = (
             await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
         ).ref
-    from daemon.contract import Verdict
-
     for alert_id in ("done-old", "done-new", "unpublished"):
-        verdict = Verdict.model_validate(
-            {
-                "alert_id": alert_id,
-                "box_id": "box-t",
-                "camera_id": "cam-1",
-                "event_type": "fire",
-                "occurred_at": "2026-11-20T14:03:12+08:00",
-                "site": None,
-                "rule": "fire",
-                "verdict": "confirmed",
-                "confidence": 0.9,
-                "reason": "",
-                "model": "m",
-                "received_at": utc_now().isoformat(),
-                "reviewed_at": utc_now().isoformat(),
-                "latency_ms": 1,
-            }
-        )
+        verdict = make_verdict(alert_id)
         await journal.finish_review(refs[alert_id], [PlannedVerdict(verdict, "t")])
     ids = [item.id for item in await journal.unpublished()]
     await journal.mark_published(ids[:2])  # done-old and done-new
