@@ -208,6 +208,9 @@ class ImageSettings(_Section):
     #: larger snapshots are refused from their header, before decoding
     max_input_pixels: int = Field(default=40_000_000, ge=1)
     max_bytes_mb: float = Field(default=15, gt=0)
+    #: extra frames (`images`) an alert may carry, at most: each costs as much model time
+    #: as the snapshot itself
+    max_extra_images: int = Field(default=8, ge=0, le=64)
     #: hosts `image_url` may point to; empty refuses every `image_url`
     url_hosts: list[str] = Field(default_factory=list)
     url_timeout_s: float = Field(default=5.0, gt=0)

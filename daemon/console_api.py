@@ -314,10 +314,10 @@ class ConsoleApi:
 
 def _thumbnail(data: bytes, boxes: list[tuple[float, float, float, float]]) -> bytes:
     img = decode(data)
-    width = img.width
+    size = img.size
     img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BILINEAR)
     if boxes:  # drawn after scaling, so that the lines stay sharp
-        img = draw_detections(img, boxes, img.width / width)
+        img = draw_detections(img, boxes, size)
     out = io.BytesIO()
     # no chroma subsampling: it would wash out the thin red box lines
     img.save(out, "JPEG", quality=85, subsampling=0)

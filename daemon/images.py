@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -53,7 +54,9 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
             f"{width}x{height} image has {width * height} pixels, over the limit of {max_pixels}"
         )
     tail = data[-64:].rstrip(b"\x00")
-    if fmt == "jpeg" and not tail.endswith(b"\xff\xd9"):
+    # the end-of-image marker may be followed by a few bytes (a line end, padding, a
+    # trailer); in the image data itself an 0xFF byte is always stuffed, never 0xFF 0xD9
+    if fmt == "jpeg" and b"\xff\xd9" not in tail:
         raise ImageError("truncated JPEG: no end-of-image marker")
     if fmt == "png" and b"IEND" not in tail[-12:]:
         raise ImageError("truncated PNG: no IEND chunk")
@@ -70,7 +73,8 @@ def _reason(exc: Exception) -> str:
 def fit_to_budget(width: int, height: int, *, max_pixels: int, factor: int) -> tuple[int, int]:
     """The size, in multiples of `factor`, closest to `width`x`height` within `max_pixels`.
 
-    Keeps the aspect ratio; never goes below one `factor` square per side.
+    Keeps the aspect ratio; never goes below one `factor` square per side (a side held
+    there makes the other give way, so that the budget holds for any shape).
     """
     scale = min(1.0, math.sqrt(max_pixels / (width * height)))
     new_w = max(factor, round(width * scale / factor) * factor)
@@ -78,7 +82,8 @@ def fit_to_budget(width: int, height: int, *, max_pixels: int, factor: int) -> t
     if new_w * new_h > max_pixels:
         new_w = max(factor, math.floor(width * scale / factor) * factor)
         new_h = max(factor, math.floor(height * scale / factor) * factor)
-    return new_w, new_h
+    longest = max(factor, max_pixels // factor // factor * factor)  # beside one factor
+    return min(new_w, longest), min(new_h, longest)
 
 
 Resample = Literal["fast", "bicubic"]
@@ -129,15 +134,34 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
         raise ImageError(f"corrupt image: {_reason(exc)}") from exc
     if img.mode != "RGB":
         ours = {key: img.info[key] for key in (DRAFT_SCALED, SOURCE_SIZE)}
-        img = img.convert("RGB")
+        img = _as_rgb(img)
         img.info.update(ours)
     return img
 
 
-def to_budget(img: Image.Image, budget: Budget) -> Image.Image:
-    """Resize once to the budget (a no-op when already there). After a draft decode (which
-    already filtered) a mild last step uses the fast filter if the budget says so."""
-    target = budget.size_for(*img.size)
+def _as_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode: 16-bit grey scaled to 8 bits (Pillow would clip it all to white),
+    transparent pixels black (Pillow would show what they hide)."""
+    if img.mode.startswith("I"):
+        grey = np.asarray(img, dtype=np.uint32) >> 8
+        img = Image.fromarray(np.minimum(grey, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        img.mode == "P" and "transparency" in img.info
+    ):
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGB", img.size)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return img.convert("RGB")
+
+
+def to_budget(
+    img: Image.Image, budget: Budget, source: tuple[int, int] | None = None
+) -> Image.Image:
+    """Resize once to the budget of a `source` size (default: the image's own; a draft
+    decode's size rounds otherwise), a no-op when already there. After a draft decode
+    (which already filtered) a mild last step uses the fast filter if the budget says so."""
+    target = budget.size_for(*(source or img.size))
     if img.size == target:
         return img
     ratio = min(target[0] / img.width, target[1] / img.height)
@@ -148,8 +172,10 @@ def to_budget(img: Image.Image, budget: Budget) -> Image.Image:
 
 
 def load_for_model(data: bytes, budget: Budget) -> Image.Image:
-    """Decode once, at reduced scale where JPEG allows, and resize once to the budget."""
-    return to_budget(decode(data, budget=budget), budget)
+    """Decode once, at reduced scale where JPEG allows, and resize once to the budget of
+    the snapshot's own size."""
+    img = decode(data, budget=budget)
+    return to_budget(img, budget, img.info[SOURCE_SIZE])
 
 
 Region = tuple[float, float, float, float]
@@ -180,6 +206,22 @@ def crop_region(size: tuple[int, int], boxes: list[Region], margin: float) -> tu
     return left, top, right, bottom
 
 
+def on_grid(region: tuple[int, ...], size: tuple[int, int], factor: int) -> tuple[int, ...]:
+    """A crop region widened to whole `factor` squares (as far as the image allows), so that
+    a crop within the budget needs no resize: rounding each side on its own would stretch a
+    small crop (42x38 pixels would become 56x28)."""
+    left, top, right, bottom = region
+    left, right = _to_multiple(left, right, factor, size[0])
+    top, bottom = _to_multiple(top, bottom, factor, size[1])
+    return left, top, right, bottom
+
+
+def _to_multiple(low: int, high: int, factor: int, limit: int) -> tuple[int, int]:
+    want = min(limit, -(-(high - low) // factor) * factor)
+    low = max(0, min(low - (want - (high - low)) // 2, limit - want))
+    return low, low + want
+
+
 def _grown(low: float, high: float, margin: float, limit: int) -> tuple[int, int]:
     """[low, high] grown by `margin` of its length on each side, to MIN_CROP at least,
     within [0, limit]."""
@@ -192,22 +234,31 @@ def _grown(low: float, high: float, margin: float, limit: int) -> tuple[int, int
     return int(low), int(high + 0.5)
 
 
-def draw_detections(img: Image.Image, boxes: list[Region], scale: float) -> Image.Image:
-    """A copy with each box outlined in red; `scale` maps box pixels to this image's. Boxes
-    are clipped to just outside the image first (a huge one would take the drawing long)."""
+def draw_detections(img: Image.Image, boxes: list[Region], source: tuple[int, int]) -> Image.Image:
+    """A copy with each box outlined in red, around it (a small detection stays in sight);
+    `source` is the size of the image the boxes' pixels are of. Boxes are clipped to just
+    outside the image first (a huge one would take the drawing long)."""
     marked = img.copy()
     draw = ImageDraw.Draw(marked)
     width = max(2, round(min(img.size) / 150))
-    x_max, y_max = img.width + width, img.height + width
+    sx, sy = img.width / source[0], img.height / source[1]
+    low, x_max, y_max = -2 * width, img.width + 2 * width, img.height + 2 * width
     for x1, y1, x2, y2 in boxes:
+        # whole pixels: the lines keep off the pixels the box's edges fall in
+        left, top = _clamped(x1 * sx, low, x_max), _clamped(y1 * sy, low, y_max)
+        right, bottom = _clamped(x2 * sx, low, x_max), _clamped(y2 * sy, low, y_max)
         draw.rectangle(
             (
-                min(max(x1 * scale, -width), x_max),
-                min(max(y1 * scale, -width), y_max),
-                min(max(x2 * scale, -width), x_max),
-                min(max(y2 * scale, -width), y_max),
+                math.floor(left) - width,
+                math.floor(top) - width,
+                math.ceil(right) + width - 1,
+                math.ceil(bottom) + width - 1,
             ),
             outline=(255, 0, 0),
             width=width,
         )
     return marked
+
+
+def _clamped(value: float, low: float, high: float) -> float:
+    return min(max(value, low), high)

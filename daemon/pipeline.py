@@ -93,6 +93,12 @@ def parse_payload(
             raise TypeError(
                 f"it returned {incoming!r:.80}, not an IncomingAlert of RawImages of bytes"
             )
+        extra = sum(image.source != "image" for image in incoming.images)
+        if extra > images.max_extra_images:
+            raise AlertError(
+                "images",
+                f"{extra} extra frames, over [images] max_extra_images ({images.max_extra_images})",
+            )
         for image in incoming.images:
             check_raw_image(image, images)
         if incoming.alert.image_url and not incoming.images:

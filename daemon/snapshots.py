@@ -19,6 +19,7 @@ from daemon.images import (
     draw_detections,
     inspect_image,
     load_for_model,
+    on_grid,
     to_budget,
 )
 from daemon.plugin_api import AlertError, RawImage
@@ -155,11 +156,13 @@ class SnapshotSet:
     def crop(self, margin: float) -> Image:
         full = self.full()
         region = crop_region(full.size, self.boxes, margin)
+        if (region[2] - region[0]) * (region[3] - region[1]) <= self.budget.max_pixels:
+            region = on_grid(region, full.size, self.budget.factor)
         return to_budget(full.crop(region), self.budget)
 
     def marked(self) -> Image:
         frame = self.frame()
-        return draw_detections(frame, self.boxes, frame.width / frame.info[SOURCE_SIZE][0])
+        return draw_detections(frame, self.boxes, frame.info[SOURCE_SIZE])
 
     def extras(self) -> list[Image]:
         if self._extras is None:

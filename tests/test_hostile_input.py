@@ -56,6 +56,23 @@ def nested(depth: int) -> object:
     return value
 
 
+def test_more_extra_frames_than_allowed_are_refused_naming_the_limit():
+    frame = base64.b64encode(jpeg_bytes((64, 48))).decode()
+    parse_payload(
+        json.dumps(VALID | {"images": [frame] * 8}).encode(), None, CANONICAL, "canonical", IMAGES
+    )
+    with pytest.raises(AlertError) as refused:
+        parse_payload(
+            json.dumps(VALID | {"images": [frame] * 9}).encode(),
+            None,
+            CANONICAL,
+            "canonical",
+            IMAGES,
+        )
+    assert refused.value.field == "images"
+    assert "9 extra frames, over [images] max_extra_images (8)" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("changes", "field", "message"),
     [

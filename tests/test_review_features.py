@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from daemon.cli import main
-from daemon.images import Budget
+from daemon.images import Budget, fit_to_budget
 from daemon.plugin_api import RawImage
 from daemon.rules import RuleBook
 from daemon.snapshots import SnapshotSet
@@ -169,11 +169,73 @@ def test_image_modes_frame_crop_boxes_and_crop_plus_frame():
     assert redness(crop) > 0.15  # the detection is a good part of the crop
     assert abs(crop.width / crop.height - 1.0) < 0.15
     [marked, _] = snapshots.for_rule("boxes", 0.25)
-    at = (int(580 * 588 / 1280) + 1, int(350 * 336 / 720))  # on the box's left edge
+    at = (int(580 * 588 / 1280) - 1, int(350 * 336 / 720))  # just left of the box
     assert frame.getpixel(at)[2] > 200 and marked.getpixel(at)[0] > 200  # blue, now red
     assert marked.size == frame.size
     crop2, frame2, extra2 = snapshots.for_rule("crop+frame", 0.25)
     assert redness(crop2) > 0.15 and frame2.size == frame.size and extra2.size == extra.size
+
+
+def png_scene(size: tuple[int, int], thing: tuple[int, int, int, int]) -> bytes:
+    """A blue picture with a green thing, as PNG (exact colours)."""
+    image = Image.new("RGB", size, (0, 0, 255))
+    ImageDraw.Draw(image).rectangle(
+        (thing[0], thing[1], thing[2] - 1, thing[3] - 1), fill=(0, 255, 0)
+    )
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("size", "thing"),
+    [
+        ((704, 576), (500, 450, 640, 560)),  # PAL: the budget's sides scale unequally
+        ((150, 2000), (20, 1218, 130, 1380)),
+        ((1920, 1080), (900, 500, 920, 520)),  # a small detection
+    ],
+)
+def test_a_drawn_box_surrounds_its_object_in_sight_whatever_the_shape(size, thing):
+    snapshots = SnapshotSet(
+        [RawImage("image", png_scene(size, thing))], [thing], Budget(448 * 448, 28)
+    )
+    [frame] = snapshots.for_rule("frame", 0.25)
+    [marked] = snapshots.for_rule("boxes", 0.25)
+    before, after = np.asarray(frame), np.asarray(marked)
+    green = (before[..., 1] > 128) & (before[..., 0] < 128)
+    red = (after[..., 0] > 200) & (after[..., 1] < 80) & (after[..., 2] < 80)
+    assert not (red & green).any()  # the outline hides none of the thing
+    rows, cols = np.nonzero(green)
+    ring_rows, ring_cols = np.nonzero(red)
+    # the outline lies just around the thing, on every side, within a line's width
+    line = max(2, round(min(frame.size) / 150)) + 1
+    assert 0 < rows.min() - ring_rows.min() <= line and 0 < ring_rows.max() - rows.max() <= line
+    assert 0 < cols.min() - ring_cols.min() <= line and 0 < ring_cols.max() - cols.max() <= line
+
+
+def test_a_small_crop_keeps_its_shape():
+    thing = (946, 527, 974, 552)  # 28x25 pixels in a 1920x1080 frame
+    snapshots = SnapshotSet(
+        [RawImage("image", png_scene((1920, 1080), thing))], [thing], Budget(448 * 448, 28)
+    )
+    [crop] = snapshots.for_rule("crop", 0.25)
+    assert crop.size == (56, 56)  # whole patches of source pixels: nothing stretched
+    rows, cols = np.nonzero(np.asarray(crop)[..., 1] > 128)
+    assert (cols.max() - cols.min() + 1, rows.max() - rows.min() + 1) == (28, 25)
+
+
+def test_the_same_snapshot_as_jpeg_or_png_is_shown_at_one_size():
+    for size in [(3313, 1835), (4112, 3047), (2377, 1102), (1280, 720)]:
+        image = Image.new("RGB", size, (90, 120, 30))
+        sizes = set()
+        for fmt in ("JPEG", "PNG"):
+            buffer = io.BytesIO()
+            image.save(buffer, fmt)
+            [frame] = SnapshotSet(
+                [RawImage("image", buffer.getvalue())], [], Budget(448 * 448, 28)
+            ).for_rule("frame", 0.25)
+            sizes.add(frame.size)
+        assert sizes == {fit_to_budget(*size, max_pixels=448 * 448, factor=28)}, size
 
 
 async def test_rule_image_mode_and_extra_frames_reach_the_model(tmp_path, tiny_model):

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 from pydantic import ValidationError
@@ -104,6 +105,22 @@ def test_fit_to_budget_does_not_upscale_small_images():
     assert fit_to_budget(280, 224, max_pixels=448 * 448, factor=28) == (280, 224)
 
 
+@pytest.mark.parametrize("size", [(40000, 10), (10, 40000), (8000, 1), (30000, 28)])
+def test_fit_to_budget_holds_for_the_thinnest_shapes(size):
+    w, h = fit_to_budget(*size, max_pixels=448 * 448, factor=28)
+    assert w * h <= 448 * 448 and min(w, h) == 28 and max(w, h) == 448 * 448 // 28 // 28 * 28
+
+
+def test_16_bit_grey_and_transparent_pngs_are_shown_as_they_look():
+    grey = Image.fromarray(np.full((48, 64), 100 * 257, dtype=np.uint16))
+    assert grey.mode.startswith("I")
+    frame = load_for_model(encode(grey, "PNG"), Budget(448 * 448, 28))
+    assert frame.getpixel((10, 10)) == (100, 100, 100)  # not clipped to white
+    hidden = Image.new("RGBA", (64, 48), (255, 0, 255, 0))  # magenta, wholly transparent
+    frame = load_for_model(encode(hidden, "PNG"), Budget(448 * 448, 28))
+    assert frame.getpixel((10, 10)) == (0, 0, 0)
+
+
 def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
     data = jpeg_bytes((1920, 1080))
     image = load_for_model(data, Budget(448 * 448, 28))
@@ -124,13 +141,15 @@ def test_a_crop_shows_a_tiny_box_with_context_and_refuses_boxes_outside_the_imag
 
 
 def test_boxes_far_larger_than_the_image_are_drawn_clipped():
-    marked = draw_detections(Image.new("RGB", (64, 48)), [(8, 8, 1e300, 1e300)], 1.0)
-    assert marked.getpixel((8, 30)) == (255, 0, 0) and marked.getpixel((30, 8)) == (255, 0, 0)
-    assert marked.getpixel((30, 30)) == (0, 0, 0)
+    marked = draw_detections(Image.new("RGB", (64, 48)), [(8, 8, 1e300, 1e300)], (64, 48))
+    assert marked.getpixel((7, 30)) == (255, 0, 0) and marked.getpixel((30, 7)) == (255, 0, 0)
+    assert marked.getpixel((30, 30)) == (0, 0, 0) and marked.getpixel((8, 8)) == (0, 0, 0)
 
 
 def test_inspect_image_accepts_jpeg_and_png():
     assert inspect_image(jpeg_bytes((64, 48)), max_pixels=10_000).format == "jpeg"
+    for trailer in (b"\r\n", b"\xff" * 20, b"camera-7 trailer: 2026-11-30T08:00"):
+        assert inspect_image(jpeg_bytes((64, 48)) + trailer, max_pixels=10_000).width == 64
     info = inspect_image(encode(Image.new("RGB", (30, 20)), "PNG"), max_pixels=10_000)
     assert (info.format, info.width, info.height) == ("png", 30, 20)
 
