@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import shutil
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -219,3 +221,102 @@ async def test_a_runner_that_miscounts_its_answers_fails_that_batch_only(tiny_mo
         running.cancel()
     assert all("the model gave 2 answers to 3 requests" in str(error) for error in failed)
     assert_same(answer, runner.run(requests[0]))
+
+
+async def batched(runner, requests: list[ModelRequest]) -> tuple[list, MicroBatcher]:
+    """The requests' answers (or errors) through a batcher over `runner`, all at once."""
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            runner, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        answers = await asyncio.gather(
+            *(batcher.submit(r) for r in requests), return_exceptions=True
+        )
+        running.cancel()
+    return answers, batcher
+
+
+async def test_an_image_the_processor_would_refuse_sends_no_batch_mate_to_it(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    images = [
+        Image.new("RGB", (588, 336), (200, 40, 40)),  # fits: patched directly
+        Image.new("RGB", (7168, 28), (40, 200, 40)),  # a strip the processor refuses (> 200:1)
+        Image.new("RGB", (28, 28), (40, 40, 200)),  # under the processor's minimum
+    ]
+    requests = [ModelRequest(ChoiceQuery("Fire? Answer yes or no.", YES_NO), [i]) for i in images]
+    answers, batcher = await batched(runner, requests)
+    for request, answer in zip(requests, answers, strict=True):
+        assert_same(answer, runner.run(request))
+    assert batcher.health.batches == 1
+
+
+async def test_a_request_longer_than_the_context_fails_alone_naming_its_length(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    runner.context = 120  # a small model's context, for the test
+    short = [
+        ModelRequest(ChoiceQuery(f"Fire {i}? Answer yes or no.", YES_NO), []) for i in range(3)
+    ]
+    long = ModelRequest(ChoiceQuery("Fire? " * 200 + "Answer yes or no.", YES_NO), [])
+    answers, _ = await batched(runner, [short[0], long, *short[1:]])
+    assert isinstance(answers[1], ValueError)
+    assert "tokens (prompt and images), over the 120 the model's context" in str(answers[1])
+    for request, answer in zip(short, [answers[0], *answers[2:]], strict=True):
+        assert_same(answer, runner.run(request))
+
+
+class CollatesTwoAtMost:
+    """A runner whose batches of more than two requests do not collate, though each alone
+    does (as an odd combination of inputs might)."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.passes: list[int] = []
+
+    def collate(self, requests):
+        if len(requests) > 2:
+            raise ValueError("these do not go together")
+        return self.runner.collate(requests)
+
+    def forward(self, requests, inputs):
+        self.passes.append(len(requests))
+        return self.runner.forward(requests, inputs)
+
+
+async def test_requests_that_collate_alone_but_not_together_go_on_in_smaller_groups(tiny_model):
+    runner = CollatesTwoAtMost(ModelRunner.load(ModelSettings(path=str(tiny_model))))
+    requests = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)][:4]
+    answers, _ = await batched(runner, requests)
+    for request, answer in zip(requests, answers, strict=True):
+        assert_same(answer, runner.runner.run(request))
+    assert runner.passes == [2, 2]
+
+
+def test_extraction_is_greedy_whatever_the_snapshots_generation_config(tiny_model, tmp_path):
+    snapshot = tmp_path / "model"
+    shutil.copytree(tiny_model, snapshot)
+    config = (
+        json.loads((snapshot / "generation_config.json").read_text())
+        if (snapshot / "generation_config.json").exists()
+        else {}
+    )
+    (snapshot / "generation_config.json").write_text(
+        json.dumps(config | {"repetition_penalty": 10.0, "do_sample": False})
+    )
+    runner = ModelRunner.load(ModelSettings(path=str(snapshot), max_new_tokens=12))
+    request = ModelRequest(GenerateQuery("Count the people. " * 3, 12), [])
+    inputs = runner.collate([request])
+    with torch.inference_mode():
+        greedy, penalised = (
+            runner.model.generate(
+                **inputs,
+                max_new_tokens=12,
+                do_sample=False,
+                repetition_penalty=penalty,
+                pad_token_id=runner.tokenizer.pad_token_id,
+            )[0, inputs["input_ids"].shape[1] :]
+            for penalty in (1.0, 10.0)
+        )
+    assert not torch.equal(greedy, penalised)  # the snapshot's penalty would change the answer
+    expected = runner.tokenizer.decode(greedy, skip_special_tokens=True).strip()
+    assert runner.run(request).text == expected

@@ -120,21 +120,22 @@ class MicroBatcher:
     async def _collect(self) -> None:
         while True:
             batch = await self._next_batch()
-            if not batch or (collated := await self._collate(batch)) is None:
-                continue
-            await self._collated.put(collated)
-            del collated  # the model stage holds the inputs only as long as it needs them
+            groups = await self._collate(batch) if batch else []
+            while groups:
+                # handed over, not kept here: the model stage holds the inputs only as long
+                # as it needs them
+                await self._collated.put(groups.pop(0))
 
-    async def _collate(self, batch: list[_Waiting]) -> tuple[list[_Waiting], Any] | None:
+    async def _collate(self, batch: list[_Waiting]) -> list[tuple[list[_Waiting], Any]]:
         """The batch and its inputs. When a batch does not collate, each request is tried
-        alone: those that fail alone fail, and the others go on without them (None: none
-        is left)."""
+        alone: those that fail alone fail, and the others go on without them, together
+        or, if they still do not collate together, in halves."""
         try:
-            return batch, await self._in(self.prep_pool, self.runner.collate, _requests(batch))
+            return [(batch, await self._in(self.prep_pool, self.runner.collate, _requests(batch)))]
         except Exception as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
-                return None
+                return []
         fit = []
         for item in batch:
             try:
@@ -143,13 +144,20 @@ class MicroBatcher:
                 _fail([item], exc)
             else:
                 fit.append(item)
-        if not fit:
-            return None
+        return await self._in_groups(fit)
+
+    async def _in_groups(self, items: list[_Waiting]) -> list[tuple[list[_Waiting], Any]]:
+        """Requests that collate alone, in as few groups as collate together."""
+        if not items:
+            return []
         try:
-            return fit, await self._in(self.prep_pool, self.runner.collate, _requests(fit))
+            return [(items, await self._in(self.prep_pool, self.runner.collate, _requests(items)))]
         except Exception as exc:
-            _fail(fit, exc)
-            return None
+            if len(items) == 1:
+                _fail(items, exc)
+                return []
+        half = len(items) // 2
+        return await self._in_groups(items[:half]) + await self._in_groups(items[half:])
 
     async def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting request and up to max_batch - 1 of its kind behind it."""
@@ -190,10 +198,12 @@ class MicroBatcher:
         runs out of memory is split in halves, each retried."""
         health = self.health
         if inputs is None:
-            if (collated := await self._collate(batch)) is None:
+            groups = await self._collate(batch)
+            while len(groups) > 1:  # some would not collate together: each group on its own
+                await self._forward(*groups.pop(0))
+            if not groups:
                 return
-            batch, inputs = collated
-            del collated  # `del inputs` below must free them
+            batch, inputs = groups.pop()  # `del inputs` below must free them
         try:
             answers = await self._timed_pass(batch, inputs)
             if len(answers) != len(batch):  # a backend's bug: fail the batch, not the batcher

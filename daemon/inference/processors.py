@@ -64,10 +64,7 @@ class ImageOnlyProcessor:
     ) -> BatchFeature:
         vision: dict[str, Any] = {}
         if images:
-            if can_patch_directly(images, self.image_processor):
-                vision = patch_images(images, self.image_processor, self.pixel_dtype)
-            else:
-                vision = dict(self.image_processor(images=images, return_tensors=return_tensors))
+            vision = self._vision(images, return_tensors)
             merge = self.image_processor.merge_size**2
             counts = [int(grid.prod()) // merge for grid in vision["image_grid_thw"]]
             text = self._expand_placeholders(text, counts)
@@ -75,6 +72,26 @@ class ImageOnlyProcessor:
         ids = encoded["input_ids"]
         encoded["mm_token_type_ids"] = (ids == self.image_token_id).to(torch.int32)
         return BatchFeature({**encoded, **vision})
+
+    def _vision(self, images: list[Any], return_tensors: str) -> dict[str, Any]:
+        """Pixel values and grids: images that fit as they are patched directly, others by
+        the image processor, each image on its own way (one odd image, say a strip the
+        processor refuses, must not send its batch-mates to the processor too), in order."""
+        processor = self.image_processor
+        if can_patch_directly(images, processor):
+            return patch_images(images, processor, self.pixel_dtype)
+        if not any(can_patch_directly([image], processor) for image in images):
+            return dict(processor(images=images, return_tensors=return_tensors))
+        parts = [
+            patch_images([image], processor, self.pixel_dtype)
+            if can_patch_directly([image], processor)
+            else dict(processor(images=[image], return_tensors=return_tensors))
+            for image in images
+        ]
+        return {
+            "pixel_values": torch.cat([p["pixel_values"].to(self.pixel_dtype) for p in parts]),
+            "image_grid_thw": torch.cat([p["image_grid_thw"] for p in parts]),
+        }
 
     def _expand_placeholders(self, texts: list[str], counts: list[int]) -> list[str]:
         remaining = iter(counts)

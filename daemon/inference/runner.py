@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -160,6 +161,19 @@ def rope_index_of(model: Any) -> tuple[Any, tuple[str, ...]] | None:
     return rope_index, tuple(name for name in known if name in parameters)
 
 
+#: a fast tokenizer keeps its padding settings between calls: one call without padding (the
+#: answers' token ids) while another thread collates a batch would make that batch fail
+TOKENIZER_LOCK = threading.Lock()
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context (positions), from its text config."""
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None) or config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
 def image_factor_of(processor: Any) -> int:
     """The side, in pixels, that image sizes must be a multiple of (patch x merge)."""
     image_processor = processor.image_processor
@@ -209,6 +223,8 @@ class ModelRunner:
         if hasattr(processor, "pixel_dtype") and hasattr(model, "dtype"):
             processor.pixel_dtype = model.dtype
         self.image_factor = image_factor_of(processor)
+        #: the longest sequence the model takes (None: unknown)
+        self.context = context_length(model)
         self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
         #: adapter directory -> its name in the model
         self._adapters: dict[str, str] = {}
@@ -271,8 +287,22 @@ class ModelRunner:
         return cls(model, processor, device, settings.max_new_tokens)
 
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
-        """The processor's tensors for a batch, and the positions of a choice batch."""
-        return self.add_positions(requests, collate_batch(self.processor, requests))
+        """The processor's tensors for a batch, and the positions of a choice batch.
+        ValueError for a request longer than the model's context (alone, it fails alone)."""
+        with TOKENIZER_LOCK:
+            inputs = collate_batch(self.processor, requests)
+        if self.context is not None:
+            lengths = inputs["attention_mask"].sum(dim=1).tolist()
+            for request, length in zip(requests, lengths, strict=True):
+                limit = self.context
+                if isinstance(request.query, GenerateQuery):
+                    limit -= request.query.max_new_tokens or self.max_new_tokens
+                if length > limit:
+                    raise ValueError(
+                        f"the request is {length} tokens (prompt and images), over the "
+                        f"{limit} the model's context of {self.context} leaves"
+                    )
+        return self.add_positions(requests, inputs)
 
     def add_positions(self, requests: Sequence[ModelRequest], inputs: Any) -> Any:
         """The M-RoPE positions of a choice batch with images, worked out on the CPU (left to
@@ -345,7 +375,8 @@ class ModelRunner:
     def _token_ids(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
         key = tuple((label, tuple(forms)) for label, forms in choices.items())
         if key not in self._choice_ids:
-            self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
+            with TOKENIZER_LOCK:
+                self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
         return self._choice_ids[key]
 
     @torch.inference_mode()
@@ -368,7 +399,11 @@ class ModelRunner:
         output = self.model.generate(
             **inputs,
             max_new_tokens=max(limits),
+            # greedy, whatever the snapshot's generation_config says (Qwen2-VL's Instruct
+            # snapshots ask for a repetition penalty, which bends JSON's repeated braces
+            # and quotes)
             do_sample=False,
+            repetition_penalty=1.0,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
