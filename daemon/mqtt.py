@@ -48,6 +48,15 @@ LOGIN_REFUSED = {134, 135, 138, 140, 4, 5}
 TLS_UNUSABLE = "[mqtt] TLS files cannot be used: "
 
 
+def _raise_if_cancelled() -> None:
+    """Honour a cancellation that arrived while connecting: on Python 3.11, asyncio.wait_for
+    (which aiomqtt's subscribe and publish use) drops one that comes as its result does, and
+    the link would then take alerts in for ever while the daemon stops."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class IntakeFailed(aiomqtt.MqttError):
     """An alert could not be taken in (not journalled, so not acknowledged): the connection
     is dropped so that the broker delivers it again on the next one."""
@@ -304,6 +313,7 @@ class MqttLink:
                     topics = [subscription.topic for subscription in self.subscriptions]
                     log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
                     self.on_connected()
+                    _raise_if_cancelled()
                     await self._intake(client)
             except aiomqtt.MqttError as exc:
                 error = str(exc)

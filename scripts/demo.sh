@@ -14,8 +14,22 @@ py=$repo/.venv/bin/python
 # the default config reads rules/ and writes var/ in the working directory: a fresh one
 work=$(mktemp -d /tmp/secondlook-demo.XXXXXX)
 ln -s "$repo/rules" "$work/rules"
+# a client id of its own, and no session kept on the broker: the demo never takes over (or
+# leaves queued messages for) a secondlook daemon that uses the same broker
+cat >"$work/secondlook.toml" <<EOF
+[mqtt]
+client_id = "secondlook-demo-$$"
+session_expiry_s = 0
+EOF
 pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+# each process is asked to stop, then given 30 s before it is killed
+stop() {
+    kill -TERM "$1" 2>/dev/null || return 0
+    for _ in $(seq 300); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
+    echo "pid $1 did not stop in 30 s: killing it"
+    kill -KILL "$1" 2>/dev/null || true
+}
+cleanup() { for pid in "${pids[@]}"; do stop "$pid"; done; }
 trap cleanup EXIT
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
@@ -26,7 +40,8 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
 fi
 
 echo "starting secondlook with model $MODEL (logs: $work/secondlook.log)"
-(cd "$work" && exec "$repo/.venv/bin/secondlook" run --model "$MODEL") >"$work/secondlook.log" 2>&1 &
+(cd "$work" && exec "$repo/.venv/bin/secondlook" run --config secondlook.toml --model "$MODEL") \
+    >"$work/secondlook.log" 2>&1 &
 daemon=$!
 pids+=($daemon)
 if ! "$py" - "$daemon" <<'PY'
@@ -65,13 +80,13 @@ wait "$sub" || echo "some verdicts did not arrive in time"
 "$py" - "$work/verdicts.txt" <<'PY'
 import json, sys
 print(f"{'alert':<12} {'event':<20} {'rule':<22} {'verdict':<11} {'P(real)':>7}  topic / reason")
-for line in open(sys.argv[1], encoding="utf-8"):
-    topic, _, payload = line.strip().partition(" ")
+lines = [line.strip().partition(" ") for line in open(sys.argv[1], encoding="utf-8")]
+for topic, _, payload in sorted(lines, key=lambda line: json.loads(line[2])["alert_id"]):
     v = json.loads(payload)
     p = "" if v["confidence"] is None else f"{v['confidence']:.3f}"
     print(f"{v['alert_id']:<12} {v['event_type']:<20} {v['rule'] or '-':<22} {v['verdict']:<11} {p:>7}  {topic}")
     print(f"{'':<12} {v['reason'][:110]}" + (f" {v['fields']}" if v["fields"] else ""))
 PY
-kill -TERM "$daemon"
-wait "$daemon" || true
+stop "$daemon"
+echo "(verdicts of rules in shadow mode go to secondlook/shadow/...: see the log)"
 echo "journal: $work/var/journal.sqlite3"

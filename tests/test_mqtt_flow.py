@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import aiomqtt
 from structlog.testing import capture_logs
 
-from daemon.mqtt import publish_all
+from daemon.mqtt import MqttLink, publish_all
 from tests.conftest import (
     FIRE_RULE,
     Broker,
@@ -318,3 +319,27 @@ async def test_a_broker_that_stalls_gets_each_verdict_once(tmp_path, tiny_model)
         assert ids == [f"stall-{i}" for i in range(5)]  # each once
     finally:
         broker.stop()
+
+
+async def test_a_cancel_lost_while_connecting_still_stops_the_link(tmp_path, broker, tiny_model):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+
+    async def ignore(*_: object) -> None:
+        return None
+
+    link = MqttLink(settings.mqtt, on_message=ignore)
+    subscribe = link._subscribe
+
+    async def subscribe_losing_a_cancel(client, topic):
+        # as asyncio.wait_for on Python 3.11 may: the cancel comes as the SUBACK does, and
+        # the call returns normally
+        await subscribe(client, topic)
+        asyncio.current_task().cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+
+    link._subscribe = subscribe_losing_a_cancel
+    task = asyncio.create_task(link.run())
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)  # not taking alerts in for ever
+    assert task.cancelled()
