@@ -108,13 +108,14 @@ class ConsoleApi:
 
     async def snapshot(self, request: web.Request) -> web.Response:
         ref, idx = int(request.match_info["ref"]), int(request.match_info["idx"])
-        data = await history.snapshot(self.journal, ref, idx) if max(ref, idx) <= MAX_ID else None
-        if data is None:
+        stored = await history.snapshot(self.journal, ref, idx) if max(ref, idx) <= MAX_ID else None
+        if stored is None:
             return error(404, "no such snapshot (never stored, or pruned)")
+        data = stored.data
         if request.query.get("thumb") != "1":
             kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
             return web.Response(body=data, content_type=kind, headers=NOT_STORED)
-        boxes = await self._boxes(ref) if idx == 0 else []
+        boxes = await self._boxes(ref) if stored.is_frame else []
         try:
             thumb = await asyncio.get_running_loop().run_in_executor(None, _thumbnail, data, boxes)
         except ImageError as exc:
@@ -214,14 +215,14 @@ class ConsoleApi:
                 raise playground.PlaygroundError(
                     f"snapshot: ref and idx must be whole numbers from 0 to {MAX_ID}"
                 )
-            data = await history.snapshot(self.journal, ref, idx)
-            if data is None:
+            stored = await history.snapshot(self.journal, ref, idx)
+            if stored is None:
                 raise playground.PlaygroundError("snapshot: no such stored snapshot")
             alert = (await self.journal.load_alert(ref)).alert
             given = {key: body[key] for key in ("camera_id", "event_type") if body.get(key)}
-            if idx:  # the detection boxes belong to the first snapshot
+            if not stored.is_frame:  # the detection boxes are of the alert's frame
                 given["boxes"] = []
-            return data, alert.model_copy(update=given)
+            return stored.data, alert.model_copy(update=given)
         if body.get("image") is None:
             raise playground.PlaygroundError(
                 'give an image (base64) or a stored snapshot ({"ref", "idx"})'

@@ -102,7 +102,13 @@ def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, Callable[[], list[bytes]]
     db.row_factory = sqlite3.Row
 
     def snapshots(ref: int) -> list[bytes]:
-        found = db.execute("SELECT data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,))
+        """The alert's snapshots, or none when its frame is not stored (pruned, or fetched
+        from `image_url` at review: the extra frames alone are no sample)."""
+        found = db.execute(
+            "SELECT source, data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,)
+        ).fetchall()
+        if not found or found[0]["source"] != "image":
+            return []
         return [bytes(image["data"]) for image in found]
 
     try:
@@ -157,7 +163,7 @@ def export(
         elif not row["prompt"]:
             skipped["no prompt stored with the verdict"] += 1
         elif not (snapshots := read_snapshots()):
-            skipped["the snapshot was pruned"] += 1
+            skipped["the snapshot is not stored (pruned, or fetched from image_url)"] += 1
         else:
             ident = sample_id(row)
             while ident in taken:  # two rules whose names read alike once made safe

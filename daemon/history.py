@@ -86,12 +86,22 @@ async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, 
     return out
 
 
-async def snapshot(journal: Journal, ref: int, idx: int) -> bytes | None:
-    """The stored bytes of an alert's snapshot, None when gone (pruned) or never there."""
+@dataclass(frozen=True)
+class StoredSnapshot:
+    data: bytes
+    #: the frame the alert's boxes are of (its `image`), not an extra frame (`images`)
+    is_frame: bool
+
+
+async def snapshot(journal: Journal, ref: int, idx: int) -> StoredSnapshot | None:
+    """An alert's stored snapshot, None when gone (pruned) or never there (an `image_url`
+    snapshot is fetched at review, not stored: its extra frames are)."""
     rows = await journal.browse(
-        "SELECT data FROM alert_images WHERE alert_ref = ? AND idx = ?", (ref, idx)
+        "SELECT source, data FROM alert_images WHERE alert_ref = ? AND idx = ?", (ref, idx)
     )
-    return bytes(rows[0]["data"]) if rows else None
+    if not rows:
+        return None
+    return StoredSnapshot(bytes(rows[0]["data"]), rows[0]["source"] == "image")
 
 
 async def rule_counts(journal: Journal) -> dict[str, dict[str, int]]:

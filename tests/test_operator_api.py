@@ -19,6 +19,7 @@ from daemon import history
 from daemon.contract import utc_now
 from daemon.feedback import Feedback, FeedbackError, judged
 from daemon.journal import Journal
+from plugins.canonical import CanonicalFormat
 from tests.conftest import (
     FIRE_RULE,
     jpeg_bytes,
@@ -160,9 +161,9 @@ async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):
             assert r.status == 200 and r.content_type == "image/jpeg"
             thumb = Image.open(io.BytesIO(await r.read()))
         assert max(thumb.size) == 320
-        # the detection box is drawn in red near the thumbnail's top left
+        # the detection box is drawn in red around the box, near the thumbnail's top left
         scale = 320 / 640
-        red = thumb.convert("RGB").getpixel((int(100 * scale), int(10 * scale)))
+        red = thumb.convert("RGB").getpixel((int(100 * scale), int(10 * scale) - 1))
         assert red[0] > 180 and red[1] < 90 and red[2] < 90, red
         async with d.http.get(f"{d.base_url}/v1/snapshots/{first['ref']}/7") as r:
             assert r.status == 404
@@ -411,3 +412,21 @@ async def test_a_long_operator_query_holds_up_none_of_the_daemons_reads(tmp_path
         assert (await slow)[0][0] == 20_000_000
     finally:
         await journal.close()
+
+
+async def test_a_stored_extra_frame_is_told_from_the_alerts_frame(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    try:
+        parse = CanonicalFormat().parse
+        frame = base64.b64encode(jpeg_bytes()).decode()
+        # an image_url snapshot is fetched at review and not stored: only its extra frame is
+        fetched = make_alert("by-url", image=None, image_url="http://cams.example/1.jpg")
+        for alert in (make_alert("sent", images=[frame]), fetched | {"images": [frame]}):
+            incoming = parse(json.dumps(alert).encode(), topic=None)
+            await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
+        sent = [await history.snapshot(journal, 1, idx) for idx in (0, 1)]
+        by_url = await history.snapshot(journal, 2, 0)
+    finally:
+        await journal.close()
+    assert [s.is_frame for s in sent] == [True, False] and by_url is not None
+    assert not by_url.is_frame  # its boxes are of the fetched frame: none drawn on it
