@@ -279,6 +279,7 @@ class Daemon:
         """Load the model, then read the rules again, checked against its tokenizer."""
         await self.backend.start()
         self.rules.check_choices = getattr(self.backend, "check_choices", None)
+        self.rules.final = True
         self.rules.load(recheck=True)
 
     async def close(self) -> None:

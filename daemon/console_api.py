@@ -32,8 +32,10 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 from PIL import Image
+from pydantic import ValidationError
 
 from daemon import feedback, history, metrics, playground
+from daemon.config import describe_validation_error
 from daemon.contract import Alert, utc_now
 from daemon.images import ImageError, decode, draw_detections
 from daemon.journal import Journal
@@ -222,7 +224,10 @@ class ConsoleApi:
             given = {key: body[key] for key in ("camera_id", "event_type") if body.get(key)}
             if not stored.is_frame:  # the detection boxes are of the alert's frame
                 given["boxes"] = []
-            return stored.data, alert.model_copy(update=given)
+            try:
+                return stored.data, Alert.model_validate(alert.model_dump() | given)
+            except ValidationError as exc:
+                raise playground.PlaygroundError(describe_validation_error(exc)) from exc
         if body.get("image") is None:
             raise playground.PlaygroundError(
                 'give an image (base64) or a stored snapshot ({"ref", "idx"})'

@@ -413,18 +413,21 @@ class Journal:
                 " AND NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.alert_ref = a.id "
                 "AND v.published_at IS NULL)"
             )
+        # snapshots first, those of the alerts about to go too: the alerts' deletion then
+        # cascades to no snapshot, and no commit holds more than SNAPSHOT_PRUNE_BYTES of them
+        snapshots = 0
+        while True:
+            sized = await self._write(
+                partial(_snapshots_of, done, max(snapshots_before, alerts_before))
+            )
+            for chunk in _chunks_by_bytes(sized, SNAPSHOT_PRUNE_CHUNK, SNAPSHOT_PRUNE_BYTES):
+                snapshots += await self._write(partial(_delete_snapshots, chunk))
+            if len(sized) < PRUNE_CHUNK:
+                break
         alerts = await self._in_chunks(
             f"DELETE FROM alerts WHERE id IN (SELECT a.id FROM alerts a WHERE {done} LIMIT ?)",
             alerts_before,
             PRUNE_CHUNK,
-        )
-        # from the snapshots still kept (a few days' worth), not from every old alert
-        # (CROSS JOIN: SQLite keeps that order)
-        snapshots = await self._in_chunks(
-            "DELETE FROM alert_images WHERE alert_ref IN (SELECT DISTINCT i.alert_ref FROM "
-            f"alert_images i CROSS JOIN alerts a ON a.id = i.alert_ref WHERE {done} LIMIT ?)",
-            snapshots_before,
-            SNAPSHOT_PRUNE_CHUNK,
         )
 
         def forget_rejects_and_choose(db: sqlite3.Connection) -> tuple[list[tuple[int, int]], int]:
@@ -687,6 +690,18 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
             db.execute("ROLLBACK")
         raise
     return results
+
+
+def _snapshots_of(done: str, before: datetime, db: sqlite3.Connection) -> list[tuple[int, int]]:
+    """Up to PRUNE_CHUNK alerts `done` before `before` that still have snapshots, each with
+    its snapshots' bytes; from the snapshots kept (a few days' worth), not from every old
+    alert (CROSS JOIN: SQLite keeps that order)."""
+    rows = db.execute(
+        "SELECT i.alert_ref, sum(length(i.data)) FROM alert_images i CROSS JOIN alerts a "
+        f"ON a.id = i.alert_ref WHERE {done} GROUP BY i.alert_ref LIMIT ?",
+        (before.isoformat(), PRUNE_CHUNK),
+    )
+    return [(int(ref), int(size)) for ref, size in rows]
 
 
 def _delete_snapshots(refs: list[int], db: sqlite3.Connection) -> int:

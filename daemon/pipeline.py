@@ -515,13 +515,17 @@ class Pipeline:
         plugin, never fatal; an async one is given up on after VERDICT_HOOK_LIMIT_S."""
         plugin = getattr(impl.plugin, "__name__", type(impl.plugin).__name__)
         given = {"alert": alert.model_copy(deep=True), "rule": item.rule, "verdict": item.verdict}
+        limit: asyncio.Timeout | None = None
         try:
             # as pluggy calls it: the arguments the implementation names, in order
             result = impl.function(*(given[name] for name in impl.argnames))
             if inspect.isawaitable(result):
-                async with asyncio.timeout(VERDICT_HOOK_LIMIT_S):
+                async with asyncio.timeout(VERDICT_HOOK_LIMIT_S) as limit:
                     await result
-        except TimeoutError:
+        except TimeoutError as exc:
+            if limit is None or not limit.expired():  # the hook's own
+                log.error("verdict_ready hook failed", plugin=plugin, error=repr(exc))
+                return
             log.error("verdict_ready hook given up on", plugin=plugin, limit_s=VERDICT_HOOK_LIMIT_S)
         except BaseException as exc:
             if not is_plugin_failure(exc):

@@ -228,6 +228,9 @@ class RuleBook:
         #: set once the model's tokenizer is known; rules are then re-checked
         self.check_choices = check_choices
         self.saved = saved
+        #: whether the checks are final (the model's tokenizer known, or none to come):
+        #: only then are the rules in force saved as the last good ones
+        self.final = saved is None
         self._by_path: dict[Path, Rule] = {}
         #: the text each rule in force was read from
         self._texts: dict[Path, str] = {}
@@ -282,7 +285,7 @@ class RuleBook:
                 rule = RuleError(path, "name", f"rule {rule.name!r} already in {names[rule.name]}")
             if isinstance(rule, RuleError):
                 errors.append(rule)
-                kept = self._last_good(path, texts.get(path), recheck)
+                kept, kept_text = self._last_good(path, texts.get(path), recheck) or (None, "")
                 if kept is not None and kept.name in names:
                     kept = None  # its name is another file's now
                 log.error(
@@ -296,7 +299,7 @@ class RuleBook:
                 if kept is not None:
                     loaded[path] = kept
                     names[kept.name] = path
-                    texts[path] = self._last_good_text(path) or ""
+                    texts[path] = kept_text
                 continue
             if previous is None:
                 log.info("rule loaded", rule=rule.name, path=str(path), digest=rule.digest)
@@ -324,32 +327,28 @@ class RuleBook:
         self._texts = {path: texts[path] for path in loaded}
         self.errors = errors
         self.loaded_at = now
-        if self.saved is not None:
+        if self.saved is not None and self.final:
             self.saved.replace(self._texts)
         return errors
 
     def _parse(self, path: Path, text: str) -> Rule:
         return parse_rule(path, text, self._kinds, self.check_choices)
 
-    def _last_good_text(self, path: Path) -> str | None:
-        """The text of the version in force, else the one saved before a restart."""
-        text = self._texts.get(path)
-        if text is None and self.saved is not None:
-            text = self.saved.get(path)
-        return text
-
-    def _last_good(self, path: Path, broken: str | None, recheck: bool) -> Rule | None:
-        """The version of a broken file that stays in force, if any."""
+    def _last_good(self, path: Path, broken: str | None, recheck: bool) -> tuple[Rule, str] | None:
+        """The version of a broken file that stays in force, and its text, if any: the one
+        in force, else (judged afresh) the one saved before the restart."""
         previous = self._by_path.get(path)
         if previous is not None and not recheck:
-            return previous
-        text = self._last_good_text(path)
-        if text is None or text == broken:
-            return None
-        try:
-            return self._parse(path, text)
-        except Exception:  # no longer good under today's checks (or kinds)
-            return None
+            return previous, self._texts[path]
+        saved = self.saved.get(path) if self.saved is not None else None
+        for text in (self._texts.get(path), saved):
+            if text is None or text == broken:
+                continue
+            try:
+                return self._parse(path, text), text
+            except Exception:  # no longer good under today's checks (or kinds)
+                continue
+        return None
 
     def match(self, alert: Alert) -> list[Rule]:
         """The rules that review this alert (see `select_rules`)."""

@@ -63,6 +63,8 @@ async def test_the_model_process_answers_as_the_model_thread_does(tiny_model):
             assert ours == theirs
     assert process.health()["requests"] == len(requests)
     assert not process._runner.process.is_alive()  # closed with the backend
+    # the child told the daemon's side the model's context: long requests fail on collation
+    assert process._runner.context == 4096
 
 
 async def test_an_error_in_the_model_process_reaches_the_caller_as_itself(tiny_model):

@@ -418,6 +418,47 @@ async def test_snapshots_over_the_cap_are_pruned_oldest_first_in_commits_of_boun
     await journal.close()
 
 
+async def test_alerts_pruned_with_their_snapshots_free_them_in_bounded_commits(
+    tmp_path, monkeypatch
+):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    parse = CanonicalFormat().parse
+    sizes = []
+    for i in range(6):
+        picture = noise_jpeg((400, 300))
+        sizes.append(len(picture))
+        alert = make_alert(f"a-{i}", image=base64.b64encode(picture).decode())
+        incoming = parse(json.dumps(alert).encode(), topic=None)
+        recorded = await journal.record_alert(
+            incoming.alert, incoming.images, source="http", topic=None
+        )
+        await journal.finish_review(recorded.ref, [])
+    monkeypatch.setattr(journal_module, "SNAPSHOT_PRUNE_BYTES", 2 * max(sizes))
+    commits = []
+    write = journal._write
+
+    async def counted(op):
+        commits.append(op)
+        return await write(op)
+
+    journal._write = counted
+    # snapshots kept longer than alerts: the alerts' snapshots go with them
+    pruned = await journal.prune(
+        snapshots_before=utc_now() - timedelta(days=90),
+        alerts_before=utc_now() + timedelta(days=1),
+        snapshot_max_bytes=10**9,
+        published_only=False,
+    )
+    assert (pruned.alerts, pruned.snapshots) == (6, 6)
+    deletes = [
+        op.args[0]
+        for op in commits
+        if getattr(op, "func", None) is journal_module._delete_snapshots
+    ]
+    assert [len(refs) for refs in deletes] == [2, 2, 2]
+    await journal.close()
+
+
 def test_refs_are_chunked_by_count_and_by_bytes():
     sized = [(1, 10), (2, 10), (3, 50), (4, 5), (5, 5), (6, 5)]
     assert journal_module._chunks_by_bytes(sized, 2, 30) == [[1, 2], [3], [4, 5], [6]]

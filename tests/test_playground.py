@@ -247,3 +247,10 @@ async def test_saved_rules_name_their_event_types_and_replace_a_file_only_when_a
             json={"snapshot": {"ref": listed["ref"]}, "rule_toml": asking},
         )
         assert status == 200 and tried["prompt"].startswith("Camera gate-7 in loading bay:")
+        # what the request changes of the alert is checked as the alert was
+        status, body = await call(
+            "POST",
+            "/v1/try",
+            json={"snapshot": {"ref": listed["ref"]}, "rule_toml": asking, "camera_id": "c" * 300},
+        )
+        assert status == 400 and "camera_id" in body["error"]

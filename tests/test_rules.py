@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from click.testing import CliRunner
 from structlog.testing import capture_logs
@@ -12,7 +13,16 @@ from daemon.contract import Alert
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RULE_FILE_MAX_BYTES, RuleBook
 from daemon.rules_saved import SavedRules
-from tests.conftest import FIRE_RULE, RULES, collect, make_alert, make_settings, publish, run_daemon
+from tests.conftest import (
+    CLASSIFY_RULE,
+    FIRE_RULE,
+    RULES,
+    collect,
+    make_alert,
+    make_settings,
+    publish,
+    run_daemon,
+)
 
 KINDS = Registry.collect(make_plugin_manager()).rule_kinds
 
@@ -77,18 +87,25 @@ def test_a_broken_edit_keeps_the_last_good_version(tmp_path):
     assert book.load() == [] and book.rules == []
 
 
+def saving(rules: Path, saved: Path, **options) -> RuleBook:
+    """A rule book that saves its rules (as the daemon's, once the model is loaded)."""
+    book = RuleBook(rules, KINDS, saved=SavedRules(saved), **options)
+    book.final = True
+    return book
+
+
 def test_a_file_broken_across_a_restart_keeps_its_saved_version(tmp_path):
     rules, saved = tmp_path / "rules", tmp_path / "var" / "rules-last-good.json"
     rules.mkdir()
     saved.parent.mkdir()
     path = rules / "fire.toml"
     path.write_text(FIRE_RULE)
-    first = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    first = saving(rules, saved)
     assert first.load() == []
     good = first.rules[0]
     # broken while the daemon is down: the next start uses the version saved
     path.write_text(FIRE_RULE.replace("[review]", "[review\n"))
-    restarted = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    restarted = saving(rules, saved)
     with capture_logs() as logs:
         [error] = restarted.load()
     assert error.path == path and "not valid TOML" in error.reason
@@ -96,14 +113,14 @@ def test_a_file_broken_across_a_restart_keeps_its_saved_version(tmp_path):
     rejected = next(entry for entry in logs if entry["event"] == "rule file rejected")
     assert rejected["action"] == "keeping last good version"
     # ... and keeps it saved for the start after that
-    third = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    third = saving(rules, saved)
     third.load()
     assert [r.digest for r in third.rules] == [good.digest]
     # a deleted file is forgotten, here and after a restart
     path.unlink()
     third.load()
     path.write_text("not toml [")
-    fourth = RuleBook(rules, KINDS, saved=SavedRules(saved))
+    fourth = saving(rules, saved)
     assert len(fourth.load()) == 1 and fourth.rules == []
 
 
@@ -112,14 +129,44 @@ def test_a_saved_version_is_judged_by_todays_checks(tmp_path):
     rules = tmp_path / "rules"
     rules.mkdir()
     (rules / "fire.toml").write_text(FIRE_RULE)
-    RuleBook(rules, KINDS, saved=saved).load()
+    saving(rules, saved.path).load()
     (rules / "fire.toml").write_text("broken [")
 
     def refuse(choices):
         raise ValueError("yes and no share a first token")
 
-    book = RuleBook(rules, KINDS, check_choices=refuse, saved=SavedRules(saved.path))
+    book = saving(rules, saved.path, check_choices=refuse)
     assert len(book.load()) == 1 and book.rules == []
+
+
+def test_a_file_edited_while_down_that_fails_the_models_checks_keeps_the_saved_version(
+    tmp_path,
+):
+    rules, saved = tmp_path / "rules", tmp_path / "saved.json"
+    rules.mkdir()
+    path = rules / "fight.toml"
+    path.write_text(CLASSIFY_RULE)
+
+    def tokenizer_check(choices):  # as the model's: the edited answers share a first token
+        if "fighting" in choices:
+            raise ValueError("'fight' and 'fighting' share their first tokens")
+
+    def start() -> RuleBook:
+        """The daemon's order: the rules before the model loads, then with its checks."""
+        book = RuleBook(rules, KINDS, saved=SavedRules(saved))
+        book.load()
+        book.check_choices, book.final = tokenizer_check, True
+        book.load(recheck=True)
+        return book
+
+    good = start().rules[0]
+    # edited while the daemon is down: passes every check but the model's
+    path.write_text(CLASSIFY_RULE.replace('"play"]', '"play", "fighting"]'))
+    book = start()
+    assert [(r.name, r.digest) for r in book.rules] == [("fight", good.digest)]
+    assert "answers cannot be told apart" in book.errors[0].reason
+    assert SavedRules(saved).get(path) == CLASSIFY_RULE  # and still saved for the next start
+    assert [r.digest for r in start().rules] == [good.digest]
 
 
 def test_an_unreadable_saved_rules_file_is_ignored_and_written_afresh(tmp_path):
@@ -130,7 +177,7 @@ def test_an_unreadable_saved_rules_file_is_ignored_and_written_afresh(tmp_path):
     for junk in (b"\xff{", b"[]", b'{"version": 9, "files": {}}', b"[" * 100_000):
         saved.write_bytes(junk)
         with capture_logs() as logs:
-            book = RuleBook(rules, KINDS, saved=SavedRules(saved))
+            book = saving(rules, saved)
         assert any("saved rules" in entry["event"] for entry in logs), junk[:20]
         assert book.load() == [] and [r.name for r in book.rules] == ["fire"]
         assert SavedRules(saved).get(rules / "fire.toml") == FIRE_RULE

@@ -13,6 +13,7 @@ request that still does not fit fails alone (its rule's `on_error` decides what 
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -144,6 +145,9 @@ class MicroBatcher:
                 _fail([item], exc)
             else:
                 fit.append(item)
+        if len(fit) == len(batch) > 1:  # together they failed already: halves at once
+            half = len(fit) // 2
+            return await self._in_groups(fit[:half]) + await self._in_groups(fit[half:])
         return await self._in_groups(fit)
 
     async def _in_groups(self, items: list[_Waiting]) -> list[tuple[list[_Waiting], Any]]:
@@ -318,5 +322,8 @@ def _fail(batch: list[_Waiting], error: BaseException) -> None:
 
 
 def _release_cached_memory() -> None:
+    """After a pass ran out of memory: its tensors that only a reference cycle still holds
+    (a traceback kept by a future, say) are freed, then the device's cache."""
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -31,7 +31,7 @@ from transformers import BatchFeature
 from daemon import logs
 from daemon.config import LogSettings, ModelSettings
 from daemon.inference.processors import load_processor
-from daemon.inference.runner import ModelRunner, collate_batch, image_factor_of
+from daemon.inference.runner import ModelRunner, collate_checked, image_factor_of
 from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
 
 log = structlog.get_logger(__name__)
@@ -152,7 +152,13 @@ class ModelProcess:
     what a `ModelRunner` does (`collate`, `forward`, `image_factor`, `tokenizer`)."""
 
     def __init__(
-        self, process: multiprocessing.process.BaseProcess, conn: Connection, processor: Any
+        self,
+        process: multiprocessing.process.BaseProcess,
+        conn: Connection,
+        processor: Any,
+        *,
+        context: int | None = None,
+        max_new_tokens: int = 256,
     ) -> None:
         self.process = process
         self.conn = conn
@@ -160,6 +166,9 @@ class ModelProcess:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.image_factor = image_factor_of(processor)
+        #: the model's context, as the child read it from the model
+        self.context = context
+        self.max_new_tokens = max_new_tokens
 
     @classmethod
     def start(cls, settings: ModelSettings) -> ModelProcess:
@@ -187,10 +196,16 @@ class ModelProcess:
         processor = load_processor(settings.path)
         if hasattr(processor, "pixel_dtype"):
             processor.pixel_dtype = payload["dtype"]
-        return cls(process, ours, processor)
+        return cls(
+            process,
+            ours,
+            processor,
+            context=payload.get("context"),
+            max_new_tokens=settings.max_new_tokens,
+        )
 
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
-        return collate_batch(self.processor, requests)
+        return collate_checked(self.processor, requests, self.context, self.max_new_tokens)
 
     def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
         """One pass in the child (blocking, on the model thread)."""
@@ -232,7 +247,7 @@ def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) 
     except Exception as exc:
         conn.send(("failed", portable(exc)))
         return
-    conn.send(("ready", {"dtype": runner.model.dtype}))
+    conn.send(("ready", {"dtype": runner.model.dtype, "context": runner.context}))
     blocks = ReceiveBlocks()
     try:
         while True:

@@ -194,6 +194,27 @@ def collate_batch(processor: Any, requests: Sequence[ModelRequest]) -> Any:
     return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
 
 
+def collate_checked(
+    processor: Any, requests: Sequence[ModelRequest], context: int | None, max_new_tokens: int
+) -> Any:
+    """`collate_batch`, the tokenizer held; ValueError for a request longer than the
+    model's `context` leaves (less its answer's tokens), so that alone it fails alone."""
+    with TOKENIZER_LOCK:
+        inputs = collate_batch(processor, requests)
+    if context is not None:
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        for request, length in zip(requests, lengths, strict=True):
+            limit = context
+            if isinstance(request.query, GenerateQuery):
+                limit -= request.query.max_new_tokens or max_new_tokens
+            if length > limit:
+                raise ValueError(
+                    f"the request is {length} tokens (prompt and images), over the {limit} "
+                    f"the model's context of {context} leaves"
+                )
+    return inputs
+
+
 def prepare_for_inference(model: Any, compile: bool) -> str:
     """Evaluation mode, grouped vision attention on SDPA, optional torch.compile. Returns the
     vision tower's attention implementation."""
@@ -287,21 +308,9 @@ class ModelRunner:
         return cls(model, processor, device, settings.max_new_tokens)
 
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
-        """The processor's tensors for a batch, and the positions of a choice batch.
-        ValueError for a request longer than the model's context (alone, it fails alone)."""
-        with TOKENIZER_LOCK:
-            inputs = collate_batch(self.processor, requests)
-        if self.context is not None:
-            lengths = inputs["attention_mask"].sum(dim=1).tolist()
-            for request, length in zip(requests, lengths, strict=True):
-                limit = self.context
-                if isinstance(request.query, GenerateQuery):
-                    limit -= request.query.max_new_tokens or self.max_new_tokens
-                if length > limit:
-                    raise ValueError(
-                        f"the request is {length} tokens (prompt and images), over the "
-                        f"{limit} the model's context of {self.context} leaves"
-                    )
+        """The processor's tensors for a batch (see `collate_checked`), and the positions
+        of a choice batch."""
+        inputs = collate_checked(self.processor, requests, self.context, self.max_new_tokens)
         return self.add_positions(requests, inputs)
 
     def add_positions(self, requests: Sequence[ModelRequest], inputs: Any) -> Any:
