@@ -257,5 +257,6 @@ async def test_rule_image_mode_and_extra_frames_reach_the_model(tmp_path, tiny_m
         [request] = d.daemon.backend.requests
     crop, frame, *extras = request.images
     assert len(extras) == 2
-    assert redness(crop) > 0.2 and redness(frame) < 0.02
+    # the 100x100 square in its 200x200 crop, grown to whole patches (224x224)
+    assert crop.size == (224, 224) and redness(crop) > 0.19 and redness(frame) < 0.02
     assert frame.size == (588, 336)
