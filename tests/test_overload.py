@@ -378,13 +378,11 @@ async def test_pruning_without_an_outbox_a_chunk_at_a_time_gives_the_space_back(
     await journal.close()
 
 
-async def test_snapshots_over_the_cap_are_pruned_oldest_first_in_commits_of_bounded_size(
-    tmp_path, monkeypatch
-):
-    journal = await Journal.open(tmp_path / "j.sqlite3")
+async def reviewed_with_snapshots(journal: Journal, count: int) -> list[int]:
+    """Journal `count` alerts with a snapshot each, reviewed; the snapshots' sizes."""
     parse = CanonicalFormat().parse
     sizes = []
-    for i in range(10):
+    for i in range(count):
         picture = noise_jpeg((400, 300))
         sizes.append(len(picture))
         alert = make_alert(f"a-{i}", image=base64.b64encode(picture).decode())
@@ -393,17 +391,31 @@ async def test_snapshots_over_the_cap_are_pruned_oldest_first_in_commits_of_boun
             incoming.alert, incoming.images, source="http", topic=None
         )
         await journal.finish_review(recorded.ref, [])
-    # at most three snapshots' bytes per commit
-    monkeypatch.setattr(journal_module, "SNAPSHOT_PRUNE_BYTES", 3 * max(sizes))
-    commits = []
+    return sizes
+
+
+def snapshot_deletes(journal: Journal) -> list[list[int]]:
+    """From now on, the alerts whose snapshots each commit of the journal deletes."""
+    deletes: list[list[int]] = []
     write = journal._write
 
-    async def counted(op):
-        commits.append(op)
+    async def noted(op):
+        if getattr(op, "func", None) is journal_module._delete_snapshots:
+            deletes.append(op.args[0])
         return await write(op)
 
-    journal._write = counted
-    delete_snapshots = journal_module._delete_snapshots
+    journal._write = noted
+    return deletes
+
+
+async def test_snapshots_over_the_cap_are_pruned_oldest_first_in_commits_of_bounded_size(
+    tmp_path, monkeypatch
+):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    sizes = await reviewed_with_snapshots(journal, 10)
+    # at most three snapshots' bytes per commit
+    monkeypatch.setattr(journal_module, "SNAPSHOT_PRUNE_BYTES", 3 * max(sizes))
+    deletes = snapshot_deletes(journal)
     pruned = await journal.prune(
         snapshots_before=utc_now() - timedelta(days=1),
         alerts_before=utc_now() - timedelta(days=1),
@@ -413,7 +425,6 @@ async def test_snapshots_over_the_cap_are_pruned_oldest_first_in_commits_of_boun
     assert pruned.snapshots == 8 and pruned.snapshot_bytes == sum(sizes[-2:])
     kept = await journal.read("SELECT alert_ref FROM alert_images ORDER BY alert_ref")
     assert [row["alert_ref"] for row in kept] == [9, 10]  # the newest two
-    deletes = [op.args[0] for op in commits if getattr(op, "func", None) is delete_snapshots]
     assert [len(refs) for refs in deletes] == [3, 3, 2]
     await journal.close()
 
@@ -422,26 +433,9 @@ async def test_alerts_pruned_with_their_snapshots_free_them_in_bounded_commits(
     tmp_path, monkeypatch
 ):
     journal = await Journal.open(tmp_path / "j.sqlite3")
-    parse = CanonicalFormat().parse
-    sizes = []
-    for i in range(6):
-        picture = noise_jpeg((400, 300))
-        sizes.append(len(picture))
-        alert = make_alert(f"a-{i}", image=base64.b64encode(picture).decode())
-        incoming = parse(json.dumps(alert).encode(), topic=None)
-        recorded = await journal.record_alert(
-            incoming.alert, incoming.images, source="http", topic=None
-        )
-        await journal.finish_review(recorded.ref, [])
+    sizes = await reviewed_with_snapshots(journal, 6)
     monkeypatch.setattr(journal_module, "SNAPSHOT_PRUNE_BYTES", 2 * max(sizes))
-    commits = []
-    write = journal._write
-
-    async def counted(op):
-        commits.append(op)
-        return await write(op)
-
-    journal._write = counted
+    deletes = snapshot_deletes(journal)
     # snapshots kept longer than alerts: the alerts' snapshots go with them
     pruned = await journal.prune(
         snapshots_before=utc_now() - timedelta(days=90),
@@ -450,11 +444,6 @@ async def test_alerts_pruned_with_their_snapshots_free_them_in_bounded_commits(
         published_only=False,
     )
     assert (pruned.alerts, pruned.snapshots) == (6, 6)
-    deletes = [
-        op.args[0]
-        for op in commits
-        if getattr(op, "func", None) is journal_module._delete_snapshots
-    ]
     assert [len(refs) for refs in deletes] == [2, 2, 2]
     await journal.close()
 
