@@ -111,9 +111,9 @@ async def rule_counts(journal: Journal) -> dict[str, dict[str, int]]:
         "SELECT rule, verdict, count(*) AS n FROM verdicts WHERE rule IS NOT NULL "
         "GROUP BY rule, verdict"
     ):
-        per_rule = counts.setdefault(row["rule"], {"alerts": 0, **dict.fromkeys(VERDICT_KINDS, 0)})
-        per_rule["alerts"] += row["n"]
-        per_rule[row["verdict"]] = per_rule.get(row["verdict"], 0) + row["n"]
+        _tally(
+            counts.setdefault(row["rule"], {"alerts": 0, **dict.fromkeys(VERDICT_KINDS, 0)}), row
+        )
     return counts
 
 
@@ -128,9 +128,7 @@ async def rule_stats(journal: Journal, since: datetime | None = None) -> dict[st
         "WHERE created_at >= ? AND rule IS NOT NULL GROUP BY rule, verdict",
         (since_text,),
     ):
-        stats = per_rule.setdefault(row["rule"], _empty_stats())
-        stats["alerts"] += row["n"]
-        stats[row["verdict"]] = stats.get(row["verdict"], 0) + row["n"]
+        _tally(per_rule.setdefault(row["rule"], _empty_stats()), row)
     latency: dict[tuple[str, str], int] = {}
     for row in await journal.browse(_LATENCY_PERCENTILES, (since_text,)):
         for name, rank in (
@@ -188,6 +186,12 @@ async def timeline(journal: Journal, *, hours: float = 24, buckets: int = 24) ->
         "buckets": buckets,
         "rules": series,
     }
+
+
+def _tally(stats: dict[str, Any], row: Any) -> None:
+    """Add a (rule, verdict, n) row to a rule's counts: its verdicts of that kind and all."""
+    stats["alerts"] += row["n"]
+    stats[row["verdict"]] = stats.get(row["verdict"], 0) + row["n"]
 
 
 def _empty_stats() -> dict[str, Any]:

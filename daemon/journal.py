@@ -420,8 +420,7 @@ class Journal:
             sized = await self._write(
                 partial(_snapshots_of, done, max(snapshots_before, alerts_before))
             )
-            for chunk in _chunks_by_bytes(sized, SNAPSHOT_PRUNE_CHUNK, SNAPSHOT_PRUNE_BYTES):
-                snapshots += await self._write(partial(_delete_snapshots, chunk))
+            snapshots += await self._prune_snapshots(sized)
             if len(sized) < PRUNE_CHUNK:
                 break
         alerts = await self._in_chunks(
@@ -461,14 +460,19 @@ class Journal:
             return doomed, total
 
         doomed, total = await self._write(forget_rejects_and_choose)
-        sizes = dict(doomed)
-        capped = 0
-        for chunk in _chunks_by_bytes(doomed, SNAPSHOT_PRUNE_CHUNK, SNAPSHOT_PRUNE_BYTES):
-            capped += await self._write(partial(_delete_snapshots, chunk))
-            total -= sum(sizes[ref] for ref in chunk)
+        capped = await self._prune_snapshots(doomed)
+        total -= sum(size for _, size in doomed)
         while await self._write(_vacuum_some):
             pass
         return Pruned(alerts=alerts, snapshots=snapshots + capped, snapshot_bytes=max(0, total))
+
+    async def _prune_snapshots(self, sized: list[tuple[int, int]]) -> int:
+        """Delete the snapshots of these (alert, bytes) pairs, a bounded chunk per commit;
+        how many."""
+        deleted = 0
+        for chunk in _chunks_by_bytes(sized, SNAPSHOT_PRUNE_CHUNK, SNAPSHOT_PRUNE_BYTES):
+            deleted += await self._write(partial(_delete_snapshots, chunk))
+        return deleted
 
     async def _in_chunks(self, sql: str, before: datetime, chunk: int) -> int:
         """Rows `sql` deletes, run a commit at a time until it deletes fewer than a chunk

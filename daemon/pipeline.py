@@ -32,7 +32,7 @@ from daemon.plugin_api import (
     Judgement,
     RawImage,
 )
-from daemon.plugins import Registry, is_plugin_failure
+from daemon.plugins import Registry, call_impl, is_plugin_failure, plain_impls
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
 from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
@@ -431,7 +431,7 @@ class Pipeline:
                 )
             # published first; the hooks run beside the outbox and the next reviews
             self.on_verdicts()
-            if planned and self.hooks.verdict_ready.get_hookimpls():
+            if planned and plain_impls(self.hooks.verdict_ready):
                 task = asyncio.create_task(self._announce(alert, planned))
                 self._announcing.add(task)
                 task.add_done_callback(self._announcing.discard)
@@ -501,11 +501,7 @@ class Pipeline:
     async def _announce(self, alert: Alert, planned: list[PlannedVerdict]) -> None:
         """Run each plugin's `verdict_ready` for each verdict on its own (async ones side by
         side), each with a copy of the alert."""
-        impls = [
-            impl
-            for impl in self.hooks.verdict_ready.get_hookimpls()
-            if not (impl.hookwrapper or impl.wrapper)
-        ]
+        impls = plain_impls(self.hooks.verdict_ready)
         await asyncio.gather(
             *(self._verdict_ready(impl, alert, item) for item in planned for impl in impls)
         )
@@ -517,8 +513,7 @@ class Pipeline:
         given = {"alert": alert.model_copy(deep=True), "rule": item.rule, "verdict": item.verdict}
         limit: asyncio.Timeout | None = None
         try:
-            # as pluggy calls it: the arguments the implementation names, in order
-            result = impl.function(*(given[name] for name in impl.argnames))
+            result = call_impl(impl, given)
             if inspect.isawaitable(result):
                 async with asyncio.timeout(VERDICT_HOOK_LIMIT_S) as limit:
                     await result

@@ -8,7 +8,7 @@ import importlib.metadata
 import importlib.util
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -52,6 +52,18 @@ def is_plugin_failure(exc: BaseException) -> bool:
     except RuntimeError:  # no event loop
         return True
     return task is None or not task.cancelling()
+
+
+def plain_impls(hook: pluggy.HookCaller) -> list[pluggy.HookImpl]:
+    """A hook's implementations other than wrappers, in registration order (pluggy calls
+    them last first)."""
+    return [impl for impl in hook.get_hookimpls() if not (impl.hookwrapper or impl.wrapper)]
+
+
+def call_impl(impl: pluggy.HookImpl, arguments: Mapping[str, Any]) -> Any:
+    """One implementation called as pluggy calls it: the arguments it names, in order (so
+    that each plugin's failure can be told apart)."""
+    return impl.function(*(arguments[name] for name in impl.argnames))
 
 
 def make_plugin_manager(
@@ -169,12 +181,10 @@ class Registry:
         }
         for hook_name, arguments in given.items():
             # in pluggy's order (the last registered first), one plugin at a time
-            for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
-                if impl.hookwrapper or impl.wrapper:
-                    continue
+            for impl in reversed(plain_impls(getattr(pm.hook, hook_name))):
                 registry._calling = pm.get_name(impl.plugin) or repr(impl.plugin)
                 try:
-                    impl.function(*(arguments[name] for name in impl.argnames))
+                    call_impl(impl, arguments)
                 except PluginError:
                     raise
                 except Exception as exc:

@@ -132,7 +132,7 @@ class MicroBatcher:
         alone: those that fail alone fail, and the others go on without them, together
         or, if they still do not collate together, in halves."""
         try:
-            return [(batch, await self._in(self.prep_pool, self.runner.collate, _requests(batch)))]
+            return [(batch, await self._inputs(batch))]
         except Exception as exc:
             if len(batch) == 1:
                 _fail(batch, exc)
@@ -140,28 +140,34 @@ class MicroBatcher:
         fit = []
         for item in batch:
             try:
-                await self._in(self.prep_pool, self.runner.collate, [item.request])
+                await self._inputs([item])
             except Exception as exc:
                 _fail([item], exc)
             else:
                 fit.append(item)
-        if len(fit) == len(batch) > 1:  # together they failed already: halves at once
-            half = len(fit) // 2
-            return await self._in_groups(fit[:half]) + await self._in_groups(fit[half:])
-        return await self._in_groups(fit)
+        # all of them together failed already: halves at once
+        return await self._in_groups(fit, tried=len(fit) == len(batch))
 
-    async def _in_groups(self, items: list[_Waiting]) -> list[tuple[list[_Waiting], Any]]:
-        """Requests that collate alone, in as few groups as collate together."""
+    async def _in_groups(
+        self, items: list[_Waiting], *, tried: bool = False
+    ) -> list[tuple[list[_Waiting], Any]]:
+        """`items` and their inputs, in as few groups as collate together (`tried`: they
+        did not, as one group); a single request that does not collate fails."""
         if not items:
             return []
-        try:
-            return [(items, await self._in(self.prep_pool, self.runner.collate, _requests(items)))]
-        except Exception as exc:
-            if len(items) == 1:
-                _fail(items, exc)
-                return []
+        if not tried:
+            try:
+                return [(items, await self._inputs(items))]
+            except Exception as exc:
+                if len(items) == 1:
+                    _fail(items, exc)
+                    return []
         half = len(items) // 2
         return await self._in_groups(items[:half]) + await self._in_groups(items[half:])
+
+    async def _inputs(self, items: list[_Waiting]) -> Any:
+        """The collated inputs of these requests (on the prep pool)."""
+        return await self._in(self.prep_pool, self.runner.collate, _requests(items))
 
     async def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting request and up to max_batch - 1 of its kind behind it."""

@@ -78,15 +78,16 @@ class ImageOnlyProcessor:
         the image processor, each image on its own way (one odd image, say a strip the
         processor refuses, must not send its batch-mates to the processor too), in order."""
         processor = self.image_processor
-        if can_patch_directly(images, processor):
+        direct = [can_patch_directly([image], processor) for image in images]
+        if all(direct):
             return patch_images(images, processor, self.pixel_dtype)
-        if not any(can_patch_directly([image], processor) for image in images):
+        if not any(direct):
             return dict(processor(images=images, return_tensors=return_tensors))
         parts = [
             patch_images([image], processor, self.pixel_dtype)
-            if can_patch_directly([image], processor)
+            if fits
             else dict(processor(images=[image], return_tensors=return_tensors))
-            for image in images
+            for image, fits in zip(images, direct, strict=True)
         ]
         return {
             "pixel_values": torch.cat([p["pixel_values"].to(self.pixel_dtype) for p in parts]),
