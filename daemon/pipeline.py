@@ -33,6 +33,7 @@ from daemon.plugin_api import (
     RawImage,
 )
 from daemon.plugins import Registry, call_impl, is_plugin_failure, plain_impls
+from daemon.review_gate import ReviewGate
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
 from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
@@ -165,6 +166,8 @@ class Pipeline:
         self._quiet.set()
         #: alerts whose review attempt is counted and not finished
         self._attempting: set[int] = set()
+        #: an alert whose review a crash cut off is reviewed alone (see daemon.review_gate)
+        self.gate = ReviewGate()
         #: `verdict_ready` hooks under way (they run beside the reviews)
         self._announcing: set[asyncio.Task[None]] = set()
         #: reviews start again at this loop time after a crash; the pause in force
@@ -406,16 +409,16 @@ class Pipeline:
         if stored.state == "reviewed":
             return None
         alert = stored.alert
+        # once past max_attempts it is given up without a review: no need to be alone
+        alone = 0 < stored.attempts < self.settings.pipeline.max_attempts
         with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
-            attempts = await self.journal.begin_review(ref)
-            self._attempting.add(ref)
-            try:
-                planned = await self._verdicts_for(stored, attempts)
-                with self.stats.time("journal_verdict"):
-                    finished = await self.journal.finish_review(ref, planned)
-            finally:
-                self._attempting.discard(ref)
-            if not finished:  # another review of it ended first: its verdicts stand
+            async with self.gate.review(alone=alone):
+                if alone:
+                    log.info(
+                        "reviewing alone: a crash cut off its review", attempts=stored.attempts
+                    )
+                planned = await self._review_counted(ref, stored)
+            if planned is None:  # another review of it ended first: its verdicts stand
                 log.warning("alert reviewed twice; the first review's verdicts stand")
                 return None
             for item in planned:
@@ -436,6 +439,19 @@ class Pipeline:
                 self._announcing.add(task)
                 task.add_done_callback(self._announcing.discard)
         return planned
+
+    async def _review_counted(self, ref: int, stored: StoredAlert) -> list[PlannedVerdict] | None:
+        """Count the attempt, judge, journal the verdicts; None if another review of the
+        alert was journalled first."""
+        attempts = await self.journal.begin_review(ref)
+        self._attempting.add(ref)
+        try:
+            planned = await self._verdicts_for(stored, attempts)
+            with self.stats.time("journal_verdict"):
+                finished = await self.journal.finish_review(ref, planned)
+        finally:
+            self._attempting.discard(ref)
+        return planned if finished else None
 
     async def _verdicts_for(self, stored: StoredAlert, attempts: int) -> list[PlannedVerdict]:
         alert = stored.alert
