@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from pydantic import ValidationError
 
 from daemon import feedback
 from daemon.config import Settings
@@ -91,7 +92,7 @@ class Daemon:
         self.reload_settings = reload_settings
         self.pm = make_plugin_manager(extra_plugins, settings.plugins.dir)
         self.registry = Registry.collect(self.pm, settings)
-        self._check_settings()
+        _check_settings(settings, self.registry)
         self.rules = RuleBook(
             settings.rules.dir,
             self.registry.rule_kinds,
@@ -113,23 +114,6 @@ class Daemon:
         self._intake_failures: dict[bytes, int] = {}
         #: the journal's lock (a descriptor), held from the start to the end
         self._journal_lock: int | None = None
-
-    def _check_settings(self) -> None:
-        s = self.settings
-        for subscription in s.mqtt.all_subscriptions():
-            if subscription.format not in self.registry.alert_formats:
-                known = ", ".join(sorted(self.registry.alert_formats))
-                raise StartupError(
-                    f"[mqtt] format {subscription.format!r} of {subscription.topic!r} is "
-                    f"unknown; known: {known}"
-                )
-        if s.model.backend not in self.registry.backends:
-            known = ", ".join(sorted(self.registry.backends))
-            raise StartupError(f"[model] backend {s.model.backend!r} is unknown; known: {known}")
-        try:
-            check_topic_template(s.mqtt.verdict_topic)
-        except ValueError as exc:
-            raise StartupError(f"[mqtt] verdict_topic: {exc}") from exc
 
     def reload_rules(self) -> None:
         """Read the rules directory again; a failure keeps the rules in force (never raises:
@@ -154,10 +138,24 @@ class Daemon:
             return
         try:
             new = self.reload_settings()
+            # a file that would not start (an unknown format or backend) is no better now
+            _check_settings(new, self.registry)
         except Exception as exc:
             log.error("config not reloaded; the running settings stay", error=str(exc))
             return
-        self.apply_settings(new)
+        merged, later = self._merged(new)
+        try:
+            # the new live sections beside the running ones that wait for a restart
+            Settings.model_validate(merged.model_dump())
+        except ValidationError as exc:
+            log.error(
+                "config not reloaded: its live settings do not fit the running ones that "
+                "wait for a restart (restart to apply it whole); the running settings stay",
+                error=str(exc),
+                restart_needed_for=later,
+            )
+            return
+        self._apply(merged, later)
 
     def reread_credentials(self) -> None:
         """New HTTP tokens apply at once; the MQTT password and TLS files from the next
@@ -177,7 +175,9 @@ class Daemon:
         if reread is not None:
             reread()
 
-    def apply_settings(self, new: Settings) -> None:
+    def _merged(self, new: Settings) -> tuple[Settings, list[str]]:
+        """The running settings with `new`'s live ones; and the sections that changed but
+        wait for a restart."""
         old = self.settings
         later = [
             name
@@ -190,7 +190,10 @@ class Daemon:
         for section, keys in LIVE_KEYS.items():
             values = {key: getattr(getattr(new, section), key) for key in keys}
             updates[section] = getattr(old, section).model_copy(update=values)
-        self.settings = settings = old.model_copy(update=updates)
+        return old.model_copy(update=updates), later
+
+    def _apply(self, settings: Settings, later: list[str]) -> None:
+        self.settings = settings
         configure_logging(settings.log)
         if self.pipeline is not None:
             self.pipeline.apply_settings(settings)
@@ -243,6 +246,7 @@ class Daemon:
             self.link = MqttLink(s.mqtt, on_message=self._mqtt_alert)
         self.journal = journal = await self._open_journal(s.storage.dir / JOURNAL_FILE)
         self.rules.load()
+        s = self.settings  # a SIGHUP while the journal opened may have changed live settings
         if self.link is not None:
             self.link.on_feedback = self._mqtt_feedback
             self.outbox = Outbox(journal, self.link, self.stats)
@@ -474,12 +478,34 @@ async def _first(*aws: Any) -> None:
             task.cancel()
 
 
+def _check_settings(s: Settings, registry: Registry) -> None:
+    """What the config's own validation cannot know: the plugins' names, topic templates."""
+    for subscription in s.mqtt.all_subscriptions():
+        if subscription.format not in registry.alert_formats:
+            known = ", ".join(sorted(registry.alert_formats))
+            raise StartupError(
+                f"[mqtt] format {subscription.format!r} of {subscription.topic!r} is "
+                f"unknown; known: {known}"
+            )
+    if s.model.backend not in registry.backends:
+        known = ", ".join(sorted(registry.backends))
+        raise StartupError(f"[model] backend {s.model.backend!r} is unknown; known: {known}")
+    try:
+        check_topic_template(s.mqtt.verdict_topic)
+    except ValueError as exc:
+        raise StartupError(f"[mqtt] verdict_topic: {exc}") from exc
+
+
 def _without(section: Any, keys: Iterable[str]) -> Any:
     """A settings section minus some keys, for comparison."""
     return section.model_copy(update=dict.fromkeys(keys)) if keys else section
 
 
-def run_daemon(settings: Settings, reload_settings: Callable[[], Settings] | None = None) -> None:
+def run_daemon(
+    settings: Settings,
+    reload_settings: Callable[[], Settings] | None = None,
+    early_hup: list[int] | None = None,
+) -> None:
     """Run under asyncio with signal handling: TERM/INT stop (twice: at once), HUP reloads."""
 
     async def main() -> None:
@@ -498,11 +524,17 @@ def run_daemon(settings: Settings, reload_settings: Callable[[], Settings] | Non
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_stop, signum)
         loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+        if early_hup:
+            loop.call_soon(daemon.reload)  # a SIGHUP that came before the handler
         await daemon.run(stop)
         _leave_stuck_threads()
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(main())
+    finally:
+        # the loop's handler is gone with the loop: a late SIGHUP must not kill the exit
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 def _raise_open_file_limit() -> None:

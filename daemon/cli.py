@@ -138,11 +138,16 @@ def main() -> None:
 @MODEL_OPTION
 def run(config: Path | None, model_path: str | None) -> None:
     """Run the daemon: MQTT/HTTP in, rules, model, verdicts out."""
+    import signal
+
+    early_hup: list[int] = []
+    # until the event loop's handler is in place: SIGHUP's default action ends the process
+    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
     settings = _settings(config, model_path=model_path)
     from daemon.app import run_daemon
 
     configure_logging(settings.log)
-    run_daemon(settings, lambda: _settings(config, model_path=model_path))
+    run_daemon(settings, lambda: _settings(config, model_path=model_path), early_hup=early_hup)
 
 
 @main.command()

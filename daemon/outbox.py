@@ -52,6 +52,8 @@ class Outbox:
         #: every unpublished verdict with an id up to this one is refused: flushes start
         #: above it (however many refused verdicts pile up, a flush reads none of them)
         self._refused_upto = 0
+        #: counts SIGHUP retries: a flush under way when one comes must not set them aside
+        self._retries = 0
 
     def retry_refused(self) -> None:
         """Offer the refused verdicts to the broker again (SIGHUP)."""
@@ -59,6 +61,7 @@ class Outbox:
             log.info("verdicts the broker refused: trying them again", count=len(self.refused))
             self.refused.clear()
             self._refused_upto = 0
+            self._retries += 1
             self.wake()
 
     def wake(self) -> None:
@@ -94,6 +97,7 @@ class Outbox:
     async def _flush(self) -> None:
         await self._mark_acknowledged()
         after = self._refused_upto
+        retries = self._retries
         while batch := await self.journal.unpublished(limit=BATCH, after=after):
             started = time.perf_counter()
             results = await asyncio.gather(
@@ -122,7 +126,7 @@ class Outbox:
                 return
             # all of this batch published or refused: no later flush needs to read it again
             after = batch[-1].id
-            if self.refused:
+            if self.refused and self._retries == retries:
                 self._refused_upto = after
 
     async def _mark_acknowledged(self) -> None:

@@ -305,6 +305,7 @@ class Pipeline:
         """Settings reloaded on SIGHUP: image limits and the backlog's bound."""
         self.settings = settings
         self.snapshots.settings = settings.images
+        self.reviewer.resample = settings.images.resample
         self.backlog.set_max_backlog(settings.pipeline.max_backlog)
 
     def busy_reason(self) -> str | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -165,7 +166,11 @@ def rule_files(directory: Path) -> list[Path]:
 def read_rule_text(path: Path) -> str:
     """A rule file's text; RuleError when it cannot be read, is no UTF-8 or is too large."""
     try:
-        with path.open("rb") as file:
+        # O_NONBLOCK: a FIFO named *.toml must not block the event loop in open()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as file:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise RuleError(path, "", "not a regular file")
             data = file.read(RULE_FILE_MAX_BYTES + 1)
     except OSError as exc:
         raise RuleError(path, "", f"cannot read: {exc.strerror or exc}") from exc
@@ -262,7 +267,11 @@ class RuleBook:
             if isinstance(exc, FileNotFoundError | NotADirectoryError):
                 reason = "rules directory does not exist"
             self.errors = [RuleError(self.directory, "", reason)]
-            log.error("rules directory unreadable; the rules in force stay", error=reason)
+            log.error(
+                "rules directory unreadable; the rules in force stay",
+                path=str(self.directory),
+                error=reason,
+            )
             return self.errors
         parsed: dict[Path, Rule | RuleError] = {}
         texts: dict[Path, str] = {}

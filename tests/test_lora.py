@@ -4,6 +4,7 @@ batches, refused where a backend cannot apply them."""
 from __future__ import annotations
 
 import base64
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,20 @@ TUNED_RULE = FIRE_RULE.replace("test fire rule", "tuned") + 'adapter = "../adapt
 COLOURS = [(200, 80, 30), (30, 80, 200), (240, 240, 240), (20, 20, 20)]
 
 
-@pytest.fixture
-def adapter(tmp_path, tiny_model) -> Path:
+def save_adapter(tiny_model: Path, out: Path, seed: int) -> Path:
     """A LoRA adapter for the tiny model with weights large enough to move its answers."""
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)
     config = LoraConfig(
         r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
-    tuned = get_peft_model(model, config)
-    out = tmp_path / "adapters" / "fire-lora"
-    tuned.save_pretrained(out)
+    get_peft_model(model, config).save_pretrained(out)
     return out
+
+
+@pytest.fixture
+def adapter(tmp_path, tiny_model) -> Path:
+    return save_adapter(tiny_model, tmp_path / "adapters" / "fire-lora", seed=7)
 
 
 async def verdicts(settings, rules: dict[str, str]) -> dict[tuple[str, str], float]:
@@ -69,6 +72,29 @@ async def test_a_rule_with_an_adapter_judges_with_it_and_the_others_without(
         # ... only for its own rule: side by side, each rule answers as it does alone
         assert both[(i, "base")] == pytest.approx(alone_base[(i, "base")], abs=1e-4)
         assert both[(i, "tuned")] == pytest.approx(alone_tuned[(i, "tuned")], abs=1e-4)
+
+
+async def test_an_adapter_retrained_over_its_old_files_is_used_from_its_next_batch(
+    tmp_path, tiny_model, adapter
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "tuned.toml").write_text(TUNED_RULE)
+    image = base64.b64encode(jpeg_bytes(colour=COLOURS[0])).decode()
+
+    async def confidence(d, alert_id: str) -> float:
+        assert (await d.post_alert(make_alert(alert_id, image=image)))[0] == 202
+        [verdict] = (await d.wait_reviewed(alert_id))["verdicts"]
+        return verdict["confidence"]
+
+    async with run_daemon(settings) as d:
+        before = await confidence(d, "retrain-before")
+        shutil.rmtree(adapter)  # the export / train loop of docs/rules.md, saved in place
+        save_adapter(tiny_model, adapter, seed=99)
+        after = await confidence(d, "retrain-after")
+    async with run_daemon(settings) as d:
+        fresh = await confidence(d, "retrain-fresh")
+    assert abs(fresh - before) > 1e-3  # the two adapters do answer differently
+    assert after == pytest.approx(fresh, abs=1e-4)
 
 
 def test_a_missing_adapter_is_a_load_error_naming_the_key(tmp_path):

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import itertools
 import math
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -165,6 +167,19 @@ def rope_index_of(model: Any) -> tuple[Any, tuple[str, ...]] | None:
 #: answers' token ids) while another thread collates a batch would make that batch fail
 TOKENIZER_LOCK = threading.Lock()
 
+#: an adapter directory's files: (name, size, modification time in ns) of each
+AdapterStamp = tuple[tuple[str, int, int], ...]
+
+
+def adapter_stamp(path: str) -> AdapterStamp:
+    """What tells that an adapter's files were written again (a few stat calls)."""
+    try:
+        with os.scandir(path) as entries:
+            files = [entry for entry in entries if entry.is_file()]
+            return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    except OSError:
+        return ()  # unreadable now: loading it says why
+
 
 def context_length(model: Any) -> int | None:
     """The model's context (positions), from its text config."""
@@ -247,8 +262,9 @@ class ModelRunner:
         #: the longest sequence the model takes (None: unknown)
         self.context = context_length(model)
         self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
-        #: adapter directory -> its name in the model
-        self._adapters: dict[str, str] = {}
+        #: adapter directory -> its name in the model, and its files' sizes and times then
+        self._adapters: dict[str, tuple[str, AdapterStamp]] = {}
+        self._adapter_names = itertools.count()
         #: peft's wrapper, once a first adapter is loaded
         self._lora: Any = None
         self._rope_index = rope_index_of(model)
@@ -336,7 +352,8 @@ class ModelRunner:
         return list(self._generate(requests, inputs))
 
     def _use_adapter(self, path: str | None) -> None:
-        """Apply a rule's LoRA adapter (loaded once, on first use) or the bare base model.
+        """Apply a rule's LoRA adapter (loaded on first use, and again once its files
+        change: retrained weights saved over the old) or the bare base model.
 
         peft injects the adapters' layers into the model in place, so `self.model` runs with
         whichever is active; switching costs no copy of the weights."""
@@ -344,12 +361,18 @@ class ModelRunner:
             if self._lora is not None:
                 self._lora.base_model.disable_adapter_layers()
             return
-        name = self._adapters.get(path)
-        if name is None:
-            name = f"adapter_{len(self._adapters)}"
+        stamp = adapter_stamp(path)
+        loaded = self._adapters.get(path)
+        if loaded is not None and loaded[1] == stamp:
+            name = loaded[0]
+        else:
+            name = f"adapter_{next(self._adapter_names)}"
             self._load_adapter(path, name)
-            self._adapters[path] = name
-            log.info("lora adapter loaded", adapter=path, name=name)
+            self._adapters[path] = (name, stamp)
+            if loaded is not None:  # the old weights: no longer used by any rule
+                self._lora.base_model.set_adapter(name)
+                self._lora.delete_adapter(loaded[0])
+            log.info("lora adapter loaded", adapter=path, name=name, replaced=loaded is not None)
         assert self._lora is not None
         self._lora.base_model.set_adapter(name)
         self._lora.base_model.enable_adapter_layers()
