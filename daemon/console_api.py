@@ -37,6 +37,7 @@ from pydantic import ValidationError
 from daemon import feedback, history, metrics, playground
 from daemon.config import describe_validation_error
 from daemon.contract import Alert, utc_now
+from daemon.http_api import error, read_whole_body
 from daemon.images import ImageError, decode, draw_detections
 from daemon.journal import Journal
 from plugins.canonical import decode_base64_image
@@ -52,13 +53,6 @@ THUMB_PX = 320
 MAX_ID = 2**63 - 1
 #: a row id names another snapshot once a journal is started afresh: never kept by browsers
 NOT_STORED = {"Cache-Control": "no-store"}
-
-
-def error(status: int, message: str, field: str | None = None) -> web.Response:
-    body: dict[str, Any] = {"error": message}
-    if field is not None:
-        body["field"] = field
-    return web.json_response(body, status=status)
 
 
 class ConsoleApi:
@@ -133,7 +127,7 @@ class ConsoleApi:
         if not (source.isascii() and source.isprintable()):
             return error(400, "printable ASCII only", "X-Feedback-Source")
         try:
-            said = feedback.parse_feedback(await request.read())
+            said = feedback.parse_feedback(await read_whole_body(request))
             stored = await feedback.record(
                 self.journal,
                 said,
@@ -333,7 +327,7 @@ def _thumbnail(data: bytes, boxes: list[tuple[float, float, float, float]]) -> b
 async def _body_text(request: web.Request) -> str:
     """The body as UTF-8 text, whatever charset the request names."""
     try:
-        return (await request.read()).decode("utf-8")
+        return (await read_whole_body(request)).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise playground.PlaygroundError(
             f"the body is not UTF-8 text: {exc.reason} at byte {exc.start}"

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -82,8 +84,18 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         chunks.append(chunk)
 
 
+def body_limit(request: web.Request) -> int:
+    """`[http] max_body_mb` in bytes."""
+    return request.app._client_max_size
+
+
+async def read_whole_body(request: web.Request) -> bytes:
+    """The body within `[http] max_body_mb`, while it keeps coming (see `read_body`)."""
+    return await read_body(request, body_limit(request))
+
+
 def _too_large(request: web.Request) -> str:
-    return f"request body over the limit of {request.app._client_max_size} bytes"
+    return f"request body over the limit of {body_limit(request)} bytes"
 
 
 @web.middleware
@@ -93,6 +105,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return error(413, _too_large(request), "payload")
+    except SlowBody as exc:
+        answer = error(408, str(exc), "payload")
+        answer.force_close()
+        return answer
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -149,6 +165,33 @@ def bearer_auth(tokens: BearerTokens) -> Callable[[web.Request, Handler], Awaita
     return check
 
 
+def names_this_machine(host: str) -> bool:
+    """A Host header naming this machine as its own users do: `localhost`, a loopback
+    address or the machine's host name (with any port)."""
+    name = host if host.endswith("]") else host.rsplit(":", 1)[0]
+    name = name.strip("[]").rstrip(".").lower()
+    if name in ("localhost", socket.gethostname().lower()) or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@web.middleware
+async def local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Without tokens (a loopback address), what a browser's web page may send is refused:
+    a request from another origin (CSRF: a form or a `fetch` posting to the daemon) and one
+    naming another host (DNS rebinding: a site's name pointed at 127.0.0.1). With tokens,
+    neither can carry the token."""
+    if not names_this_machine(request.host):
+        return error(403, f"the host {request.host!r} is not this machine's name", "Host")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return error(403, f"requests from {origin!r} (another origin) are refused", "Origin")
+    return await handler(request)
+
+
 #: on every answer: no content sniffing (a snapshot is never read as a page), no framing
 SAFETY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -187,8 +230,7 @@ class HttpApi:
         self.health = health
         #: None: no tokens_file, no authentication (a loopback address)
         self.tokens = tokens
-        self.max_body_bytes = max_body_bytes
-        middlewares = [json_errors] + ([bearer_auth(tokens)] if tokens is not None else [])
+        middlewares = [json_errors, local_only if tokens is None else bearer_auth(tokens)]
         self.app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
         self.app.on_response_prepare.append(_safety_headers)
         self.app.add_routes(
@@ -225,7 +267,7 @@ class HttpApi:
         if reason := self.pipeline.busy_reason():
             return busy(reason)  # before reading a body that would not be taken
         try:
-            body = await read_body(request, self.max_body_bytes)
+            body = await read_whole_body(request)
         except web.HTTPRequestEntityTooLarge:
             refused = AlertError("payload", _too_large(request))
             await self.pipeline.refuse(refused, b"", source="http")

@@ -20,7 +20,11 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     stream = stream or sys.stderr
     use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
     renderer: structlog.typing.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if use_json
+        else structlog.dev.ConsoleRenderer(
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False)
+        )
     )
     level = getattr(logging, settings.level.upper())
     structlog.configure(

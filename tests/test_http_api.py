@@ -167,12 +167,12 @@ async def test_clients_that_stop_sending_are_cut_off_and_intake_goes_on(
         host, port = d.settings.http.listen.split(":")
         # half a request's headers, then nothing: the connection is closed
         idle_reader, idle = await asyncio.open_connection(host, port)
-        idle.write(b"POST /v1/alerts HTTP/1.1\r\nHost: x\r\n")
+        idle.write(b"POST /v1/alerts HTTP/1.1\r\nHost: localhost\r\n")
         # a body announced longer than what is sent: 408, recorded as a refusal
         body = json.dumps(make_alert("slow-1")).encode()
         slow_reader, slow = await asyncio.open_connection(host, port)
         slow.write(
-            b"POST /v1/alerts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/alerts HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body[:100]
         )
@@ -188,3 +188,36 @@ async def test_clients_that_stop_sending_are_cut_off_and_intake_goes_on(
         assert (await d.get_alert("slow-1"))[0] == 404  # never taken
         rejects = await d.daemon.journal.rejects()
     assert ("payload", "request body not received in time: 100 bytes in 1 s") in rejects
+
+
+async def test_console_routes_cut_off_a_body_that_stops_coming(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setattr("daemon.http_api.BODY_GRACE_S", 1.0)
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings) as d:
+        host, port = d.settings.http.listen.split(":")
+
+        async def answer_to_a_stalled_body(method: str, path: str) -> bytes:
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(
+                f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n"
+                "Content-Length: 1000\r\n\r\n{".encode()
+            )
+            try:
+                async with asyncio.timeout(10):
+                    return await reader.readuntil(b"}")
+            finally:
+                writer.close()
+
+        answers = await asyncio.gather(
+            *(
+                answer_to_a_stalled_body(method, path)
+                for method, path in [
+                    ("POST", "/v1/feedback"),
+                    ("POST", "/v1/try"),
+                    ("PUT", "/v1/rules/slow"),
+                ]
+            )
+        )
+    for answer in answers:
+        assert answer.startswith(b"HTTP/1.1 408")
+        assert b"request body not received in time: 1 bytes in 1 s" in answer

@@ -4,15 +4,18 @@ HTTP bearer tokens, and secrets that never reach the logs."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import socket
 import ssl
 from pathlib import Path
 
 import aiohttp
 import aiomqtt
 import pytest
+import structlog
 
-from daemon.config import ConfigError, load_settings
+from daemon.config import ConfigError, LogSettings, load_settings
 from daemon.credentials import CredentialError
 from daemon.logs import configure_logging
 from daemon.mqtt import MqttLink
@@ -162,3 +165,71 @@ async def test_http_requests_need_a_bearer_token_from_the_tokens_file(tmp_path, 
     logged = capsys.readouterr()
     assert "http request with a wrong token" in logged.out + logged.err
     assert TOKEN not in logged.out + logged.err
+
+
+async def test_without_tokens_what_web_pages_send_is_refused(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    rule = '[match]\nevent_types = ["*"]\n[review]\nprompt = "Answer no."\n'
+    async with run_daemon(settings) as d:
+        own = f"http://{settings.http.listen}"
+        evil = {"Origin": "https://evil.example"}
+        # a page's fetch(mode: "no-cors") or form: no JSON content type, another origin
+        alert = json.dumps(make_alert("csrf-1")).encode()
+        async with d.http.post(f"{d.base_url}/v1/alerts", data=alert, headers=evil) as response:
+            assert response.status == 403
+            assert (await response.json())["field"] == "Origin"
+        form = b'{"alert_id":"csrf-1","rule":"fire","label":"false","note":"="}\r\n'
+        headers = {**evil, "Content-Type": "text/plain"}
+        async with d.http.post(f"{d.base_url}/v1/feedback", data=form, headers=headers) as r:
+            assert r.status == 403
+        # DNS rebinding: the page's own name, pointed at 127.0.0.1
+        rebound = {"Host": "rebind.evil.example:8080"}
+        async with d.http.get(f"{d.base_url}/v1/alerts", headers=rebound) as response:
+            assert response.status == 403
+            assert (await response.json())["field"] == "Host"
+        async with d.http.put(
+            f"{d.base_url}/v1/rules/zz-evil", data=rule.encode(), headers=rebound
+        ) as response:
+            assert response.status == 403
+        assert not (settings.rules.dir / "zz-evil.toml").exists()
+        assert (await d.get_alert("csrf-1"))[0] == 404
+        # the console's own requests, and clients that are no browser, go through
+        async with d.http.post(
+            f"{d.base_url}/v1/alerts", data=alert, headers={"Origin": own}
+        ) as response:
+            assert response.status == 202
+        for host in ("localhost", "[::1]", socket.gethostname()):
+            async with d.http.get(f"{d.base_url}/healthz", headers={"Host": host}) as response:
+                assert response.status == 200, host
+
+
+async def test_with_tokens_the_origin_is_not_what_decides(tmp_path, tiny_model, monkeypatch):
+    # behind a TLS proxy the console's origin is the proxy's: the token is what counts
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "tokens").write_text(TOKEN + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(credentials))
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, http={"tokens_file": "tokens"}
+    )
+    async with run_daemon(settings) as d:
+        proxied = {"Origin": "https://gateway.plant.example", "Host": "gateway.plant.example"}
+        async with d.http.get(f"{d.base_url}/v1/alerts", headers=proxied) as response:
+            assert response.status == 401
+        headers = {**proxied, "Authorization": f"Bearer {TOKEN}"}
+        async with d.http.get(f"{d.base_url}/v1/alerts", headers=headers) as response:
+            assert response.status == 200
+
+
+def test_console_logs_show_no_local_variables_of_a_failing_handler():
+    out = io.StringIO()
+    configure_logging(LogSettings(format="console"), stream=out)
+    given = TOKEN  # noqa: F841 (a local of the frame that fails, as a handler's token is)
+    try:
+        raise RuntimeError("handler failed")
+    except RuntimeError:
+        structlog.get_logger("test").exception("http handler failed")
+    configure_logging(LogSettings(format="json"))
+    assert "handler failed" in out.getvalue()
+    assert TOKEN not in out.getvalue()
