@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable
@@ -166,12 +167,20 @@ def run(config: Path | None, model_path: str | None) -> None:
     is_flag=True,
     help='One JSON per line instead of a table: {"file", "topic", "verdict"} or {"file", "error"}.',
 )
+@click.option(
+    "--as-live",
+    is_flag=True,
+    help="Judge as the running daemon would: a rule's cooldown reuses the verdict of a repeat, "
+    "and its max_age_s makes an alert older than that (now) stale. Default: every alert is "
+    "judged afresh, however old.",
+)
 def replay(
     paths: tuple[Path, ...],
     config: Path | None,
     rules_dir: Path | None,
     model_path: str | None,
     as_json: bool,
+    as_live: bool,
 ) -> None:
     """Run alert files (or directories of *.json) through the pipeline, without a broker."""
     from daemon.replay import ReplayRow, verdict_table
@@ -187,7 +196,13 @@ def replay(
             click.echo(row.to_json())
 
         rows = asyncio.run(
-            run_replay(settings, files, console, on_row=each_row if as_json else None)
+            run_replay(
+                settings,
+                files,
+                console,
+                each_alone=not as_live,
+                on_row=each_row if as_json else None,
+            )
         )
     if not as_json:
         # piped: wide rows rather than wrapped cells
@@ -313,14 +328,17 @@ def export_dataset(
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("exporting", total=None)
-        done = export(
-            journal,
-            out_dir,
-            rules=rule_names,
-            since=since,
-            shown=shown,
-            progress=lambda: progress.advance(task),
-        )
+        try:
+            done = export(
+                journal,
+                out_dir,
+                rules=rule_names,
+                since=since,
+                shown=shown,
+                progress=lambda: progress.advance(task),
+            )
+        except sqlite3.Error as exc:
+            raise click.ClickException(f"the journal {journal} cannot be read: {exc}") from exc
     click.echo(f"{done.samples} samples written to {out_dir / 'dataset.json'}")
     for reason, count in sorted(done.skipped.items()):
         click.echo(f"{count} left out: {reason}")

@@ -8,6 +8,7 @@ on its own (no cooldown reuse, no staleness: labelled alerts are often old and a
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from rich.text import Text
 from daemon.config import Settings
 from daemon.evaluation import LABELS, Judged, rule_report
 from daemon.plugins import Registry, make_plugin_manager
-from daemon.replay import printable, replay
+from daemon.replay import NO_RULE, printable, replay
 from daemon.rules import RuleBook
 from plugins.verdict import VerdictOptions
 
@@ -72,6 +73,8 @@ async def evaluate(
     judged: dict[str, list[Judged]] = {}
     ruled: set[Path] = set()
     for row in rows:
+        if row.error == NO_RULE:
+            continue  # listed as unmatched
         if row.verdict is None:
             errors.append({"file": printable(row.file.name), "error": row.error or "not reviewed"})
             continue
@@ -178,6 +181,12 @@ def print_report(result: dict[str, Any], console: Console, out_dir: Path) -> Non
         + (f", confirmations at least {_pct(precision)} real" if precision is not None else "")
         + "; ties: fewest uncertain"
     )
+    if any((rule.get("best") or {}).get("few_real_alarms") for rule in result["rules"].values()):
+        enough = math.ceil(1 / result["target_miss_rate"])
+        console.print(
+            f"* fitted to these alerts, which hold fewer than {enough} real ones: missing none "
+            "of them says little of the next ones; label more before trusting it"
+        )
     console.print(f"report.json, sweep.png, calibration.png in {out_dir}", markup=False)
 
 
@@ -188,4 +197,9 @@ def _pct(value: float | None) -> str:
 def _pair(point: dict[str, Any] | None) -> str:
     if not point:
         return "–"
-    return f"{point['confirm_at']:g} / {point['reject_below']:g}"
+    pair = f"{point['confirm_at']:g} / {point['reject_below']:g}"
+    if point.get("few_real_alarms"):
+        pair += " *"
+    if point.get("precision_target_met") is False:
+        pair += f"\n(precision {_pct(point['confirmed_precision'])})"
+    return pair

@@ -15,6 +15,9 @@ fewest misses, then the lowest thresholds. A target precision, when given, comes
 the ties: pairs whose confirmations are at least that share real are preferred. The rule's
 current pair is a candidate too (it may lie off the grid), so the advice is never worse than
 it; a rule that judged only real or only false alarms gets no advice (any pair looks right).
+The advice is fitted to the alerts it is measured on: it says so when they hold fewer real
+alarms than 1 / the target miss rate (`few_real_alarms`), and whether the precision target
+was reached (`precision_target_met`).
 """
 
 from __future__ import annotations
@@ -156,15 +159,38 @@ def rule_report(
         entry["current"] = current
         # with one class only, any pair looks perfect: no advice
         both = entry["real"] > 0 and entry["false"] > 0
-        entry["best"] = (
+        best = (
             best_thresholds([*points, current], target_miss_rate, target_precision)
             if both
             else None
         )
+        if best is not None:
+            best = {**best, **_caveats(best, entry["real"], target_miss_rate, target_precision)}
+        entry["best"] = best
         entry["sweep"] = points
     if scored:
         entry["calibration"] = calibration(rows)
     return entry
+
+
+def _caveats(
+    best: Mapping[str, Any],
+    real: int,
+    target_miss_rate: float,
+    target_precision: float | None,
+) -> dict[str, Any]:
+    """What the advice cannot promise. It is fitted to the very alerts it is measured on, so
+    with fewer real alarms than 1 / the target miss rate, missing none of them says little of
+    the next ones; and a precision target may be out of reach of every allowed pair."""
+    caveats: dict[str, Any] = {
+        "few_real_alarms": target_miss_rate > 0 and real < math.ceil(1 / target_miss_rate)
+    }
+    if target_precision is not None:
+        precision = best["confirmed_precision"]
+        caveats["precision_target_met"] = (
+            precision is not None and precision >= target_precision - _EPS
+        )
+    return caveats
 
 
 def _bin(p: float, bins: int) -> int:

@@ -131,6 +131,11 @@ def pictures(
     return [_jpeg(image) for image in SnapshotSet(raw, boxes, full_size).for_rule(mode, margin)]
 
 
+def image_names(ident: str, count: int) -> list[str]:
+    """A sample's image files: one, or numbered."""
+    return [f"{ident}.jpg"] if count == 1 else [f"{ident}-{i}.jpg" for i in range(count)]
+
+
 def export(
     journal: Path,
     out: Path,
@@ -165,20 +170,18 @@ def export(
         elif not (snapshots := read_snapshots()):
             skipped["the snapshot is not stored (pruned, or fetched from image_url)"] += 1
         else:
-            ident = sample_id(row)
-            while ident in taken:  # two rules whose names read alike once made safe
-                ident += "_"
-            taken.add(ident)
             try:
                 jpegs = pictures(row, snapshots, (shown or {}).get(row["rule"], ("frame", 0.0)))
             except ImageError as exc:
                 skipped[f"the snapshot cannot be shown as the rule did: {exc}"] += 1
                 continue
-            names = (
-                [f"{ident}.jpg"]
-                if len(jpegs) == 1
-                else [f"{ident}-{i}.jpg" for i in range(len(jpegs))]
-            )
+            ident = sample_id(row)
+            # two rules whose names read alike once made safe, or whose file names meet
+            # ("a" showing two pictures: a-0.jpg, a-1.jpg; "a-0" showing one: a-0.jpg)
+            while ident in taken or written.intersection(image_names(ident, len(jpegs))):
+                ident += "_"
+            taken.add(ident)
+            names = image_names(ident, len(jpegs))
             for name, jpeg in zip(names, jpegs, strict=True):
                 (images / name).write_bytes(jpeg)
             written.update(names)

@@ -168,6 +168,8 @@ class Pipeline:
         self._attempting: set[int] = set()
         #: an alert whose review a crash cut off is reviewed alone (see daemon.review_gate)
         self.gate = ReviewGate()
+        #: False (replay, eval): no plugin's `verdict_ready` runs (no pager rings)
+        self.announce = True
         #: `verdict_ready` hooks under way (they run beside the reviews)
         self._announcing: set[asyncio.Task[None]] = set()
         #: reviews start again at this loop time after a crash; the pause in force
@@ -435,7 +437,7 @@ class Pipeline:
                 )
             # published first; the hooks run beside the outbox and the next reviews
             self.on_verdicts()
-            if planned and plain_impls(self.hooks.verdict_ready):
+            if planned and self.announce and plain_impls(self.hooks.verdict_ready):
                 task = asyncio.create_task(self._announce(alert, planned))
                 self._announcing.add(task)
                 task.add_done_callback(self._announcing.discard)

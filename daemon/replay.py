@@ -21,6 +21,9 @@ from daemon.contract import Alert, Verdict
 from daemon.pipeline import Pipeline
 from daemon.rules import Rule, RuleBook
 
+#: a file no rule matched, with `[rules] unmatched = "drop"`
+NO_RULE = 'no rule matched: dropped ([rules] unmatched = "drop")'
+
 
 @dataclass(frozen=True)
 class ReplayRow:
@@ -76,6 +79,7 @@ async def replay(
     if each_alone:
         daemon.rules = EachAlone(settings.rules.dir, daemon.registry.rule_kinds)
     pipeline = await daemon.open()
+    pipeline.announce = False  # offline: verdicts go to no pager, webhook or other sink
     rows: list[ReplayRow] = []
     try:
         with console.status(f"loading model {settings.model.path}"):
@@ -114,7 +118,11 @@ async def _replay_one(pipeline: Pipeline, path: Path, payload: bytes | None) -> 
     finally:
         pipeline.backlog.done(ref, reviewed=True)
     rows = [ReplayRow(path, verdict=p.verdict, topic=p.topic) for p in planned]
-    return rows or [ReplayRow(path, error="dropped")]
+    if rows:
+        return rows
+    if result.alert is not None and not pipeline.rules.match(result.alert):
+        return [ReplayRow(path, error=NO_RULE)]
+    return [ReplayRow(path, error="dropped (the rule's on_error)")]
 
 
 def printable(path: Path | str) -> str:

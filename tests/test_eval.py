@@ -271,6 +271,74 @@ def test_the_advice_is_never_worse_than_the_current_thresholds_and_needs_both_cl
     assert only_real["best"] is None and only_real["sweep"]
 
 
+def test_the_advice_says_what_it_cannot_promise():
+    rows = [Judged("", "real", "", p) for p in (0.9, 0.8, 0.7)] + [
+        Judged("", "false", "", p) for p in (0.95, 0.9, 0.2)
+    ]
+    current = {"confirm_at": 0.6, "reject_below": 0.4}
+    best = rule_report(rows, current, target_miss_rate=0.0, target_precision=0.9)["best"]
+    # 0.95 and 0.9 false above every real one: no pair that misses none is 90 % precise
+    assert best["confirmed_precision"] < 0.9 and best["precision_target_met"] is False
+    assert best["few_real_alarms"] is False  # a zero target: no count is too few
+    best = rule_report(rows, current, target_miss_rate=0.05)["best"]
+    assert best["few_real_alarms"] is True and "precision_target_met" not in best
+    many = [Judged("", "real", "", 0.9)] * 20 + [Judged("", "false", "", 0.1)]
+    assert rule_report(many, current, target_miss_rate=0.05)["best"]["few_real_alarms"] is False
+
+
+PAGER = """
+from daemon.hookspecs import hookimpl
+
+
+@hookimpl
+def verdict_ready(alert, rule, verdict):
+    with open({path!r}, "a") as paged:
+        paged.write(alert.alert_id + "\\n")
+"""
+
+
+def test_eval_and_replay_page_nobody(case, tmp_path):
+    alerts, config = case
+    paged = tmp_path / "paged.txt"
+    (tmp_path / "plugins" / "pager.py").write_text(PAGER.format(path=str(paged)))
+    run_eval(alerts, tmp_path / "report", "--config", str(config))
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["replay", str(alerts / "real-0.95.json"), "--config", str(config)]
+    )
+    assert "fire-real-p095" in result.output, result.output
+    assert not paged.exists(), paged.read_text()
+
+
+def test_alerts_dropped_for_want_of_a_rule_are_listed_as_unmatched(case, tmp_path):
+    alerts, config = case
+    config.write_text(config.read_text().replace("[rules]\n", '[rules]\nunmatched = "drop"\n'))
+    report = json_report(run_eval(alerts, tmp_path / "report", "--config", str(config), "--json"))
+    assert report["unmatched"] == ["intrusion-false.json"]
+    assert "intrusion-false.json" not in {e["file"] for e in report["errors"]}
+
+
+def fire_rows(output: str) -> list[dict[str, Any]]:
+    """The `fire` rule's rows of `replay --json`."""
+    rows = [json.loads(line) for line in output.splitlines() if line.startswith('{"file"')]
+    return [row for row in rows if row["verdict"]["rule"] == "fire"]
+
+
+def test_replay_judges_an_old_alert_afresh_unless_asked_to_judge_as_live(case, tmp_path):
+    alerts, config = case
+    # the case's fire rule has max_age_s = 60 (and a cooldown)
+    old = alerts / "real-0.95.json"  # occurred 2026-11-20: long past 60 s
+    fresh = CliRunner().invoke(main, ["replay", str(old), "--config", str(config), "--json"])
+    [row] = fire_rows(fresh.output)
+    assert row["verdict"]["verdict"] == "confirmed", row
+    live = CliRunner().invoke(
+        main, ["replay", str(old), "--config", str(config), "--json", "--as-live"]
+    )
+    [row] = fire_rows(live.output)
+    assert row["verdict"]["verdict"] == "unreviewed"
+    assert row["verdict"]["reason"].startswith("stale: the alert is")
+
+
 def test_the_table_names_rules_figures_and_the_files_not_used(case, tmp_path):
     alerts, config = case
     out = tmp_path / "report"
@@ -289,8 +357,9 @@ def test_the_table_names_rules_figures_and_the_files_not_used(case, tmp_path):
         "16.7 %",
         "0.0 %",
         "0.6 / 0.4",
-        "0.15 / 0.15",
+        "0.15 / 0.15 *",  # six real alarms: too few to trust a 5 % miss rate
     ]
+    assert "* fitted to these alerts, which hold fewer than 20 real ones" in table
     assert "│ source " in table and "69.2 %" in table
     for name in ("unlabelled.json", "badlabel.json", "broken.json"):
         assert name in table

@@ -164,3 +164,53 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
         assert f"{written} samples written" in result.output, (since, result.output)
     result = CliRunner().invoke(main, [*export, "--since", "2026-13-45"])
     assert result.exit_code == 2 and "no ISO 8601 date or time" in result.output
+
+
+async def test_two_samples_never_share_an_image_file(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    # "a" shows a crop and the frame (…-a-0.jpg, …-a-1.jpg); "a-0" the frame (…-a-0.jpg)
+    (settings.rules.dir / "a.toml").write_text(
+        FIRE_RULE + 'image = "crop+frame"\ncrop_margin = 0\n'
+    )
+    (settings.rules.dir / "a-0.toml").write_text(FIRE_RULE)
+    boxes = [{"x1": 100, "y1": 50, "x2": 300, "y2": 250}]
+    async with run_daemon(settings) as d:
+        assert (await d.post_alert(make_alert("x", boxes=boxes)))[0] == 202
+        await d.wait_reviewed("x")
+        for rule in ("a", "a-0"):
+            async with d.http.post(
+                f"{d.base_url}/v1/alerts/x/feedback", json={"rule": rule, "label": "real"}
+            ) as response:
+                assert response.status == 201, await response.text()
+    config = tmp_path / "secondlook.toml"
+    config.write_text(
+        f'[storage]\ndir = "{settings.storage.dir}"\n[rules]\ndir = "{settings.rules.dir}"\n'
+    )
+    out = tmp_path / "dataset"
+    result = CliRunner().invoke(
+        main, ["export-dataset", "--config", str(config), "--out", str(out)]
+    )
+    assert "2 samples written" in result.output, result.output
+    samples = json.loads((out / "dataset.json").read_text())
+    names = [
+        name
+        for s in samples
+        for name in ([s["image"]] if isinstance(s["image"], str) else s["image"])
+    ]
+    assert len(names) == len(set(names)) == 3, names
+    [crop_and_frame] = [s["image"] for s in samples if isinstance(s["image"], list)]
+    assert Image.open(out / crop_and_frame[0]).size == (200, 200)  # the crop, not overwritten
+
+
+def test_a_file_that_is_no_journal_is_one_error_line(tmp_path):
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "journal.sqlite3").write_bytes(b"this is not a database" * 10)
+    config = tmp_path / "secondlook.toml"
+    config.write_text('[storage]\ndir = "var"\n')
+    result = CliRunner().invoke(
+        main, ["export-dataset", "--config", str(config), "--out", str(tmp_path / "out")]
+    )
+    assert result.exit_code == 1
+    assert (
+        "the journal" in result.output and "cannot be read: file is not a database" in result.output
+    )
