@@ -583,7 +583,7 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
 )
 @click.option(
     "--max-wait-ms",
-    type=click.IntRange(0),
+    type=click.FloatRange(0, 1000),
     default=None,
     help="Default: [model] max_wait_ms's (10).",
 )
@@ -607,7 +607,7 @@ def bench(
     alerts: int | None,
     baseline_alerts: int | None,
     max_batch: int | None,
-    max_wait_ms: int | None,
+    max_wait_ms: float | None,
     device: str,
     compile_model: bool,
     dtype: str,

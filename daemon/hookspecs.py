@@ -45,6 +45,7 @@ def suppress_alert(alert: Any, rule: Any, recent: Any) -> Any:
 @hookspec
 def verdict_ready(alert: Any, rule: Any, verdict: Any) -> Any:
     """Called once a verdict is journalled and handed to the outbox (it may be published
-    already), beside the next reviews, with a copy of the alert. `rule` is None when no rule
-    matched. May return an awaitable, which the host awaits (60 s at most); errors are
+    already), beside the next reviews, with a copy of the alert. `rule` is None for a verdict of
+    no rule (no rule matched, only shadow rules matched, or the review was interrupted
+    `max_attempts` times). May return an awaitable, which the host awaits (60 s at most); errors are
     logged."""

@@ -133,7 +133,8 @@ class RuleFile(_Strict):
     priority: int = 0
     #: rules of lower priority do not review the alerts this rule reviews
     exclusive: bool = False
-    #: verdicts go to the shadow topic prefix; the alert itself is forwarded unreviewed
+    #: verdicts go to the shadow topic prefix; when only shadow rules match, the alert is
+    #: also forwarded unreviewed
     shadow: bool = False
     #: an alert older than this many seconds when its turn comes is forwarded as
     #: `unreviewed` (reason "stale: ...") instead of being judged late
