@@ -61,6 +61,8 @@ INTAKE_ATTEMPTS = 3
 INTAKE_FAILURES_KEPT = 256
 #: at a stop, how long the verdicts still in the outbox may take to be acknowledged
 FINAL_FLUSH_S = 10.0
+#: how often the backend's health is looked at for a fatal failure
+BACKEND_CHECK_S = 1.0
 #: name prefixes of the threads a backend runs the model on
 MODEL_THREADS = ("model", "collate")
 #: open files (sockets included) the daemon raises its soft limit to, within the hard limit:
@@ -333,6 +335,7 @@ class Daemon:
                 if loading.done() and not loading.cancelled():
                     loading.result()  # a load that failed stops the start
                 if not stop.is_set():
+                    background.append(tg.create_task(self._watch_backend(pipeline)))
                     background.append(tg.create_task(watch_rules(s.rules.dir, self.reload_rules)))
                     background += [
                         tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
@@ -373,6 +376,16 @@ class Daemon:
                 f"[http] listen = {s.listen!r}: cannot listen there: {exc.strerror or exc}"
             ) from exc
         return api
+
+    async def _watch_backend(self, pipeline: Pipeline) -> None:
+        """A backend that became unusable while no review needed it (its model process
+        ended while idle) stops the daemon too, as a review that met it would."""
+        while True:
+            await asyncio.sleep(BACKEND_CHECK_S)
+            fatal = getattr(self.backend, "health", dict)().get("fatal")
+            if fatal:
+                pipeline.backend_unusable(str(fatal))
+                return
 
     def unfit(self) -> str | None:
         """Why the watchdog must not be fed now, or None."""

@@ -355,10 +355,7 @@ class Pipeline:
                 reviewed = await self.review(ref) is not None
                 self._crash_pause_s = 0.0
             except BackendUnusable as exc:
-                if self.fatal is None:
-                    self.fatal = str(exc)
-                    self._closed = True  # start no more reviews: each would fail alike
-                    self.on_fatal(self.fatal)
+                self.backend_unusable(str(exc))
             except Exception as exc:
                 self._pause_after_crash(ref, exc, loop.time())
             finally:
@@ -369,6 +366,14 @@ class Pipeline:
                 self._busy -= 1
                 if self._busy == 0:
                     self._quiet.set()
+
+    def backend_unusable(self, reason: str) -> None:
+        """The model cannot serve again (its process ended, a poisoned CUDA context): start
+        no more reviews, each would fail alike; the daemon stops (see `on_fatal`)."""
+        if self.fatal is None:
+            self.fatal = reason
+            self._closed = True
+            self.on_fatal(reason)
 
     def _pause_after_crash(self, ref: int, exc: Exception, now: float) -> None:
         """Pause all reviews a while, longer while they keep crashing: the alert would

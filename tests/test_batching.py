@@ -17,7 +17,13 @@ from daemon.hookspecs import hookimpl
 from daemon.inference.batcher import MicroBatcher
 from daemon.inference.runner import ModelRunner
 from daemon.inference.transformers_backend import TransformersBackend
-from daemon.plugin_api import ChoiceAnswer, ChoiceQuery, GenerateQuery, ModelRequest
+from daemon.plugin_api import (
+    BackendUnusable,
+    ChoiceAnswer,
+    ChoiceQuery,
+    GenerateQuery,
+    ModelRequest,
+)
 from plugins.verdict import NO_FORMS, YES_FORMS
 from tests.conftest import FIRE_RULE, make_alert, make_settings, run_daemon
 
@@ -320,3 +326,78 @@ def test_extraction_is_greedy_whatever_the_snapshots_generation_config(tiny_mode
     assert not torch.equal(greedy, penalised)  # the snapshot's penalty would change the answer
     expected = runner.tokenizer.decode(greedy, skip_special_tokens=True).strip()
     assert runner.run(request).text == expected
+
+
+class StopsIterating:
+    """A runner with a bug that raises StopIteration (which asyncio cannot hand to a
+    future) when collating or running a request whose prompt says so."""
+
+    def __init__(self, runner: ModelRunner, where: str) -> None:
+        self.runner = runner
+        self.where = where
+
+    def _maybe_stop(self, requests, where: str) -> None:
+        if where == self.where and any("stop" in r.query.prompt for r in requests):
+            raise StopIteration
+
+    def collate(self, requests):
+        self._maybe_stop(requests, "collate")
+        return self.runner.collate(requests)
+
+    def forward(self, requests, inputs):
+        self._maybe_stop(requests, "forward")
+        return self.runner.forward(requests, inputs)
+
+
+@pytest.mark.parametrize("where", ["collate", "forward"])
+async def test_a_stop_iteration_from_the_runner_fails_its_requests_instead_of_hanging(
+    tiny_model, where
+):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    good = next(r for r in mixed_requests() if isinstance(r.query, ChoiceQuery))
+    stop = ModelRequest(ChoiceQuery("stop? Answer yes or no.", YES_NO), good.images)
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            StopsIterating(runner, where), max_batch=8, max_wait_s=0.0, model_pool=model_pool,
+            prep_pool=prep_pool,
+        )  # fmt: skip
+        running = asyncio.create_task(batcher.run())
+        async with asyncio.timeout(30):
+            [failed] = await asyncio.gather(batcher.submit(stop), return_exceptions=True)
+            answer = await batcher.submit(good)  # the batcher goes on
+        running.cancel()
+    assert isinstance(failed, RuntimeError) and "StopIteration raised by" in str(failed)
+    assert_same(answer, runner.run(good))
+
+
+class PoisonsTheDevice:
+    """A runner whose first pass meets a CUDA error that leaves the context unusable."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.passes = 0
+
+    def collate(self, requests):
+        return self.runner.collate(requests)
+
+    def forward(self, requests, inputs):
+        self.passes += 1
+        if self.passes == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return self.runner.forward(requests, inputs)
+
+
+async def test_batches_collated_before_the_device_failed_never_reach_it(tiny_model):
+    runner = PoisonsTheDevice(ModelRunner.load(ModelSettings(path=str(tiny_model))))
+    requests = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)][:4]
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            runner, max_batch=1, max_wait_s=0.0, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        answers = await asyncio.gather(
+            *(batcher.submit(r) for r in requests), return_exceptions=True
+        )
+        running.cancel()
+    assert all(isinstance(a, BackendUnusable) for a in answers), answers
+    assert runner.passes == 1  # the batches collated meanwhile were failed, not run

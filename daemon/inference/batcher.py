@@ -207,6 +207,9 @@ class MicroBatcher:
         """One pass over a collated batch (`inputs`: None to collate it here); a batch that
         runs out of memory is split in halves, each retried."""
         health = self.health
+        if health.fatal:  # collated before the model became unusable: not passed to it
+            _fail(batch, BackendUnusable(health.fatal))
+            return
         if inputs is None:
             groups = await self._collate(batch)
             while len(groups) > 1:  # some would not collate together: each group on its own
@@ -273,7 +276,7 @@ class MicroBatcher:
 
     @staticmethod
     async def _in(pool: Executor, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(pool, _no_stop_iteration, fn, *args)
 
     def report(self) -> dict[str, Any]:
         return self.health.report(len(self._waiting))
@@ -315,6 +318,17 @@ def is_device_fatal(error: BaseException) -> bool:
         return False
     text = str(error)
     return any(marker in text for marker in DEVICE_FATAL_MARKERS)
+
+
+def _no_stop_iteration(fn: Any, *args: Any) -> Any:
+    """`fn(*args)`, a StopIteration turned into a RuntimeError: asyncio cannot set a
+    StopIteration on a future, which would then never be resolved."""
+    try:
+        return fn(*args)
+    except StopIteration as exc:
+        raise RuntimeError(
+            f"StopIteration raised by {getattr(fn, '__qualname__', fn)}: {exc!r}"
+        ) from None
 
 
 def _requests(batch: list[_Waiting]) -> list[ModelRequest]:

@@ -19,7 +19,7 @@ import dataclasses
 import multiprocessing
 import pickle
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any
@@ -171,7 +171,9 @@ class ModelProcess:
         self.max_new_tokens = max_new_tokens
 
     @classmethod
-    def start(cls, settings: ModelSettings) -> ModelProcess:
+    def start(
+        cls, settings: ModelSettings, on_spawn: Callable[[Any], None] = lambda process: None
+    ) -> ModelProcess:
         """Start the child and wait until its model is loaded and warm (blocking: call it
         off the event loop). Raises what the child's loading raised."""
         context = multiprocessing.get_context("spawn")
@@ -180,13 +182,14 @@ class ModelProcess:
             target=serve, args=(theirs, settings, logs.configured), name="secondlook-model"
         )
         process.start()
+        on_spawn(process)  # the caller can end it while it loads
         theirs.close()  # the child's end: ours reads EOF once the child is gone
         try:
             status, payload = ours.recv()
         except (EOFError, OSError) as exc:
             process.join(CLOSE_WAIT_S)
             raise BackendUnusable(
-                f"the model process ended while loading (exit code {process.exitcode})"
+                f"the model process ended while loading ({how_it_ended(process.exitcode)})"
             ) from exc
         if status == "failed":
             process.join(CLOSE_WAIT_S)
@@ -216,7 +219,7 @@ class ModelProcess:
         except (EOFError, OSError) as exc:
             self.process.join(CLOSE_WAIT_S)
             raise BackendUnusable(
-                f"the model process ended (exit code {self.process.exitcode})"
+                f"the model process ended ({how_it_ended(self.process.exitcode)})"
             ) from exc
         if status == "error":
             raise payload
@@ -234,6 +237,17 @@ class ModelProcess:
         self.blocks.close()
 
 
+def how_it_ended(exitcode: int | None) -> str:
+    """A child's exit code in words: a signal by its name (SIGKILL: the out-of-memory killer,
+    or kill -9)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
+
+
 def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) -> None:
     """The child: load and warm up the model, then run passes until the daemon closes."""
     # the daemon decides when this process ends (systemd signals the whole service)
@@ -247,17 +261,16 @@ def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) 
     except Exception as exc:
         conn.send(("failed", portable(exc)))
         return
-    conn.send(("ready", {"dtype": runner.model.dtype, "context": runner.context}))
     blocks = ReceiveBlocks()
     try:
+        conn.send(("ready", {"dtype": runner.model.dtype, "context": runner.context}))
         while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return  # the daemon is gone
+            message = conn.recv()
             if message is None:
                 return
             conn.send(run_pass(runner, blocks, *message))
+    except (EOFError, OSError):
+        return  # the daemon is gone (a stop while loading, or a crash)
     finally:
         blocks.close()
 

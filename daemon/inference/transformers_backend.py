@@ -15,7 +15,7 @@ import structlog
 from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
 from daemon.inference.batcher import MicroBatcher
-from daemon.inference.model_process import ModelProcess
+from daemon.inference.model_process import ModelProcess, how_it_ended
 from daemon.inference.runner import TOKENIZER_LOCK, ModelRunner, choice_token_ids
 from daemon.plugin_api import Answer, ModelRequest
 
@@ -38,6 +38,8 @@ class TransformersBackend:
         self._runner: ModelRunner | ModelProcess | None = None
         self._batcher: MicroBatcher | None = None
         self._batching: asyncio.Task[None] | None = None
+        #: the model process while it loads (a stop then ends it)
+        self._loading: Any = None
 
     @property
     def image_factor(self) -> int:
@@ -58,7 +60,9 @@ class TransformersBackend:
         runner: ModelRunner | ModelProcess
         if self.settings.worker == "process":
             # loads and warms up in the child
-            runner = await loop.run_in_executor(self._model_pool, ModelProcess.start, self.settings)
+            runner = await loop.run_in_executor(
+                self._model_pool, ModelProcess.start, self.settings, self._spawned
+            )
         else:
             runner = await loop.run_in_executor(self._model_pool, ModelRunner.load, self.settings)
             if self.settings.warmup:
@@ -73,6 +77,9 @@ class TransformersBackend:
         )
         self._batching = asyncio.create_task(self._batcher.run())
 
+    def _spawned(self, process: Any) -> None:
+        self._loading = process
+
     async def run(self, request: ModelRequest) -> Answer:
         if self._batcher is None:
             raise RuntimeError("the model is not loaded yet")
@@ -84,7 +91,7 @@ class TransformersBackend:
         if isinstance(self._runner, ModelProcess) and not self._batcher.health.fatal:
             process = self._runner.process
             if not process.is_alive():  # seen now, not at the next pass
-                fatal = f"the model process ended (exit code {process.exitcode})"
+                fatal = f"the model process ended ({how_it_ended(process.exitcode)})"
                 self._batcher.health.fatal = fatal
                 log.critical("the model is unusable", error=fatal)
         report = self._batcher.report()
@@ -93,6 +100,10 @@ class TransformersBackend:
         return report
 
     async def close(self) -> None:
+        if self._runner is None and self._loading is not None and self._loading.is_alive():
+            # a stop while the model process loads: it must not load on without us
+            self._loading.kill()
+            await asyncio.to_thread(self._loading.join, CLOSE_WAIT_S)
         if self._batching is not None:
             self._batching.cancel()
             await asyncio.gather(self._batching, return_exceptions=True)
