@@ -34,11 +34,52 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+def topic_filter(topic: str) -> str:
+    """A topic filter the broker takes: `+` and `#` each a whole level, `#` the last one."""
+    levels = topic.split("/")
+    if not topic or "\0" in topic:
+        raise ValueError("a topic filter is neither empty nor holds NUL")
+    for i, level in enumerate(levels):
+        if ("+" in level or "#" in level) and len(level) > 1:
+            raise ValueError(f"{topic!r}: a wildcard (+ or #) must be a whole level")
+        if level == "#" and i != len(levels) - 1:
+            raise ValueError(f"{topic!r}: # must be the last level")
+    return topic
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both filters."""
+    left, right = a.split("/"), b.split("/")
+    for x, y in zip(left, right, strict=False):
+        if "#" in (x, y):
+            return True
+        if x != y and "+" not in (x, y):
+            return False
+    longer = left if len(left) > len(right) else right
+    return len(left) == len(right) or longer[min(len(left), len(right))] == "#"
+
+
+def as_filter(template: str) -> str:
+    """The filter matching every topic a topic template can render (`{field}` levels: +)."""
+    return "/".join("+" if "{" in level else level for level in template.split("/"))
+
+
+def publish_topic(topic: str) -> str:
+    """A topic to publish on: not empty, no wildcards."""
+    if not topic or "\0" in topic:
+        raise ValueError("a topic is neither empty nor holds NUL")
+    if "+" in topic or "#" in topic:
+        raise ValueError(f"{topic!r}: a topic to publish on cannot hold the wildcards + or #")
+    return topic
+
+
 class Subscription(_Section):
     """A topic filter and the alert format of what arrives on it."""
 
     topic: str = Field(min_length=1)
     format: str = "canonical"
+
+    _filter = field_validator("topic")(topic_filter)
 
 
 class MqttSettings(_Section):
@@ -82,6 +123,42 @@ class MqttSettings(_Section):
     #: `tls_key_file` the key is read from the certificate file
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+
+    @field_validator("subscribe")
+    @classmethod
+    def _filters(cls, topics: list[str]) -> list[str]:
+        return [topic_filter(topic) for topic in topics]
+
+    @field_validator("feedback_topic")
+    @classmethod
+    def _feedback_filter(cls, topic: str) -> str:
+        return topic_filter(topic) if topic else topic
+
+    _publish_topics = field_validator("status_topic", "shadow_prefix")(publish_topic)
+
+    @model_validator(mode="after")
+    def _no_echo(self) -> MqttSettings:
+        """The daemon must not take in what it publishes, nor feedback as alerts (a broker
+        delivers a message once per matching subscription)."""
+        verdicts = as_filter(self.verdict_topic)
+        ours = {
+            "status_topic": self.status_topic,
+            "verdict_topic": verdicts,
+            "shadow_prefix": f"{self.shadow_prefix}/{verdicts}",
+        }
+        for subscription in self.all_subscriptions():
+            for key, topic in ours.items():
+                if filters_overlap(subscription.topic, topic):
+                    raise ValueError(
+                        f"the alert topic {subscription.topic!r} would take in the daemon's own "
+                        f"messages ({key} {topic!r}): narrow it"
+                    )
+            if self.feedback_topic and filters_overlap(subscription.topic, self.feedback_topic):
+                raise ValueError(
+                    f"the alert topic {subscription.topic!r} overlaps feedback_topic "
+                    f"{self.feedback_topic!r}: feedback would arrive twice, once as an alert"
+                )
+        return self
 
     @model_validator(mode="after")
     def _key_with_cert(self) -> MqttSettings:

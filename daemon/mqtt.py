@@ -42,6 +42,12 @@ PUBLISH_TIMEOUT_S = 10.0
 INTAKE_WINDOW = 64
 #: ... and at most this many payload bytes among them (big snapshots: fewer at once)
 INTAKE_WINDOW_BYTES = 16 * 2**20
+#: messages received and not yet taken in, at most, before QoS 0 ones are dropped: the broker
+#: holds back QoS 1 alerts past the receive maximum while intake is paused or behind, but
+#: sends QoS 0 ones as they come (they would fill memory)
+QUEUE_MAX = 4 * INTAKE_WINDOW
+#: how often that count is looked at
+QUEUE_CHECK_S = 0.25
 #: CONNACK codes of a refused login: MQTT 5's bad user name or password, not authorized,
 #: banned, bad authentication method; MQTT 3.1.1's 4 and 5 (when not translated)
 LOGIN_REFUSED = {134, 135, 138, 140, 4, 5}
@@ -69,6 +75,10 @@ class PublishError(Exception):
 class PublishRefused(PublishError):
     """A publish the broker acknowledged with a failure reason code (MQTT 5): not
     authorized, quota exceeded, topic name invalid ... Sending it again will not help."""
+
+
+class ConnectionLost(PublishError):
+    """The connection ended while the publish waited for its acknowledgement."""
 
 
 class PubAcks:
@@ -224,7 +234,11 @@ class MqttLink:
         #: awaited before each alert is taken in (the daemon pauses intake there)
         self.intake_gate: Callable[[], Awaitable[None]] = _open_gate
         self._intake_open = True
+        #: subscriptions whose alerts were seen arriving at QoS 0 (warned about once)
+        self._qos0_warned: set[str] = set()
         self._client: aiomqtt.Client | None = None
+        #: the broker's Maximum Packet Size (MQTT 5 CONNACK), None when it names none
+        self._max_packet: int | None = None
         self._acks = PubAcks()
         #: set when the current connection ends; a new event for each connection
         self._lost = asyncio.Event()
@@ -288,6 +302,15 @@ class MqttLink:
             aiomqtt_on_publish(paho, userdata, mid, reason, properties)
 
         client._client.on_publish = on_publish
+        # MQTT 5: the largest packet the broker takes (it drops a client that sends more)
+        self._max_packet = None
+        aiomqtt_on_connect = client._client.on_connect
+
+        def on_connect(paho: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+            self._max_packet = getattr(properties, "MaximumPacketSize", None)
+            aiomqtt_on_connect(paho, userdata, flags, reason, properties)
+
+        client._client.on_connect = on_connect
         return client
 
     async def run(self) -> None:
@@ -369,16 +392,20 @@ class MqttLink:
             INTAKE_WINDOW
         )
         budget = ByteBudget(INTAKE_WINDOW_BYTES)
-        acker = asyncio.create_task(self._acknowledge_in_order(client, window, budget))
-        reader = asyncio.create_task(self._take_in(client, window, budget))
+        tasks = {
+            asyncio.create_task(self._acknowledge_in_order(client, window, budget)),
+            asyncio.create_task(self._take_in(client, window, budget)),
+            asyncio.create_task(self._watch_queue(client)),
+        }
         try:
-            # either ends the connection: the reader when it is lost, the acker when an
-            # alert could not be taken in (the reader may be waiting for room meanwhile)
-            done, _ = await asyncio.wait({acker, reader}, return_when=asyncio.FIRST_COMPLETED)
+            # any ends the connection: the reader when it is lost, the acker when an alert
+            # could not be taken in (the reader may be waiting for room meanwhile), the
+            # watcher when too much waits in memory
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (acker, reader):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(acker, reader, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
         done.pop().result()
 
     async def _take_in(
@@ -390,10 +417,37 @@ class MqttLink:
         async for message in client.messages:
             if not self._intake_open:
                 continue  # unacknowledged: the broker delivers it again next session
+            if message.qos == 0:
+                self._warn_qos0(message)
             # paused while the backlog is full: the broker holds what follows
             await self.intake_gate()
             await budget.take(_size(message))
             await window.put((asyncio.create_task(self._ingest(message)), message))
+
+    @staticmethod
+    async def _watch_queue(client: aiomqtt.Client) -> None:
+        """Drop the QoS 0 messages waiting in the client while more than QUEUE_MAX wait."""
+        while True:
+            await asyncio.sleep(QUEUE_CHECK_S)
+            if (waiting := len(client.messages)) > QUEUE_MAX:
+                dropped = _drop_qos0(client)
+                if dropped:
+                    log.warning(
+                        "intake behind: QoS 0 messages dropped (the broker keeps no QoS 0 "
+                        "message back; publish alerts at QoS 1)",
+                        dropped=dropped,
+                        waiting=waiting - dropped,
+                    )
+
+    def _warn_qos0(self, message: aiomqtt.Message) -> None:
+        topic = next((s.topic for s in self.subscriptions if message.topic.matches(s.topic)), None)
+        if topic is not None and topic not in self._qos0_warned:
+            self._qos0_warned.add(topic)
+            log.warning(
+                "alerts arrive at QoS 0: the broker neither keeps them while the daemon is "
+                "down or paused nor delivers them again; publish them at QoS 1",
+                subscription=topic,
+            )
 
     async def _ingest(self, message: aiomqtt.Message) -> None:
         payload = message.payload
@@ -421,6 +475,11 @@ class MqttLink:
                 # alert's intake still runs to the end (its journal write, its review)
                 await asyncio.shield(task)
             except Exception as exc:
+                if not self._intake_open:
+                    # stopping (a busy intake refuses it then): it and those behind it stay
+                    # unacknowledged for the next session; the connection stays up for the
+                    # last verdicts and the retained `offline`
+                    await asyncio.Future()
                 # not journalled: no PUBACK. Dropping the connection makes the broker deliver
                 # it (and everything after it) again on the next one.
                 log.exception("alert intake failed; reconnecting", topic=str(message.topic))
@@ -438,6 +497,12 @@ class MqttLink:
         client, acks, lost = self._client, self._acks, self._lost
         if client is None:
             raise PublishError("not connected to the broker")
+        size = publish_packet_size(topic, payload)
+        if self._max_packet is not None and size > self._max_packet:
+            raise PublishRefused(
+                f"a {size}-byte packet, over the broker's maximum packet size of "
+                f"{self._max_packet} (it would drop the connection)"
+            )
         info = client._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
             raise PublishError(f"could not publish: {paho_mqtt.error_string(info.rc)}")
@@ -450,7 +515,7 @@ class MqttLink:
             if not acked.done():
                 acks.forget(info.mid)
         if not acked.done():  # a connection that is gone will never deliver the PUBACK
-            raise PublishError("connection lost before the broker acknowledged")
+            raise ConnectionLost("connection lost before the broker acknowledged")
         reason = acked.result()
         if reason.is_failure:
             raise PublishRefused(f"the broker refused it: {reason} (reason code {reason.value})")
@@ -462,6 +527,25 @@ class MqttLink:
                 await self.publish(self.settings.status_topic, OFFLINE, retain=True)
         except (PublishError, TimeoutError) as exc:
             log.warning("could not publish offline status", error=str(exc) or "timed out")
+
+
+def _drop_qos0(client: aiomqtt.Client) -> int:
+    """Take the QoS 0 messages out of the client's queue of received ones; how many. (aiomqtt
+    keeps them in an asyncio.Queue: nobody waits on a queue that holds messages, and it
+    counts no unfinished tasks, so its deque may be filtered in place.)"""
+    waiting = client._queue._queue  # type: ignore[attr-defined]
+    kept = [message for message in waiting if message.qos > 0]
+    dropped = len(waiting) - len(kept)
+    waiting.clear()
+    waiting.extend(kept)
+    return dropped
+
+
+def publish_packet_size(topic: str, payload: str | bytes) -> int:
+    """The bytes of a QoS 1 PUBLISH without properties: fixed header (at most 5), topic
+    length and topic, packet id, properties length (MQTT 5), payload."""
+    body = len(payload.encode() if isinstance(payload, str) else payload)
+    return 5 + 2 + len(topic.encode()) + 2 + 1 + body
 
 
 async def publish_all(host: str, port: int, topic: str, payloads: Sequence[str | bytes]) -> None:

@@ -3,7 +3,10 @@
 A verdict the broker refuses (an MQTT 5 PUBACK with a failure reason code: not authorized
 for its topic, quota exceeded ...) stays unpublished in the journal, logged once, and is
 set aside so that it does not hold up the others; SIGHUP or a restart tries it again (after
-the broker's access list is fixed, say).
+the broker's access list is fixed, say). So is one the broker answers by dropping the
+connection (MQTT 3.1.1 brokers may for a refused publish; any broker for a packet too
+large): after a connection was lost with verdicts in flight, the oldest is sent alone, and
+one that loses the connection LOSSES_TO_SET_ASIDE times alone is set aside.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from typing import Protocol
 
 import structlog
 
-from daemon.journal import Journal
-from daemon.mqtt import PublishRefused
+from daemon.journal import Journal, OutboxItem
+from daemon.mqtt import ConnectionLost, PublishRefused
 from daemon.stats import StageStats
 
 log = structlog.get_logger(__name__)
@@ -28,6 +31,8 @@ IDLE_CHECK_S = 5.0
 JOURNAL_RETRY_S = 1.0
 #: verdicts published (and marked published) together
 BATCH = 200
+#: a verdict sent alone that many times, each time losing the connection, is set aside
+LOSSES_TO_SET_ASIDE = 3
 
 
 class Publisher(Protocol):
@@ -54,6 +59,10 @@ class Outbox:
         self._refused_upto = 0
         #: counts SIGHUP retries: a flush under way when one comes must not set them aside
         self._retries = 0
+        #: a connection was lost with verdicts in flight: the oldest goes alone next
+        self._alone_first = False
+        #: connections lost while a verdict was sent alone, by its id
+        self._losses: dict[int, int] = {}
 
     def retry_refused(self) -> None:
         """Offer the refused verdicts to the broker again (SIGHUP)."""
@@ -62,6 +71,7 @@ class Outbox:
             self.refused.clear()
             self._refused_upto = 0
             self._retries += 1
+            self._losses.clear()
             self.wake()
 
     def wake(self) -> None:
@@ -98,7 +108,9 @@ class Outbox:
         await self._mark_acknowledged()
         after = self._refused_upto
         retries = self._retries
-        while batch := await self.journal.unpublished(limit=BATCH, after=after):
+        while batch := await self.journal.unpublished(
+            limit=1 if self._alone_first else BATCH, after=after
+        ):
             started = time.perf_counter()
             results = await asyncio.gather(
                 *(self.publisher.publish(item.topic, item.payload) for item in batch),
@@ -108,6 +120,8 @@ class Outbox:
             done = [item.id for item, result in zip(batch, results, strict=True) if result is None]
             self._acknowledged.update(done)
             await self._mark_acknowledged()
+            if self._alone_first and (refusal := self._sent_alone(batch[0], results[0])):
+                results[0] = refusal
             for item, result in zip(batch, results, strict=True):
                 if isinstance(result, PublishRefused):
                     self.refused.add(item.id)
@@ -120,6 +134,9 @@ class Outbox:
                         error=str(result),
                     )
             failed = [r for r in results if r is not None and not isinstance(r, PublishRefused)]
+            # alone until one goes through (or is set aside): a lost connection may be its doing
+            lost = any(isinstance(r, ConnectionLost) for r in failed)
+            self._alone_first = lost or (self._alone_first and bool(failed))
             if failed:
                 self.stats.count("publish_failures", len(failed))
                 log.warning("verdicts not published yet", pending=len(failed), error=str(failed[0]))
@@ -128,6 +145,21 @@ class Outbox:
             after = batch[-1].id
             if self.refused and self._retries == retries:
                 self._refused_upto = after
+
+    def _sent_alone(self, item: OutboxItem, result: BaseException | None) -> PublishRefused | None:
+        """Count a connection lost while `item` went alone; the last straw turns the result
+        into a refusal (logged and set aside below)."""
+        if not isinstance(result, ConnectionLost):
+            self._losses.pop(item.id, None)
+            return None
+        losses = self._losses[item.id] = self._losses.get(item.id, 0) + 1
+        if losses < LOSSES_TO_SET_ASIDE:
+            return None
+        del self._losses[item.id]
+        return PublishRefused(
+            f"the broker dropped the connection each of the {losses} times it was sent alone "
+            f"({len(item.payload)} bytes on {item.topic})"
+        )
 
     async def _mark_acknowledged(self) -> None:
         if self._acknowledged:

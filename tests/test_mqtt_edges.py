@@ -1,0 +1,224 @@
+"""MQTT at its edges: a paused intake flooded at QoS 0 and 1, a stop while intake is busy,
+topics the broker would refuse, verdicts the broker drops the connection for, retained
+snapshots, overlapping subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from typing import Any
+
+import aiomqtt
+import pytest
+from structlog.testing import capture_logs
+
+from daemon.config import ConfigError, load_settings
+from daemon.hookspecs import hookimpl
+from daemon.inference.instant import InstantBackend
+from daemon.journal import OutboxItem
+from daemon.mqtt import QUEUE_MAX, ConnectionLost
+from daemon.outbox import LOSSES_TO_SET_ASIDE, Outbox
+from daemon.stats import StageStats
+from tests.conftest import FIRE_RULE, Broker, collect, jpeg_bytes, make_alert, make_settings
+from tests.conftest import run_daemon as run
+
+ALERTS = "secondlook/alerts/box-t"
+SMALL_IMAGE = base64.b64encode(jpeg_bytes((64, 64))).decode()
+
+
+class StuckBackend(InstantBackend):
+    """Never answers: the backlog fills up and MQTT intake pauses."""
+
+    async def run(self, request: Any) -> Any:
+        await asyncio.Event().wait()
+
+
+class StuckPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("stuck", StuckBackend)
+
+
+def settings_for(tmp_path, broker: Broker, backend: str = "instant", **sections):
+    settings = make_settings(tmp_path, broker=broker, model=tmp_path, **sections)
+    model = settings.model.model_copy(update={"backend": backend})
+    return settings.model_copy(update={"model": model})
+
+
+async def flood(broker: Broker, ids: list[str], qos: int) -> None:
+    async with aiomqtt.Client("127.0.0.1", broker.port, max_inflight_messages=1000) as box:
+        box.pending_calls_threshold = len(ids) + 1
+        payloads = [json.dumps(make_alert(alert_id, image=SMALL_IMAGE)) for alert_id in ids]
+        await asyncio.gather(*(box.publish(ALERTS, p, qos=qos) for p in payloads))
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_a_flooded_paused_intake_drops_qos0_and_loses_no_qos1_alert(
+    tmp_path, own_broker, qos
+):
+    ids = [f"flood-{qos}-{i:04d}" for i in range(1000)]
+    stuck = settings_for(
+        tmp_path, own_broker, "stuck", pipeline={"max_backlog": 5, "stop_grace_s": 0.5}
+    )
+    (stuck.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    with capture_logs() as logs:
+        async with run(stuck, extra_plugins=[StuckPlugin()]) as d:
+            await flood(own_broker, ids, qos)
+            await asyncio.sleep(2)  # the paused intake has looked at its queue meanwhile
+            client = d.daemon.link._client
+            waiting = len(client.messages) if client is not None else 0
+    events = [e["event"] for e in logs]
+    assert any(e.startswith("alerts arrive at QoS 0") for e in events) == (qos == 0)
+    if qos == 0:
+        # what a paused intake cannot take is dropped, not held (the broker keeps no QoS 0
+        # message back): a burst goes past the bound for QUEUE_CHECK_S at most
+        assert waiting <= QUEUE_MAX, waiting
+        assert any(e.startswith("intake behind: QoS 0 messages dropped") for e in events)
+        return
+    # the same session, a backend that answers: every QoS 1 alert is taken in, none lost
+    working = settings_for(tmp_path, own_broker)
+    same_session = working.mqtt.model_copy(update={"client_id": stuck.mqtt.client_id})
+    async with run(working.model_copy(update={"mqtt": same_session})) as d:
+        async with asyncio.timeout(90):
+            while (await d.daemon.journal.read_one("SELECT count(*) FROM alerts"))[0] < 1000:
+                await asyncio.sleep(0.2)
+        rows = await d.daemon.journal.read("SELECT alert_id FROM alerts")
+    assert sorted(row[0] for row in rows) == ids
+
+
+async def test_a_stop_while_intake_is_busy_still_says_offline(tmp_path, own_broker):
+    settings = settings_for(
+        tmp_path,
+        own_broker,
+        "stuck",
+        pipeline={"stop_grace_s": 2},
+        mqtt={"reconnect_min_s": 5, "reconnect_max_s": 10},
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run(settings, extra_plugins=[StuckPlugin()]) as d:
+        await flood(own_broker, ["busy-1", "busy-2", "busy-3"], 1)  # reviews that run on
+        async with asyncio.timeout(10):
+            while (await d.daemon.health())["backlog"] < 3:
+                await asyncio.sleep(0.1)
+        # the disk runs short: intake refuses, and does so again once the stop begins
+        storage = d.daemon.storage
+        storage.settings = storage.settings.model_copy(update={"min_free_mb": 1e12})
+        storage.check_space()
+        await flood(own_broker, ["held"], 1)
+        await asyncio.sleep(0.5)
+    async with collect(own_broker, "secondlook/status") as status:
+        await asyncio.sleep(1)
+    assert status.messages[-1][1] == b"offline"
+
+
+@pytest.fixture
+def small_packet_broker(tmp_path):
+    """A broker that drops any client sending a packet over 1,500 bytes."""
+    workdir = tmp_path / "small-packets"
+    workdir.mkdir()
+    broker = Broker(workdir)
+    broker.config.write_text(broker.config.read_text() + "max_packet_size 1500\n")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+async def test_a_verdict_over_the_brokers_packet_size_is_set_aside_not_sent(
+    tmp_path, small_packet_broker
+):
+    settings = settings_for(tmp_path, small_packet_broker)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    long = "x" * 256
+    with capture_logs() as logs:
+        async with (
+            collect(small_packet_broker, "secondlook/verdicts/#") as out,
+            run(settings) as d,
+        ):
+            big = make_alert("b" * 256, box_id=long, camera_id=long, site=long)
+            assert (await d.post_alert(big))[0] == 202
+            for i in range(3):
+                assert (await d.post_alert(make_alert(f"after-{i}")))[0] == 202
+            await out.wait_for(3)
+            health = await d.daemon.health()
+    assert sorted(v["alert_id"] for _, v in out.verdicts()) == ["after-0", "after-1", "after-2"]
+    assert health["publish_refused"] == 1 and health["unpublished"] == 1
+    [refused] = [e for e in logs if e["event"].startswith("verdict refused by the broker")]
+    assert "over the broker's maximum packet size of 1500" in refused["error"]
+    assert not [e for e in logs if e["event"] == "mqtt disconnected"]
+
+
+class DropsTheConnectionFor:
+    """A broker's side of publishing: the connection is lost whenever the verdict named
+    `poison` is in flight (as an MQTT 3.1.1 broker may answer a publish it refuses)."""
+
+    def __init__(self, poison: int) -> None:
+        self.poison = poison
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.published: list[int] = []
+        self.in_flight: list[int] = []
+
+    async def publish(self, topic: str, payload: str, *, retain: bool = False) -> None:
+        ident = int(topic.rsplit("/", 1)[1])
+        self.in_flight.append(ident)
+        await asyncio.sleep(0)  # the batch's publishes are all out before any answer
+        lost = self.poison in self.in_flight
+        self.in_flight.remove(ident)
+        if lost:
+            raise ConnectionLost("connection lost before the broker acknowledged")
+        self.published.append(ident)
+
+
+class Unpublished:
+    """The outbox's view of the journal: unpublished verdicts by id."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.rows = {i: OutboxItem(i, f"t/{i}", "{}") for i in ids}
+
+    async def unpublished(self, limit: int = 100, after: int = 0) -> list[OutboxItem]:
+        return [self.rows[i] for i in sorted(self.rows) if i > after][:limit]
+
+    async def mark_published(self, ids) -> None:
+        for i in ids:
+            self.rows.pop(i, None)
+
+
+async def test_a_verdict_that_costs_the_connection_each_time_is_set_aside_alone():
+    journal, broker = Unpublished(list(range(1, 8))), DropsTheConnectionFor(poison=3)
+    outbox = Outbox(journal, broker, StageStats())
+    flushes = 0
+    while not outbox.refused and flushes < 10:  # each flush ends with the connection
+        await outbox.flush()
+        flushes += 1
+    assert outbox.refused == {3}
+    # one loss with all in flight, then 1 and 2 alone (each lost with the batch behind it),
+    # then 3 alone until set aside
+    assert flushes == 3 + LOSSES_TO_SET_ASIDE
+    # the others went out: 1 and 2 alone, 4 .. 7 together once 3 was set aside
+    assert sorted(broker.published) == [1, 2, 4, 5, 6, 7] and set(journal.rows) == {3}
+    outbox.retry_refused()  # SIGHUP: offered again
+    await outbox.flush()
+    assert outbox.refused == set()  # lost once more: counted afresh
+
+
+@pytest.mark.parametrize(
+    "line, key, error",
+    [
+        ('subscribe = ["secondlook/alerts/#/x"]', "subscribe", "# must be the last level"),
+        ('feedback_topic = "secondlook/feedback#"', "feedback_topic", "must be a whole level"),
+        ('status_topic = "secondlook/status/#"', "status_topic", "cannot hold the wildcards"),
+        ('shadow_prefix = "secondlook/shadow/+"', "shadow_prefix", "cannot hold the wildcards"),
+        # what the daemon publishes would come back to it as alerts, each refused
+        ('subscribe = ["secondlook/#"]', "'secondlook/#'", "the daemon's own messages"),
+        ('subscribe = ["+/verdicts/#"]', "verdict_topic", "the daemon's own messages"),
+        # feedback would arrive twice: as feedback, and again as an alert
+        ('subscribe = ["secondlook/+/x"]', "feedback_topic", "feedback would arrive twice"),
+    ],
+)
+def test_a_topic_the_broker_would_refuse_is_a_config_error_naming_it(tmp_path, line, key, error):
+    config = tmp_path / "secondlook.toml"
+    config.write_text(f"[mqtt]\n{line}\n")
+    with pytest.raises(ConfigError) as raised:
+        load_settings(config)
+    assert key in str(raised.value) and error in str(raised.value)
