@@ -32,6 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from daemon.config import MqttSettings
 from daemon.credentials import CredentialError, credential_path, read_secret
+from daemon.plugin_api import parsing_retained
 
 log = structlog.get_logger(__name__)
 
@@ -460,7 +461,8 @@ class MqttLink:
             (sub.format for sub in self.subscriptions if message.topic.matches(sub.topic)),
             self.settings.format,
         )
-        await self._on_message(str(message.topic), bytes(data), fmt)
+        with parsing_retained(bool(message.retain)):
+            await self._on_message(str(message.topic), bytes(data), fmt)
 
     async def _acknowledge_in_order(
         self,

@@ -7,7 +7,9 @@ it never calls the model itself, so the host can batch, retry and time model cal
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -166,11 +168,33 @@ class RuleKind(Protocol):
     def interpret(self, answer: Answer, rule: Rule) -> Judgement: ...
 
 
+#: set while the payload being parsed is an MQTT message the broker kept (retained)
+_RETAINED: ContextVar[bool] = ContextVar("secondlook_message_retained", default=False)
+
+
+def message_retained() -> bool:
+    """Whether the payload an alert format parses now is a retained MQTT message: one the
+    broker kept and sends at subscribing (at every reconnect, on MQTT 3.1.1), however old,
+    not one published just now."""
+    return _RETAINED.get()
+
+
+@contextmanager
+def parsing_retained(retained: bool) -> Iterator[None]:
+    """What `message_retained` says within (the MQTT intake sets it per message)."""
+    token = _RETAINED.set(retained)
+    try:
+        yield
+    finally:
+        _RETAINED.reset(token)
+
+
 class AlertFormat(Protocol):
     """Turns a payload in some box vendor's shape into an IncomingAlert.
 
     `parse` may return None for a payload that carries no alert of its own (a format that
-    collects snapshots from one topic for events on another, say).
+    collects snapshots from one topic for events on another, say). `message_retained()`
+    tells a retained MQTT message from a live one.
     """
 
     name: str

@@ -23,7 +23,9 @@ whose snapshot has not come yet (Frigate publishes the event first) waits for it
 snapshot's message, or the event's next one, brings the alert in; its `end` without one is
 refused. An event whose first message here is of a later type than one reviewed (it began
 before a restart, which may have caught it waiting) is reviewed at that message, with a
-snapshot received since the start; the journal drops it if it was taken in before. Message
+snapshot received since the start; the journal drops it if it was taken in before. A
+retained snapshot (the broker sends it at subscribing, at every reconnect on MQTT 3.1.1) shows
+an object of before: it is never taken as an event's own. Message
 shapes follow Frigate's MQTT documentation
 (docs.frigate.video/integrations/mqtt).
 """
@@ -41,7 +43,7 @@ import structlog
 from daemon.config import FrigateSettings, Settings, offset_tz
 from daemon.hookspecs import hookimpl
 from daemon.images import JPEG_MAGIC, PNG_MAGIC
-from daemon.plugin_api import AlertError, IncomingAlert, RawImage
+from daemon.plugin_api import AlertError, IncomingAlert, RawImage, message_retained
 from plugins.canonical import load_json_object, validate_alert
 
 #: snapshots kept (one per camera and label); the oldest is dropped past this
@@ -148,13 +150,16 @@ class FrigateFormat:
         if len(jpeg) > MAX_SNAPSHOT_BYTES:
             raise AlertError("image", f"{len(jpeg)} bytes, over {MAX_SNAPSHOT_BYTES} kept at most")
         self._snapshots.pop((camera, label), None)
-        self._snapshots[(camera, label)] = (self.clock(), jpeg)
+        # a retained one (sent at subscribing) shows an object of before: never an event's own
+        retained = message_retained()
+        self._snapshots[(camera, label)] = (0.0 if retained else self.clock(), jpeg)
         while len(self._snapshots) > MAX_SNAPSHOTS or (
             len(self._snapshots) > 1
             and sum(len(kept) for _, kept in self._snapshots.values()) > MAX_SNAPSHOT_BYTES
         ):
             self._snapshots.pop(next(iter(self._snapshots)))
-        for event_id, event in list(self._waiting.items()):
+        waiting = [] if retained else list(self._waiting.items())
+        for event_id, event in waiting:
             if (str(event.get("camera")), str(event.get("label"))) == (camera, label):
                 del self._waiting[event_id]
                 # the snapshot just kept came after the event's first message: it is its own

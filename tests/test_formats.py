@@ -8,10 +8,11 @@ import json
 import sqlite3
 from typing import Any
 
+import aiomqtt
 import pytest
 
 from daemon.config import FrigateSettings, MappingFormat, Settings
-from daemon.plugin_api import AlertError, IncomingAlert
+from daemon.plugin_api import AlertError, IncomingAlert, parsing_retained
 from plugins.frigate import FrigateFormat
 from plugins.mapping import MappedFormat
 from tests.conftest import (
@@ -237,6 +238,55 @@ def test_a_frigate_event_reviewed_later_uses_the_snapshot_that_followed_its_firs
     [incoming] = [c for c in came if c is not None]
     assert came.index(incoming) == (3 if review == ["end"] else 2)
     assert incoming.images[0].data == snapshot
+
+
+async def test_a_snapshot_retained_from_before_the_start_waits_for_the_live_one(
+    tmp_path, own_broker, tiny_model
+):
+    stale, live = jpeg_bytes((640, 360)), jpeg_bytes((320, 240))
+    async with aiomqtt.Client("127.0.0.1", own_broker.port) as frigate:  # as Frigate does
+        await frigate.publish("frigate/gate/person/snapshot", stale, qos=1, retain=True)
+    settings = frigate_settings(tmp_path, own_broker, tiny_model)
+    async with run_daemon(settings) as d:
+        await asyncio.sleep(0.5)  # the retained snapshot has come at subscribing
+        await publish(own_broker, "frigate/events", frigate_event("new", "evt-r", camera="gate"))
+        await asyncio.sleep(0.5)
+        assert (await d.get_alert("evt-r"))[0] == 404  # waits for its own snapshot
+        await publish(own_broker, "frigate/gate/person/snapshot", live)
+        await d.wait_reviewed("evt-r")
+        [row] = await d.daemon.journal.read("SELECT data FROM alert_images")
+    assert bytes(row[0]) == live
+
+
+def test_a_retained_frigate_snapshot_is_never_an_events_own():
+    now = [3000.0]
+    frigate = FrigateFormat(FrigateSettings())
+    frigate.clock = lambda: now[0]
+    stale, own = jpeg_bytes((64, 48)), jpeg_bytes((48, 64))
+    topic = "frigate/gate/person/snapshot"
+    # a waiting event is not released by the retained snapshot a reconnect brings
+    assert (
+        frigate.parse(frigate_event("new", "evt-w", camera="gate").encode(), topic="frigate/events")
+        is None
+    )
+    with parsing_retained(True):
+        assert frigate.parse(stale, topic=topic) is None
+    # nor is an event that begins just after it, nor one caught up from before the start
+    now[0] = 3000.5
+    assert (
+        frigate.parse(frigate_event("new", "evt-n", camera="gate").encode(), topic="frigate/events")
+        is None
+    )
+    assert (
+        frigate.parse(
+            frigate_event("update", "evt-u", camera="gate").encode(), topic="frigate/events"
+        )
+        is None
+    )
+    # the live snapshot that follows is theirs
+    now[0] = 3001.0
+    came = frigate.parse(own, topic=topic)
+    assert came is not None and came.images[0].data == own
 
 
 def test_a_frigate_event_begun_before_the_start_is_reviewed_at_its_first_message_here():
