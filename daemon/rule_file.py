@@ -101,6 +101,8 @@ class ReviewSpec(BaseModel):
     def _template(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt is blank")
+        if "<|" in value:
+            raise ValueError("the prompt cannot hold the model's control tokens (<|...|>)")
         Template.parse(value)
         return value.strip()
 

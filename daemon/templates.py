@@ -101,7 +101,9 @@ def prompt_text(value: str) -> str:
     """An alert value as plain prompt text: `<|` becomes `< |`, so that no part of it is read
     as one of the model's control tokens (`<|im_end|>`, `<|image_pad|>` ...), which would end
     the user's turn or ask for an image that is not there."""
-    return value[:PROMPT_VALUE_CHARS].replace("<|", "< |")
+    text = value[:PROMPT_VALUE_CHARS].replace("<|", "< |")
+    # nor with its neighbour: "<" ending one value, "|im_end|>" starting the next
+    return (" " if text.startswith("|") else "") + text + (" " if text.endswith("<") else "")
 
 
 def check_topic_template(text: str) -> Template:

@@ -36,8 +36,15 @@ class ClassifyOptions(BaseModel):
 
     @model_validator(mode="after")
     def _known_labels(self) -> ClassifyOptions:
-        if len({label.strip().lower() for label in self.labels}) != len(self.labels):
-            raise ValueError("labels must be distinct")
+        padded = [label for label in self.labels if label != label.strip()]
+        if padded:
+            raise ValueError(f"labels cannot begin or end with a space: {padded!r}")
+        seen: dict[str, str] = {}
+        for label in self.labels:
+            if (twin := seen.setdefault(label.lower(), label)) != label or self.labels.count(
+                label
+            ) > 1:
+                raise ValueError(f"labels must be distinct: {twin!r} and {label!r}")
         for key in ("confirm", "reject"):
             unknown = [label for label in getattr(self, key) if label not in self.labels]
             if unknown:

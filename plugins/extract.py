@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -83,7 +84,7 @@ def check_value(value: Any, kind: FieldType) -> Any:
     if kind in ("integer", "number") and not isinstance(value, bool):
         if isinstance(value, int):
             return value
-        if isinstance(value, float):
+        if isinstance(value, float) and math.isfinite(value):  # NaN, Infinity, 1e999: no JSON
             if kind == "number":
                 return value
             if value.is_integer():

@@ -88,15 +88,25 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
     """Token ids that start each label's answer.
 
-    Forms that are one token are used as they are; a label none of whose forms is one token
-    falls back to its forms' first tokens. Ids shared by two labels tell nothing and are
-    dropped; a label left with no id is an error.
+    Forms that are one token are used as they are, and so is the first token of each form
+    without a leading space (the answer's own first word: "Sunlight" starts with "Sun"); a
+    label none of whose forms is one token falls back to its forms' first tokens. Ids shared
+    by two labels tell nothing and are dropped; a label left with no id is an error, and so
+    is one whose answer starts with a token counted for another ("fireworks" = "fire" +
+    "works" beside "fire": it would be scored as "fire").
     """
     ids: dict[str, set[int]] = {}
+    #: per label, the first token of each form without a leading space, and that form
+    starts: dict[str, dict[int, str]] = {}
     for label, forms in choices.items():
         encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
         single = {tokens[0] for tokens in encoded if len(tokens) == 1}
-        ids[label] = single or {tokens[0] for tokens in encoded if tokens}
+        starts[label] = {
+            tokens[0]: form
+            for form, tokens in zip(forms, encoded, strict=True)
+            if tokens and not form[:1].isspace()
+        }
+        ids[label] = (single | set(starts[label])) if single else {t[0] for t in encoded if t}
     counts: dict[int, int] = {}
     for token_ids in ids.values():
         for token_id in token_ids:
@@ -107,6 +117,14 @@ def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> di
         if not distinct:
             raise ValueError(f"answer {label!r} has no first token distinct from the others")
         result[label] = distinct
+    for label, first in starts.items():
+        for other, token_ids in ids.items():
+            if other != label and (clash := set(first) & token_ids):
+                token = min(clash)
+                raise ValueError(
+                    f"answer {label!r} ({first[token]!r}) starts with the token "
+                    f"{tokenizer.decode([token])!r}, which is counted for {other!r}"
+                )
     return result
 
 
