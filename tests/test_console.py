@@ -157,6 +157,11 @@ async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_mode
         await page.get_by_test_id("login-submit").click()
         await expect(page.get_by_test_id("status")).to_contain_text("printable ASCII")
         await expect(login).to_be_visible()
+        # a wrong one (or one rotated away) is said to be refused, not merely missing
+        await page.get_by_test_id("token").fill("not-the-token")
+        await page.get_by_test_id("login-submit").click()
+        await expect(page.get_by_test_id("status")).to_contain_text("the token was refused")
+        await expect(login).to_be_visible()
         await page.get_by_test_id("token").fill("console-token-123")
         await page.get_by_test_id("login-submit").click()
         await expect(login).to_be_hidden()
@@ -204,3 +209,46 @@ async def test_the_list_keeps_the_newest_alerts_and_feedback_reaches_any_alert_i
             await expect(cards).to_have_count(31 if batch == 0 else 50)
         await expect(cards.first).to_have_attribute("data-alert-id", "smoke-1-29")
         await expect(dots).to_have_count(0)
+        # older pages are reached, and the newest again
+        await expect(page.get_by_test_id("page-newer")).to_be_hidden()
+        await page.get_by_test_id("page-older").click()
+        await expect(cards).to_have_count(11)  # 61 alerts in all
+        await expect(cards.last).to_have_attribute("data-alert-id", "..")
+        await expect(page.get_by_test_id("page-older")).to_be_hidden()
+        await page.get_by_test_id("page-newer").click()
+        await expect(cards).to_have_count(50)
+        # a filter that matches nothing says so
+        await page.get_by_test_id("filter-camera").fill("no-such-camera")
+        await page.get_by_test_id("filter-camera").dispatch_event("change")
+        await expect(page.get_by_test_id("alerts-empty")).to_be_visible()
+
+
+async def test_the_console_fits_a_phone_and_says_plainly_what_went_wrong(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    async with run_daemon(settings) as d, browser_page() as page:
+        assert (await d.post_alert(make_alert("phone-1")))[0] == 202
+        await d.wait_reviewed("phone-1")
+        console_errors: list[str] = []
+        page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+        await page.set_viewport_size({"width": 360, "height": 740})
+        await page.goto(f"{d.base_url}/console/")
+        await expect(page.get_by_test_id("alert")).to_have_count(1)
+        for tab in ("alerts", "rules", "stats", "playground"):
+            await page.get_by_test_id(f"tab-{tab}").click()
+            wide = await page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= 360, (tab, wide)
+        await shoot(page, tmp_path, "phone")
+        assert console_errors == []  # not even a favicon's 404
+        # a proxy's HTML error page, and a daemon that cannot be reached
+        await page.get_by_test_id("tab-alerts").click()
+        await page.route(
+            "**/v1/alerts?*",
+            lambda route: route.fulfill(status=502, content_type="text/html", body="<html>"),
+        )
+        await expect(page.locator("#status")).to_contain_text(
+            "the server answered 502 Bad Gateway without the expected data"
+        )
+        await page.unroute("**/v1/alerts?*")
+        await page.route("**/v1/alerts?*", lambda route: route.abort())
+        await expect(page.locator("#status")).to_contain_text("the daemon cannot be reached")

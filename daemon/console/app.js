@@ -30,10 +30,16 @@ async function api(path, options = {}) {
     throw new Error("the token may hold printable ASCII characters only");
   }
   if (token) headers.Authorization = `Bearer ${token}`;
-  const response = await fetch(path, Object.assign({}, options, { headers }));
+  let response;
+  try {
+    response = await fetch(path, Object.assign({}, options, { headers }));
+  } catch (error) {
+    throw new Error("the daemon cannot be reached (stopped, or the network is down)");
+  }
   if (response.status === 401) {
     $("#login").hidden = false;
-    throw new Error("a token is needed");
+    $("#token").focus();
+    throw new Error(token ? "the token was refused: enter a valid one" : "a token is needed");
   }
   return response;
 }
@@ -46,7 +52,12 @@ function bucketText(seconds) {
 
 async function json(path, options) {
   const response = await api(path, options);
-  const body = await response.json();
+  let body;
+  try {
+    body = await response.json();
+  } catch (error) {
+    throw new Error(`the server answered ${response.status} ${response.statusText} without the expected data`);
+  }
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
 }
@@ -105,7 +116,15 @@ async function refresh() {
   }
 }
 setInterval(() => { if (page === "alerts") refresh(); }, 2000);
-for (const id of ["#f-camera", "#f-rule", "#f-verdict"]) $(id).addEventListener("change", refresh);
+setInterval(() => { if (page === "rules" || page === "stats") refresh(); }, 10000);
+let before = null; // the ref the page shown starts below (null: the newest alerts)
+for (const id of ["#f-camera", "#f-rule", "#f-verdict"]) $(id).addEventListener("change", () => { before = null; refresh(); });
+$("#older").addEventListener("click", () => {
+  const last = $("#alert-list").lastElementChild;
+  for (const [ref, card] of cards) if (card.node === last) before = ref;
+  refresh();
+});
+$("#newer").addEventListener("click", () => { before = null; refresh(); });
 
 // alerts -----------------------------------------------------------------------------------
 const cards = new Map(); // ref -> {identity, signature, node}
@@ -116,6 +135,7 @@ async function showAlerts() {
   if ($("#f-camera").value) query.set("camera_id", $("#f-camera").value);
   if ($("#f-rule").value) query.set("rule", $("#f-rule").value);
   if ($("#f-verdict").value) query.set("verdict", $("#f-verdict").value);
+  if (before !== null) query.set("before", String(before));
   const mine = ++asked;
   const { alerts } = await json(`/v1/alerts?${query}`);
   if (mine !== asked) return; // the filters changed meanwhile
@@ -129,6 +149,9 @@ async function showAlerts() {
       forgetThumbnail(ref);
     }
   }
+  $("#alerts-empty").hidden = alerts.length > 0;
+  $("#older").hidden = alerts.length < 50;
+  $("#newer").hidden = before === null;
   let previous = null;
   for (const alert of alerts) {
     const signature = JSON.stringify([alert.state, alert.verdicts]);
@@ -153,8 +176,9 @@ function alertCard(alert) {
   return el("div", { class: "alert", "data-testid": "alert", "data-alert-id": alert.alert_id },
     alert.images ? thumbnail(alert.ref) : el("div"),
     el("div", {},
-      el("h4", {}, `${alert.event_type} · ${alert.camera_id} · ${alert.box_id}`),
-      el("div", {}, `${alert.alert_id} · occurred ${alert.occurred_at} · box score ${alert.score ?? "–"}`),
+      // <bdi>: an id holding right-to-left text or a bidi override stays within itself
+      el("h4", {}, el("bdi", {}, alert.event_type), " · ", el("bdi", {}, alert.camera_id), " · ", el("bdi", {}, alert.box_id)),
+      el("div", {}, el("bdi", {}, alert.alert_id), ` · occurred ${alert.occurred_at} · box score ${alert.score ?? "–"}`),
       verdicts));
 }
 
@@ -240,6 +264,7 @@ function chart(name, series, timeline) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("width", width); svg.setAttribute("height", height);
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
   for (let i = 0; i < n; i++) {
     let y = height;
     for (const [kind, counts] of Object.entries(series)) {
@@ -279,6 +304,12 @@ const readBase64 = (file) => new Promise((resolve, reject) => {
 
 $("#try-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  const run = $("[data-testid=try-run]");
+  if (run.disabled) return;
+  run.disabled = true;
+  try { await tryOnce(); } finally { run.disabled = false; }
+});
+async function tryOnce() {
   const out = $("#try-result");
   out.replaceChildren(el("p", {}, "running …"));
   const body = {};
@@ -304,7 +335,7 @@ $("#try-form").addEventListener("submit", async (event) => {
   } catch (error) {
     out.replaceChildren(el("p", { class: "error", "data-testid": "try-error" }, error.message));
   }
-});
+}
 
 $("#save-form").addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -328,6 +359,10 @@ $("#save-form").addEventListener("submit", async (event) => {
     if (response.status === 409 && (await response.clone().json()).field === "name"
         && window.confirm(`A rule file ${name}.toml exists. Replace it?`)) {
       response = await api(`${path}?overwrite=1`, options);
+    }
+    if (response.status === 409 && (await response.clone().json()).field === "name") {
+      $("#save-result").textContent = `not saved: ${name}.toml exists and was kept`;
+      return;
     }
     const saved = await response.json();
     if (!response.ok) throw new Error(saved.error || response.statusText);
