@@ -133,6 +133,15 @@ async def test_a_model_that_cannot_load_fails_the_start_with_the_reason(tmp_path
     await backend.close()
 
 
+async def model_pid(http: str) -> int:
+    """The model process's pid, as `/healthz` reports it."""
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{http}/healthz") as response,
+    ):
+        return (await response.json())["model_worker"]["pid"]
+
+
 async def test_a_model_process_that_dies_stops_the_daemon_and_its_alert_waits(
     tmp_path, broker, tiny_model
 ):
@@ -144,11 +153,7 @@ async def test_a_model_process_that_dies_stops_the_daemon_and_its_alert_waits(
         proc = start(config)
         try:
             await wait_http_ok(f"http://{http}", proc)
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://{http}/healthz") as response,
-            ):
-                pid = (await response.json())["model_worker"]["pid"]
+            pid = await model_pid(http)
             # systemd signals every process of the service: the child leaves stopping to us
             os.kill(pid, signal.SIGTERM)
             assert await post(http, make_alert("first")) == 202
@@ -175,11 +180,7 @@ async def test_a_model_process_that_dies_stops_the_daemon_and_its_alert_waits(
         try:
             [_, (_, verdict)] = await out.wait_for(2, timeout=90)
             assert verdict["alert_id"] == "orphan"
-            async with (
-                aiohttp.ClientSession() as session,
-                session.get(f"http://{http}/healthz") as response,
-            ):
-                pid = (await response.json())["model_worker"]["pid"]
+            pid = await model_pid(http)
         finally:
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 30) == 0
@@ -196,12 +197,9 @@ async def test_a_model_process_that_dies_while_idle_stops_the_daemon(tmp_path, t
     proc = start(config)
     try:
         await wait_http_ok(f"http://{http}", proc)
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://{http}/healthz") as response,
-        ):
-            pid = (await response.json())["model_worker"]["pid"]
-        os.kill(pid, signal.SIGKILL)  # the out-of-memory killer, say: no alert needs it now
+        os.kill(
+            await model_pid(http), signal.SIGKILL
+        )  # the out-of-memory killer, say: no alert needs it now
         assert await asyncio.to_thread(proc.wait, 30) == 1
     finally:
         if proc.poll() is None:

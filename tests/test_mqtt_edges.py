@@ -16,12 +16,12 @@ from structlog.testing import capture_logs
 from daemon.config import ConfigError, load_settings
 from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
-from daemon.journal import OutboxItem
 from daemon.mqtt import QUEUE_MAX, ConnectionLost
 from daemon.outbox import LOSSES_TO_SET_ASIDE, Outbox
 from daemon.stats import StageStats
 from tests.conftest import FIRE_RULE, Broker, collect, jpeg_bytes, make_alert, make_settings
 from tests.conftest import run_daemon as run
+from tests.test_reload_edges import ListedJournal
 
 ALERTS = "secondlook/alerts/box-t"
 SMALL_IMAGE = base64.b64encode(jpeg_bytes((64, 64))).decode()
@@ -170,22 +170,8 @@ class DropsTheConnectionFor:
         self.published.append(ident)
 
 
-class Unpublished:
-    """The outbox's view of the journal: unpublished verdicts by id."""
-
-    def __init__(self, ids: list[int]) -> None:
-        self.rows = {i: OutboxItem(i, f"t/{i}", "{}") for i in ids}
-
-    async def unpublished(self, limit: int = 100, after: int = 0) -> list[OutboxItem]:
-        return [self.rows[i] for i in sorted(self.rows) if i > after][:limit]
-
-    async def mark_published(self, ids) -> None:
-        for i in ids:
-            self.rows.pop(i, None)
-
-
 async def test_a_verdict_that_costs_the_connection_each_time_is_set_aside_alone():
-    journal, broker = Unpublished(list(range(1, 8))), DropsTheConnectionFor(poison=3)
+    journal, broker = ListedJournal(list(range(1, 8))), DropsTheConnectionFor(poison=3)
     outbox = Outbox(journal, broker, StageStats())
     flushes = 0
     while not outbox.refused and flushes < 10:  # each flush ends with the connection
