@@ -55,13 +55,15 @@ def next_token_logits(
 def label_probabilities(
     logits: torch.Tensor, tokenizer, choices: dict[str, Sequence[str]]
 ) -> dict[str, float]:
-    """The documented rule, restated: per label, the forms that are one token (else the forms'
-    first tokens), minus tokens two labels share; log-sum-exp; softmax over labels."""
+    """The documented rule, restated: per label, the forms that are one token and the first
+    token of each form without a leading space (else all the forms' first tokens), minus
+    tokens two labels share; log-sum-exp; softmax over labels."""
     ids: dict[str, set[int]] = {}
     for label, forms in choices.items():
         encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
         single = {tokens[0] for tokens in encoded if len(tokens) == 1}
-        ids[label] = single or {tokens[0] for tokens in encoded}
+        bare = {t[0] for f, t in zip(forms, encoded, strict=True) if not f.startswith(" ")}
+        ids[label] = (single | bare) if single else {tokens[0] for tokens in encoded}
     shared = {t for label in ids for t in ids[label] if any(t in ids[o] for o in ids if o != label)}
     scores = torch.stack(
         [torch.logsumexp(logits[sorted(ids[label] - shared)], 0) for label in choices]
