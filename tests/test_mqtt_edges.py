@@ -140,7 +140,9 @@ async def test_a_verdict_over_the_brokers_packet_size_is_set_aside_not_sent(
             for i in range(3):
                 assert (await d.post_alert(make_alert(f"after-{i}")))[0] == 202
             await out.wait_for(3)
-            health = await d.daemon.health()
+            async with asyncio.timeout(10):  # the PUBACKs are marked just after delivery
+                while (health := await d.daemon.health())["unpublished"] > 1:
+                    await asyncio.sleep(0.05)
     assert sorted(v["alert_id"] for _, v in out.verdicts()) == ["after-0", "after-1", "after-2"]
     assert health["publish_refused"] == 1 and health["unpublished"] == 1
     [refused] = [e for e in logs if e["event"].startswith("verdict refused by the broker")]
