@@ -263,11 +263,14 @@ async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict
 
 async def _feedback_of(journal: Journal, refs: list[int]) -> dict[tuple[int, str], dict[str, Any]]:
     """The latest feedback per alert and rule."""
-    select = "SELECT alert_ref, rule, label, correct, note, source, created_at FROM feedback"
+    select = (
+        "SELECT alert_ref, rule, label, correct, fields, note, source, created_at FROM feedback"
+    )
     return {
         (row["alert_ref"], row["rule"]): {
             "label": row["label"],
             "correct": None if row["correct"] is None else bool(row["correct"]),
+            "fields": None if row["fields"] is None else json.loads(row["fields"]),
             "note": row["note"],
             "source": row["source"],
             "at": row["created_at"],

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from playwright.async_api import Page, async_playwright, expect
 
-from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
+from tests.conftest import (
+    CLASSIFY_RULE,
+    FIRE_RULE,
+    jpeg_bytes,
+    make_alert,
+    make_settings,
+    run_daemon,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 #: where the screenshots of the pages are kept for a look after the run
@@ -252,3 +259,34 @@ async def test_the_console_fits_a_phone_and_says_plainly_what_went_wrong(tmp_pat
         await page.unroute("**/v1/alerts?*")
         await page.route("**/v1/alerts?*", lambda route: route.abort())
         await expect(page.locator("#status")).to_contain_text("the daemon cannot be reached")
+
+
+async def test_a_classify_verdicts_right_label_and_a_note_are_sent_from_its_card(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fight.toml").write_text(CLASSIFY_RULE)
+    async with run_daemon(settings) as d, browser_page() as page:
+        await page.goto(f"{d.base_url}/console/")
+        assert (await d.post_alert(make_alert("fight-1", event_type="fighting")))[0] == 202
+        card = page.locator('[data-testid=alert][data-alert-id="fight-1"]')
+        await expect(card.get_by_test_id("verdict")).to_have_count(1)
+        await card.locator("summary").click()
+        fields = card.get_by_test_id("correct-fields")
+        await expect(fields).to_have_value(re.compile(r'^\{"label":"(fight|play)"\}$'))
+        # not JSON: said on the card, nothing sent
+        await fields.fill("play")
+        await card.get_by_test_id("correct-submit").click()
+        await expect(card.get_by_test_id("feedback-error")).to_contain_text("not JSON")
+        # a label the rule does not know: the daemon's reason, on the card
+        await fields.fill('{"label": "dance"}')
+        await card.get_by_test_id("correct-submit").click()
+        await expect(card.get_by_test_id("feedback-error")).to_contain_text("one of")
+        await fields.fill('{"label": "play"}')
+        await card.get_by_test_id("correct-note").fill("two kids playing")
+        await card.get_by_test_id("correct-submit").click()
+        await expect(card.get_by_test_id("feedback-given")).to_contain_text(
+            '{"label":"play"} “two kids playing”'
+        )
+        rows = await d.daemon.journal.read("SELECT fields, note, source FROM feedback")
+    assert [tuple(row) for row in rows] == [('{"label": "play"}', "two kids playing", "console")]

@@ -186,9 +186,14 @@ function verdictRow(alert, v) {
   const sides = v.verdict === "confirmed" || v.verdict === "rejected"
     ? [["right", { correct: true }], ["wrong", { correct: false }]]
     : [["real", { label: "real" }], ["false alarm", { label: "false" }]];
-  const given = v.feedback
-    ? el("span", { "data-testid": "feedback-given" },
-      `feedback: ${v.feedback.label ?? ""} ${v.feedback.correct === null ? "" : v.feedback.correct ? "(right)" : "(wrong)"}`)
+  const fb = v.feedback;
+  const given = fb
+    ? el("span", { "data-testid": "feedback-given" }, "feedback: " + [
+      fb.label ?? "",
+      fb.correct === null ? "" : fb.correct ? "(right)" : "(wrong)",
+      fb.fields ? JSON.stringify(fb.fields) : "",
+      fb.note ? `“${fb.note}”` : "",
+    ].filter(Boolean).join(" "))
     : null;
   const problem = el("span", { class: "error", "data-testid": "feedback-error" });
   const buttons = v.rule
@@ -207,7 +212,35 @@ function verdictRow(alert, v) {
     el("details", {}, el("summary", {}, v.reason),
       v.prompt ? el("pre", {}, `prompt: ${v.prompt}`) : null,
       v.raw ? el("pre", {}, `model: ${v.raw}`) : null,
-      Object.keys(v.fields || {}).length ? el("pre", {}, JSON.stringify(v.fields)) : null));
+      Object.keys(v.fields || {}).length ? el("pre", {}, JSON.stringify(v.fields)) : null,
+      correctionForm(alert, v, problem)));
+}
+
+// the right fields of a classify or extract verdict (what a model should have answered),
+// with a note: feedback that export-dataset turns into training samples
+function correctionForm(alert, v, problem) {
+  if (!v.rule || !Object.keys(v.fields || {}).length) return null;
+  const classified = "label" in v.fields && "scores" in v.fields;
+  const area = el("textarea", { rows: 2, cols: 40, "data-testid": "correct-fields",
+    "aria-label": "the right fields, as JSON" });
+  area.value = JSON.stringify(classified ? { label: v.fields.label } : v.fields);
+  const note = el("input", { "data-testid": "correct-note", placeholder: "note (optional)",
+    "aria-label": "note" });
+  const send = (event) => {
+    event.preventDefault();
+    let fields;
+    try {
+      fields = JSON.parse(area.value);
+    } catch (error) {
+      problem.textContent = `the fields are not JSON: ${error.message}`;
+      return;
+    }
+    const said = note.value ? { fields, note: note.value } : { fields };
+    sendFeedback(alert, v.rule, said, problem);
+  };
+  return el("form", { class: "correction", onsubmit: send },
+    el("label", {}, classified ? "right label " : "right fields ", area), " ", note, " ",
+    el("button", { type: "submit", "data-testid": "correct-submit" }, "send correction"));
 }
 
 async function sendFeedback(alert, rule, said, problem) {
