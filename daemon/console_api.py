@@ -156,6 +156,7 @@ class ConsoleApi:
                 "exclusive": rule.exclusive,
                 "event_types": list(rule.match.event_types),
                 "prompt": rule.prompt.text,
+                "text": book.text_of(rule),
                 "digest": rule.digest,
                 "since": _iso(book.since.get(rule.name)),
                 "state": "disabled" if not rule.enabled else "shadow" if rule.shadow else "active",

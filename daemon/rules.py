@@ -248,6 +248,10 @@ class RuleBook:
     def rules(self) -> list[Rule]:
         return sorted(self._by_path.values(), key=lambda rule: rule.name)
 
+    def text_of(self, rule: Rule) -> str:
+        """The text the rule in force was read from (its file's, or the last good one)."""
+        return self._texts.get(rule.path, "")
+
     def get(self, name: str | None) -> Rule | None:
         return next((rule for rule in self._by_path.values() if rule.name == name), None)
 

@@ -146,6 +146,21 @@ async def test_playground_verdict_for_an_upload_and_a_rule_saved_from_it(tmp_pat
         assert asked == ["A rule file forklift_load.toml exists. Replace it?"]
         assert '"forklift"' in (settings.rules.dir / "forklift_load.toml").read_text()
 
+        # a rule in force is edited from the Rules tab: its file comes into the playground
+        await page.get_by_test_id("tab-rules").click()
+        row = page.locator("[data-testid=rule]", has_text="forklift_load")
+        await row.get_by_test_id("rule-edit").click()
+        text = page.get_by_test_id("try-prompt")
+        await expect(text).to_have_value(re.compile(r'event_types = \["forklift_over_height"'))
+        await expect(page.get_by_test_id("try-kind")).to_have_value("rule")
+        await expect(page.get_by_test_id("save-name")).to_have_value("forklift_load")
+        edited = (await text.input_value()).replace("above the mast?", "above the mast? (v2)")
+        await text.fill(edited)
+        page.once("dialog", agree)
+        await page.get_by_test_id("save-rule").click()
+        await expect(page.get_by_test_id("save-result")).to_have_text("saved as forklift_load.toml")
+        assert "(v2)" in (settings.rules.dir / "forklift_load.toml").read_text()
+
 
 async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_model):
     tokens = tmp_path / "tokens"

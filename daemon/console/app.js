@@ -266,9 +266,20 @@ async function showRules() {
     el("td", { title: r.description }, r.name), el("td", {}, r.state), el("td", {}, r.kind),
     el("td", {}, r.event_types.join(", ")), el("td", {}, r.since),
     el("td", {}, r.counts.alerts ?? 0), el("td", {}, r.counts.confirmed ?? 0),
-    el("td", {}, r.counts.rejected ?? 0), el("td", {}, r.counts.uncertain ?? 0))));
+    el("td", {}, r.counts.rejected ?? 0), el("td", {}, r.counts.uncertain ?? 0),
+    el("td", {}, el("button", { "data-testid": "rule-edit", onclick: () => editRule(r) }, "edit")))));
   $("#rule-errors").replaceChildren(...book.errors.map((e) =>
     el("li", { class: "error" }, `${e.file}: ${e.where ? `${e.where}: ` : ""}${e.reason}`)));
+}
+
+// a rule's file into the playground: tried there, then saved over itself
+function editRule(rule) {
+  $("#try-kind").value = "rule";
+  $("#try-prompt").value = rule.text;
+  $("#save-name").value = rule.file.replace(/\.toml$/, "");
+  $("#save-form").hidden = false;
+  $("#save-result").textContent = `editing ${rule.file}: Run to try it, Save to replace it`;
+  $("[data-testid=tab-playground]").click();
 }
 
 // stats ------------------------------------------------------------------------------------
