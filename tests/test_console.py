@@ -303,5 +303,9 @@ async def test_a_classify_verdicts_right_label_and_a_note_are_sent_from_its_card
         await expect(card.get_by_test_id("feedback-given")).to_contain_text(
             '{"label":"play"} “two kids playing”'
         )
+        # the card, drawn again with the feedback, stays as the operator left it
+        await expect(card.locator("details")).to_have_attribute("open", "")
+        await expect(card.get_by_test_id("correct-submit")).to_be_focused()
+        await expect(card.get_by_test_id("correct-note")).to_have_value("two kids playing")
         rows = await d.daemon.journal.read("SELECT fields, note, source FROM feedback")
     assert [tuple(row) for row in rows] == [('{"label": "play"}', "two kids playing", "console")]

@@ -98,7 +98,10 @@ let page = "alerts";
 for (const tab of document.querySelectorAll("nav button")) {
   tab.addEventListener("click", () => {
     page = tab.dataset.page;
-    for (const other of document.querySelectorAll("nav button")) other.classList.toggle("active", other === tab);
+    for (const other of document.querySelectorAll("nav button")) {
+      other.classList.toggle("active", other === tab);
+      other.setAttribute("aria-selected", String(other === tab));
+    }
     for (const section of document.querySelectorAll(".page")) section.hidden = section.id !== page;
     refresh();
   });
@@ -158,7 +161,11 @@ async function showAlerts() {
     let card = cards.get(alert.ref);
     if (!card || card.signature !== signature) {
       const node = alertCard(alert);
-      if (card) card.node.replaceWith(node);
+      if (card) {
+        const keep = stateOf(card.node);
+        card.node.replaceWith(node);
+        keep(node);
+      }
       card = { identity: shown.get(alert.ref), signature, node };
       cards.set(alert.ref, card);
     }
@@ -167,6 +174,23 @@ async function showAlerts() {
     }
     previous = card.node;
   }
+}
+
+// what the operator was doing in a card that is drawn again (new feedback, a verdict
+// published): its open details, what they typed, and the control they were on
+function stateOf(old) {
+  const opened = [...old.querySelectorAll("details")].map((d) => d.open);
+  const typed = [...old.querySelectorAll("textarea, input")].map((i) => i.value);
+  const focused = old.contains(document.activeElement) ? document.activeElement : null;
+  const testid = focused?.dataset.testid;
+  const nth = testid ? [...old.querySelectorAll(`[data-testid="${testid}"]`)].indexOf(focused) : -1;
+  return (node) => {
+    node.querySelectorAll("details").forEach((d, i) => { if (opened[i]) d.open = true; });
+    node.querySelectorAll("textarea, input").forEach((input, i) => {
+      if (typed[i] !== undefined) input.value = typed[i];
+    });
+    if (testid) node.querySelectorAll(`[data-testid="${testid}"]`)[nth]?.focus();
+  };
 }
 
 function alertCard(alert) {
