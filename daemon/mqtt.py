@@ -30,7 +30,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from daemon.config import MqttSettings
+from daemon.config import MqttSettings, Subscription
 from daemon.credentials import CredentialError, credential_path, read_secret
 from daemon.plugin_api import parsing_retained
 
@@ -440,8 +440,13 @@ class MqttLink:
                         waiting=waiting - dropped,
                     )
 
+    def _subscription_of(self, message: aiomqtt.Message) -> Subscription | None:
+        """The first subscription whose filter the message's topic matches."""
+        return next((s for s in self.subscriptions if message.topic.matches(s.topic)), None)
+
     def _warn_qos0(self, message: aiomqtt.Message) -> None:
-        topic = next((s.topic for s in self.subscriptions if message.topic.matches(s.topic)), None)
+        subscription = self._subscription_of(message)
+        topic = subscription.topic if subscription is not None else None
         if topic is not None and topic not in self._qos0_warned:
             self._qos0_warned.add(topic)
             log.warning(
@@ -457,10 +462,8 @@ class MqttLink:
         if feedback_topic and message.topic.matches(feedback_topic):
             await self.on_feedback(str(message.topic), bytes(data))
             return
-        fmt = next(
-            (sub.format for sub in self.subscriptions if message.topic.matches(sub.topic)),
-            self.settings.format,
-        )
+        subscription = self._subscription_of(message)
+        fmt = subscription.format if subscription is not None else self.settings.format
         with parsing_retained(bool(message.retain)):
             await self._on_message(str(message.topic), bytes(data), fmt)
 
@@ -499,8 +502,10 @@ class MqttLink:
         client, acks, lost = self._client, self._acks, self._lost
         if client is None:
             raise PublishError("not connected to the broker")
-        size = publish_packet_size(topic, payload)
-        if self._max_packet is not None and size > self._max_packet:
+        if (
+            self._max_packet is not None
+            and (size := publish_packet_size(topic, payload)) > self._max_packet
+        ):
             raise PublishRefused(
                 f"a {size}-byte packet, over the broker's maximum packet size of "
                 f"{self._max_packet} (it would drop the connection)"

@@ -41,10 +41,9 @@ class ClassifyOptions(BaseModel):
             raise ValueError(f"labels cannot begin or end with a space: {padded!r}")
         seen: dict[str, str] = {}
         for label in self.labels:
-            if (twin := seen.setdefault(label.lower(), label)) != label or self.labels.count(
-                label
-            ) > 1:
+            if (twin := seen.get(label.lower())) is not None:
                 raise ValueError(f"labels must be distinct: {twin!r} and {label!r}")
+            seen[label.lower()] = label
         for key in ("confirm", "reject"):
             unknown = [label for label in getattr(self, key) if label not in self.labels]
             if unknown:

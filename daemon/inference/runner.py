@@ -85,6 +85,11 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+#: a fast tokenizer keeps its padding settings between calls: one call without padding (the
+#: answers' token ids) while another thread collates a batch would make that batch fail
+TOKENIZER_LOCK = threading.Lock()
+
+
 def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
     """Token ids that start each label's answer.
 
@@ -93,13 +98,14 @@ def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> di
     label none of whose forms is one token falls back to its forms' first tokens. Ids shared
     by two labels tell nothing and are dropped; a label left with no id is an error, and so
     is one whose answer starts with a token counted for another ("fireworks" = "fire" +
-    "works" beside "fire": it would be scored as "fire").
+    "works" beside "fire": it would be scored as "fire"). Holds TOKENIZER_LOCK.
     """
     ids: dict[str, set[int]] = {}
     #: per label, the first token of each form without a leading space, and that form
     starts: dict[str, dict[int, str]] = {}
     for label, forms in choices.items():
-        encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
+        with TOKENIZER_LOCK:
+            encoded = [tokenizer.encode(form, add_special_tokens=False) for form in forms]
         single = {tokens[0] for tokens in encoded if len(tokens) == 1}
         starts[label] = {
             tokens[0]: form
@@ -180,10 +186,6 @@ def rope_index_of(model: Any) -> tuple[Any, tuple[str, ...]] | None:
         return None
     return rope_index, tuple(name for name in known if name in parameters)
 
-
-#: a fast tokenizer keeps its padding settings between calls: one call without padding (the
-#: answers' token ids) while another thread collates a batch would make that batch fail
-TOKENIZER_LOCK = threading.Lock()
 
 #: an adapter directory's files: (name, size, modification time in ns) of each
 AdapterStamp = tuple[tuple[str, int, int], ...]
@@ -425,8 +427,7 @@ class ModelRunner:
     def _token_ids(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
         key = tuple((label, tuple(forms)) for label, forms in choices.items())
         if key not in self._choice_ids:
-            with TOKENIZER_LOCK:
-                self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
+            self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
         return self._choice_ids[key]
 
     @torch.inference_mode()

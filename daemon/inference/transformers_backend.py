@@ -16,7 +16,7 @@ from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
 from daemon.inference.batcher import MicroBatcher
 from daemon.inference.model_process import ModelProcess, how_it_ended
-from daemon.inference.runner import TOKENIZER_LOCK, ModelRunner, choice_token_ids
+from daemon.inference.runner import ModelRunner, choice_token_ids
 from daemon.plugin_api import Answer, ModelRequest
 
 log = structlog.get_logger(__name__)
@@ -52,8 +52,7 @@ class TransformersBackend:
 
     def check_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
         """Raise ValueError if two answers share every first token (see choice_token_ids)."""
-        with TOKENIZER_LOCK:
-            choice_token_ids(self._require_runner().tokenizer, choices)
+        choice_token_ids(self._require_runner().tokenizer, choices)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
