@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from daemon.config import ConfigError, Settings, load_settings
+from daemon.entry import HELD, hold, release
 from daemon.logs import configure_logging
 
 #: the architectures `bench --arch` knows (kept here so that --help needs no torch import)
@@ -132,6 +133,8 @@ class _Commands(click.Group):
 @click.version_option(package_name="secondlook")
 def main() -> None:
     """A local multimodal LLM takes a second look at the alerts of AI camera boxes."""
+    if click.get_current_context().invoked_subcommand != "run":
+        release()
 
 
 @main.command()
@@ -141,14 +144,14 @@ def run(config: Path | None, model_path: str | None) -> None:
     """Run the daemon: MQTT/HTTP in, rules, model, verdicts out."""
     import signal
 
-    early_hup: list[int] = []
-    # until the event loop's handler is in place: SIGHUP's default action ends the process
-    signal.signal(signal.SIGHUP, lambda signum, frame: early_hup.append(signum))
+    # until the event loop's handler is in place (held from the first moment when started
+    # as a command): SIGHUP's default action ends the process
+    signal.signal(signal.SIGHUP, hold)
     settings = _settings(config, model_path=model_path)
     from daemon.app import run_daemon
 
     configure_logging(settings.log)
-    run_daemon(settings, lambda: _settings(config, model_path=model_path), early_hup=early_hup)
+    run_daemon(settings, lambda: _settings(config, model_path=model_path), early_hup=HELD)
 
 
 @main.command()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageDraw, UnidentifiedImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -113,17 +113,48 @@ class Budget:
         return fit_to_budget(width, height, max_pixels=self.max_pixels, factor=self.factor)
 
 
+#: how to turn a picture upright, by its EXIF Orientation (2-8; 1 is upright already)
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF Orientation tag, 1 (upright) where there is none or it cannot be read."""
+    if "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # an unreadable EXIF block leaves the picture as it is stored
+        return 1
+    return value if value in UPRIGHT else 1
+
+
 def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
-    """Decode to RGB. With a budget, a JPEG decodes straight at the smallest scale
-    (1/2, 1/4, 1/8) that still covers the budget's size (draft mode)."""
+    """Decode to RGB, upright as the EXIF Orientation tag says (as browsers show it; box
+    coordinates refer to the upright picture). With a budget, a JPEG decodes straight at the
+    smallest scale (1/2, 1/4, 1/8) that still covers the budget's size (draft mode)."""
     try:
         img = Image.open(io.BytesIO(data))
-        original = img.size
+        stored = img.size
+        turn = orientation(img)
+        sideways = turn >= 5  # turned a quarter: width and height swap
+        upright = stored[::-1] if sideways else stored
         if budget is not None and img.format == "JPEG":
-            img.draft("RGB", budget.size_for(*img.size))
+            target = budget.size_for(*upright)
+            img.draft("RGB", target[::-1] if sideways else target)
         img.load()
-        img.info[DRAFT_SCALED] = img.size != original
-        img.info[SOURCE_SIZE] = original
+        scaled = img.size != stored
+        if turn != 1:
+            img = img.transpose(UPRIGHT[turn])
+        img.info[DRAFT_SCALED] = scaled
+        img.info[SOURCE_SIZE] = upright
     except (
         UnidentifiedImageError,
         OSError,

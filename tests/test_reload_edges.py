@@ -232,3 +232,12 @@ def test_a_fifo_in_the_rules_directory_is_refused_without_blocking(tmp_path):
     assert [r.name for r in book.rules] == ["g"]
     [error] = errors
     assert error.path.name == "pipe.toml" and "not a regular file" in str(error)
+
+
+def test_a_sighup_held_at_the_start_acts_as_usual_for_a_command_other_than_run():
+    code = (
+        "import signal; from daemon import entry; signal.signal(signal.SIGHUP, entry.hold); "
+        "entry.HELD.append(signal.SIGHUP); entry.release(); print('alive')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True)
+    assert done.returncode == -signal.SIGHUP and b"alive" not in done.stdout

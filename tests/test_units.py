@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
@@ -30,10 +30,11 @@ from daemon.inference.runner import choice_token_ids, label_scores
 from daemon.inference.synthetic import build_tokenizer
 from daemon.logs import configure_logging
 from daemon.mqtt import backoff_delays
-from daemon.plugin_api import ChoiceAnswer, Judgement, TextAnswer
+from daemon.plugin_api import ChoiceAnswer, Judgement, RawImage, TextAnswer
 from daemon.reviewer import SWEEP_EVERY, RecentReviews
 from daemon.rules import RuleError, parse_rule
 from daemon.sdnotify import notify
+from daemon.snapshots import SnapshotSet
 from daemon.templates import PROMPT_VALUE_CHARS, check_topic_template, render_topic
 from plugins.extract import JsonExtract, validate_fields
 from plugins.verdict import NO_FORMS, YES_FORMS, YesNoVerdict
@@ -126,6 +127,73 @@ def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
     image = load_for_model(data, Budget(448 * 448, 28))
     assert image.mode == "RGB"
     assert image.size == fit_to_budget(1920, 1080, max_pixels=448 * 448, factor=28)
+
+
+QUADRANTS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255))  # TL TR BL BR
+
+
+def quadrants(size: tuple[int, int]) -> Image.Image:
+    width, height = size
+    picture = Image.new("RGB", size)
+    for i, colour in enumerate(QUADRANTS):
+        x, y = i % 2 * width // 2, i // 2 * height // 2
+        picture.paste(colour, (x, y, x + width // 2, y + height // 2))
+    return picture
+
+
+def colours_at_quadrant_centres(picture: Image.Image) -> list[tuple[int, ...]]:
+    w, h = picture.size
+    points = (
+        (w // 4, h // 4),
+        (3 * w // 4, h // 4),
+        (w // 4, 3 * h // 4),
+        (3 * w // 4, 3 * h // 4),
+    )
+    return [tuple(round(c / 255) * 255 for c in picture.getpixel(p)) for p in points]
+
+
+# how a camera stored an upright picture, by the EXIF Orientation that says so
+STORED_AS = {
+    2: [Image.Transpose.FLIP_LEFT_RIGHT],
+    3: [Image.Transpose.ROTATE_180],
+    4: [Image.Transpose.FLIP_TOP_BOTTOM],
+    5: [Image.Transpose.TRANSPOSE],
+    6: [Image.Transpose.ROTATE_90],
+    7: [Image.Transpose.TRANSVERSE],
+    8: [Image.Transpose.ROTATE_270],
+}
+
+
+@pytest.mark.parametrize("turn", sorted(STORED_AS))
+def test_a_snapshot_stored_turned_is_seen_upright_and_boxes_refer_to_the_upright_picture(turn):
+    upright = quadrants((1280, 720))
+    stored = upright
+    for step in STORED_AS[turn]:
+        stored = stored.transpose(step)
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    buffer = io.BytesIO()
+    stored.save(buffer, "JPEG", quality=95, exif=exif)
+    data = buffer.getvalue()
+    # the reference: Pillow's own reading of the tag
+    assert colours_at_quadrant_centres(ImageOps.exif_transpose(Image.open(io.BytesIO(data)))) == (
+        list(QUADRANTS)
+    )
+    budget = Budget(448 * 448, 28)
+    frame = load_for_model(data, budget)
+    assert frame.size == fit_to_budget(1280, 720, max_pixels=448 * 448, factor=28)
+    assert colours_at_quadrant_centres(frame) == list(QUADRANTS)
+    boxes = [(700, 40, 1200, 320)]  # in the green quadrant, upright
+    crop = SnapshotSet([RawImage("image", data)], boxes, budget).for_rule("crop", 0.1)[0]
+    assert colours_at_quadrant_centres(crop) == [(0, 255, 0)] * 4
+
+
+def test_an_unreadable_exif_block_leaves_the_picture_as_stored():
+    buffer = io.BytesIO()
+    quadrants((640, 360)).save(buffer, "JPEG", quality=95, exif=b"Exif\x00\x00MM\x00*garbage")
+    frame = load_for_model(buffer.getvalue(), Budget(448 * 448, 28))
+    assert frame.size == fit_to_budget(640, 360, max_pixels=448 * 448, factor=28)
+    assert colours_at_quadrant_centres(frame) == list(QUADRANTS)
 
 
 def test_a_crop_shows_a_tiny_box_with_context_and_refuses_boxes_outside_the_image():
