@@ -395,21 +395,34 @@ class Daemon:
         return worker_problem(report, self.settings.model.stall_timeout_s)
 
     async def _mqtt_feedback(self, topic: str, payload: bytes) -> None:
-        """Store feedback from the MQTT feedback topic; refusals are logged, never fatal."""
+        """Store feedback from the MQTT feedback topic; refusals are logged, never fatal.
+        While the journal cannot write, the message is held (unacknowledged) and tried
+        again, as an alert is."""
         assert self.journal is not None
-        try:
-            said = feedback.parse_feedback(payload)
-            await feedback.record(
-                self.journal,
-                said,
-                alert_id=feedback.alert_id_of(said),
-                box_id=said.box_id,
-                source="mqtt",
-                stats=self.stats,
-                rules=self.rules,
-            )
-        except feedback.FeedbackError as exc:
-            log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)
+        failed = False
+        while True:
+            try:
+                said = feedback.parse_feedback(payload)
+                await feedback.record(
+                    self.journal,
+                    said,
+                    alert_id=feedback.alert_id_of(said),
+                    box_id=said.box_id,
+                    source="mqtt",
+                    stats=self.stats,
+                    rules=self.rules,
+                )
+                return
+            except feedback.FeedbackError as exc:
+                log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)
+                return
+            except sqlite3.Error as exc:
+                if not failed:
+                    log.error("feedback held: the journal cannot write", error=str(exc))
+                failed = True
+            if self.stopping:
+                raise IntakeDeferred("feedback not journalled before shutdown")
+            await asyncio.sleep(BUSY_RETRY_S)
 
     async def _mqtt_alert(self, topic: str, payload: bytes, fmt: str) -> None:
         """Ingest one MQTT alert; while the journal cannot take it, hold it (unacknowledged)

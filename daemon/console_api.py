@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sqlite3
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +38,7 @@ from pydantic import ValidationError
 from daemon import feedback, history, metrics, playground
 from daemon.config import describe_validation_error
 from daemon.contract import Alert, utc_now
-from daemon.http_api import error, read_whole_body
+from daemon.http_api import busy, error, read_whole_body
 from daemon.images import ImageError, decode, draw_detections
 from daemon.journal import Journal
 from plugins.canonical import decode_base64_image
@@ -139,6 +140,8 @@ class ConsoleApi:
             )
         except feedback.FeedbackError as exc:
             return error(exc.status, str(exc), exc.field)
+        except sqlite3.Error as exc:
+            return busy(f"the journal cannot write: {exc}")
         return web.json_response(stored, status=201)
 
     async def rules(self, request: web.Request) -> web.Response:

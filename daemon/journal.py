@@ -401,12 +401,14 @@ class Journal:
     ) -> Pruned:
         """Forget what is done with: only alerts that are reviewed and (`published_only`:
         a daemon with an outbox) whose verdicts are all published are touched. Their
-        snapshots go after `snapshots_before` (and, oldest first, while all snapshots
-        together exceed `snapshot_max_bytes`); the alerts themselves, with their verdicts,
-        after `alerts_before`; refused payloads after `alerts_before` and beyond the newest
-        `max_rejects`. The work is done PRUNE_CHUNK alerts (SNAPSHOT_PRUNE_CHUNK alerts' or
-        SNAPSHOT_PRUNE_BYTES of snapshots) and VACUUM_PAGES pages per commit, so that
-        intake's writes wait for one chunk at most, never for the whole prune."""
+        snapshots go after `snapshots_before` (those of alerts with an operator's feedback,
+        what `export-dataset` learns from, stay with the alert) and, oldest first (those
+        with feedback last), while all snapshots together exceed `snapshot_max_bytes`; the
+        alerts themselves, with their verdicts and feedback, after `alerts_before`; refused
+        payloads after `alerts_before` and beyond the newest `max_rejects`. The work is done
+        PRUNE_CHUNK alerts or rows (SNAPSHOT_PRUNE_CHUNK alerts' or SNAPSHOT_PRUNE_BYTES of
+        snapshots) and VACUUM_PAGES pages per commit, so that intake's writes wait for one
+        chunk at most, never for the whole prune."""
         done = "a.state = 'reviewed' AND a.reviewed_at < ?"
         if published_only:
             done += (
@@ -415,29 +417,37 @@ class Journal:
             )
         # snapshots first, those of the alerts about to go too: the alerts' deletion then
         # cascades to no snapshot, and no commit holds more than SNAPSHOT_PRUNE_BYTES of them
+        aged = f"{done} AND (NOT EXISTS ({HAS_FEEDBACK}) OR a.reviewed_at < ?)"
+        cutoffs = (max(snapshots_before, alerts_before).isoformat(), alerts_before.isoformat())
         snapshots = 0
         while True:
-            sized = await self._write(
-                partial(_snapshots_of, done, max(snapshots_before, alerts_before))
-            )
+            sized = await self._write(partial(_snapshots_of, aged, cutoffs))
             snapshots += await self._prune_snapshots(sized)
             if len(sized) < PRUNE_CHUNK:
                 break
         alerts = await self._in_chunks(
             f"DELETE FROM alerts WHERE id IN (SELECT a.id FROM alerts a WHERE {done} LIMIT ?)",
-            alerts_before,
-            PRUNE_CHUNK,
+            alerts_before.isoformat(),
         )
-
-        def forget_rejects_and_choose(db: sqlite3.Connection) -> tuple[list[tuple[int, int]], int]:
-            """Refused payloads go; the snapshots to go beyond the cap, oldest first (each
-            alert's, with their size), and all snapshots' size."""
-            db.execute("DELETE FROM rejects WHERE received_at < ?", (alerts_before.isoformat(),))
-            db.execute(
-                "DELETE FROM rejects WHERE id <= "
-                "(SELECT id FROM rejects ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (max_rejects,),
+        await self._in_chunks(
+            "DELETE FROM rejects WHERE id IN (SELECT id FROM rejects WHERE received_at < ? "
+            "LIMIT ?)",
+            alerts_before.isoformat(),
+        )
+        newest_gone = await self._write(
+            lambda db: db.execute(
+                "SELECT id FROM rejects ORDER BY id DESC LIMIT 1 OFFSET ?", (max_rejects,)
+            ).fetchone()
+        )
+        if newest_gone is not None:
+            await self._in_chunks(
+                "DELETE FROM rejects WHERE id IN (SELECT id FROM rejects WHERE id <= ? LIMIT ?)",
+                newest_gone[0],
             )
+
+        def choose(db: sqlite3.Connection) -> tuple[list[tuple[int, int]], int]:
+            """The snapshots to go beyond the cap, oldest first and those with feedback last
+            (each alert's, with their size), and all snapshots' size."""
             row = db.execute("SELECT coalesce(sum(length(data)), 0) FROM alert_images").fetchone()
             total = int((row or (0,))[0])
             excess = total - snapshot_max_bytes
@@ -448,7 +458,7 @@ class Journal:
             rows = db.execute(
                 "SELECT i.alert_ref, sum(length(i.data)) FROM alert_images i JOIN alerts a "
                 f"ON a.id = i.alert_ref WHERE {done} GROUP BY i.alert_ref "
-                "ORDER BY a.reviewed_at, i.alert_ref",
+                f"ORDER BY EXISTS ({HAS_FEEDBACK}), a.reviewed_at, i.alert_ref",
                 (any_age,),
             )
             for ref, size in rows:
@@ -459,7 +469,7 @@ class Journal:
             rows.close()
             return doomed, total
 
-        doomed, total = await self._write(forget_rejects_and_choose)
+        doomed, total = await self._write(choose)
         capped = await self._prune_snapshots(doomed)
         total -= sum(size for _, size in doomed)
         while await self._write(_vacuum_some):
@@ -474,16 +484,14 @@ class Journal:
             deleted += await self._write(partial(_delete_snapshots, chunk))
         return deleted
 
-    async def _in_chunks(self, sql: str, before: datetime, chunk: int) -> int:
+    async def _in_chunks(self, sql: str, bound: Any) -> int:
         """Rows `sql` deletes, run a commit at a time until it deletes fewer than a chunk
-        (`sql` takes the time and the chunk's size)."""
+        (`sql` takes `bound` and PRUNE_CHUNK)."""
         deleted = 0
         while True:
-            count = await self._write(
-                lambda db: db.execute(sql, (before.isoformat(), chunk)).rowcount
-            )
+            count = await self._write(lambda db: db.execute(sql, (bound, PRUNE_CHUNK)).rowcount)
             deleted += count
-            if count < chunk:
+            if count < PRUNE_CHUNK:
                 return deleted
 
     # reads -------------------------------------------------------------------------------
@@ -696,14 +704,20 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
     return results
 
 
-def _snapshots_of(done: str, before: datetime, db: sqlite3.Connection) -> list[tuple[int, int]]:
-    """Up to PRUNE_CHUNK alerts `done` before `before` that still have snapshots, each with
-    its snapshots' bytes; from the snapshots kept (a few days' worth), not from every old
-    alert (CROSS JOIN: SQLite keeps that order)."""
+#: whether alert `a` carries an operator's feedback
+HAS_FEEDBACK = "SELECT 1 FROM feedback f WHERE f.alert_ref = a.id"
+
+
+def _snapshots_of(
+    where: str, args: tuple[str, ...], db: sqlite3.Connection
+) -> list[tuple[int, int]]:
+    """Up to PRUNE_CHUNK alerts (`a`) that still have snapshots and meet `where` (taking
+    `args`), each with its snapshots' bytes; from the snapshots kept (a few days' worth),
+    not from every old alert (CROSS JOIN: SQLite keeps that order)."""
     rows = db.execute(
         "SELECT i.alert_ref, sum(length(i.data)) FROM alert_images i CROSS JOIN alerts a "
-        f"ON a.id = i.alert_ref WHERE {done} GROUP BY i.alert_ref LIMIT ?",
-        (before.isoformat(), PRUNE_CHUNK),
+        f"ON a.id = i.alert_ref WHERE {where} GROUP BY i.alert_ref LIMIT ?",
+        (*args, PRUNE_CHUNK),
     )
     return [(int(ref), int(size)) for ref, size in rows]
 

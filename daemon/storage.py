@@ -81,7 +81,9 @@ class StorageKeeper:
             if self.pipeline.storage_problem != problem:
                 log.error("disk nearly full; intake paused", free_mb=round(free), dir=str(s.dir))
             self.pipeline.storage_problem = problem
-        elif self.pipeline.storage_problem is not None:
+        elif self.pipeline.storage_problem is not None and free > s.min_free_mb:
+            # strictly more: a write that failed on a full disk is not retried while none
+            # is free (min_free_mb = 0 would open and close intake at every check)
             log.info("storage usable again; intake open", free_mb=round(free))
             self.pipeline.storage_problem = None
 
@@ -106,18 +108,33 @@ class StorageKeeper:
 
     async def run(self) -> None:
         """Check space every `check_interval_s`, prune every `prune_interval_s` (both read
-        at each turn: a reload changes them)."""
+        at each turn: a reload changes them). A prune runs beside the checks (a long one
+        must not hold a pause that space no longer calls for), one at a time."""
         loop = asyncio.get_running_loop()
         last_prune: float | None = None
-        while True:
-            try:
-                self.check_space()
+        pruning: asyncio.Task[None] | None = None
+        try:
+            while True:
+                try:
+                    self.check_space()
+                except Exception:
+                    log.exception("storage check failed")
                 now = loop.time()
-                if last_prune is None or now >= last_prune + self.settings.prune_interval_s:
+                due = last_prune is None or now >= last_prune + self.settings.prune_interval_s
+                if due and (pruning is None or pruning.done()):
                     last_prune = now
-                    await self.prune()
-            except Exception:
-                log.exception("storage check failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._reloaded.wait(), self.settings.check_interval_s)
-            self._reloaded.clear()
+                    pruning = asyncio.create_task(self._prune_logged())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._reloaded.wait(), self.settings.check_interval_s)
+                self._reloaded.clear()
+        finally:
+            if pruning is not None:
+                pruning.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pruning
+
+    async def _prune_logged(self) -> None:
+        try:
+            await self.prune()
+        except Exception:
+            log.exception("journal prune failed")

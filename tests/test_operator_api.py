@@ -243,6 +243,44 @@ async def test_feedback_on_the_mqtt_topic_is_stored_and_bad_feedback_is_refused(
         assert [tuple(row) for row in rows] == [("mqtt", "false")]
 
 
+async def test_feedback_while_the_journal_cannot_write_is_held_not_lost(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    async with run_daemon(settings) as d:
+        assert (await d.post_alert(make_alert("held-fb")))[0] == 202
+        await d.wait_reviewed("held-fb")
+        journal, loop = d.daemon.journal, asyncio.get_running_loop()
+        record_feedback, full_until = journal.record_feedback, loop.time() + 2.5
+
+        async def full_disk_for_a_while(row):
+            if loop.time() < full_until:
+                raise sqlite3.OperationalError("database or disk is full")
+            return await record_feedback(row)
+
+        journal.record_feedback = full_disk_for_a_while
+        said = {"alert_id": "held-fb", "box_id": "box-t", "label": "false"}
+        async with d.http.post(f"{d.base_url}/v1/feedback", json=said) as response:
+            assert response.status == 503 and "Retry-After" in response.headers
+            assert (
+                "the journal cannot write: database or disk is full"
+                in (await response.json())["error"]
+            )
+        await publish(broker, "secondlook/feedback/op-1", json.dumps(said))
+        link_kept = True
+        while loop.time() < full_until + 0.2:
+            link_kept = link_kept and d.daemon.link.connected.is_set()
+            await asyncio.sleep(0.02)
+        assert link_kept  # not a reconnect (and a redelivery) per try
+        for _ in range(100):
+            rows = await journal.read("SELECT source, label FROM feedback")
+            if rows:
+                break
+            await asyncio.sleep(0.1)
+        assert [tuple(row) for row in rows] == [("mqtt", "false")]
+
+
 async def test_a_timeline_over_a_sliver_of_time_counts_verdicts_stamped_ahead(tmp_path):
     path = tmp_path / "j.sqlite3"
     await (await Journal.open(path)).close()

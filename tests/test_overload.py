@@ -17,7 +17,7 @@ from daemon.app import JOURNAL_FILE, Daemon
 from daemon.backlog import Backlog
 from daemon.config import StorageSettings
 from daemon.contract import utc_now
-from daemon.journal import Journal, PlannedVerdict
+from daemon.journal import FeedbackRow, Journal, PlannedVerdict
 from daemon.mqtt import publish_all
 from daemon.storage import StorageKeeper
 from plugins.canonical import CanonicalFormat
@@ -378,11 +378,12 @@ async def test_pruning_without_an_outbox_a_chunk_at_a_time_gives_the_space_back(
     await journal.close()
 
 
-async def reviewed_with_snapshots(journal: Journal, count: int) -> list[int]:
-    """Journal `count` alerts with a snapshot each, reviewed; the snapshots' sizes."""
+async def reviewed_with_snapshots(journal: Journal, count: int, first: int = 0) -> list[int]:
+    """Journal `count` alerts (a-`first`, …) with a snapshot each, reviewed; the snapshots'
+    sizes."""
     parse = CanonicalFormat().parse
     sizes = []
-    for i in range(count):
+    for i in range(first, first + count):
         picture = noise_jpeg((400, 300))
         sizes.append(len(picture))
         alert = make_alert(f"a-{i}", image=base64.b64encode(picture).decode())
@@ -448,6 +449,58 @@ async def test_alerts_pruned_with_their_snapshots_free_them_in_bounded_commits(
     await journal.close()
 
 
+async def test_refused_payloads_are_pruned_a_chunk_per_commit(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "PRUNE_CHUNK", 3)
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    for _ in range(11):
+        await journal.record_reject(
+            source="http", topic=None, field="payload", error="bad", payload=b"x" * 100
+        )
+    write, changes = journal._write, []
+
+    async def counted(op):
+        before = await journal.call_writer(lambda db: db.total_changes)
+        result = await write(op)
+        changes.append(await journal.call_writer(lambda db: db.total_changes) - before)
+        return result
+
+    journal._write = counted
+    now = utc_now()
+    await journal.prune(
+        snapshots_before=now,
+        alerts_before=now - timedelta(days=1),
+        snapshot_max_bytes=10**9,
+        max_rejects=2,
+    )
+    kept = await journal.read("SELECT id FROM rejects ORDER BY id")
+    assert [row["id"] for row in kept] == [10, 11]  # the newest two
+    assert sum(changes) == 9 and max(changes) <= 3  # not one commit that waits for them all
+    await journal.close()
+
+
+async def test_an_alert_with_feedback_keeps_its_snapshot_as_long_as_the_alert(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    sizes = await reviewed_with_snapshots(journal, 4)
+    await journal.record_feedback(FeedbackRow(2, "fire", "false_alarm", "real", False))
+    now = utc_now()
+    ages = {"snapshots_before": now + timedelta(days=1), "alerts_before": now - timedelta(days=1)}
+    pruned = await journal.prune(**ages, snapshot_max_bytes=10**9, published_only=False)
+    kept = await journal.read("SELECT alert_ref FROM alert_images ORDER BY alert_ref")
+    assert pruned.snapshots == 3 and [row["alert_ref"] for row in kept] == [2]
+    # over the cap, the others' snapshots go first
+    sizes += await reviewed_with_snapshots(journal, 2, first=4)
+    ages["snapshots_before"] = now - timedelta(days=1)
+    pruned = await journal.prune(**ages, snapshot_max_bytes=max(sizes) + 1, published_only=False)
+    kept = await journal.read("SELECT alert_ref FROM alert_images ORDER BY alert_ref")
+    assert pruned.snapshots == 2 and [row["alert_ref"] for row in kept] == [2]
+    # the alert itself goes at its age, its snapshot and feedback with it
+    ages["alerts_before"] = now + timedelta(days=1)
+    pruned = await journal.prune(**ages, snapshot_max_bytes=10**9, published_only=False)
+    assert pruned.alerts == 6 and not await journal.read("SELECT * FROM feedback")
+    assert not await journal.read("SELECT * FROM alert_images")
+    await journal.close()
+
+
 def test_refs_are_chunked_by_count_and_by_bytes():
     sized = [(1, 10), (2, 10), (3, 50), (4, 5), (5, 5), (6, 5)]
     assert journal_module._chunks_by_bytes(sized, 2, 30) == [[1, 2], [3], [4, 5], [6]]
@@ -485,6 +538,49 @@ async def test_a_max_age_beyond_the_calendar_keeps_everything(tmp_path):
         assert len(await journal.find_alerts("kept")) == 1
     finally:
         await journal.close()
+
+
+async def test_a_long_prune_does_not_hold_a_pause_that_space_no_longer_calls_for(
+    tmp_path, monkeypatch
+):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    pipeline = types.SimpleNamespace(storage_problem=None)
+    settings = StorageSettings(dir=tmp_path, check_interval_s=0.05)
+    keeper = StorageKeeper(settings, journal, pipeline)  # type: ignore[arg-type]
+    slow = asyncio.Event()
+
+    async def slow_prune():
+        await slow.wait()  # a prune of a big journal
+
+    keeper.prune = slow_prune
+    running = asyncio.create_task(keeper.run())
+    try:
+        await asyncio.sleep(0.2)  # the prune is under way when a write fails
+        pipeline.storage_problem = "the journal cannot write: disk I/O error"
+        await asyncio.sleep(0.5)
+        assert pipeline.storage_problem is None  # space was there all along
+        assert not slow.is_set()
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await journal.close()
+
+
+def test_with_no_space_kept_free_a_failed_write_is_not_retried_on_a_full_disk(
+    tmp_path, monkeypatch
+):
+    from daemon import storage
+
+    problem = "the journal cannot write: database or disk is full"
+    pipeline = types.SimpleNamespace(storage_problem=problem)
+    keeper = StorageKeeper(StorageSettings(dir=tmp_path, min_free_mb=0), None, pipeline)  # type: ignore[arg-type]
+    monkeypatch.setattr(storage, "free_mb", lambda settings: 0.0)
+    keeper.check_space()
+    assert pipeline.storage_problem == problem  # not opened to fail again at once
+    monkeypatch.setattr(storage, "free_mb", lambda settings: 0.5)
+    keeper.check_space()
+    assert pipeline.storage_problem is None
 
 
 async def test_reloaded_storage_intervals_apply_without_a_restart(tmp_path):
