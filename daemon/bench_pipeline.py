@@ -205,7 +205,7 @@ async def _drive(
                 if line.startswith(b"{"):
                     figures = json.loads(line)
                     break
-                if not cpu_before:  # the first verdicts: the generator is publishing
+                if not cpu_before:  # the generator's first line: it starts publishing
                     cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
                     model_before = process_cpu_s(model_pid) if model_pid else 0.0
                 if progress is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -419,6 +420,7 @@ def try_(
                     camera_id,
                     event_type,
                     save_as,
+                    rule_file.parent if rule_file else settings.rules.dir,
                     settings.rules.dir,
                     console,
                 )
@@ -444,13 +446,21 @@ async def _try(
     camera_id: str,
     event_type: str | None,
     save_as: str | None,
+    folder: Path,
     rules_dir: Path,
     console: Console,
 ) -> tuple[dict[str, Any], tuple[Path, bool] | None]:
-    """The rule's result, and where it was saved (and whether that replaced a file)."""
+    """The rule's result (the rule read as a file of `folder`), and where it was saved
+    into `rules_dir` (and whether that replaced a file)."""
     from daemon.app import Daemon
     from daemon.images import ImageError, inspect_image
-    from daemon.playground import PlaygroundError, load_rule, save_rule, try_rule
+    from daemon.playground import (
+        PlaygroundError,
+        load_rule,
+        playground_alert,
+        save_rule,
+        try_rule,
+    )
 
     # the rule under trial alone: the rules directory is not read
     empty = settings.storage.dir / "no-rules"
@@ -459,7 +469,12 @@ async def _try(
         settings.model_copy(update={"rules": settings.rules.model_copy(update={"dir": empty})})
     )
     kinds = daemon.registry.rule_kinds
-    load_rule(text, kinds, None, name)  # a mistake in the rule is told before the model loads
+    # a mistake in the rule, the image or the alert is told before the model loads
+    rule = load_rule(text, kinds, None, name, folder=folder)
+    if save_as is not None:
+        load_rule(text, kinds, None, name, folder=rules_dir)
+        _writable_dir(rules_dir)
+    playground_alert(rule, camera_id=camera_id, event_type=event_type)
     try:
         inspect_image(image, max_pixels=settings.images.max_input_pixels)
     except ImageError as exc:
@@ -469,7 +484,7 @@ async def _try(
         with console.status(f"loading model {settings.model.path}"):
             await daemon.start_model()
         check = daemon.rules.check_choices
-        rule = load_rule(text, kinds, check, name)
+        rule = load_rule(text, kinds, check, name, folder=folder)
         result = await try_rule(
             pipeline.reviewer,
             rule,
@@ -482,7 +497,11 @@ async def _try(
         if save_as is not None:
             save_as = save_as.removesuffix(".toml")
             replaced = (rules_dir / f"{save_as}.toml").exists()
-            saved = (save_rule(rules_dir, save_as, text, kinds, check)[0], replaced)
+            try:
+                saved = (save_rule(rules_dir, save_as, text, kinds, check)[0], replaced)
+            except OSError as exc:
+                where = exc.filename or rules_dir
+                raise PlaygroundError(f"cannot write the rule into {where}: {exc}") from exc
     finally:
         await daemon.close()
     return result, saved
@@ -525,11 +544,34 @@ def plugins(config: Path | None) -> None:
     click.echo(f"backends:      {', '.join(sorted(registry.backends))}")
 
 
+#: the longest side a JPEG can have, and the most one side may outgrow the other (the
+#: Qwen2-VL processors refuse 200:1)
+JPEG_MAX_SIDE = 65_500
+MAX_ASPECT = 100
+
+
 def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     width, _, height = value.lower().partition("x")
     if not (width.isdigit() and height.isdigit()) or int(width) < 28 or int(height) < 28:
         raise click.BadParameter("expected WIDTHxHEIGHT, e.g. 1920x1080")
-    return int(width), int(height)
+    w, h = int(width), int(height)
+    if max(w, h) > JPEG_MAX_SIDE:
+        raise click.BadParameter(f"a JPEG's sides are at most {JPEG_MAX_SIDE} pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise click.BadParameter(f"one side at most {MAX_ASPECT} times the other")
+    return w, h
+
+
+def _finite(_ctx: Any, _param: Any, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter("expected a number")
+    return value
+
+
+def _option_name(context: click.Context, name: str) -> str:
+    """How the command line spells a parameter (its longest option)."""
+    param = next(p for p in context.command.params if p.name == name)
+    return max(param.opts, key=len)
 
 
 @main.command()
@@ -582,12 +624,16 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     help="Run the slow naive path on only the first N alerts (default: all).",
 )
 @click.option(
-    "--max-batch", type=click.IntRange(1), default=None, help="Default: [model] max_batch's (16)."
+    "--max-batch",
+    type=click.IntRange(1, 512),
+    default=None,
+    help="Default: [model] max_batch's (16).",
 )
 @click.option(
     "--max-wait-ms",
     type=click.FloatRange(0, 1000),
     default=None,
+    callback=_finite,
     help="Default: [model] max_wait_ms's (10).",
 )
 @click.option("--device", default="auto", show_default=True)
@@ -621,23 +667,28 @@ def bench(
 
     if worker == "process" and backend != "pipeline":
         raise click.UsageError("--worker process goes with --backend pipeline")
-    arch_given = click.get_current_context().get_parameter_source("arch") not in (
-        click.core.ParameterSource.DEFAULT,
-        None,
-    )
-    if model_path is not None and arch_given:
+    context = click.get_current_context()
+    model_options = ("arch", "model_path", "baseline_alerts", "max_batch", "max_wait_ms")
+    given = [
+        name
+        for name in (*model_options, "device", "compile_model", "dtype")
+        if context.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+    ]
+    if "model_path" in given and "arch" in given:
         raise click.UsageError("--arch and --model are alternatives: give one")
-    if backend == "instant" and (model_path is not None or arch_given):
-        raise click.UsageError("--backend instant runs no model: leave out --arch and --model")
+    if backend == "instant" and given:
+        options = ", ".join(_option_name(context, name) for name in given)
+        raise click.UsageError(f"--backend instant runs no model: leave out {options}")
+    if backend == "pipeline" and "baseline_alerts" in given:
+        raise click.UsageError("--backend pipeline runs no naive path: leave out --baseline-alerts")
     from daemon.config import ImageSettings, ModelSettings
 
-    if backend in ("instant", "pipeline"):
-        limit = ImageSettings().max_input_pixels  # the daemon would refuse every snapshot
-        if image_size[0] * image_size[1] > limit:
-            raise click.UsageError(
-                f"--image-size {image_size[0]}x{image_size[1]} is over the daemon's "
-                f"[images] max_input_pixels ({limit})"
-            )
+    limit = ImageSettings().max_input_pixels  # the daemon would refuse every snapshot
+    if image_size[0] * image_size[1] > limit:
+        raise click.UsageError(
+            f"--image-size {image_size[0]}x{image_size[1]} is over the daemon's "
+            f"[images] max_input_pixels ({limit})"
+        )
 
     configure_logging(Settings().log.model_copy(update={"level": "warning"}))
     console = Console(stderr=True)

@@ -191,14 +191,16 @@ class ConsoleApi:
                     _text(body, "prompt"), kind=str(body.get("kind") or "verdict")
                 )
             )
-            rule = playground.load_rule(text, d.registry.rule_kinds, d.rules.check_choices)
+            rule = playground.load_rule(
+                text, d.registry.rule_kinds, d.rules.check_choices, folder=d.rules.directory
+            )
             assert d.pipeline is not None
             result = await playground.try_rule(
                 d.pipeline.reviewer,
                 rule,
                 image,
-                camera_id=str(body.get("camera_id") or "playground"),
-                event_type=body.get("event_type") or None,
+                camera_id=_text(body, "camera_id") if body.get("camera_id") else "playground",
+                event_type=_text(body, "event_type") if body.get("event_type") else None,
                 max_pixels=d.settings.images.max_input_pixels,
                 like=like,
             )

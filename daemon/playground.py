@@ -17,6 +17,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from daemon.config import describe_validation_error
 from daemon.contract import Alert, utc_now
 from daemon.images import ImageError, inspect_image
 from daemon.journal import StoredAlert
@@ -89,12 +92,44 @@ def load_rule(
     kinds: Mapping[str, RuleKind],
     check_choices: ChoiceChecker | None = None,
     name: str = "playground",
+    *,
+    folder: Path,
 ) -> Rule:
-    """A rule from its text, checked as the rules directory would check it."""
+    """A rule from its text, checked as the rules directory would check it, as a file of
+    `folder` (what a relative `adapter` path is relative to)."""
     try:
-        return parse_rule(Path(f"{name}.toml"), text, kinds, check_choices)
+        return parse_rule(folder / f"{name}.toml", text, kinds, check_choices)
     except RuleError as exc:
         raise PlaygroundError(str(exc)) from exc
+
+
+def playground_alert(
+    rule: Rule,
+    *,
+    camera_id: str = "playground",
+    event_type: str | None = None,
+    boxes: Sequence[Mapping[str, float]] = (),
+    like: Alert | None = None,
+) -> Alert:
+    """The alert a try judges: `like` (a stored alert) under a new id, or one made of the
+    camera, event type (default: the rule's first plain one) and boxes given."""
+    try_id = f"try-{uuid.uuid4().hex[:8]}"
+    if like is not None:
+        return like.model_copy(update={"alert_id": try_id, "box_id": "playground"})
+    plain = [t for t in rule.match.event_types if not any(c in t for c in "*?[")]
+    try:
+        return Alert.model_validate(
+            {
+                "alert_id": try_id,
+                "box_id": "playground",
+                "camera_id": camera_id,
+                "event_type": event_type or (plain[0] if plain else "playground"),
+                "occurred_at": utc_now().isoformat(),
+                "boxes": list(boxes),
+            }
+        )
+    except ValidationError as exc:
+        raise PlaygroundError(describe_validation_error(exc)) from exc
 
 
 async def try_rule(
@@ -114,21 +149,9 @@ async def try_rule(
         inspect_image(image, max_pixels=max_pixels)
     except ImageError as exc:
         raise PlaygroundError(f"image: {exc}") from exc
-    try_id = f"try-{uuid.uuid4().hex[:8]}"
-    if like is not None:
-        alert = like.model_copy(update={"alert_id": try_id, "box_id": "playground"})
-    else:
-        plain = [t for t in rule.match.event_types if not any(c in t for c in "*?[")]
-        alert = Alert.model_validate(
-            {
-                "alert_id": try_id,
-                "box_id": "playground",
-                "camera_id": camera_id,
-                "event_type": event_type or (plain[0] if plain else "playground"),
-                "occurred_at": utc_now().isoformat(),
-                "boxes": list(boxes),
-            }
-        )
+    alert = playground_alert(
+        rule, camera_id=camera_id, event_type=event_type, boxes=boxes, like=like
+    )
     stored = StoredAlert(0, alert, [RawImage("image", image)], utc_now(), 0, "received")
     started = time.perf_counter()
     # a try neither reuses a verdict nor lends one to the live alerts of its camera
@@ -170,7 +193,7 @@ def save_rule(
         )
     if len(text.encode()) > RULE_FILE_MAX_BYTES:
         raise PlaygroundError(f"over {RULE_FILE_MAX_BYTES} bytes: not a rule file")
-    rule = load_rule(text, kinds, check_choices, name)
+    rule = load_rule(text, kinds, check_choices, name, folder=rules_dir)
     target = rules_dir / f"{name}.toml"
     if not overwrite and target.exists():
         raise RuleFileExists(f"{target.name} exists")

@@ -78,7 +78,7 @@ def test_pipeline_bench_counts_every_stage_and_publishes_each_verdict_once(tmp_p
 
 
 def test_pipeline_bench_with_the_model_in_its_own_process(tiny_model):
-    alerts = 120  # past the load generator's first progress line, where CPU counting starts
+    alerts = 20  # CPU is counted from the first alert on, however few
     args = ["bench", "--backend", "pipeline", "--model", str(tiny_model), "--worker", "process"]
     args += ["--alerts", str(alerts), "--image-size", "320x180", "--max-batch", "8", "--json"]
     result = CliRunner().invoke(main, args)
@@ -89,7 +89,8 @@ def test_pipeline_bench_with_the_model_in_its_own_process(tiny_model):
     assert figures["alerts"] == alerts and figures["duplicates"] == 0
     for stage in ("prepare", "model", "journal_verdict", "publish"):
         assert figures["stages"][stage]["count"] == alerts, stage
-    assert figures["cpu_ms_per_alert"]["model_process"] > 0  # the child's CPU is counted
+    cpu = figures["cpu_ms_per_alert"]
+    assert cpu["model_process"] > 0 and cpu["event_loop"] > 0  # the child's CPU is counted
     assert "in a process" in result.output
 
 
@@ -133,6 +134,16 @@ def test_bench_refuses_options_it_would_ignore_or_could_not_measure():
         (["--model", "/m", "--arch", "qwen2-vl-7b"], "--arch and --model are alternatives"),
         (["--backend", "instant", "--worker", "process"], "--worker process goes with"),
         (["--backend", "instant", "--image-size", "8000x6000"], "over the daemon's"),
+        (["--image-size", "14000x14000"], "over the daemon's"),  # the model bench too
+        (["--image-size", "70000x28"], "at most 65500 pixels"),
+        (["--image-size", "6000x28"], "at most 100 times the other"),
+        (["--max-wait-ms", "nan"], "expected a number"),
+        (["--max-batch", "1000"], "1<=x<=512"),
+        (
+            ["--backend", "instant", "--max-batch", "4", "--compile", "--dtype", "float32"],
+            "leave out --max-batch, --compile, --dtype",
+        ),
+        (["--backend", "pipeline", "--baseline-alerts", "2"], "leave out --baseline-alerts"),
     ):
         result = CliRunner().invoke(main, ["bench", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)

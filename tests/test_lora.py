@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
+from daemon.cli import main
 from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
 from daemon.plugin_api import Answer, ModelRequest
@@ -95,6 +97,31 @@ async def test_an_adapter_retrained_over_its_old_files_is_used_from_its_next_bat
         fresh = await confidence(d, "retrain-fresh")
     assert abs(fresh - before) > 1e-3  # the two adapters do answer differently
     assert after == pytest.approx(fresh, abs=1e-4)
+
+
+def test_a_rule_file_with_an_adapter_is_tried_as_a_file_of_its_folder(
+    tmp_path, tiny_model, adapter
+):
+    rule = tmp_path / "rules" / "tuned.toml"  # its adapter: ../adapters/fire-lora
+    rule.parent.mkdir()
+    rule.write_text(TUNED_RULE)
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(jpeg_bytes())
+    try_it = ["try", str(image), "--rule", str(rule), "--model", str(tiny_model), "--json"]
+    result = CliRunner().invoke(main, try_it)  # from another working directory
+    assert result.exit_code == 0, result.output
+
+
+async def test_a_rule_with_an_adapter_is_tried_and_saved_as_a_file_of_the_rules_folder(
+    tmp_path, tiny_model, adapter
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings) as d:
+        body = {"image": base64.b64encode(jpeg_bytes()).decode(), "rule_toml": TUNED_RULE}
+        async with d.http.post(f"{d.base_url}/v1/try", json=body) as response:
+            assert response.status == 200, await response.text()
+        async with d.http.put(f"{d.base_url}/v1/rules/tuned", data=TUNED_RULE.encode()) as response:
+            assert response.status == 201, await response.text()
 
 
 def test_a_missing_adapter_is_a_load_error_naming_the_key(tmp_path):

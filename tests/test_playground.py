@@ -75,6 +75,14 @@ def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tin
     result = runner.invoke(main, [*plain, "--prompt", "Is zone [/north] on [red]fire?"])
     assert result.exit_code == 0, result.output
     assert "Is zone [/north] on [red]fire?" in result.output
+    # an alert the try could not make, and a rules folder it could not save into, are told
+    # before the model loads
+    result = runner.invoke(main, [*base, "--prompt", "x", "--camera-id", " ", "--model", "/none"])
+    assert result.exit_code == 1 and "camera_id: String should have at least 1" in result.output
+    config.write_text(f'[rules]\ndir = "{image}/rules"\n')  # under a file
+    save = ["try", str(image), "--model", "/none", "--config", str(config), "--prompt", "Fire?"]
+    result = runner.invoke(main, [*save, "--event-type", "fire", "--save-rule", "my_fire"])
+    assert result.exit_code == 1 and "is no writable folder" in result.output
     not_image = tmp_path / "notes.txt"
     not_image.write_text("hello")
     result = runner.invoke(
@@ -123,6 +131,13 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         assert status == 400 and "playground.toml" in body["error"]
         status, body = await call("POST", "/v1/try", json={"image": upload, "rule_toml": ["x"]})
         assert status == 400 and "rule_toml: a non-empty text is required" in body["error"]
+        for key, value, message in (
+            ("camera_id", [1, 2], "camera_id: a non-empty text"),
+            ("event_type", "x" * 300, "event_type: String should have at most"),
+        ):
+            tried = {"image": upload, "prompt": "x", key: value}
+            status, body = await call("POST", "/v1/try", json=tried)
+            assert status == 400 and body["error"].startswith(message), body
 
         # saved from the playground: the next matching alert uses it at once
         status, saved = await call(
