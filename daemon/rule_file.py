@@ -113,7 +113,7 @@ class CooldownSpec(_Strict):
     #: 0: off. A repeat within this many seconds of the last model call reuses its verdict.
     window_s: float = Field(default=0, ge=0, le=24 * 3600)
     #: boxes overlap when their intersection over union reaches this
-    iou: float = Field(default=0.5, ge=0, le=1)
+    iou: float = Field(default=0.5, gt=0, le=1)
 
 
 class PublishSpec(_Strict):

@@ -45,9 +45,12 @@ class ClassifyOptions(BaseModel):
                 raise ValueError(f"labels must be distinct: {twin!r} and {label!r}")
             seen[label.lower()] = label
         for key in ("confirm", "reject"):
-            unknown = [label for label in getattr(self, key) if label not in self.labels]
+            named = getattr(self, key)
+            unknown = [label for label in named if label not in self.labels]
             if unknown:
                 raise ValueError(f"{key} names labels not in labels: {', '.join(unknown)}")
+            if len(set(named)) != len(named):
+                raise ValueError(f"{key} names a label twice: {named!r}")
         if set(self.confirm) & set(self.reject):
             raise ValueError("a label cannot both confirm and reject")
         return self
@@ -72,7 +75,8 @@ class Classify:
         assert isinstance(options, ClassifyOptions)
         scores = dict(answer.probabilities)
         top = max(scores, key=scores.__getitem__)
-        p_real = sum(scores[label] for label in options.confirm)
+        # a sum of probabilities can round a step past 1
+        p_real = min(1.0, sum(scores[label] for label in options.confirm))
         if scores[top] < options.min_confidence:
             verdict = VerdictKind.UNCERTAIN
         elif top in options.confirm:

@@ -1,9 +1,10 @@
 """`suppress_alert`: a repeat of a recently reviewed alert reuses its verdict.
 
 A repeat is an alert of the same rule, box, camera and event type, within the rule's cooldown
-window of the last model call and of that call's alert (`occurred_at`), whose boxes overlap
-one of that review's boxes (intersection over union at least the rule's `iou`). Alerts
-without boxes repeat each other.
+window of the last model call and of that call's alert (`occurred_at`), each of whose boxes
+overlaps one of that review's boxes (intersection over union at least the rule's `iou`): a
+new detection beside a known false source gets a look of its own. Alerts without boxes
+repeat each other.
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ def iou(a: Box, b: Box) -> float:
     height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = width * height
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    if union > 0:
+        return inter / union
+    return 1.0 if tuple(a) == tuple(b) else 0.0  # zero-area boxes: the same point or line
 
 
 def overlaps(mine: Sequence[Box], theirs: Sequence[Box], threshold: float) -> bool:
+    """Whether each of `mine` overlaps one of `theirs` (both empty: the same, too)."""
     if not mine or not theirs:
         return not mine and not theirs
-    return any(iou(a, b) >= threshold for a in mine for b in theirs)
+    return all(any(iou(a, b) >= threshold for b in theirs) for a in mine)
 
 
 @hookimpl

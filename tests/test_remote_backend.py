@@ -17,6 +17,7 @@ from daemon.inference.openai_backend import (
     RemoteError,
     _retry_after,
     choice_from_logprobs,
+    label_of_token,
 )
 from daemon.plugin_api import ChoiceQuery, ModelLoadError, ModelRequest
 from tests.conftest import (
@@ -81,11 +82,15 @@ async def test_verdict_confidence_comes_from_the_first_tokens_logprobs(tmp_path)
         assert sent.size == (588, 336)  # the 640x360 snapshot scaled to the token budget
 
 
-async def test_a_label_missing_from_the_top_logprobs_gets_the_lowest_listed(tmp_path):
+async def test_a_label_missing_from_the_top_logprobs_gets_a_bound_from_the_lowest_listed(
+    tmp_path,
+):
     script = Script(top_logprobs={"Yes": -0.1, "The": -2.0})
     async with openai_server(script) as url:
         [[verdict]] = await review(remote_settings(tmp_path, url), make_alert("r-2"))
-    assert verdict["confidence"] == pytest.approx(1 / (1 + math.exp(-2.0 + 0.1)), abs=1e-9)
+    # each of "no"'s six forms (no, No, NO, " no" ...) below the least listed token
+    no = -2.0 + math.log(6)
+    assert verdict["confidence"] == pytest.approx(1 / (1 + math.exp(no + 0.1)), abs=1e-9)
 
 
 async def test_without_logprobs_the_answer_text_decides(tmp_path):
@@ -194,7 +199,7 @@ HOSTILE = {
     "word": (_completion([{"token": "Yes", "logprob": "high"}]), "not a number"),
     "old-style": (_completion({"Yes": -0.1}), "top_logprobs is dict"),
     "entry": (_completion(["Yes"]), "no {token, logprob} entry"),
-    "message": ({"choices": [{"message": "Yes"}]}, "choices[0].message is str"),
+    "message": ({"choices": [{"message": "Yes"}]}, "choices[0] has no message"),
 }
 
 
@@ -269,11 +274,71 @@ def test_labels_of_several_tokens_are_scored_from_the_token_that_begins_them():
     ]
     answer = choice_from_logprobs(top, choices)
     assert answer is not None
-    # "p" begins two labels' forms: it counts for neither (the lowest listed stands in)
-    scores = {"forklift": lse(-0.22, -2.5), "pedestrian": -2.6, "person": -3.0}
+    # "p" begins two labels' forms, and is too short to name one: the lowest listed stands
+    # in, for each of the two forms of "person"
+    scores = {"forklift": lse(-0.22, -2.5), "pedestrian": -2.6, "person": -3.0 + math.log(2)}
     assert answer.logits == pytest.approx(scores)
     assert answer.probabilities["forklift"] > 0.8
     assert choice_from_logprobs([{"token": "The", "logprob": -0.1}], choices) is None
+
+
+def test_a_token_names_the_label_it_equals_and_a_short_one_no_label_it_begins():
+    choices = {
+        "intruder": ["intruder", "Intruder"],
+        "animal": ["animal", "Animal"],
+        "vehicle": ["vehicle", "Vehicle"],
+    }
+    top = [("The", -0.4), ("I", -1.6), ("A", -2.3), ("vehicle", -3.0), ("Anim", -3.5)]
+    answer = choice_from_logprobs([{"token": t, "logprob": v} for t, v in top], choices)
+    assert answer is not None  # "I" and "A" begin words of every kind: they name nothing
+    assert answer.logits == pytest.approx(
+        {"intruder": -3.5 + math.log(2), "animal": -3.5, "vehicle": -3.0}
+    )
+    fire = {"fire": ["fire", "Fire"], "fireworks": ["fireworks", "Fireworks"]}
+    assert label_of_token("fire", fire) == "fire"  # a whole form, though it begins another
+    assert label_of_token("firew", fire) == "fireworks"
+
+
+def test_labels_a_first_token_could_not_tell_apart_are_refused_for_a_remote_server(tmp_path):
+    backend = OpenAIBackend(remote_settings(tmp_path, "http://127.0.0.1:9/v1").model)
+    with pytest.raises(ValueError, match="'fireworks' begins with answer 'fire'"):
+        backend.check_choices({"fire": ["fire", " Fire"], "fireworks": ["fireworks"]})
+    backend.check_choices({"yes": ["yes", "Yes", " yes"], "no": ["no", "No", " no"]})
+
+
+async def test_without_logprobs_a_first_token_that_begins_a_label_names_it(tmp_path):
+    rule = tmp_path / "vehicle.toml"
+    script = Script(top_logprobs=None, text="forklift")  # one token of it: "fork"
+    async with openai_server(script) as url:
+        settings = remote_settings(tmp_path, url).model
+        backend = OpenAIBackend(settings)
+        await backend.start()
+        choices = {"forklift": ["forklift", "Forklift"], "pedestrian": ["pedestrian"]}
+        try:
+            answer = await backend.run(ModelRequest(ChoiceQuery("What?", choices)))
+        finally:
+            await backend.close()
+    assert answer.probabilities == {"forklift": 1.0, "pedestrian": 0.0}
+    assert not rule.exists()
+
+
+async def test_an_answer_without_text_fails_the_review_and_counts_as_a_failure(tmp_path):
+    async def refuse(request: web.Request) -> web.Response:
+        message = {"role": "assistant", "content": None, "refusal": "I cannot help with that"}
+        return web.json_response({"choices": [{"message": message, "finish_reason": "stop"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", refuse)
+    async with serve(app) as base:
+        settings = remote_settings(tmp_path, f"{base}/v1", max_retries=0)
+        alert = make_alert("r-refused", event_type="people_gathering")
+        async with run_daemon(settings) as d:
+            assert (await d.post_alert(alert))[0] == 202
+            [verdict] = (await d.wait_reviewed("r-refused"))["verdicts"]
+            worker = (await d.daemon.health())["model_worker"]
+    assert verdict["verdict"] == "unreviewed"
+    assert "no text content: I cannot help with that" in verdict["reason"]
+    assert worker["failures"] == 1 and "I cannot help" in worker["last_error"]
 
 
 async def test_logprobs_without_any_label_are_no_answer_whatever_the_text_says(tmp_path):

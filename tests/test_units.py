@@ -31,14 +31,16 @@ from daemon.inference.synthetic import build_tokenizer
 from daemon.logs import configure_logging
 from daemon.mqtt import backoff_delays
 from daemon.plugin_api import ChoiceAnswer, Judgement, RawImage, TextAnswer
-from daemon.reviewer import SWEEP_EVERY, RecentReviews
+from daemon.reviewer import SWEEP_EVERY, RecentReviews, checked_judgement
 from daemon.rules import RuleError, parse_rule
 from daemon.sdnotify import notify
 from daemon.snapshots import SnapshotSet
 from daemon.templates import PROMPT_VALUE_CHARS, check_topic_template, render_topic
+from plugins.classify import Classify
+from plugins.cooldown import iou, overlaps
 from plugins.extract import JsonExtract, validate_fields
 from plugins.verdict import NO_FORMS, YES_FORMS, YesNoVerdict
-from tests.conftest import EXTRACT_RULE, FIRE_RULE, jpeg_bytes, make_alert
+from tests.conftest import CLASSIFY_RULE, EXTRACT_RULE, FIRE_RULE, jpeg_bytes, make_alert
 from tests.daemon_proc import Notifications
 
 
@@ -351,6 +353,33 @@ def test_verdict_thresholds(tmp_path, kinds, p_yes, verdict):
     judgement = kinds["verdict"].interpret(answer, rule)
     assert judgement.verdict == VerdictKind(verdict)
     assert judgement.confidence == p_yes
+
+
+FIRE_OR_SMOKE = (
+    CLASSIFY_RULE.replace('["fight", "play"]', '["fire", "smoke", "lamp"]')
+    .replace('confirm = ["fight"]', 'confirm = ["fire", "smoke"]')
+    .replace('reject = ["play"]', 'reject = ["lamp"]')
+)
+
+
+def test_a_classify_rule_confident_of_two_confirming_labels_stays_within_certainty(tmp_path, kinds):
+    kinds = {**kinds, "classify": Classify()}
+    rule = parse_rule(tmp_path / "fire.toml", FIRE_OR_SMOKE, kinds)
+    # sums past 1 by a rounding step
+    scores = {"fire": 0.7449309742605785, "smoke": 0.2550690257394217, "lamp": 0.0}
+    judgement = kinds["classify"].interpret(ChoiceAnswer(scores, dict.fromkeys(scores, 0.0)), rule)
+    assert checked_judgement(judgement, "classify").confidence == 1.0
+    with pytest.raises(RuleError, match=r"confirm names a label twice: \['fire', 'fire'\]"):
+        parse_rule(tmp_path / "twice.toml", FIRE_OR_SMOKE.replace('"smoke"]', '"fire"]'), kinds)
+
+
+def test_a_repeat_needs_each_of_its_boxes_to_overlap_an_earlier_one():
+    lamp, far = (100, 100, 200, 200), (400, 100, 500, 200)
+    assert overlaps([lamp], [lamp, far], 0.5)
+    assert not overlaps([lamp, far], [lamp], 0.5)  # a new detection beside a known lamp
+    point = (50, 50, 50, 50)  # a zero-area detection is the same as itself
+    assert iou(point, point) == 1.0 and iou(point, (60, 60, 60, 60)) == 0.0
+    assert overlaps([], [], 0.5) and not overlaps([lamp], [], 0.5)
 
 
 def test_extract_prompt_lists_the_fields_and_valid_json_is_confirmed(tmp_path, kinds):

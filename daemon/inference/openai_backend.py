@@ -4,12 +4,15 @@ For when one local GPU is not enough: vLLM, SGLang, LMDeploy or Ollama on other 
 Images go as JPEG data URLs, already scaled to the token budget.
 
 - Choice queries ask for one token with `logprobs` and `top_logprobs`. A label's score is
-  the log-sum-exp of the listed tokens that are one of its surface forms. A label none of
-  whose forms is listed can only be less likely than the least likely listed token, so it
-  gets that token's logprob: an upper bound, which errs towards `uncertain`.
-- Servers that return no logprobs get a fallback: the answer's first word picks a label
-  with probability 1 (so such verdicts are never calibrated; `confirm_at`/`reject_below`
-  still apply).
+  the log-sum-exp of the listed tokens that name it (see `label_of_token`). A label none of
+  whose forms is listed can only be less likely than the least likely listed token, each of
+  its forms: it gets that logprob plus the log of its number of forms, an upper bound, which
+  errs towards `uncertain`. Labels one of whose forms begins another label's are refused
+  when the rule loads (`check_choices`): the server's tokenizer is unknown here, and the
+  longer one's answer could start with the shorter one's token.
+- Servers that return no logprobs get a fallback: the answer's first token picks a label by
+  the same rule, with probability 1 (so such verdicts are never calibrated;
+  `confirm_at`/`reject_below` still apply).
 - Generate queries send the rule's JSON schema as `response_format` (`json_schema`).
 - Timeouts, connection errors, HTTP 429 and 5xx are retried with exponential backoff (each
   wait at most 30 s; a Retry-After in seconds is honoured up to that); other answers fail
@@ -91,30 +94,57 @@ def chat_messages(request: ModelRequest) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content}]
 
 
+#: a token shorter than this that is no whole form names no label by beginning one ("I",
+#: "A" and "The" begin too many words: "intruder", "animal", "theft")
+PREFIX_MIN_CHARS = 3
+
+
+def label_of_token(
+    token: str, choices: Mapping[str, Sequence[str]], *, fold_case: bool = False
+) -> str | None:
+    """The label a first answer token names: the one with a form equal to it, else the one
+    whose forms it begins ("fork" for "forklift", as the transformers backend scores each
+    form's first token) if it is at least PREFIX_MIN_CHARS long; None where no label or
+    several are named."""
+
+    def same(text: str) -> str:
+        return text.lower() if fold_case else text
+
+    token = same(token)
+    if not token.strip():
+        return None
+    named = [label for label, forms in choices.items() if token in map(same, forms)]
+    if not named and len(token.strip()) >= PREFIX_MIN_CHARS:
+        named = [
+            label
+            for label, forms in choices.items()
+            if any(same(form).startswith(token) for form in forms)
+        ]
+    return named[0] if len(named) == 1 else None
+
+
 def choice_from_logprobs(
     top: Sequence[Mapping[str, Any]], choices: Mapping[str, Sequence[str]]
 ) -> ChoiceAnswer | None:
     """Label probabilities from the first answer token's top logprobs (None: no label
-    appears among them). A listed token counts for the one label whose forms it begins
-    (as the transformers backend scores each form's first token: "fork" for "forklift");
-    one that begins forms of several labels counts for none. RemoteError for entries that
-    are no (token, log-probability)."""
+    appears among them); each listed token counts for the label it names (`label_of_token`).
+    RemoteError for entries that are no (token, log-probability)."""
     listed_tokens = _token_logprobs(top)
     if not listed_tokens:
         return None
     floor = min(logprob for _, logprob in listed_tokens)
     per_label: dict[str, list[float]] = {label: [] for label in choices}
     for token, logprob in listed_tokens:
-        if not token.strip():
-            continue
-        owners = [
-            label for label, forms in choices.items() if any(f.startswith(token) for f in forms)
-        ]
-        if len(owners) == 1:
-            per_label[owners[0]].append(logprob)
+        label = label_of_token(token, choices)
+        if label is not None:
+            per_label[label].append(logprob)
     if not any(per_label.values()):
         return None
-    scores = {label: _logsumexp(got) if got else floor for label, got in per_label.items()}
+    scores = {
+        # unlisted: each of its forms' first tokens is less likely than the least listed one
+        label: _logsumexp(got) if got else floor + math.log(len(set(choices[label])))
+        for label, got in per_label.items()
+    }
     top_score = max(scores.values())
     weights = {label: math.exp(score - top_score) for label, score in scores.items()}
     total = sum(weights.values())
@@ -144,16 +174,32 @@ def _token_logprobs(top: Any) -> list[tuple[str, float]]:
 
 
 def choice_from_text(text: str, choices: Mapping[str, Sequence[str]]) -> ChoiceAnswer | None:
-    """Fallback without logprobs: the first word of the answer names the label."""
+    """Fallback without logprobs: the answer's first word (one token: it may be the start
+    of a longer label, "fork" for "forklift") names the label, as a listed token would."""
     words = text.strip().split()
     if not words:
         return None
-    first = words[0].strip(".,:;!\"'").lower()
+    first = words[0].strip(".,:;!\"'")
+    stripped = {label: [form.strip() for form in forms] for label, forms in choices.items()}
+    label = label_of_token(first, stripped, fold_case=True)
+    if label is None:
+        return None
+    probabilities = {other: float(other == label) for other in choices}
+    logits = {other: 0.0 if other == label else -math.inf for other in choices}
+    return ChoiceAnswer(probabilities, logits)
+
+
+def clashing_labels(choices: Mapping[str, Sequence[str]]) -> tuple[str, str] | None:
+    """Two labels one of whose forms begins a form of the other ("fire", "fireworks"), case
+    aside; None when there are none."""
     for label, forms in choices.items():
-        if first in {form.strip().lower() for form in forms}:
-            probabilities = {other: float(other == label) for other in choices}
-            logits = {other: 0.0 if other == label else -math.inf for other in choices}
-            return ChoiceAnswer(probabilities, logits)
+        for other, other_forms in choices.items():
+            if other == label:
+                continue
+            for form in forms:
+                short = form.strip().lower()
+                if short and any(f.strip().lower().startswith(short) for f in other_forms):
+                    return label, other
     return None
 
 
@@ -237,7 +283,28 @@ class OpenAIBackend:
         if self._session is not None:
             await self._session.close()
 
+    def check_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
+        """Refuse labels the first token could not tell apart (at rule load)."""
+        clash = clashing_labels(choices)
+        if clash is not None:
+            raise ValueError(
+                f"answer {clash[1]!r} begins with answer {clash[0]!r}: with a remote server "
+                "its first token could be the other's; rename one of them"
+            )
+
     async def run(self, request: ModelRequest) -> Answer:
+        """The answer, or RemoteError (counted in `health`, as a failed request is)."""
+        try:
+            answer = await self._answer(request)
+        except RemoteError as exc:
+            self._failures += 1
+            self._failing += 1
+            self._last_error = str(exc)
+            raise
+        self._failing = 0
+        return answer
+
+    async def _answer(self, request: ModelRequest) -> Answer:
         query = request.query
         body: dict[str, Any] = {
             "model": self._served_model,
@@ -246,7 +313,7 @@ class OpenAIBackend:
         }
         if isinstance(query, ChoiceQuery):
             body |= {"max_tokens": 1, "logprobs": True, "top_logprobs": self.remote.top_logprobs}
-            return self._choice(await self._post(body), query)
+            return self._choice(await self._post_with_retries(body), query)
         assert isinstance(query, GenerateQuery)
         body["max_tokens"] = query.max_new_tokens or self.settings.max_new_tokens
         if query.json_schema is not None:
@@ -254,7 +321,7 @@ class OpenAIBackend:
                 "type": "json_schema",
                 "json_schema": {"name": "fields", "schema": dict(query.json_schema)},
             }
-        return TextAnswer(_message_text(await self._post(body)).strip())
+        return TextAnswer(_message_text(await self._post_with_retries(body)).strip())
 
     def _choice(self, response: Mapping[str, Any], query: ChoiceQuery) -> ChoiceAnswer:
         choice = _first_choice(response)
@@ -278,17 +345,6 @@ class OpenAIBackend:
         answer = choice_from_text(text, query.choices)
         if answer is None:
             raise RemoteError(f"the answer {text[:40]!r} names none of {', '.join(query.choices)}")
-        return answer
-
-    async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            answer = await self._post_with_retries(body)
-        except RemoteError as exc:
-            self._failures += 1
-            self._failing += 1
-            self._last_error = str(exc)
-            raise
-        self._failing = 0
         return answer
 
     async def _post_with_retries(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -392,9 +448,16 @@ def _first_choice(response: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _message_text(response: Mapping[str, Any]) -> str:
-    message = _field(_first_choice(response), "message", dict, "choices[0]")
+    """The answer's text; RemoteError where there is none (a refusal, a cut-off answer)."""
+    choice = _first_choice(response)
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise RemoteError("choices[0] has no message")
     content = message.get("content")
-    return content if isinstance(content, str) else ""
+    if not isinstance(content, str):
+        why = message.get("refusal") or f"finish_reason {choice.get('finish_reason')!r:.40}"
+        raise RemoteError(f"the answer has no text content: {str(why)[:200]}")
+    return content
 
 
 @hookimpl
