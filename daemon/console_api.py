@@ -25,6 +25,7 @@ import asyncio
 import io
 import json
 import sqlite3
+import time
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -56,11 +57,18 @@ MAX_ID = 2**63 - 1
 NOT_STORED = {"Cache-Control": "no-store"}
 
 
+#: how long the rules' verdict counts are reused (the Rules tab refreshes every 10 s)
+RULE_COUNTS_MAX_AGE_S = 60.0
+
+
 class ConsoleApi:
     """Routes over a running daemon's journal, rules and counters."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
+        #: the rules' verdict counts and when they were counted (a count of every verdict
+        #: of the journal: not at each refresh of the Rules tab)
+        self._rule_counts: tuple[float, dict[str, dict[str, int]]] | None = None
 
     def routes(self) -> list[web.AbstractRouteDef]:
         return [
@@ -92,11 +100,14 @@ class ConsoleApi:
             limit = _whole_number(q, "limit", 50, 1, 500)
         except _BadQuery as exc:
             return error(400, exc.message, exc.field)
+        verdict = q.get("verdict") or None
+        if verdict is not None and verdict not in history.VERDICT_KINDS:
+            return error(400, f"one of {', '.join(history.VERDICT_KINDS)}", "verdict")
         where = history.AlertFilter(
             camera_id=q.get("camera_id") or None,
             box_id=q.get("box_id") or None,
             rule=q.get("rule") or None,
-            verdict=q.get("verdict") or None,
+            verdict=verdict,
             before=before,
             limit=limit,
         )
@@ -144,9 +155,15 @@ class ConsoleApi:
             return busy(f"the journal cannot write: {exc}")
         return web.json_response(stored, status=201)
 
+    async def _counts_per_rule(self) -> dict[str, dict[str, int]]:
+        now = time.monotonic()
+        if self._rule_counts is None or now - self._rule_counts[0] > RULE_COUNTS_MAX_AGE_S:
+            self._rule_counts = (now, await history.rule_counts(self.journal))
+        return self._rule_counts[1]
+
     async def rules(self, request: web.Request) -> web.Response:
         book = self.daemon.rules
-        counts = await history.rule_counts(self.journal)
+        counts = await self._counts_per_rule()
         rules = [
             {
                 "name": rule.name,

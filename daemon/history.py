@@ -32,16 +32,22 @@ class AlertFilter:
 async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, Any]]:
     """Newest first: each alert with its verdicts and the latest feedback per rule."""
     args: list[Any] = []
-    if where.rule or where.verdict:
+    judged = [(c, v) for c, v in (("rule", where.rule), ("verdict", where.verdict)) if v]
+    if judged and not where.camera_id:
         # led by the verdicts' index of that rule (or verdict), newest alert first
         sql = ["SELECT a.* FROM verdicts v JOIN alerts a ON a.id = v.alert_ref WHERE 1 = 1"]
-        for column, value in (("rule", where.rule), ("verdict", where.verdict)):
-            if value:
-                sql.append(f"AND v.{column} = ?")
-                args.append(value)
+        for column, value in judged:
+            sql.append(f"AND v.{column} = ?")
+            args.append(value)
         ref, tail = "v.alert_ref", "GROUP BY v.alert_ref ORDER BY v.alert_ref DESC LIMIT ?"
     else:
+        # led by the camera's (or the box's, or the row ids') index: a camera of few alerts,
+        # or none, is not looked for among every verdict of a rule
         sql = ["SELECT a.* FROM alerts a WHERE 1 = 1"]
+        if judged:
+            test = " ".join(f"AND v.{column} = ?" for column, _ in judged)
+            sql.append(f"AND EXISTS (SELECT 1 FROM verdicts v WHERE v.alert_ref = a.id {test})")
+            args += [value for _, value in judged]
         ref, tail = "a.id", "ORDER BY a.id DESC LIMIT ?"
     if where.camera_id:
         sql.append("AND json_extract(a.alert, '$.camera_id') = ?")  # as alerts_by_camera

@@ -48,6 +48,8 @@ CREATE INDEX IF NOT EXISTS alerts_reviewed ON alerts (reviewed_at) WHERE state =
 CREATE INDEX IF NOT EXISTS alerts_by_alert_id ON alerts (alert_id);
 -- the console's filters and stats (history.py): each answers without scanning the journal
 CREATE INDEX IF NOT EXISTS alerts_by_camera ON alerts (json_extract(alert, '$.camera_id'));
+-- in row-id order within a box: the newest of a box's alerts without sorting them all
+CREATE INDEX IF NOT EXISTS alerts_by_box ON alerts (box_id);
 CREATE TABLE IF NOT EXISTS alert_images (
     alert_ref INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
     idx       INTEGER NOT NULL,

@@ -46,8 +46,9 @@ class StageStats:
 
     def histogram(self, stage: str) -> tuple[list[int], float, int]:
         """Cumulative counts per bucket of BUCKETS_S, the sum of seconds and the count."""
-        cumulative = list(itertools.accumulate(self._buckets[stage]))
-        return cumulative, self._seconds[stage], self._count[stage]
+        buckets = self._buckets.get(stage) or [0] * len(BUCKETS_S)
+        cumulative = list(itertools.accumulate(buckets))
+        return cumulative, self._seconds.get(stage, 0.0), self._count.get(stage, 0)
 
     def count(self, event: str, n: int = 1, **labels: str) -> None:
         """Something happened `n` times (e.g. "alerts_received", source="mqtt")."""

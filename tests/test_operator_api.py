@@ -153,7 +153,11 @@ async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):
             f"{d.base_url}/v1/alerts", params={"limit": "1", "before": str(first["ref"])}
         ) as r:
             assert [a["alert_id"] for a in (await r.json())["alerts"]] == ["list-1"]
-        for params, field in [({"before": "abc"}, "before"), ({"limit": "-5"}, "limit")]:
+        for params, field in [
+            ({"before": "abc"}, "before"),
+            ({"limit": "-5"}, "limit"),
+            ({"verdict": "Confirmed"}, "verdict"),
+        ]:
             async with d.http.get(f"{d.base_url}/v1/alerts", params=params) as r:
                 assert r.status == 400 and (await r.json())["field"] == field
 
@@ -388,6 +392,8 @@ async def test_operator_queries_are_led_by_an_index_and_answer_what_was_asked(tm
             history.AlertFilter(rule="fire", verdict="confirmed", box_id="box-1"),
             history.AlertFilter(camera_id="cam-2"),
             history.AlertFilter(camera_id="cam-1", rule="smoke", verdict="uncertain"),
+            history.AlertFilter(camera_id="cam-3", rule="fire", limit=3),
+            history.AlertFilter(box_id="box-1", before=20, limit=4),
         ):
             listed = await history.recent_alerts(journal, where)
             expected[where] = [a["ref"] for a in listed]
@@ -431,6 +437,11 @@ async def test_operator_queries_are_led_by_an_index_and_answer_what_was_asked(tm
                     sql,
                     steps,
                 )
+                if "FROM alerts a" in sql and "ORDER BY a.id DESC" in sql:
+                    # the newest of a camera's or a box's alerts, not all of them sorted
+                    assert not any("TEMP B-TREE" in s for s in steps), (sql, steps)
+                    if "camera_id" in sql:
+                        assert "alerts_by_camera" in steps[0], (sql, steps)
     finally:
         await journal.close()
 

@@ -619,3 +619,14 @@ def test_a_notify_socket_that_is_gone_is_logged_once_and_never_fatal(tmp_path, m
     monkeypatch.setenv("NOTIFY_SOCKET", str(listening.path))
     assert notify("STATUS=fine") is True
     assert listening.read() == ["STATUS=fine"]
+
+
+def test_a_metrics_scrape_leaves_the_stage_figures_as_they_were():
+    from daemon import metrics
+    from daemon.stats import StageStats
+
+    stats = StageStats()
+    stats.add("model", 0.1)
+    before = stats.snapshot()
+    assert b"secondlook_stage_seconds" in metrics.render(stats, {}, {})
+    assert stats.snapshot() == before  # stages never timed are not added with a count of 0
