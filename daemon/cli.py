@@ -91,6 +91,12 @@ MODEL_OPTION = click.option(
 )
 
 
+def _finite(_ctx: Any, _param: Any, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter("expected a number")
+    return value
+
+
 def _writable_dir(path: Path) -> None:
     """Check now, before any model loads, that `path` is or can become a folder to write
     into (it is made once there is something to write); else a one-line error."""
@@ -239,11 +245,13 @@ def replay(
     default=0.05,
     show_default=True,
     type=click.FloatRange(0, 1),
+    callback=_finite,
     help="Share of real alarms the best thresholds may reject.",
 )
 @click.option(
     "--target-precision",
     type=click.FloatRange(0, 1),
+    callback=_finite,
     help="Prefer best thresholds whose confirmations are at least this share real.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON line, last.")
@@ -312,7 +320,7 @@ def export_dataset(
     instruction-tuning data (for LoRA fine-tuning)."""
     from rich.progress import Progress
 
-    from daemon.export_dataset import export
+    from daemon.export_dataset import ExportError, export
     from daemon.plugins import Registry, make_plugin_manager
     from daemon.rules import RuleBook
 
@@ -343,6 +351,10 @@ def export_dataset(
             )
         except sqlite3.Error as exc:
             raise click.ClickException(f"the journal {journal} cannot be read: {exc}") from exc
+        except ExportError as exc:
+            raise click.ClickException(str(exc)) from exc
+        except OSError as exc:
+            raise click.ClickException(f"cannot write into {out_dir}: {exc}") from exc
     click.echo(f"{done.samples} samples written to {out_dir / 'dataset.json'}")
     for reason, count in sorted(done.skipped.items()):
         click.echo(f"{count} left out: {reason}")
@@ -560,12 +572,6 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     if max(w, h) > MAX_ASPECT * min(w, h):
         raise click.BadParameter(f"one side at most {MAX_ASPECT} times the other")
     return w, h
-
-
-def _finite(_ctx: Any, _param: Any, value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter("expected a number")
-    return value
 
 
 def _option_name(context: click.Context, name: str) -> str:

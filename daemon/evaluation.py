@@ -11,8 +11,8 @@ Per rule, over the labelled alerts it judged:
 The threshold sweep reads each P(real) again with other `confirm_at` / `reject_below` values,
 with the verdict kind's own function. The best pair filters the most false alarms while
 missing at most the target share of real ones; ties go to the fewest uncertain, then the
-fewest misses, then the lowest thresholds. A target precision, when given, comes first among
-the ties: pairs whose confirmations are at least that share real are preferred. The rule's
+fewest misses, then the lowest thresholds. A target precision, when given, comes first: of
+the pairs whose confirmations are at least that share real, the best by the rest. The rule's
 current pair is a candidate too (it may lie off the grid), so the advice is never worse than
 it; a rule that judged only real or only false alarms gets no advice (any pair looks right).
 The advice is fitted to the alerts it is measured on: it says so when they hold fewer real
@@ -110,8 +110,8 @@ def best_thresholds(
             precision is not None and precision >= target_precision - _EPS
         )
         return (
-            p["false_alarms_filtered"] or 0.0,
             float(precise),
+            p["false_alarms_filtered"] or 0.0,
             -(p["uncertain_share"] or 0.0),
             -(p["real_alarms_rejected"] or 0.0),
             -p["reject_below"],

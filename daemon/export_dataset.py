@@ -1,7 +1,8 @@
 """`secondlook export-dataset`: operators' feedback as instruction-tuning data.
 
 Each alert with feedback on a rule's verdict becomes one LLaVA-format sample: its snapshots
-as the rule showed them to the model (the frame as stored; for `boxes`, `crop` and
+as the rule showed them to the model (the frame as stored, where a JPEG that needs no
+turning (EXIF Orientation) is that already, else decoded as for the model; for `boxes`, `crop` and
 `crop+frame` rules the boxes drawn or the crop made again, at full resolution; the alert's
 extra frames after them), the prompt the model was asked, and the answer it should have
 given —
@@ -14,11 +15,14 @@ dataset.json: [{"id", "image": "images/<id>.jpg", "conversations": [{"from": "hu
 "value": "<image>\\n<prompt>"}, {"from": "gpt", "value": <answer>}]}], the layout LLaVA-style
 LoRA trainers read; a sample of several pictures lists them (`"image": [...]`) and opens its
 prompt with as many `<image>` lines. A rule no longer in the rules directory is taken to
-have shown the frame. The journal is opened read-only: the daemon may keep running.
+have shown the frame. The journal is opened read-only: the daemon may keep running. An
+export replaces an earlier one in the same folder (the images its dataset.json lists), and
+refuses a folder whose `images/` holds pictures of something else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -33,7 +37,7 @@ from typing import Any
 
 from PIL import Image
 
-from daemon.images import Budget, ImageError
+from daemon.images import Budget, ImageError, decode, orientation
 from daemon.plugin_api import RawImage
 from daemon.rule_file import ImageMode
 from daemon.snapshots import SnapshotSet
@@ -88,11 +92,24 @@ def answer_for(row: sqlite3.Row, verdict: dict[str, Any]) -> str | None:
     return None
 
 
+#: the readable part of a sample's id at most (ids of 256 characters each would make file
+#: names past the file system's 255 bytes)
+READABLE_MAX = 100
+
+
+class ExportError(Exception):
+    """An export that cannot be written where asked; the message says why."""
+
+
 def sample_id(row: sqlite3.Row) -> str:
     """A file-safe id; the journal's row id keeps two alerts whose names read alike once
-    made safe (box `a b` and `a_b`) apart."""
+    made safe (box `a b` and `a_b`) apart. Long names are cut, with a digest of the whole."""
     readable = f"{row['box_id']}-{row['alert_id']}-{row['rule']}"
-    return f"{row['ref']}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", readable)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", readable)
+    if len(safe) > READABLE_MAX:
+        digest = hashlib.sha256(readable.encode(errors="surrogatepass")).hexdigest()[:12]
+        safe = f"{safe[:READABLE_MAX]}_{digest}"
+    return f"{row['ref']}-{safe}"
 
 
 def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, Callable[[], list[bytes]]]]:
@@ -148,6 +165,7 @@ def export(
     """Write out/dataset.json and out/images/ (replacing an earlier export's); answer what
     was written and what was not. `since`: feedback given from then on (aware datetime)."""
     images = out / "images"
+    earlier = _earlier_images(out)
     images.mkdir(parents=True, exist_ok=True)
     samples: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
@@ -197,17 +215,45 @@ def export(
                 }
             )
     (out / "dataset.json").write_text(json.dumps(samples, ensure_ascii=False, indent=1))
-    for stale in images.glob("*.jpg"):  # an earlier export's: they would mix in
-        if stale.name not in written:
-            stale.unlink()
+    for stale in earlier - written:  # an earlier export's: they would mix in
+        (images / stale).unlink(missing_ok=True)
     return Exported(len(samples), dict(skipped), [name for name in rules if name not in named])
 
 
+def _earlier_images(out: Path) -> set[str]:
+    """The image files of an earlier export in `out` (its dataset.json's); ExportError for
+    an `images/` folder holding pictures no export of ours wrote."""
+    listed: set[str] = set()
+    try:
+        samples = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        samples = []
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{out / 'dataset.json'} is no earlier export: {exc}") from exc
+    for sample in samples if isinstance(samples, list) else []:
+        paths = sample.get("image") if isinstance(sample, dict) else None
+        for path in [paths] if isinstance(paths, str) else paths or []:
+            if isinstance(path, str) and path.startswith("images/"):
+                listed.add(path.removeprefix("images/"))
+    images = out / "images"
+    others = sorted(p.name for p in images.glob("*") if p.name not in listed)
+    if others:
+        raise ExportError(
+            f"{images} holds files of no earlier export ({', '.join(others[:3])}"
+            f"{' ...' if len(others) > 3 else ''}): export into an empty folder"
+        )
+    return listed
+
+
 def _as_jpeg(data: bytes) -> bytes:
-    if data.startswith(b"\xff\xd8"):
-        return data
-    with Image.open(io.BytesIO(data)) as img:
-        return _jpeg(img)
+    """A stored snapshot as the model saw it: its own bytes where a JPEG needs no turning,
+    else decoded as for the model (upright, 16-bit grey scaled, transparency black)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            as_stored = img.format == "JPEG" and orientation(img) == 1
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        as_stored = False  # decode says what is wrong
+    return data if as_stored else _jpeg(decode(data))
 
 
 def _jpeg(img: Image.Image) -> bytes:

@@ -238,6 +238,15 @@ def test_a_looser_miss_target_and_a_precision_target_move_the_best_thresholds(ca
     assert (best["confirmed_precision"], best["uncertain_share"]) == (1.0, 0.75)
 
 
+def test_targets_that_are_no_numbers_are_refused(case, tmp_path):
+    alerts, config = case
+    for option in ("--target-miss-rate", "--target-precision"):
+        args = ["eval", str(alerts), "--out", str(tmp_path), "--config", str(config)]
+        result = CliRunner().invoke(main, [*args, option, "nan"])
+        assert result.exit_code == 2 and "expected a number" in result.output, result.output
+        assert not (tmp_path / "report.json").exists()
+
+
 def test_ties_in_false_alarms_filtered_go_to_the_fewest_uncertain():
     p_real = {"real": (0.3, 0.8, 0.9), "false": (0.1, 0.85)}
     points = sweep([Judged("", label, "", p) for label, ps in p_real.items() for p in ps])
@@ -253,6 +262,19 @@ def test_ties_in_false_alarms_filtered_go_to_the_fewest_uncertain():
     best = best_thresholds(points, target_miss_rate=0.0, target_precision=0.8)
     assert best is not None and (best["confirm_at"], best["reject_below"]) == (0.9, 0.15)
     assert best_thresholds([p for p in points if p["real_alarms_rejected"] > 0], 0.0) is None
+
+
+def test_a_precision_target_within_reach_is_met_whatever_filters_more():
+    p_real = {
+        "real": (0.05, 0.06, 0.11, 0.21, 0.47, 0.6, 0.74, 0.9),
+        "false": (0.39, 0.87, 0.94),
+    }
+    points = sweep([Judged("", label, "", p) for label, ps in p_real.items() for p in ps])
+    best = best_thresholds(points, target_miss_rate=0.5, target_precision=0.7)
+    # rejecting below 0.4 filters a third of the false alarms, but confirmations would be
+    # 67 % real: confirming everything (73 % real) meets the target
+    assert best is not None and best["confirmed_precision"] >= 0.7
+    assert best["false_alarms_filtered"] == 0.0
 
 
 def test_the_advice_is_never_worse_than_the_current_thresholds_and_needs_both_classes():

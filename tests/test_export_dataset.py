@@ -214,3 +214,45 @@ def test_a_file_that_is_no_journal_is_one_error_line(tmp_path):
     assert (
         "the journal" in result.output and "cannot be read: file is not a database" in result.output
     )
+
+
+async def test_long_names_turned_snapshots_and_files_of_no_export_in_the_folder(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: upright it is 48 wide, 64 high
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(buffer, "JPEG", exif=exif)
+    turned = base64.b64encode(buffer.getvalue()).decode()
+    box, alert_id = "b" * 200, "a" * 200  # as long as the contract allows, nearly
+    async with run_daemon(settings) as d:
+        alert = make_alert(alert_id, box_id=box, image=turned)
+        assert (await d.post_alert(alert))[0] == 202
+        await d.wait_reviewed(alert_id)
+        async with d.http.post(
+            f"{d.base_url}/v1/alerts/{alert_id}/feedback", json={"rule": "fire", "label": "real"}
+        ) as response:
+            assert response.status == 201, await response.text()
+    config = tmp_path / "secondlook.toml"
+    config.write_text(
+        f'[storage]\ndir = "{settings.storage.dir}"\n[rules]\ndir = "{settings.rules.dir}"\n'
+    )
+    out = tmp_path / "dataset"
+    export = ["export-dataset", "--config", str(config), "--out", str(out)]
+    for _ in range(2):  # the second replaces the first
+        result = CliRunner().invoke(main, export)
+        assert "1 samples written" in result.output, result.output
+    [sample] = json.loads((out / "dataset.json").read_text())
+    assert len(sample["image"]) < 200 and [p.name for p in (out / "images").iterdir()] == [
+        sample["image"].removeprefix("images/")
+    ]
+    with Image.open(out / sample["image"]) as exported:
+        assert exported.size == (48, 64)  # as the model saw it
+    (out / "images" / "holiday.jpg").write_bytes(buffer.getvalue())
+    result = CliRunner().invoke(main, export)
+    assert result.exit_code == 1 and "holds files of no earlier export (holiday.jpg)" in (
+        result.output
+    )
+    assert (out / "images" / "holiday.jpg").exists()
