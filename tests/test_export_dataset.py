@@ -7,6 +7,7 @@ import base64
 import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 from click.testing import CliRunner
 from PIL import Image
@@ -21,6 +22,15 @@ from tests.conftest import (
     make_settings,
     run_daemon,
 )
+
+
+def export_config(tmp_path, settings) -> Path:
+    """A config file naming the daemon's journal and rules, for `export-dataset`."""
+    config = tmp_path / "secondlook.toml"
+    config.write_text(
+        f'[storage]\ndir = "{settings.storage.dir}"\n[rules]\ndir = "{settings.rules.dir}"\n'
+    )
+    return config
 
 
 def png_bytes() -> bytes:
@@ -182,10 +192,7 @@ async def test_two_samples_never_share_an_image_file(tmp_path, tiny_model):
                 f"{d.base_url}/v1/alerts/x/feedback", json={"rule": rule, "label": "real"}
             ) as response:
                 assert response.status == 201, await response.text()
-    config = tmp_path / "secondlook.toml"
-    config.write_text(
-        f'[storage]\ndir = "{settings.storage.dir}"\n[rules]\ndir = "{settings.rules.dir}"\n'
-    )
+    config = export_config(tmp_path, settings)
     out = tmp_path / "dataset"
     result = CliRunner().invoke(
         main, ["export-dataset", "--config", str(config), "--out", str(out)]
@@ -235,10 +242,7 @@ async def test_long_names_turned_snapshots_and_files_of_no_export_in_the_folder(
             f"{d.base_url}/v1/alerts/{alert_id}/feedback", json={"rule": "fire", "label": "real"}
         ) as response:
             assert response.status == 201, await response.text()
-    config = tmp_path / "secondlook.toml"
-    config.write_text(
-        f'[storage]\ndir = "{settings.storage.dir}"\n[rules]\ndir = "{settings.rules.dir}"\n'
-    )
+    config = export_config(tmp_path, settings)
     out = tmp_path / "dataset"
     export = ["export-dataset", "--config", str(config), "--out", str(out)]
     for _ in range(2):  # the second replaces the first
