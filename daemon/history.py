@@ -143,9 +143,11 @@ async def rule_stats(journal: Journal, since: datetime | None = None) -> dict[st
         ):
             if row["rank"] == rank:
                 latency[(row["rule"], name)] = int(row["latency"])
+    # the latest feedback per alert and rule, of those given since then: led by the time
     for row in await journal.browse(
-        "SELECT f.rule, f.verdict, f.label, f.correct FROM feedback f WHERE f.id IN "
-        "(SELECT max(id) FROM feedback GROUP BY alert_ref, rule) AND f.created_at >= ?",
+        "SELECT f.rule, f.verdict, f.label, f.correct FROM feedback f INDEXED BY "
+        "feedback_by_time WHERE f.created_at >= ? AND NOT EXISTS (SELECT 1 FROM feedback g "
+        "WHERE g.alert_ref = f.alert_ref AND g.rule = f.rule AND g.id > f.id)",
         (since_text,),
     ):
         stats = per_rule.setdefault(row["rule"], _empty_stats())

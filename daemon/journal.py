@@ -87,6 +87,7 @@ CREATE TABLE IF NOT EXISTS feedback (
     created_at  TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS feedback_by_alert ON feedback (alert_ref, rule);
+CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
 CREATE TABLE IF NOT EXISTS rejects (
     id          INTEGER PRIMARY KEY,
     received_at TEXT NOT NULL,

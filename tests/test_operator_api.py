@@ -431,7 +431,11 @@ async def test_operator_queries_are_led_by_an_index_and_answer_what_was_asked(tm
             for sql, args in asked:
                 steps = [row[3] for row in db.execute("EXPLAIN QUERY PLAN " + sql, args)]
                 scans = [s for s in steps if s.split(" ")[:2] in (["SCAN", "a"], ["SCAN", "v"])]
-                scans += [s for s in steps if s.startswith(("SCAN verdicts", "SCAN alert"))]
+                scans += [
+                    s
+                    for s in steps
+                    if s.startswith(("SCAN verdicts", "SCAN alert", "SCAN feedback"))
+                ]
                 # only the unfiltered list walks the alerts, newest first, up to its limit
                 assert not scans or sql.endswith("WHERE 1 = 1 ORDER BY a.id DESC LIMIT ?"), (
                     sql,
