@@ -398,11 +398,18 @@ class Daemon:
         """Store feedback from the MQTT feedback topic; refusals are logged, never fatal.
         While the journal cannot write, the message is held (unacknowledged) and tried
         again, as an alert is."""
+        try:
+            await self._record_feedback(feedback.parse_feedback(payload))
+        except feedback.FeedbackError as exc:
+            log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)
+
+    async def _record_feedback(self, said: feedback.Feedback) -> None:
+        """Journal MQTT feedback, trying again every BUSY_RETRY_S while the journal cannot
+        write (IntakeDeferred at shutdown)."""
         assert self.journal is not None
         failed = False
         while True:
             try:
-                said = feedback.parse_feedback(payload)
                 await feedback.record(
                     self.journal,
                     said,
@@ -412,9 +419,6 @@ class Daemon:
                     stats=self.stats,
                     rules=self.rules,
                 )
-                return
-            except feedback.FeedbackError as exc:
-                log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)
                 return
             except sqlite3.Error as exc:
                 if not failed:

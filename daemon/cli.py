@@ -574,6 +574,19 @@ def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
     return w, h
 
 
+#: the bench's options for a model (`--backend instant` runs none)
+MODEL_BENCH_OPTIONS = (
+    "arch",
+    "model_path",
+    "baseline_alerts",
+    "max_batch",
+    "max_wait_ms",
+    "device",
+    "compile_model",
+    "dtype",
+)
+
+
 def _option_name(context: click.Context, name: str) -> str:
     """How the command line spells a parameter (its longest option)."""
     param = next(p for p in context.command.params if p.name == name)
@@ -674,10 +687,9 @@ def bench(
     if worker == "process" and backend != "pipeline":
         raise click.UsageError("--worker process goes with --backend pipeline")
     context = click.get_current_context()
-    model_options = ("arch", "model_path", "baseline_alerts", "max_batch", "max_wait_ms")
     given = [
         name
-        for name in (*model_options, "device", "compile_model", "dtype")
+        for name in MODEL_BENCH_OPTIONS
         if context.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
     ]
     if "model_path" in given and "arch" in given:

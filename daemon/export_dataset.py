@@ -1,8 +1,8 @@
 """`secondlook export-dataset`: operators' feedback as instruction-tuning data.
 
 Each alert with feedback on a rule's verdict becomes one LLaVA-format sample: its snapshots
-as the rule showed them to the model (the frame as stored, where a JPEG that needs no
-turning (EXIF Orientation) is that already, else decoded as for the model; for `boxes`, `crop` and
+as the rule showed them to the model (the frame: its stored bytes where a JPEG needs no
+turning by its EXIF Orientation, else decoded as for the model; for `boxes`, `crop` and
 `crop+frame` rules the boxes drawn or the crop made again, at full resolution; the alert's
 extra frames after them), the prompt the model was asked, and the answer it should have
 given —
