@@ -61,6 +61,9 @@ INTAKE_ATTEMPTS = 3
 INTAKE_FAILURES_KEPT = 256
 #: at a stop, how long the verdicts still in the outbox may take to be acknowledged
 FINAL_FLUSH_S = 10.0
+#: READY waits this long at most for the broker's subscription: a broker down at boot must
+#: not hold the start (systemd would kill it at TimeoutStartSec); MQTT comes in once it connects
+MQTT_READY_WAIT_S = 30.0
 #: how often the backend's health is looked at for a fatal failure
 BACKEND_CHECK_S = 1.0
 #: name prefixes of the threads a backend runs the model on
@@ -253,6 +256,7 @@ class Daemon:
             self.link.on_feedback = self._mqtt_feedback
             self.outbox = Outbox(journal, self.link, self.stats)
             self.link.on_connected = self.outbox.wake
+        journal.publishes = self.outbox is not None
         self.pipeline = Pipeline(
             settings=s,
             journal=journal,
@@ -341,7 +345,14 @@ class Daemon:
                         tg.create_task(pipeline.run_worker()) for _ in range(s.pipeline.workers)
                     ]
                 if self.link is not None and not stop.is_set():
-                    await _first(self.link.subscribed.wait(), stop.wait())
+                    subscribed = self.link.subscribed
+                    await _first(subscribed.wait(), stop.wait(), asyncio.sleep(MQTT_READY_WAIT_S))
+                    if not subscribed.is_set() and not stop.is_set():
+                        log.warning(
+                            "the MQTT broker is not reachable yet: ready for HTTP alerts, MQTT "
+                            "alerts come in once it connects",
+                            waited_s=MQTT_READY_WAIT_S,
+                        )
                 if not stop.is_set():
                     self.ready.set()
                     notify("READY=1\nSTATUS=reviewing alerts")

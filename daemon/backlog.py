@@ -1,21 +1,31 @@
 """What waits for review: a bounded in-memory queue in priority order, the rest in the journal.
 
 Every alert is journalled before it is queued, so the queue only holds row ids, and at most
-`capacity` of them: beyond that the journal is the queue, and it is read back (highest
-priority, then oldest first) whenever the in-memory part runs dry. `pending` counts every
-alert journalled but not yet reviewed; past `max_backlog` intake is refused (HTTP 503) or
-paused (MQTT, the broker holds the messages) until it falls below nine tenths of it.
+`capacity` of them: beyond that the journal is the queue. While alerts wait there, new ones
+join them (a newcomer of a higher priority than the queue's lowest takes that one's place),
+and the journal is read back (highest priority, then oldest first) whenever the in-memory
+part is down to half: an alert left in the journal waits at most about half a queue's worth
+of reviews to be weighed against the others again (newcomers of its own priority that arrive
+while nothing waits in the journal, or that evict a lower one, may go first meanwhile).
+`pending` counts every alert journalled but not yet reviewed; past
+`max_backlog` intake is refused (HTTP 503) or paused (MQTT, the broker holds the messages)
+until it falls below nine tenths of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 from collections.abc import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger(__name__)
 
 #: reads the journal: (row id, priority) of unreviewed alerts, best first, at most `limit`
 PendingReader = Callable[[int], Awaitable[list[tuple[int, int]]]]
+#: seconds before the journal is read again after a read failed
+REFILL_RETRY_S = 1.0
 
 
 class Backlog:
@@ -23,13 +33,15 @@ class Backlog:
         self._read_pending = read_pending
         self.capacity = capacity
         self.max_backlog = max_backlog
-        self._heap: list[tuple[int, int, int]] = []  # (-priority, arrival, row id)
-        self._arrival = itertools.count()
+        #: (-priority, row id): row ids grow with intake, so the oldest comes first
+        self._heap: list[tuple[int, int]] = []
         self._queued: set[int] = set()
         self._active: set[int] = set()
         #: the journal holds unreviewed alerts that are not in the heap
         self._spilled = False
         self._refilling = asyncio.Lock()
+        #: after a failed read of the journal: not read again before this (loop time)
+        self._retry_at = 0.0
         #: while the journal is read: the alerts whose reviews ended meanwhile (the read
         #: may still list them as waiting)
         self._ended_while_reading: set[int] | None = None
@@ -73,12 +85,23 @@ class Backlog:
             self.pending += 1
         if ref in self._queued or ref in self._active:
             return
-        if len(self._heap) < self.capacity:
-            heapq.heappush(self._heap, (-priority, next(self._arrival), ref))
-            self._queued.add(ref)
-        else:
+        if not self._spilled and len(self._heap) < self.capacity:
+            self._push(ref, priority)
+        elif self._heap and -(lowest := max(self._heap))[0] < priority:
+            if len(self._heap) >= self.capacity:
+                # beats the lowest queued alert, which waits in the journal instead
+                self._heap.remove(lowest)
+                heapq.heapify(self._heap)
+                self._queued.discard(lowest[1])
+            self._push(ref, priority)
             self._spilled = True
+        else:
+            self._spilled = True  # waits in the journal with the others
         self._update()
+
+    def _push(self, ref: int, priority: int) -> None:
+        heapq.heappush(self._heap, (-priority, ref))
+        self._queued.add(ref)
 
     def set_max_backlog(self, max_backlog: int) -> None:
         self.max_backlog = max_backlog
@@ -89,17 +112,22 @@ class Backlog:
 
     async def take(self) -> int:
         """The next alert to review, best first; waits when there is none."""
+        loop = asyncio.get_running_loop()
         while True:
+            if self._spilled and len(self._heap) <= self.capacity // 2:
+                if (pause := self._retry_at - loop.time()) <= 0:
+                    await self._refill()
+                elif not self._heap:  # nothing else to hand out meanwhile
+                    await asyncio.sleep(pause)
+                    continue
             if self._heap:
-                _, _, ref = heapq.heappop(self._heap)
+                _, ref = heapq.heappop(self._heap)
                 self._queued.discard(ref)
                 self._active.add(ref)
                 self._update()
                 return ref
             if self._spilled:
-                await self._refill()
-                if self._heap:
-                    continue
+                continue  # read again (after a pause, if the read failed)
             self._available.clear()
             await self._available.wait()
 
@@ -126,14 +154,23 @@ class Backlog:
             await self._room.wait()
 
     async def _refill(self) -> None:
+        """Top the queue up from the journal, best first (what waits there may beat what is
+        queued). A failed read is logged and tried again after a pause; nothing is lost, the
+        alerts stay in the journal."""
         async with self._refilling:
-            if self._heap or not self._spilled:
+            if len(self._heap) > self.capacity // 2 or not self._spilled:
                 return
             self._spilled = False  # adds that spill while we read set it again
+            # the best rows hold the queued and active alerts too, and enough others to fill up
             limit = self.capacity + len(self._active)
             self._ended_while_reading = set()
             try:
                 rows = await self._read_pending(limit)
+            except Exception as exc:
+                self._spilled = True
+                self._retry_at = asyncio.get_running_loop().time() + REFILL_RETRY_S
+                log.error("the journal failed while reading waiting alerts", error=str(exc))
+                return
             finally:
                 ended, self._ended_while_reading = self._ended_while_reading, None
             if len(rows) >= limit:
@@ -144,8 +181,7 @@ class Backlog:
                 if len(self._heap) >= self.capacity:
                     self._spilled = True
                     break
-                heapq.heappush(self._heap, (-priority, next(self._arrival), ref))
-                self._queued.add(ref)
+                self._push(ref, priority)
 
     def _update(self) -> None:
         if self._heap or self._spilled:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 from PIL import Image, ImageDraw
 
 from daemon.app import Daemon
@@ -83,6 +84,10 @@ def _free_port() -> int:
 
 def _start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
     binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).is_file():
+        raise click.ClickException(
+            "this bench runs a private mosquitto, and none is installed (apt-get install mosquitto)"
+        )
     port = _free_port()
     config = workdir / "mosquitto.conf"
     config.write_text(
@@ -98,7 +103,7 @@ def _start_broker(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
         except OSError:
             time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("mosquitto did not start")
+    raise click.ClickException(f"mosquitto ({binary}) did not start within 10 s")
 
 
 async def run_pipeline_bench(

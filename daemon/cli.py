@@ -884,6 +884,10 @@ def tiny_model(out_dir: Path, family: str) -> None:
 
     from daemon.inference.synthetic import build_tiny_model
 
+    _writable_dir(out_dir)
     hf_logging.disable_progress_bar()
-    build_tiny_model(out_dir, family)
+    try:
+        build_tiny_model(out_dir, family)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write into {out_dir}: {exc.strerror or exc}") from None
     click.echo(str(out_dir))

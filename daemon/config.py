@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import re
 import socket
 import tomllib
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -20,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from daemon.contract import Name
 from daemon.plugin_api import MAX_NEW_TOKENS
 
 DEFAULT_VERDICT_TOPIC = "secondlook/verdicts/{verdict}/{box_id}/{camera_id}/{event_type}"
@@ -92,7 +95,9 @@ class MqttSettings(_Section):
     #: more topics, each with its own format: [[mqtt.subscriptions]] topic = "..." format = "..."
     subscriptions: list[Subscription] = Field(default_factory=list)
     #: fixed so the broker keeps our session (and queued alerts) across restarts
-    client_id: str = Field(default_factory=lambda: f"secondlook-{socket.gethostname()}")
+    client_id: str = Field(
+        default_factory=lambda: f"secondlook-{socket.gethostname()}", min_length=1, max_length=256
+    )
     #: "5" (clean start off, a session expiry, a receive maximum) or "3.1.1" for old brokers
     protocol: Literal["5", "3.1.1"] = "5"
     #: how long the broker keeps the session, and queues alerts, while the daemon is away
@@ -101,7 +106,7 @@ class MqttSettings(_Section):
     #: gateways with the same share group split the alert topics between them (MQTT shared
     #: subscriptions, `$share/<group>/<topic>`): each alert is reviewed by one gateway
     share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
-    keepalive_s: int = Field(default=30, ge=5)
+    keepalive_s: int = Field(default=30, ge=5, le=65535)  # MQTT's keep-alive is 16 bits
     status_topic: str = "secondlook/status"
     #: operators' feedback on verdicts (JSON with alert_id, box_id, rule, correct | label);
     #: empty: not subscribed
@@ -228,6 +233,17 @@ class RemoteSettings(_Section):
 
     #: base URL, e.g. http://gpu-box:8000/v1 (POST {url}/chat/completions)
     url: str = "http://127.0.0.1:8000/v1"
+
+    @field_validator("url")
+    @classmethod
+    def _plain_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        if parts.username or parts.password:  # it is logged and shown in /healthz
+            raise ValueError("no user or password in the URL: put the key in api_key_file")
+        return value
+
     #: the served model's name; default: [model] path
     model: str | None = None
     #: a file holding the API key (systemd LoadCredential puts it in $CREDENTIALS_DIRECTORY)
@@ -242,7 +258,7 @@ class RemoteSettings(_Section):
     top_logprobs: int = Field(default=20, ge=1, le=20)
     #: pixels per side of one visual token of the served model: 28 (Qwen2-VL, Qwen2.5-VL),
     #: 32 (Qwen3-VL)
-    image_factor: int = Field(default=28, ge=1)
+    image_factor: int = Field(default=28, ge=1, le=64)
 
 
 class ModelSettings(_Section):
@@ -352,10 +368,11 @@ class LogSettings(_Section):
 
 def offset_tz(offset: str) -> tzinfo:
     """The time zone of a UTC offset such as +08:00 or Z; ValueError if it is none."""
-    try:
-        zone = datetime.fromisoformat(f"2000-01-01T00:00:00{offset}").tzinfo
-    except ValueError:
-        zone = None
+    zone = None
+    # hours and minutes only (+08:00, +0800, +08): Python would also take seconds
+    if re.fullmatch(r"Z|[+-]\d\d(:?\d\d)?", offset):
+        with contextlib.suppress(ValueError):
+            zone = datetime.fromisoformat(f"2000-01-01T00:00:00{offset}").tzinfo
     if zone is None:
         raise ValueError(f"expected a UTC offset such as +08:00, got {offset!r}")
     return zone
@@ -373,8 +390,8 @@ class FrigateSettings(_Section):
     """The `frigate` alert format: Frigate's `frigate/events` and snapshot topics."""
 
     #: the `box_id` of alerts from this Frigate instance
-    box_id: str = "frigate"
-    site: str | None = None
+    box_id: Name = "frigate"
+    site: str | None = Field(default=None, max_length=256)
     #: Frigate's HTTP API (e.g. http://frigate:5000): snapshots of events that arrive before
     #: their snapshot topic; its host must be in [images] url_hosts
     api_url: str | None = None
@@ -383,6 +400,22 @@ class FrigateSettings(_Section):
     #: the cameras' UTC offset: `occurred_at` is written in it, so that rules' `hours` are
     #: the cameras' local time (Frigate sends Unix times)
     utc_offset: UtcOffset = "+00:00"
+
+
+#: the contract's fields a mapped format may fill
+MAPPED_FIELDS = {
+    "alert_id",
+    "box_id",
+    "camera_id",
+    "event_type",
+    "occurred_at",
+    "image",
+    "image_url",
+    "images",
+    "score",
+    "boxes",
+    "site",
+}
 
 
 class MappingFormat(_Section):
@@ -405,20 +438,7 @@ class MappingFormat(_Section):
     @field_validator("fields")
     @classmethod
     def _contract_fields(cls, value: dict[str, str]) -> dict[str, str]:
-        allowed = {
-            "alert_id",
-            "box_id",
-            "camera_id",
-            "event_type",
-            "occurred_at",
-            "image",
-            "image_url",
-            "images",
-            "score",
-            "boxes",
-            "site",
-        }
-        unknown = sorted(set(value) - allowed)
+        unknown = sorted(set(value) - MAPPED_FIELDS)
         if unknown:
             raise ValueError(f"not contract fields: {', '.join(unknown)}")
         required = {"alert_id", "box_id", "camera_id", "event_type", "occurred_at"}
@@ -427,6 +447,30 @@ class MappingFormat(_Section):
             raise ValueError(f"missing required fields: {', '.join(missing)}")
         if "image" not in value and "image_url" not in value:
             raise ValueError("one of image or image_url is required")
+        return value
+
+    @field_validator("time_format")
+    @classmethod
+    def _time_pattern(cls, value: str) -> str:
+        if value in ("rfc3339", "epoch_s", "epoch_ms"):
+            return value
+        sample = datetime(2026, 11, 30, 12, 34, 56, tzinfo=UTC)  # %Z and %z write something
+        try:
+            read = datetime.strptime(sample.strftime(value), value)
+        except ValueError as exc:
+            raise ValueError(f"not a strptime pattern ({exc}): {value!r}") from None
+        if read.date() != sample.date():
+            raise ValueError(
+                f"{value!r} does not give the date (year, month and day, e.g. %Y-%m-%d "
+                "%H:%M:%S); or rfc3339, epoch_s, epoch_ms"
+            )
+        return value
+
+    @field_validator("values")
+    @classmethod
+    def _values_of_fields(cls, value: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        if unknown := sorted(set(value) - MAPPED_FIELDS):
+            raise ValueError(f"not contract fields: {', '.join(unknown)}")
         return value
 
 

@@ -5,6 +5,7 @@ Data only, no I/O. Field meanings are documented in README.md ("The contract").
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
@@ -69,22 +70,28 @@ Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)
 Score = Annotated[Number, Field(ge=0, le=1)]
 #: `extra` nested deeper than this is refused (the journal stores it as JSON)
 MAX_EXTRA_DEPTH = 32
+#: detections per alert taken in, at most (a box model's frame holds far fewer; each is
+#: validated, drawn, cropped around and compared with a repeat's, so an unbounded list is
+#: refused at intake; alerts journalled before the limit still load)
+MAX_BOXES = 256
 
 
-def _depth(value: Any) -> int:
-    """How deeply lists and dicts nest in a JSON value (a scalar: 0), without recursion."""
-    deepest, stack = 0, [(value, 0)]
+def _check_json(value: Any) -> None:
+    """ValueError for a JSON value nested more than MAX_EXTRA_DEPTH levels deep, or holding
+    NaN or infinity (Python's reader takes them; no JSON can store them, so the journal would
+    keep null); walked without recursion."""
+    stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"holds {item}, which is no JSON number")
         if isinstance(item, dict | list):
             depth += 1
-            deepest = max(deepest, depth)
-            if deepest > MAX_EXTRA_DEPTH:
-                break
+            if depth > MAX_EXTRA_DEPTH:
+                raise ValueError(f"nested more than {MAX_EXTRA_DEPTH} levels deep")
             stack.extend(
                 (child, depth) for child in (item.values() if isinstance(item, dict) else item)
             )
-    return deepest
 
 
 class Detection(BaseModel):
@@ -103,9 +110,8 @@ class Detection(BaseModel):
     def _ordered(self) -> Detection:
         if self.x2 < self.x1 or self.y2 < self.y1:
             raise ValueError("x2/y2 must not be smaller than x1/y1")
-        # a box's own keys (a tracker id, a class index ...) are kept like `extra`: as deep
-        if _depth(self.model_extra or {}) > MAX_EXTRA_DEPTH:
-            raise ValueError(f"nested more than {MAX_EXTRA_DEPTH} levels deep")
+        # a box's own keys (a tracker id, a class index ...) are kept like `extra`: checked alike
+        _check_json(self.model_extra or {})
         return self
 
 
@@ -128,9 +134,15 @@ class Alert(BaseModel):
     @field_validator("extra")
     @classmethod
     def _shallow(cls, extra: dict[str, Any]) -> dict[str, Any]:
-        if _depth(extra) > MAX_EXTRA_DEPTH:
-            raise ValueError(f"nested more than {MAX_EXTRA_DEPTH} levels deep")
+        _check_json(extra)
         return extra
+
+
+def too_many_boxes(count: int) -> str | None:
+    """Why an alert with `count` detections is refused at intake, or None."""
+    if count > MAX_BOXES:
+        return f"{count} detections, over the limit of {MAX_BOXES} per alert"
+    return None
 
 
 class VerdictKind(StrEnum):

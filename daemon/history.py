@@ -261,7 +261,7 @@ async def _verdicts_of(journal: Journal, refs: list[int]) -> dict[int, list[dict
                 "fields": verdict.get("fields", {}),
                 "latency_ms": verdict.get("latency_ms"),
                 "reviewed_at": verdict.get("reviewed_at"),
-                "published": row["published_at"] is not None,
+                "published": bool(row["published_at"]),  # '': made with MQTT off
                 "prompt": row["prompt"],
                 "raw": row["raw"],
             }

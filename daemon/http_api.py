@@ -38,6 +38,10 @@ HEADER_TIMEOUT_S = 20.0
 #: slow link keeps going; a client that stops sending is answered 408)
 BODY_GRACE_S = 20.0
 BODY_MIN_RATE = 16 * 1024
+#: at a stop, requests under way get this many seconds to end before they are cut off (a
+#: half-sent upload would otherwise hold the stop, and the reviews' drain, for a minute); a
+#: box cut off gets no 202 and sends again
+STOP_LIMIT_S = 3.0
 
 
 def error(status: int, message: str, field: str | None = None, **headers: str) -> web.Response:
@@ -246,7 +250,11 @@ class HttpApi:
         # aiohttp's keep-alive timer also closes a connection whose first request's headers
         # have not all arrived by then
         self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, keepalive_timeout=HEADER_TIMEOUT_S
+            self.app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=HEADER_TIMEOUT_S,
+            shutdown_timeout=STOP_LIMIT_S,
         )
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()

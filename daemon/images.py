@@ -12,6 +12,11 @@ from PIL import ExifTags, Image, ImageDraw, UnidentifiedImageError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+#: the only decoders Pillow may use (else bytes that start like a JPEG but that its JPEG
+#: decoder refuses are offered to others: PCD, TGA ...); MPO is a JPEG with more frames
+FORMATS = ("JPEG", "PNG")
+#: an image's end marker may be followed by up to this many bytes (padding, a trailer)
+TRAILER_BYTES = 1024
 
 
 class ImageError(ValueError):
@@ -40,7 +45,7 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
     else:
         raise ImageError("not a JPEG or PNG image")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             width, height = img.size
     except Image.DecompressionBombError as exc:  # Pillow's own guard, past twice its limit
         raise ImageError(
@@ -53,13 +58,15 @@ def inspect_image(data: bytes, *, max_pixels: int) -> ImageInfo:
         raise ImageError(
             f"{width}x{height} image has {width * height} pixels, over the limit of {max_pixels}"
         )
-    tail = data[-64:].rstrip(b"\x00")
-    # the end-of-image marker may be followed by a few bytes (a line end, padding, a
-    # trailer); in the image data itself an 0xFF byte is always stuffed, never 0xFF 0xD9
+    tail = data[-TRAILER_BYTES:]
+    # in a JPEG's image data an 0xFF byte is always stuffed, never followed by 0xD9
     if fmt == "jpeg" and b"\xff\xd9" not in tail:
-        raise ImageError("truncated JPEG: no end-of-image marker")
-    if fmt == "png" and b"IEND" not in tail[-12:]:
-        raise ImageError("truncated PNG: no IEND chunk")
+        raise ImageError(
+            f"truncated JPEG: no end-of-image marker in its last {TRAILER_BYTES} bytes"
+        )
+    end = tail.rfind(b"IEND")
+    if fmt == "png" and (end < 0 or len(tail) - end < 8):  # the chunk's CRC follows its name
+        raise ImageError(f"truncated PNG: no IEND chunk in its last {TRAILER_BYTES} bytes")
     return ImageInfo(fmt, width, height)
 
 
@@ -141,12 +148,12 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
     coordinates refer to the upright picture). With a budget, a JPEG decodes straight at the
     smallest scale (1/2, 1/4, 1/8) that still covers the budget's size (draft mode)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
         stored = img.size
         turn = orientation(img)
         sideways = turn >= 5  # turned a quarter: width and height swap
         upright = stored[::-1] if sideways else stored
-        if budget is not None and img.format == "JPEG":
+        if budget is not None and img.format in ("JPEG", "MPO"):
             target = budget.size_for(*upright)
             img.draft("RGB", target[::-1] if sideways else target)
         img.load()
@@ -172,7 +179,8 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
 
 def _as_rgb(img: Image.Image) -> Image.Image:
     """RGB for any mode: 16-bit grey scaled to 8 bits (Pillow would clip it all to white),
-    transparent pixels black (Pillow would show what they hide)."""
+    transparent pixels white (Pillow would show what they hide; white as Qwen-VL's own
+    preprocessing and transformers' `convert_to_rgb` lay them)."""
     if img.mode.startswith("I"):
         grey = np.asarray(img, dtype=np.uint32) >> 8
         img = Image.fromarray(np.minimum(grey, 255).astype(np.uint8), "L")
@@ -180,7 +188,7 @@ def _as_rgb(img: Image.Image) -> Image.Image:
         img.mode == "P" and "transparency" in img.info
     ):
         rgba = img.convert("RGBA")
-        flat = Image.new("RGB", img.size)
+        flat = Image.new("RGB", img.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
         return flat
     return img.convert("RGB")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
+import structlog
 
 from daemon.contract import Alert, Verdict, utc_now
 from daemon.plugin_api import RawImage
@@ -27,10 +28,14 @@ from daemon.plugin_api import RawImage
 if TYPE_CHECKING:
     from daemon.rules import Rule
 
-SCHEMA_VERSION = 3
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS alerts (
-    id          INTEGER PRIMARY KEY,
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 4
+#: the tables whose row ids are known outside the journal (the outbox's place, snapshot and
+#: feedback references, exported ids): AUTOINCREMENT, so that an id is never given twice,
+#: even once the newest rows are pruned
+ALERTS_TABLE = """(
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
     box_id      TEXT NOT NULL,
     alert_id    TEXT NOT NULL,
     alert       TEXT NOT NULL,              -- canonical alert JSON, images excluded
@@ -42,7 +47,21 @@ CREATE TABLE IF NOT EXISTS alerts (
     reviewed_at TEXT,
     priority    INTEGER NOT NULL DEFAULT 0,  -- of the rules it matched at intake
     UNIQUE (box_id, alert_id)
-);
+)"""
+VERDICTS_TABLE = """(
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_ref    INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
+    rule         TEXT,
+    verdict      TEXT NOT NULL,
+    topic        TEXT NOT NULL,
+    payload      TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    published_at TEXT,                      -- NULL: to be published; '': never (MQTT off)
+    prompt       TEXT,                      -- what the model was asked
+    raw          TEXT                       -- what it answered (scores as JSON, or text)
+)"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS alerts {ALERTS_TABLE};
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (priority DESC, id) WHERE state = 'received';
 CREATE INDEX IF NOT EXISTS alerts_reviewed ON alerts (reviewed_at) WHERE state = 'reviewed';
 CREATE INDEX IF NOT EXISTS alerts_by_alert_id ON alerts (alert_id);
@@ -57,18 +76,7 @@ CREATE TABLE IF NOT EXISTS alert_images (
     data      BLOB NOT NULL,
     PRIMARY KEY (alert_ref, idx)
 );
-CREATE TABLE IF NOT EXISTS verdicts (
-    id           INTEGER PRIMARY KEY,
-    alert_ref    INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
-    rule         TEXT,
-    verdict      TEXT NOT NULL,
-    topic        TEXT NOT NULL,
-    payload      TEXT NOT NULL,
-    created_at   TEXT NOT NULL,
-    published_at TEXT,
-    prompt       TEXT,                      -- what the model was asked
-    raw          TEXT                       -- what it answered (scores as JSON, or text)
-);
+CREATE TABLE IF NOT EXISTS verdicts {VERDICTS_TABLE};
 CREATE INDEX IF NOT EXISTS verdicts_unpublished ON verdicts (id) WHERE published_at IS NULL;
 CREATE INDEX IF NOT EXISTS verdicts_by_alert ON verdicts (alert_ref);
 CREATE INDEX IF NOT EXISTS verdicts_by_rule ON verdicts (rule, alert_ref, verdict);
@@ -99,6 +107,8 @@ CREATE TABLE IF NOT EXISTS rejects (
 );
 CREATE INDEX IF NOT EXISTS rejects_by_time ON rejects (received_at);
 """
+#: `published_at` of a verdict made without MQTT: none waits to be published
+NOT_PUBLISHED = ""
 REJECT_PAYLOAD_BYTES = 4096
 #: the write-ahead log's size after a checkpoint, at most
 WAL_LIMIT_BYTES = 64 * 2**20
@@ -200,6 +210,9 @@ class Journal:
         self._reader = reader
         self._browser = browser
         self.path = path
+        #: False for a daemon without MQTT: its verdicts are stored as NOT_PUBLISHED, so that
+        #: turning MQTT on later does not send a backlog of old verdicts to the alarm systems
+        self.publishes = True
         self._pending: list[tuple[WriteOp, asyncio.Future[Any]]] = []
         self._flushing: asyncio.Task[None] | None = None
 
@@ -329,6 +342,7 @@ class Journal:
         """Store the alert's verdicts and mark it reviewed, in one transaction; False (and
         nothing stored) when it is reviewed already."""
         now = utc_now().isoformat()
+        published_at = None if self.publishes else NOT_PUBLISHED
         verdicts = [
             (
                 ref,
@@ -339,6 +353,7 @@ class Journal:
                 now,
                 p.prompt,
                 p.raw,
+                published_at,
             )
             for p in planned
         ]
@@ -352,7 +367,7 @@ class Journal:
             if marked:
                 db.executemany(
                     "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, "
-                    "created_at, prompt, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "created_at, prompt, raw, published_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     verdicts,
                 )
             return bool(marked)
@@ -576,7 +591,7 @@ class Journal:
         found = []
         for row in await self.read(sql + " ORDER BY id", args):
             verdicts = [
-                {**json.loads(v["payload"]), "published": v["published_at"] is not None}
+                {**json.loads(v["payload"]), "published": bool(v["published_at"])}
                 for v in await self.read(
                     "SELECT payload, published_at FROM verdicts WHERE alert_ref = ? ORDER BY id",
                     (row["id"],),
@@ -634,7 +649,6 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     # would otherwise leave it at its largest until the daemon stops)
     writer.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
     writer.execute("PRAGMA synchronous = FULL")
-    writer.execute("PRAGMA foreign_keys = ON")
     try:
         row = writer.execute("PRAGMA user_version").fetchone()
         version = int(row[0]) if row else 0
@@ -643,6 +657,14 @@ def _open_writer(path: Path) -> sqlite3.Connection:
                 f"{path} was written by a newer secondlook (journal schema {version}, this one "
                 f"knows {SCHEMA_VERSION}): upgrade secondlook, or start with another "
                 "[storage] dir"
+            )
+        if 1 <= version < SCHEMA_VERSION:
+            log.info(
+                "upgrading the journal's schema: the alerts and verdicts tables are copied "
+                "once (seconds per 100,000 rows)",
+                journal=str(path),
+                schema=version,
+                to_schema=SCHEMA_VERSION,
             )
         # one transaction: a start cut short leaves the journal as it was, never half migrated
         writer.executescript(
@@ -656,6 +678,14 @@ def _open_writer(path: Path) -> sqlite3.Connection:
                 ]
             )
         )
+        # after the migration: tables rebuilt there must not take their rows' children along
+        writer.execute("PRAGMA foreign_keys = ON")
+        if writer.execute("PRAGMA auto_vacuum").fetchone()[0] == 0:
+            log.warning(
+                "this journal keeps the pages pruning frees (it predates schema 2); see "
+                "docs/operations.md to give them back to the file system",
+                journal=str(path),
+            )
     except BaseException:
         if writer.in_transaction:
             writer.execute("ROLLBACK")
@@ -677,6 +707,16 @@ def _migrations(version: int) -> list[str]:
             "ALTER TABLE verdicts ADD COLUMN prompt TEXT;",
             "ALTER TABLE verdicts ADD COLUMN raw TEXT;",
         ]
+    if 1 <= version <= 3:
+        # rebuilt with AUTOINCREMENT (SQLite's way of changing a table: a copy renamed);
+        # the columns are in the new table's order by now (those added above come last)
+        for table, columns in (("alerts", ALERTS_TABLE), ("verdicts", VERDICTS_TABLE)):
+            steps += [
+                f"CREATE TABLE {table}_v4 {columns};",
+                f"INSERT INTO {table}_v4 SELECT * FROM {table};",
+                f"DROP TABLE {table};",
+                f"ALTER TABLE {table}_v4 RENAME TO {table};",
+            ]
     return steps
 
 

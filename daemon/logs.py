@@ -44,7 +44,12 @@ def configure_logging(settings: LogSettings, stream: TextIO | None = None) -> No
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                # a library's traceback as text (JSON would show the exception's parts' reprs)
+                *([structlog.processors.format_exc_info] if use_json else []),
+                renderer,
+            ],
             foreign_pre_chain=[
                 structlog.stdlib.add_log_level,
                 structlog.stdlib.add_logger_name,

@@ -12,7 +12,6 @@ one that loses the connection LOSSES_TO_SET_ASIDE times alone is set aside.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 import time
 from typing import Protocol
@@ -22,6 +21,7 @@ import structlog
 from daemon.journal import Journal, OutboxItem
 from daemon.mqtt import ConnectionLost, PublishRefused
 from daemon.stats import StageStats
+from daemon.waiting import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -83,8 +83,7 @@ class Outbox:
             await self.publisher.connected.wait()
             self._wake.clear()
             if await self.flush():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), IDLE_CHECK_S)
+                await wait_event(self._wake, IDLE_CHECK_S)
             else:
                 await asyncio.sleep(JOURNAL_RETRY_S)
 

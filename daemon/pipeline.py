@@ -7,6 +7,7 @@ serves fresh verdicts, reconnects and restarts alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import sqlite3
 from collections import OrderedDict
@@ -21,7 +22,14 @@ from pydantic_core import PydanticSerializationError
 
 from daemon.backlog import Backlog
 from daemon.config import ImageSettings, Settings
-from daemon.contract import Alert, Verdict, VerdictKind, parse_rfc3339, utc_now
+from daemon.contract import (
+    Alert,
+    Verdict,
+    VerdictKind,
+    parse_rfc3339,
+    too_many_boxes,
+    utc_now,
+)
 from daemon.journal import Journal, PlannedVerdict, StoredAlert
 from daemon.plugin_api import (
     AlertError,
@@ -49,6 +57,10 @@ FRESH_IN_MEMORY = 256
 CRASH_PAUSE_S = (0.5, 30.0)
 #: an `async def verdict_ready` hook is given up on after this long (logged)
 VERDICT_HOOK_LIMIT_S = 60.0
+
+
+class CutOff(Exception):
+    """A review not begun because a stop's grace ran out; the alert waits for the next start."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,8 @@ def parse_payload(
             raise TypeError(
                 f"it returned {incoming!r:.80}, not an IncomingAlert of RawImages of bytes"
             )
+        if reason := too_many_boxes(len(incoming.alert.boxes)):  # (any format's alert)
+            raise AlertError("boxes", reason)
         extra = sum(image.source != "image" for image in incoming.images)
         if extra > images.max_extra_images:
             raise AlertError(
@@ -166,6 +180,8 @@ class Pipeline:
         self._quiet.set()
         #: alerts whose review attempt is counted and not finished
         self._attempting: set[int] = set()
+        #: a stop's grace ran out: reviews not begun by then are not begun at all
+        self._cut_off = False
         #: an alert whose review a crash cut off is reviewed alone (see daemon.review_gate)
         self.gate = ReviewGate()
         #: False (replay, eval): no plugin's `verdict_ready` runs (no pager rings)
@@ -352,8 +368,10 @@ class Pipeline:
             reviewed: bool | None = False
             try:
                 # None: reviewed already (by an earlier take of it): counted then
-                reviewed = await self.review(ref) is not None
+                reviewed = None if await self.review(ref) is None else True
                 self._crash_pause_s = 0.0
+            except CutOff:
+                pass  # left in the journal for the next start
             except BackendUnusable as exc:
                 self.backend_unusable(str(exc))
             except Exception as exc:
@@ -398,15 +416,23 @@ class Pipeline:
         self._closed = True
         deadline = asyncio.get_running_loop().time() + grace_s
         try:
-            await asyncio.wait_for(self._quiet.wait(), grace_s)
+            if not self._quiet.is_set():  # (a grace of 0 with nothing running is no timeout)
+                async with asyncio.timeout(grace_s):  # (not wait_for: see daemon.waiting)
+                    await self._quiet.wait()
             if self._announcing:  # the hooks of the last verdicts, in what is left
                 left = deadline - asyncio.get_running_loop().time()
                 await asyncio.wait(self._announcing, timeout=max(left, 0.0))
         except TimeoutError:
             # cut off by a clean stop, not by a crash: the attempts do not count towards
             # max_attempts (restarts would otherwise give alerts up unjudged)
+            self._cut_off = True
             if self._attempting:
-                await self.journal.uncount_attempts(sorted(self._attempting))
+                refs = sorted(self._attempting)
+                self._attempting.clear()  # taken back here, not again when they end
+                try:
+                    await self.journal.uncount_attempts(refs)
+                except sqlite3.Error as exc:  # the stop goes on; they count as a crash would
+                    log.error("the journal failed while stopping", error=str(exc))
             return False
         return True
 
@@ -451,12 +477,23 @@ class Pipeline:
     async def _review_counted(self, ref: int, stored: StoredAlert) -> list[PlannedVerdict] | None:
         """Count the attempt, judge, journal the verdicts; None if another review of the
         alert was journalled first."""
+        if self._cut_off:
+            raise CutOff
         attempts = await self.journal.begin_review(ref)
         self._attempting.add(ref)
         try:
+            if self._cut_off:  # the stop's deadline came while the attempt was counted
+                raise CutOff
             planned = await self._verdicts_for(stored, attempts)
             with self.stats.time("journal_verdict"):
                 finished = await self.journal.finish_review(ref, planned)
+        except (CutOff, sqlite3.OperationalError):
+            # neither a crash nor the alert's doing (a full disk, an I/O error): the attempt
+            # does not count
+            if ref in self._attempting:
+                with contextlib.suppress(sqlite3.Error):
+                    await self.journal.uncount_attempts([ref])
+            raise
         finally:
             self._attempting.discard(ref)
         return planned if finished else None

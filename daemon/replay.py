@@ -23,6 +23,9 @@ from daemon.rules import Rule, RuleBook
 
 #: a file no rule matched, with `[rules] unmatched = "drop"`
 NO_RULE = 'no rule matched: dropped ([rules] unmatched = "drop")'
+#: a file whose format took it in without an alert of its own (a Frigate event that waits for
+#: its snapshot, or of a kind `[frigate] review` leaves out)
+NO_ALERT = "no alert of its own: the format took it in without one (e.g. a Frigate event)"
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,8 @@ async def _replay_one(pipeline: Pipeline, path: Path, payload: bytes | None) -> 
         return [ReplayRow(path, error="duplicate alert_id: reviewed once already")]
     if result.status == "busy":
         return [ReplayRow(path, error=f"not taken: {result.busy_reason}")]
+    if result.status == "consumed":
+        return [ReplayRow(path, error=NO_ALERT)]
     ref = await pipeline.backlog.take()
     try:
         planned = await pipeline.review(ref) or []

@@ -18,6 +18,7 @@ from daemon.config import StorageSettings
 from daemon.contract import utc_now
 from daemon.journal import Journal, Pruned
 from daemon.pipeline import Pipeline
+from daemon.waiting import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -124,8 +125,7 @@ class StorageKeeper:
                 if due and (pruning is None or pruning.done()):
                     last_prune = now
                     pruning = asyncio.create_task(self._prune_logged())
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._reloaded.wait(), self.settings.check_interval_s)
+                await wait_event(self._reloaded, self.settings.check_interval_s)
                 self._reloaded.clear()
         finally:
             if pruning is not None:

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pybase64
 from pydantic import ValidationError
 
-from daemon.contract import Alert
+from daemon.contract import Alert, too_many_boxes
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert, RawImage
 
@@ -67,6 +67,9 @@ class CanonicalFormat:
 
 def validate_alert(data: dict[str, Any]) -> Alert:
     """The contract's fields of a dict; AlertError names the field at fault."""
+    boxes = data.get("boxes")
+    if isinstance(boxes, list) and (reason := too_many_boxes(len(boxes))):
+        raise AlertError("boxes", reason)  # before validating each of them
     try:
         return Alert.model_validate(data)
     except ValidationError as exc:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import Judgement
 
@@ -28,11 +30,26 @@ def iou(a: Box, b: Box) -> float:
     return 1.0 if tuple(a) == tuple(b) else 0.0  # zero-area boxes: the same point or line
 
 
+def iou_matrix(mine: Sequence[Box], theirs: Sequence[Box]) -> np.ndarray:
+    """`iou` of each of `mine` (rows) with each of `theirs` (columns), at once: an alert may
+    carry hundreds of boxes, and this runs on the event loop."""
+    a = np.asarray(mine, dtype=np.float64)[:, None, :]
+    b = np.asarray(theirs, dtype=np.float64)[None, :, :]
+    width = np.clip(np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]), 0, None)
+    height = np.clip(np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]), 0, None)
+    inter = width * height
+    area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    union = area + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
+    same = np.all(a == b, axis=-1).astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), same)
+
+
 def overlaps(mine: Sequence[Box], theirs: Sequence[Box], threshold: float) -> bool:
     """Whether each of `mine` overlaps one of `theirs` (both empty: the same, too)."""
     if not mine or not theirs:
         return not mine and not theirs
-    return all(any(iou(a, b) >= threshold for b in theirs) for a in mine)
+    return bool((iou_matrix(mine, theirs) >= threshold).any(axis=1).all())
 
 
 @hookimpl

@@ -3,7 +3,7 @@
 #   ./scripts/demo.sh                        # default model Qwen/Qwen2-VL-2B-Instruct (hub)
 #   MODEL=/path/to/model ./scripts/demo.sh   # a local snapshot directory
 # Starts a mosquitto on 127.0.0.1:1883 if none listens there, publishes sample_alerts/*.json
-# to secondlook/alerts/<box_id>, and prints the verdicts that come back over MQTT.
+# to secondlook-demo-<pid>/alerts/<box_id>, and prints the verdicts that come back over MQTT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -13,13 +13,25 @@ py=$repo/.venv/bin/python
 
 # the default config reads rules/ and writes var/ in the working directory: a fresh one
 work=$(mktemp -d /tmp/secondlook-demo.XXXXXX)
-ln -s "$repo/rules" "$work/rules"
-# a client id of its own, and no session kept on the broker: the demo never takes over (or
-# leaves queued messages for) a secondlook daemon that uses the same broker
+# topics of its own, a client id of its own, no session kept on the broker and a free HTTP
+# port: the demo never disturbs a secondlook daemon (or an alarm system) using the same broker
+prefix=secondlook-demo-$$
+port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mkdir "$work/rules"
+for rule in "$repo"/rules/*.toml; do  # a rule's own topic moves under the prefix too
+    sed "s#^topic = \"#topic = \"$prefix/#" "$rule" >"$work/rules/$(basename "$rule")"
+done
 cat >"$work/secondlook.toml" <<EOF
 [mqtt]
-client_id = "secondlook-demo-$$"
+client_id = "$prefix"
 session_expiry_s = 0
+subscribe = ["$prefix/alerts/#"]
+verdict_topic = "$prefix/verdicts/{verdict}/{box_id}/{camera_id}/{event_type}"
+shadow_prefix = "$prefix/shadow"
+status_topic = "$prefix/status"
+feedback_topic = ""
+[http]
+listen = "127.0.0.1:$port"
 EOF
 pids=()
 # each process is asked to stop, then given 30 s before it is killed
@@ -44,16 +56,16 @@ echo "starting secondlook with model $MODEL (logs: $work/secondlook.log)"
     >"$work/secondlook.log" 2>&1 &
 daemon=$!
 pids+=($daemon)
-if ! "$py" - "$daemon" <<'PY'
+if ! "$py" - "$daemon" "$port" <<'PY'
 import json, os, sys, time, urllib.request
-pid = int(sys.argv[1])
+pid, port = int(sys.argv[1]), sys.argv[2]
 while True:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         sys.exit("secondlook exited during start-up; its log:")
     try:
-        with urllib.request.urlopen("http://127.0.0.1:8080/healthz", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
             if json.load(r)["status"] == "ok":
                 break
     except Exception:
@@ -67,13 +79,13 @@ fi
 
 samples=(sample_alerts/*.json)
 echo "ready; publishing ${#samples[@]} sample alerts"
-mosquitto_sub -h 127.0.0.1 -q 1 -v -t 'secondlook/verdicts/#' -t 'alarms/#' \
+mosquitto_sub -h 127.0.0.1 -q 1 -v -t "$prefix/verdicts/#" -t "$prefix/alarms/#" \
     -C "${#samples[@]}" -W 3600 >"$work/verdicts.txt" &
 sub=$!
 sleep 0.5
 for file in "${samples[@]}"; do
     box=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["box_id"])' "$file")
-    mosquitto_pub -h 127.0.0.1 -q 1 -t "secondlook/alerts/$box" -f "$file"
+    mosquitto_pub -h 127.0.0.1 -q 1 -t "$prefix/alerts/$box" -f "$file"
 done
 wait "$sub" || echo "some verdicts did not arrive in time"
 
@@ -88,5 +100,5 @@ for topic, _, payload in sorted(lines, key=lambda line: json.loads(line[2])["ale
     print(f"{'':<12} {v['reason'][:110]}" + (f" {v['fields']}" if v["fields"] else ""))
 PY
 stop "$daemon"
-echo "(verdicts of rules in shadow mode go to secondlook/shadow/...: see the log)"
+echo "(verdicts of rules in shadow mode go to $prefix/shadow/...: see the log)"
 echo "journal: $work/var/journal.sqlite3"

@@ -79,6 +79,24 @@ async def test_batched_answers_equal_answers_alone(tiny_model):
     assert health["busy_s"] > 0 and health["busy_for_s"] == 0.0
 
 
+async def test_a_batching_loop_that_ends_makes_the_model_unusable(tiny_model):
+    backend = TransformersBackend(ModelSettings(path=str(tiny_model), warmup=False))
+    await backend.start()
+    try:
+        assert backend.health()["state"] == "idle"
+
+        async def a_bug() -> None:
+            raise RuntimeError("a bug in the batcher")
+
+        backend._batching.cancel()
+        backend._batching = asyncio.create_task(a_bug())
+        await asyncio.sleep(0.05)
+        health = backend.health()
+    finally:
+        await backend.close()
+    assert health["state"] == "failed" and "a bug in the batcher" in health["fatal"]
+
+
 class OutOfMemoryAbove:
     """The real runner, except that batches larger than `limit` raise CUDA's out-of-memory
     error (injected: this machine has no GPU to run out of)."""
@@ -113,8 +131,10 @@ class OutOfMemoryAbove:
             "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
             "memory: you tried to allocate 90183693636 bytes. Error code 12"
         ),
+        # a CUDA library's own allocation: a plain RuntimeError, the context still usable
+        RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be ..."),
     ],
-    ids=["cuda", "cpu"],
+    ids=["cuda", "cpu", "cuda-library"],
 )
 async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model, error):
     runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
@@ -135,6 +155,45 @@ async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model, error):
     assert batcher.health.oom_splits >= 2 and batcher.health.failures == 0
     # the halves run with the failed pass's tensors (its inputs, its activations) let go
     assert len(flaky.failed_tensors) >= 4 and not any(flaky.still_held)
+
+
+async def test_a_request_whose_answers_cannot_be_scored_fails_alone(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    good = ModelRequest(ChoiceQuery("Is there fire?", YES_NO), [Image.new("RGB", (56, 56))])
+    # two labels that share their only first token: no score tells them apart
+    bad = ModelRequest(
+        ChoiceQuery("Fire?", {"yes": ["yes"], "also": ["yes"]}), [Image.new("RGB", (56, 56))]
+    )
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            runner, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        answers = await asyncio.gather(
+            batcher.submit(good), batcher.submit(bad), return_exceptions=True
+        )
+        running.cancel()
+    assert_same(answers[0], runner.run(good))
+    assert isinstance(answers[1], ValueError) and "no first token distinct" in str(answers[1])
+
+
+def test_scores_that_are_not_finite_fail_their_request_and_no_other(tiny_model, monkeypatch):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    real = runner.model.forward
+
+    def overflowing(*args, **kwargs):  # the second request's scores overflow (as float16 can)
+        out = real(*args, **kwargs)
+        out.logits[1:] = float("nan")
+        return out
+
+    monkeypatch.setattr(runner.model, "forward", overflowing)
+    requests = [
+        ModelRequest(ChoiceQuery("Is there fire?", YES_NO), [Image.new("RGB", (56, 56), c)])
+        for c in ((0, 0, 0), (200, 0, 0))
+    ]
+    first, second = runner.run_batch(requests)
+    assert isinstance(first, ChoiceAnswer)
+    assert isinstance(second, ValueError) and "not finite numbers" in str(second)
 
 
 class NeverFits(TransformersBackend):

@@ -138,8 +138,10 @@ def test_replay_prints_a_table_of_verdicts_for_the_samples(tiny_model):
 def test_replay_and_eval_refuse_missing_rules_or_no_alert_files(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
+    (tmp_path / "a-file").write_text("")
     rules = ["--rules", str(ROOT / "rules")]
     for args, message in (
+        (["tiny-model", str(tmp_path / "a-file" / "m")], "a-file is no writable folder"),
         (["replay", str(empty), *rules], f"no alert files (*.json) in {empty}"),
         (["eval", str(empty), *rules, "--out", str(tmp_path / "e")], "no alert files"),
         (

@@ -112,6 +112,27 @@ async def test_http_alerts_during_a_broker_outage_are_delivered_once_it_returns(
     )
 
 
+async def test_a_broker_down_at_boot_does_not_hold_the_start(
+    tmp_path, own_broker, tiny_model, monkeypatch
+):
+    monkeypatch.setattr("daemon.app.MQTT_READY_WAIT_S", 1.0)
+    settings = make_settings(tmp_path, broker=own_broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    await asyncio.to_thread(own_broker.stop)
+    async with run_daemon(settings) as d:  # ready without the broker
+        health = await d.daemon.health()
+        assert (health["status"], health["mqtt"]) == ("ok", "disconnected")
+        assert (await d.post_alert(make_alert("boot-http")))[0] == 202
+        await d.wait_reviewed("boot-http")
+        await asyncio.to_thread(own_broker.start)
+        await asyncio.wait_for(d.daemon.link.subscribed.wait(), 30)
+        async with collect(own_broker, VERDICTS) as out:
+            await publish_all(
+                "127.0.0.1", own_broker.port, ALERTS, [json.dumps(make_alert("boot-mqtt"))]
+            )
+            await until_every_verdict(out, {"boot-mqtt"}, timeout=60)
+
+
 async def test_broker_down_during_an_mqtt_stream_loses_none(tmp_path, own_broker, tiny_model):
     settings = make_settings(tmp_path, broker=own_broker, model=tiny_model)
     (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)

@@ -10,9 +10,11 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from rich.console import Console
 
 from daemon.config import FrigateSettings, MappingFormat, Settings
 from daemon.plugin_api import AlertError, IncomingAlert, parsing_retained
+from daemon.replay import NO_ALERT, replay
 from plugins.frigate import FrigateFormat
 from plugins.mapping import MappedFormat
 from tests.conftest import (
@@ -185,6 +187,17 @@ async def test_frigate_messages_that_are_not_reviewed_are_consumed(tmp_path, tin
             assert await response.json() == {"status": "consumed"}
         status, _ = await d.get_alert("evt-upd")
     assert status == 404
+
+
+async def test_replay_of_a_frigate_message_without_an_alert_says_so(tmp_path, tiny_model):
+    settings = make_settings(
+        tmp_path, broker=None, model=tiny_model, mqtt={"format": "frigate"}, frigate={}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    event = tmp_path / "new.json"  # waits for a snapshot that never comes
+    event.write_text(frigate_event("new", "evt-replayed"))
+    rows = await asyncio.wait_for(replay(settings, [event], Console(quiet=True)), 60)
+    assert [(row.file, row.verdict, row.error) for row in rows] == [(event, None, NO_ALERT)]
 
 
 def test_a_frigate_event_waits_for_its_snapshot_and_an_older_one_is_not_used():

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.config import ImageSettings
+from daemon.contract import Alert
 from daemon.pipeline import parse_payload
 from daemon.plugin_api import AlertError
 from daemon.plugins import Registry, make_plugin_manager
@@ -83,12 +84,28 @@ def test_more_extra_frames_than_allowed_are_refused_naming_the_limit():
             "nested more than 32 levels deep",
         ),
         ({"extra": {"a": nested(40)}}, "extra", "nested more than 32 levels deep"),
+        (
+            {"boxes": [{"x1": 1, "y1": 1, "x2": 2, "y2": 2}] * 257},
+            "boxes",
+            "257 detections, over the limit of 256 per alert",
+        ),
+        ({"extra": {"v": [float("nan")]}}, "extra", "holds nan, which is no JSON number"),
+        (
+            {"boxes": [{"x1": 1, "y1": 1, "x2": 2, "y2": 2, "track": float("inf")}]},
+            "boxes[0]",
+            "holds inf, which is no JSON number",
+        ),
     ],
 )
 def test_odd_shapes_are_refused_naming_the_field(changes, field, message):
     with pytest.raises(AlertError) as refused:
         parse_payload(json.dumps(VALID | changes).encode(), None, CANONICAL, "canonical", IMAGES)
     assert refused.value.field == field and message in refused.value.message
+
+
+def test_an_alert_journalled_before_the_box_limit_still_loads():
+    boxes = [{"x1": 1, "y1": 1, "x2": 2, "y2": 2}] * 300
+    assert len(Alert.model_validate(VALID | {"boxes": boxes}).boxes) == 300
 
 
 @FUZZ

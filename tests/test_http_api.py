@@ -190,6 +190,25 @@ async def test_clients_that_stop_sending_are_cut_off_and_intake_goes_on(
     assert ("payload", "request body not received in time: 100 bytes in 1 s") in rejects
 
 
+async def test_a_stop_does_not_wait_long_for_an_upload_under_way(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    async with run_daemon(settings) as d:
+        host, port = d.settings.http.listen.split(":")
+        _reader, writer = await asyncio.open_connection(host, port)
+        writer.write(  # a 4 MB snapshot coming slowly: far from done when the stop comes
+            b"POST /v1/alerts HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4000000\r\n\r\n" + b"{" + b" " * 200_000
+        )
+        await writer.drain()
+        await asyncio.sleep(0.5)
+        started = asyncio.get_running_loop().time()
+        d.stop.set()
+        await asyncio.wait_for(d.task, 30)
+        stop_s = asyncio.get_running_loop().time() - started
+        writer.close()
+    assert stop_s < 15  # aiohttp's own default would hold it for 60 s
+
+
 async def test_console_routes_cut_off_a_body_that_stops_coming(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setattr("daemon.http_api.BODY_GRACE_S", 1.0)
     settings = make_settings(tmp_path, broker=None, model=tiny_model)

@@ -131,6 +131,48 @@ async def test_a_migration_cut_short_leaves_the_journal_as_it_was(tmp_path, monk
     assert {"prompt", "raw"} <= names and version == journal_module.SCHEMA_VERSION
 
 
+async def test_ids_are_never_given_twice_in_a_journal_upgraded_from_schema_3(tmp_path):
+    path = tmp_path / "journal.db"
+    with sqlite3.connect(path) as db:  # as version 3 left it, with two reviewed alerts
+        db.executescript(journal_module.SCHEMA.replace(" AUTOINCREMENT", ""))
+        db.execute("PRAGMA user_version = 3")
+        for ref in (1, 2):
+            db.execute(
+                "INSERT INTO alerts (id, box_id, alert_id, alert, source, received_at, state) "
+                "VALUES (?, 'box-t', ?, ?, 'http', '2026-11-25T00:00:00+00:00', 'reviewed')",
+                (ref, f"old-{ref}", alert(f"old-{ref}").model_dump_json()),
+            )
+            db.execute(
+                "INSERT INTO verdicts (alert_ref, rule, verdict, topic, payload, created_at) "
+                "VALUES (?, 'fire', 'confirmed', 't', '{}', '2026-11-25T00:00:01+00:00')",
+                (ref,),
+            )
+        db.execute("INSERT INTO alert_images VALUES (1, 0, 'inline', x'ffd8ffd9')")
+        db.execute(
+            "INSERT INTO feedback (alert_ref, rule, verdict, label, source, created_at) "
+            "VALUES (1, 'fire', 'confirmed', 'real', 'http', '2026-11-25T00:00:02+00:00')"
+        )
+    journal = await Journal.open(path)
+    try:
+        counts = [
+            (await journal.read_one(f"SELECT count(*) FROM {table}"))[0]
+            for table in ("alerts", "alert_images", "verdicts", "feedback")
+        ]
+        assert counts == [2, 1, 2, 1]  # nothing lost in the rebuild, children included
+        # the newest alert pruned: its id (and its verdict's) is not given again
+        await journal._write(lambda db: db.execute("DELETE FROM alerts WHERE id = 2"))
+        recorded = await journal.record_alert(alert("new"), [], source="test", topic=None)
+        assert recorded.ref == 3
+        await journal.finish_review(recorded.ref, [PlannedVerdict(make_verdict("new"), "t")])
+        rows = await journal.read("SELECT id, alert_ref FROM verdicts ORDER BY id")
+        assert [tuple(row) for row in rows] == [(1, 1), (3, 3)]
+    finally:
+        await journal.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
 async def test_a_journal_of_a_newer_schema_is_refused_untouched(tmp_path):
     path = tmp_path / "journal.db"
     await (await Journal.open(path)).close()

@@ -90,6 +90,18 @@ def test_missing_model_is_a_clear_load_error(tmp_path):
         ModelRunner.load(ModelSettings(path=str(tmp_path / "no-such-model")))
 
 
+def test_a_text_only_tokenizer_template_gives_way_to_the_processors(tmp_path, tiny_model):
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(tiny_model, snapshot)
+    config = json.loads((snapshot / "tokenizer_config.json").read_text())
+    text_only = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config["chat_template"] = text_only
+    (snapshot / "tokenizer_config.json").write_text(json.dumps(config))
+    processor = load_processor(str(snapshot))
+    own = json.loads((snapshot / "chat_template.json").read_text())["chat_template"]
+    assert processor.chat_template == own != text_only
+
+
 def test_weights_that_do_not_fit_the_config_are_a_clear_load_error(tmp_path, tiny_model):
     # a weights file cut short
     cut = tmp_path / "cut"

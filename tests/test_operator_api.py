@@ -18,7 +18,7 @@ from PIL import Image
 from daemon import history
 from daemon.contract import utc_now
 from daemon.feedback import Feedback, FeedbackError, judged
-from daemon.journal import Journal
+from daemon.journal import SCHEMA_VERSION, Journal
 from plugins.canonical import CanonicalFormat
 from tests.conftest import (
     FIRE_RULE,
@@ -218,7 +218,7 @@ async def test_a_version_2_journal_is_migrated_without_losing_anything(tmp_path)
         assert await journal.count_pending() == 1
         assert await journal.read("SELECT prompt, raw FROM verdicts") == []
         assert (await journal.read_one("SELECT count(*) FROM feedback"))[0] == 0
-        assert (await journal.read_one("PRAGMA user_version"))[0] == 3
+        assert (await journal.read_one("PRAGMA user_version"))[0] == SCHEMA_VERSION
     finally:
         await journal.close()
 

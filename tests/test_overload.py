@@ -38,16 +38,68 @@ async def test_the_backlog_hands_out_best_first_and_spills_to_the_journal():
     backlog = Backlog(read_pending, capacity=2, max_backlog=5)
     for ref, priority in journal_rows.items():
         backlog.add(ref, priority)
-    assert backlog.queued == 2 and backlog.pending == 5 and backlog.full  # 3 spilled
+    # 4 took the place of 1 in memory; 1, 3 and 5 wait in the journal
+    assert backlog.queued == 2 and backlog.pending == 5 and backlog.full
     order = []
     for _ in range(5):
         ref = await backlog.take()
         order.append(ref)
         del journal_rows[ref]  # reviewed
         backlog.done(ref, reviewed=True)
-    # the two in memory first (best first), then the journal's, best first
-    assert order == [2, 1, 4, 5, 3]
+    # highest priority first, then the oldest, wherever each waited
+    assert order == [4, 2, 5, 1, 3]
     assert backlog.pending == 0 and not backlog.full
+
+
+async def test_alerts_waiting_in_the_journal_are_not_passed_over_by_newer_ones():
+    waiting: dict[int, int] = {}  # the journal's unreviewed alerts: priority by row id
+
+    async def read_pending(limit: int) -> list[tuple[int, int]]:
+        return sorted(waiting.items(), key=lambda row: (-row[1], row[0]))[:limit]
+
+    def arrive(ref: int) -> None:
+        waiting[ref] = 0
+        backlog.add(ref, 0)
+
+    backlog = Backlog(read_pending, capacity=4, max_backlog=100)
+    for ref in range(1, 11):  # a burst: 6 of them spill to the journal
+        arrive(ref)
+    order = []
+    for ref in range(100, 115):  # steady load: one new alert per review
+        taken = await backlog.take()
+        order.append(taken)
+        del waiting[taken]
+        backlog.done(taken, reviewed=True)
+        arrive(ref)
+    assert order == [*range(1, 11), *range(100, 105)]
+
+
+async def test_a_failed_read_of_the_journal_is_tried_again(monkeypatch):
+    monkeypatch.setattr("daemon.backlog.REFILL_RETRY_S", 0.01)
+    failures = [sqlite3.OperationalError("disk I/O error")]
+
+    async def read_pending(limit: int) -> list[tuple[int, int]]:
+        if failures:
+            raise failures.pop()
+        return [(1, 0), (2, 0)][:limit]
+
+    backlog = Backlog(read_pending, capacity=1, max_backlog=10)
+    await backlog.load(2)  # two alerts left by an earlier run
+    assert await asyncio.wait_for(backlog.take(), 5) == 1
+    assert not failures
+
+
+async def test_alerts_in_memory_do_not_wait_for_a_journal_that_fails(monkeypatch):
+    monkeypatch.setattr("daemon.backlog.REFILL_RETRY_S", 60)
+
+    async def failing(limit: int) -> list[tuple[int, int]]:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    backlog = Backlog(failing, capacity=4, max_backlog=10)
+    for ref in range(1, 6):  # the fifth waits in the journal
+        backlog.add(ref, 0)
+    taken = [await asyncio.wait_for(backlog.take(), 5) for _ in range(4)]
+    assert taken == [1, 2, 3, 4]  # not held a minute by the retries of the journal's read
 
 
 async def test_a_review_that_ends_while_the_journal_is_read_is_not_taken_again():
@@ -249,6 +301,82 @@ async def test_reviews_that_fail_on_the_journal_pause_instead_of_spinning(
     # pauses of 0.5, 1, 2 s: the alert was tried a few times, not in a loop, then reviewed once
     assert 3 <= len(tries) <= 5, tries
     assert [v["alert_id"] for _, v in verdicts] == ["paused"]
+
+
+async def test_a_verdict_the_journal_could_not_write_costs_the_alert_no_attempt(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model, pipeline={"max_attempts": 2})
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        journal = d.daemon.journal
+        finish_review, failures = journal.finish_review, []
+
+        async def full_disk_three_times(ref, planned):
+            if len(failures) < 3:  # more than max_attempts: a crash count would give it up
+                failures.append(ref)
+                raise sqlite3.OperationalError("database or disk is full")
+            return await finish_review(ref, planned)
+
+        journal.finish_review = full_disk_three_times
+        status, _ = await d.post_alert(make_alert("unwritten"))
+        assert status == 202
+        for _ in range(150):
+            row = await journal.read_one(
+                "SELECT state, attempts FROM alerts WHERE alert_id = 'unwritten'"
+            )
+            if row["state"] == "reviewed":
+                break
+            await asyncio.sleep(0.1)
+        [verdict] = await journal.read("SELECT verdict, rule FROM verdicts")
+    assert len(failures) == 3
+    assert (row["state"], row["attempts"]) == ("reviewed", 1)
+    assert (verdict["verdict"], verdict["rule"]) != ("unreviewed", None)
+
+
+async def test_no_review_begins_once_a_stops_grace_has_run_out(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model, pipeline={"workers": 1})
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        pipeline, journal = d.daemon.pipeline, d.daemon.journal
+        verdicts_for, release = pipeline._verdicts_for, asyncio.Event()
+
+        async def stuck(stored, attempts):
+            await release.wait()
+            return await verdicts_for(stored, attempts)
+
+        pipeline._verdicts_for = stuck
+        assert (await d.post_alert(make_alert("stuck")))[0] == 202
+        while not pipeline._attempting:
+            await asyncio.sleep(0.05)
+        assert await pipeline.drain(0.2) is False  # the grace runs out
+        result = await pipeline.ingest(json.dumps(make_alert("late")).encode(), source="http")
+        assert result.status == "accepted"
+        [(late,)] = await journal.read("SELECT id FROM alerts WHERE alert_id = 'late'")
+        with contextlib.suppress(Exception):  # not begun (the pipeline says why)
+            await pipeline.review(late)
+        rows = await journal.read("SELECT alert_id, state, attempts FROM alerts ORDER BY id")
+        release.set()
+    # neither the review cut off nor the one that came after counts as an attempt
+    assert [tuple(row) for row in rows] == [("stuck", "received", 0), ("late", "received", 0)]
+
+
+async def test_verdicts_made_without_mqtt_are_not_sent_once_it_is_turned_on(
+    tmp_path, broker, tiny_model
+):
+    offline = make_settings(tmp_path, broker=None, model=tiny_model)
+    (offline.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(offline) as d:
+        assert (await d.post_alert(make_alert("made-offline")))[0] == 202
+        [verdict] = (await d.wait_reviewed("made-offline"))["verdicts"]
+        assert verdict["published"] is False
+    online = make_settings(tmp_path, broker=broker, model=tiny_model)  # the same journal
+    async with collect(broker, VERDICTS) as out, run_daemon(online) as d:
+        assert await d.daemon.journal.count_unpublished() == 0
+        assert (await d.post_alert(make_alert("made-online")))[0] == 202
+        await out.wait_for(1, timeout=30)
+        await asyncio.sleep(0.5)
+    assert [v["alert_id"] for _, v in out.verdicts()] == ["made-online"]
 
 
 async def test_pruning_forgets_only_what_is_reviewed_and_published(tmp_path):

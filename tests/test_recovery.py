@@ -11,13 +11,22 @@ import pytest
 from daemon.app import JOURNAL_FILE, Daemon, StartupError
 from daemon.journal import Journal
 from plugins.canonical import CanonicalFormat
-from tests.conftest import FIRE_RULE, collect, make_alert, make_settings, run_daemon
+from tests.conftest import (
+    FIRE_RULE,
+    collect,
+    free_port,
+    make_alert,
+    make_settings,
+    run_daemon,
+)
 
 
 async def test_verdicts_made_without_a_broker_are_published_after_a_restart(
-    tmp_path, broker, tiny_model
+    tmp_path, broker, tiny_model, monkeypatch
 ):
-    offline = make_settings(tmp_path, broker=None, model=tiny_model)
+    monkeypatch.setattr("daemon.app.MQTT_READY_WAIT_S", 0.5)
+    # MQTT on, its broker unreachable (not MQTT off: those verdicts are never published)
+    offline = make_settings(tmp_path, broker=broker, model=tiny_model, mqtt={"port": free_port()})
     (offline.rules.dir / "fire.toml").write_text(FIRE_RULE)
     async with run_daemon(offline) as d:
         for alert_id in ("restart-1", "restart-2"):

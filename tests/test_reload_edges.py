@@ -78,9 +78,14 @@ def test_sighups_during_a_stop_leave_a_clean_exit(tmp_path):
     wait_healthy(proc, http)
     proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 60
-    while proc.poll() is None and time.monotonic() < deadline:
-        proc.send_signal(signal.SIGHUP)  # a reload racing the stop
-        time.sleep(0.02)
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGHUP)  # a reload racing the stop
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:  # a stop that hangs: no daemon left behind
+            proc.kill()
+            proc.wait(10)
     assert proc.returncode == 0
 
 

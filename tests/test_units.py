@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ from daemon.images import (
     Budget,
     ImageError,
     crop_region,
+    decode,
     draw_detections,
     fit_to_budget,
     inspect_image,
@@ -36,8 +38,9 @@ from daemon.rules import RuleError, parse_rule
 from daemon.sdnotify import notify
 from daemon.snapshots import SnapshotSet
 from daemon.templates import PROMPT_VALUE_CHARS, check_topic_template, render_topic
+from daemon.waiting import wait_event
 from plugins.classify import Classify
-from plugins.cooldown import iou, overlaps
+from plugins.cooldown import iou, iou_matrix, overlaps
 from plugins.extract import JsonExtract, validate_fields
 from plugins.verdict import NO_FORMS, YES_FORMS, YesNoVerdict
 from tests.conftest import CLASSIFY_RULE, EXTRACT_RULE, FIRE_RULE, jpeg_bytes, make_alert
@@ -121,7 +124,7 @@ def test_16_bit_grey_and_transparent_pngs_are_shown_as_they_look():
     assert frame.getpixel((10, 10)) == (100, 100, 100)  # not clipped to white
     hidden = Image.new("RGBA", (64, 48), (255, 0, 255, 0))  # magenta, wholly transparent
     frame = load_for_model(encode(hidden, "PNG"), Budget(448 * 448, 28))
-    assert frame.getpixel((10, 10)) == (0, 0, 0)
+    assert frame.getpixel((10, 10)) == (255, 255, 255)  # as Qwen-VL's preprocessing lays it
 
 
 def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
@@ -218,10 +221,27 @@ def test_boxes_far_larger_than_the_image_are_drawn_clipped():
 
 def test_inspect_image_accepts_jpeg_and_png():
     assert inspect_image(jpeg_bytes((64, 48)), max_pixels=10_000).format == "jpeg"
-    for trailer in (b"\r\n", b"\xff" * 20, b"camera-7 trailer: 2026-11-30T08:00"):
+    trailers = (b"\r\n", b"\xff" * 20, b"camera-7 trailer: 2026-11-30T08:00", b"\0" * 500)
+    for trailer in trailers:
         assert inspect_image(jpeg_bytes((64, 48)) + trailer, max_pixels=10_000).width == 64
-    info = inspect_image(encode(Image.new("RGB", (30, 20)), "PNG"), max_pixels=10_000)
-    assert (info.format, info.width, info.height) == ("png", 30, 20)
+        png = encode(Image.new("RGB", (30, 20)), "PNG") + trailer
+        info = inspect_image(png, max_pixels=10_000)
+        assert (info.format, info.width, info.height) == ("png", 30, 20)
+
+
+def pcd_behind_a_jpeg_start() -> bytes:
+    """Bytes that start like a JPEG, which Pillow's JPEG decoder refuses but its PhotoCD
+    decoder would take (it looks for its own mark at byte 2048)."""
+    data = bytearray(b"\xff\xd8\xff\x01" + bytes(4000))
+    data[2048:2055] = b"PCD_IPI"
+    return bytes(data) + b"\xff\xd9"
+
+
+def test_only_jpeg_and_png_decoders_are_used():
+    with pytest.raises(ImageError, match="unreadable JPEG header"):
+        inspect_image(pcd_behind_a_jpeg_start(), max_pixels=10**7)
+    with pytest.raises(ImageError, match="corrupt image"):
+        decode(pcd_behind_a_jpeg_start())
 
 
 @pytest.mark.parametrize(
@@ -382,6 +402,16 @@ def test_a_repeat_needs_each_of_its_boxes_to_overlap_an_earlier_one():
     assert overlaps([], [], 0.5) and not overlaps([lamp], [], 0.5)
 
 
+def test_the_iou_of_many_boxes_at_once_is_each_pairs_iou():
+    rng = np.random.default_rng(7)
+    corners = rng.integers(0, 50, size=(40, 2, 2)).astype(float)
+    boxes = [(*np.min(c, axis=0), *np.max(c, axis=0)) for c in corners]  # some of zero area
+    boxes = [(b[0], b[1], b[2], b[3]) for b in boxes] + [(5.0, 5.0, 5.0, 5.0)] * 2
+    matrix = iou_matrix(boxes[:20], boxes[20:])
+    expected = [[iou(a, b) for b in boxes[20:]] for a in boxes[:20]]
+    assert np.allclose(matrix, expected) and matrix.shape == (20, len(boxes) - 20)
+
+
 def test_extract_prompt_lists_the_fields_and_valid_json_is_confirmed(tmp_path, kinds):
     rule = parse_rule(tmp_path / "people.toml", EXTRACT_RULE, kinds)
     query = kinds["extract"].compose(Alert.model_validate(make_alert()), rule)
@@ -453,6 +483,57 @@ def test_label_scores_are_a_softmax_of_log_sum_exps():
     yes = torch.logsumexp(torch.tensor([1.0, 2.0]), 0)
     assert answer.logits["yes"] == pytest.approx(float(yes))
     assert answer.probabilities["yes"] == pytest.approx(float(torch.sigmoid(yes - 3.0)))
+
+
+@pytest.mark.parametrize(
+    ("capability", "flash_attn", "dtype", "attention"),
+    [
+        ((9, 0), True, "bfloat16", "flash_attention_2"),  # H100/H200
+        ((8, 6), False, "bfloat16", "sdpa"),  # RTX 3090 without the package
+        ((7, 5), True, "float16", "sdpa"),  # T4: bf16 only emulated, no FlashAttention 2
+        ((7, 0), True, "float16", "sdpa"),  # V100
+    ],
+)
+def test_auto_dtype_and_attention_follow_the_gpus_capability(
+    monkeypatch, capability, flash_attn, dtype, attention
+):
+    import importlib.util
+
+    import torch
+
+    from daemon.inference import runner
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if flash_attn else None)
+    cuda = torch.device("cuda:1")
+    picked = runner.pick_dtype("auto", cuda)
+    assert picked == getattr(torch, dtype)
+    assert runner.pick_attention("auto", cuda, picked) == attention
+    assert runner.pick_attention("auto", cuda, torch.float32) == "sdpa"  # FA2 needs 16 bits
+
+
+def test_scores_that_are_not_finite_are_refused():
+    import torch
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="not finite numbers"):
+            label_scores(torch.tensor([0.0, bad, 1.0]), {"yes": [1], "no": [2]})
+
+
+async def test_a_stop_that_comes_as_the_awaited_event_is_set_is_not_lost():
+    event = asyncio.Event()
+
+    async def woken_for_ever() -> None:  # as the outbox, the batcher and the storage keeper
+        while True:
+            await wait_event(event, 10)
+            event.clear()
+
+    task = asyncio.create_task(woken_for_ever())
+    await asyncio.sleep(0.01)
+    event.set()  # (Python 3.11's wait_for would return here and swallow the cancel)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 2)
 
 
 # backoff --------------------------------------------------------------------------------
@@ -540,6 +621,17 @@ def test_an_edited_rule_does_not_reuse_what_its_earlier_version_judged(tmp_path,
     assert recent.within(after, alert, 600) == []
 
 
+MAPPED = """[formats.vendor.fields]
+alert_id = "id"
+box_id = "dev"
+camera_id = "ch"
+event_type = "type"
+occurred_at = "time"
+image = "pic"
+[formats.vendor]
+"""
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -553,6 +645,25 @@ def test_an_edited_rule_does_not_reuse_what_its_earlier_version_judged(tmp_path,
         (
             '[frigate]\napi_url = "http://nvr:5000"\n',
             r"frigate\.api_url: its host 'nvr' must be in \[images\] url_hosts",
+        ),
+        ("[mqtt]\nkeepalive_s = 100000\n", r"mqtt\.keepalive_s: .*less than or equal to 65535"),
+        ('[mqtt]\nclient_id = ""\n', r"mqtt\.client_id: .*at least 1 character"),
+        ('[frigate]\nbox_id = ""\n', r"frigate\.box_id: .*at least 1 character"),
+        ('[frigate]\nutc_offset = "+05:30:15"\n', r"expected a UTC offset such as \+08:00"),
+        ("[model.remote]\nimage_factor = 10000\n", r"image_factor: .*less than or equal to 64"),
+        ('[model.remote]\nurl = "https://me:key@gpu/v1"\n', r"remote\.url: .*api_key_file"),
+        ('[model.remote]\nurl = "gpu-box:8000"\n', r"remote\.url: .*expected an http\(s\) URL"),
+        (
+            MAPPED + 'time_format = "%Y-%m-%d %H:%M:%"\n',
+            r"formats\.vendor\.time_format: .*not a strptime pattern",
+        ),
+        (
+            MAPPED + 'time_format = "%H:%M:%S"\n',
+            r"formats\.vendor\.time_format: .*does not give the date",
+        ),
+        (
+            MAPPED + '[formats.vendor.values]\nevent_typo = { "1" = "fire" }\n',
+            r"formats\.vendor\.values: .*not contract fields: event_typo",
         ),
     ],
 )
@@ -604,6 +715,13 @@ def test_libraries_log_lines_are_rendered_like_the_daemons(capsys):
     entry = json.loads(line)
     assert entry["event"] == "failed to receive on socket: reset"
     assert entry["level"] == "error" and entry["logger"] == "mqtt" and entry["timestamp"]
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        logging.getLogger("aiohttp.server").exception("Error handling request")
+    [line] = capsys.readouterr().err.splitlines()
+    entry = json.loads(line)  # the traceback as text, as the daemon's own lines give it
+    assert entry["exception"].startswith("Traceback") and "ZeroDivisionError" in entry["exception"]
 
 
 # systemd notifications ------------------------------------------------------------------

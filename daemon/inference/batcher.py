@@ -26,6 +26,7 @@ import torch
 
 from daemon.inference.runner import query_kind
 from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
+from daemon.waiting import wait_event
 
 log = structlog.get_logger(__name__)
 
@@ -33,7 +34,9 @@ log = structlog.get_logger(__name__)
 class BatchRunner(Protocol):
     def collate(self, requests: Sequence[ModelRequest]) -> Any: ...
 
-    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]: ...
+    def forward(
+        self, requests: Sequence[ModelRequest], inputs: Any
+    ) -> list[Answer | Exception]: ...
 
 
 @dataclass
@@ -178,9 +181,7 @@ class MicroBatcher:
         deadline = self._waiting[0].since + self.max_wait_s
         while self._count(kind) < self.max_batch and (wait := deadline - time.monotonic()) > 0:
             self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), wait)
-            except TimeoutError:
+            if not await wait_event(self._arrived, wait):
                 break
         batch, rest = [], deque()
         while self._waiting:
@@ -224,7 +225,7 @@ class MicroBatcher:
                     f"the model gave {len(answers)} answers to {len(batch)} requests"
                 )
         except Exception as exc:
-            if isinstance(exc, self.out_of_memory) or is_host_out_of_memory(exc):
+            if isinstance(exc, self.out_of_memory) or is_other_out_of_memory(exc):
                 # its traceback holds the failed pass's frames, and so its tensors on the device
                 out_of_memory = exc.with_traceback(None)
             else:
@@ -237,7 +238,12 @@ class MicroBatcher:
             health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
             health.last_batch_at = time.monotonic()
             for item, answer in zip(batch, answers, strict=True):
-                if not item.future.done():
+                if item.future.done():
+                    continue
+                if isinstance(answer, Exception):  # this request's alone (see ModelRunner)
+                    health.failures += 1
+                    item.future.set_exception(answer)
+                else:
                     item.future.set_result(answer)
             return
         # out of memory: the halves run once the failed pass's memory is free
@@ -265,7 +271,7 @@ class MicroBatcher:
             return
         _fail(batch, exc)
 
-    async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer]:
+    async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer | Exception]:
         health = self.health
         health.busy_since = started = time.monotonic()
         try:
@@ -307,14 +313,21 @@ def unusable_because(error: BaseException) -> str | None:
     return None
 
 
-def is_host_out_of_memory(error: BaseException) -> bool:
-    """torch's CPU allocator refusing an allocation (a plain RuntimeError, unlike CUDA's)."""
-    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+#: out of memory said otherwise than by torch.OutOfMemoryError: torch's CPU allocator, and
+#: allocations inside CUDA libraries ("CUDA error: out of memory" from a kernel's or cuBLAS's
+#: own allocation): not sticky, the context stays usable, so the batch is split as for OOM
+OTHER_OUT_OF_MEMORY_MARKERS = ("can't allocate memory", "out of memory", "ALLOC_FAILED")
+
+
+def is_other_out_of_memory(error: BaseException) -> bool:
+    """Out of memory, though not a torch.OutOfMemoryError (see OTHER_OUT_OF_MEMORY_MARKERS)."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(m in text for m in OTHER_OUT_OF_MEMORY_MARKERS)
 
 
 def is_device_fatal(error: BaseException) -> bool:
     """A device error after which the process must restart to use the GPU again."""
-    if isinstance(error, torch.OutOfMemoryError):
+    if isinstance(error, torch.OutOfMemoryError) or is_other_out_of_memory(error):
         return False
     text = str(error)
     return any(marker in text for marker in DEVICE_FATAL_MARKERS)
@@ -346,4 +359,7 @@ def _release_cached_memory() -> None:
     (a traceback kept by a future, say) are freed, then the device's cache."""
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as exc:  # a broken context: the next pass says so, and is fatal
+            log.error("could not release the device's cached memory", error=str(exc))

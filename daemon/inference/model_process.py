@@ -31,7 +31,7 @@ from transformers import BatchFeature
 from daemon import logs
 from daemon.config import LogSettings, ModelSettings
 from daemon.inference.processors import load_processor
-from daemon.inference.runner import ModelRunner, collate_checked, image_factor_of
+from daemon.inference.runner import ChoiceIds, ModelRunner, collate_checked, image_factor_of
 from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
 
 log = structlog.get_logger(__name__)
@@ -165,6 +165,7 @@ class ModelProcess:
         self.blocks = SendBlocks()
         self.processor = processor
         self.tokenizer = processor.tokenizer
+        self.choice_ids = ChoiceIds(self.tokenizer)
         self.image_factor = image_factor_of(processor)
         #: the model's context, as the child read it from the model
         self.context = context
@@ -208,9 +209,10 @@ class ModelProcess:
         )
 
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
+        self.choice_ids.check(requests)
         return collate_checked(self.processor, requests, self.context, self.max_new_tokens)
 
-    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
+    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer | Exception]:
         """One pass in the child (blocking, on the model thread)."""
         packed = self.blocks.pack(inputs)
         try:

@@ -44,7 +44,11 @@ class ImageOnlyProcessor:
     def from_pretrained(cls, path: str, **kwargs: Any) -> ImageOnlyProcessor:
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left", **kwargs)
         image_processor = AutoImageProcessor.from_pretrained(path, **kwargs)
-        template = tokenizer.chat_template or read_chat_template(path, **kwargs)
+        # the tokenizer's template where it places images, else the processor's own (as
+        # transformers' processors prefer it): a tokenizer's may be a text-only one
+        template = tokenizer.chat_template
+        if not template or "image" not in template:
+            template = read_chat_template(path, **kwargs) or template
         if not template:
             raise ValueError(f"{path} has no chat template")
         return cls(tokenizer, image_processor, template)
@@ -114,7 +118,13 @@ class ImageOnlyProcessor:
 def read_chat_template(path: str, **kwargs: Any) -> str | None:
     """The processor-level chat template of a snapshot (chat_template.jinja or .json)."""
     for name in ("chat_template.jinja", "chat_template.json"):
-        found = cached_file(path, name, _raise_exceptions_for_missing_entries=False, **kwargs)
+        found = cached_file(  # offline, and not cached: the tokenizer's template serves
+            path,
+            name,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **kwargs,
+        )
         if found is None:
             continue
         text = Path(found).read_text(encoding="utf-8")

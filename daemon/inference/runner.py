@@ -81,8 +81,15 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bfloat16 in hardware from Ampere (compute capability 8) on; torch's own check also
+        # says yes where it is only emulated (T4, V100), and looks at the current device
+        return torch.bfloat16 if _capability(device) >= (8, 0) else torch.float16
     return torch.float32
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major, minor
 
 
 #: a fast tokenizer keeps its padding settings between calls: one call without padding (the
@@ -134,6 +141,27 @@ def choice_token_ids(tokenizer: Any, choices: Mapping[str, Sequence[str]]) -> di
     return result
 
 
+class ChoiceIds:
+    """`choice_token_ids` per set of answers, worked out once."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._known: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
+
+    def of(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+        key = tuple((label, tuple(forms)) for label, forms in choices.items())
+        if key not in self._known:
+            self._known[key] = choice_token_ids(self.tokenizer, choices)
+        return self._known[key]
+
+    def check(self, requests: Sequence[ModelRequest]) -> None:
+        """ValueError for a request whose answers cannot be scored: raised while collating,
+        where a request that fails is tried alone, so that it fails alone."""
+        for request in requests:
+            if isinstance(request.query, ChoiceQuery):
+                self.of(request.query.choices)
+
+
 def label_scores(logits: torch.Tensor, token_ids: Mapping[str, list[int]]) -> ChoiceAnswer:
     """Per label: log-sum-exp of its tokens' logits; probabilities: softmax over labels."""
     scores = {
@@ -141,6 +169,12 @@ def label_scores(logits: torch.Tensor, token_ids: Mapping[str, list[int]]) -> Ch
         for label, ids in token_ids.items()
     }
     top = max(scores.values())
+    if not math.isfinite(top) or any(math.isnan(score) for score in scores.values()):
+        # (float16 weights overflow in some models): no verdict can be read from them
+        raise ValueError(
+            "the model's scores are not finite numbers (NaN or infinity): set [model] dtype "
+            'to "bfloat16" or "float32"'
+        )
     weights = {label: math.exp(score - top) for label, score in scores.items()}
     total = sum(weights.values())
     return ChoiceAnswer(
@@ -148,11 +182,17 @@ def label_scores(logits: torch.Tensor, token_ids: Mapping[str, list[int]]) -> Ch
     )
 
 
-def pick_attention(setting: str, device: torch.device) -> str:
-    """auto: FlashAttention 2 on CUDA when the package is installed, else PyTorch's SDPA."""
+def pick_attention(setting: str, device: torch.device, dtype: torch.dtype) -> str:
+    """auto: FlashAttention 2 where it runs (the package installed, a CUDA device of compute
+    capability 8 or more, 16-bit weights), else PyTorch's SDPA."""
     if setting != "auto":
         return setting
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    if (
+        device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("flash_attn") is not None
+        and _capability(device) >= (8, 0)
+    ):
         return "flash_attention_2"
     return "sdpa"
 
@@ -281,7 +321,7 @@ class ModelRunner:
         self.image_factor = image_factor_of(processor)
         #: the longest sequence the model takes (None: unknown)
         self.context = context_length(model)
-        self._choice_ids: dict[tuple[tuple[str, tuple[str, ...]], ...], dict[str, list[int]]] = {}
+        self.choice_ids = ChoiceIds(self.tokenizer)
         #: adapter directory -> its name in the model, and its files' sizes and times then
         self._adapters: dict[str, tuple[str, AdapterStamp]] = {}
         self._adapter_names = itertools.count()
@@ -293,7 +333,7 @@ class ModelRunner:
     def load(cls, settings: ModelSettings) -> ModelRunner:
         device = pick_device(settings.device)
         dtype = pick_dtype(settings.dtype, device)
-        attention = pick_attention(settings.attn_implementation, device)
+        attention = pick_attention(settings.attn_implementation, device, dtype)
         if looks_local(settings.path) and not Path(settings.path).is_dir():
             raise ModelLoadError(
                 f"cannot load model {settings.path!r}: no such directory. Set [model] path (or "
@@ -346,6 +386,7 @@ class ModelRunner:
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
         """The processor's tensors for a batch (see `collate_checked`), and the positions
         of a choice batch."""
+        self.choice_ids.check(requests)
         inputs = collate_checked(self.processor, requests, self.context, self.max_new_tokens)
         return self.add_positions(requests, inputs)
 
@@ -360,8 +401,9 @@ class ModelRunner:
             inputs["position_ids"], _ = rope_index(**{name: inputs[name] for name in names})
         return inputs
 
-    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer]:
-        """One pass over a collated batch of one kind."""
+    def forward(self, requests: Sequence[ModelRequest], inputs: Any) -> list[Answer | Exception]:
+        """One pass over a collated batch of one kind: an answer per request, or the error of
+        a request whose answer alone could not be read."""
         kinds = {query_kind(request) for request in requests}
         if len(kinds) != 1:
             raise ValueError("a batch must hold requests of one kind and one adapter")
@@ -409,11 +451,14 @@ class ModelRunner:
         except (OSError, ValueError, ImportError, RuntimeError, KeyError) as exc:
             raise ValueError(f"cannot load the LoRA adapter {path}: {exc}") from exc
 
-    def run_batch(self, requests: Sequence[ModelRequest]) -> list[Answer]:
+    def run_batch(self, requests: Sequence[ModelRequest]) -> list[Answer | Exception]:
         return self.forward(requests, self.collate(requests))
 
     def run(self, request: ModelRequest) -> Answer:
-        return self.run_batch([request])[0]
+        answer = self.run_batch([request])[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     def warm_up(self) -> None:
         """One small pass before the daemon reports ready: lazy initialisation, kernel
@@ -424,19 +469,19 @@ class ModelRunner:
         self.run(ModelRequest(query, [image]))
         log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
 
-    def _token_ids(self, choices: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
-        key = tuple((label, tuple(forms)) for label, forms in choices.items())
-        if key not in self._choice_ids:
-            self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
-        return self._choice_ids[key]
-
     @torch.inference_mode()
-    def _score_choices(self, requests: Sequence[ModelRequest], inputs: Any) -> list[ChoiceAnswer]:
-        logits = self.model(**inputs, logits_to_keep=1).logits[:, -1, :]
-        answers = []
+    def _score_choices(
+        self, requests: Sequence[ModelRequest], inputs: Any
+    ) -> list[ChoiceAnswer | Exception]:
+        # one pass, no cache kept: nothing is generated after it
+        logits = self.model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1, :]
+        answers: list[ChoiceAnswer | Exception] = []
         for row, request in zip(logits, requests, strict=True):
             assert isinstance(request.query, ChoiceQuery)
-            answers.append(label_scores(row, self._token_ids(request.query.choices)))
+            try:
+                answers.append(label_scores(row, self.choice_ids.of(request.query.choices)))
+            except ValueError as exc:  # this row's scores only: the others stand
+                answers.append(exc)
         return answers
 
     @torch.inference_mode()

@@ -93,6 +93,14 @@ class TransformersBackend:
                 fatal = f"the model process ended ({how_it_ended(process.exitcode)})"
                 self._batcher.health.fatal = fatal
                 log.critical("the model is unusable", error=fatal)
+        batching = self._batching
+        ended = batching is not None and batching.done() and not batching.cancelled()
+        if ended and not self._batcher.health.fatal:
+            # the batcher's loop ended of itself (a bug): requests would wait for ever
+            self._batcher.health.fatal = (
+                f"the model's batching loop ended: {batching.exception()!r}"
+            )
+            log.critical("the model is unusable", error=self._batcher.health.fatal)
         report = self._batcher.report()
         if isinstance(self._runner, ModelProcess):
             report["pid"] = self._runner.process.pid
