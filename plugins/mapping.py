@@ -20,6 +20,7 @@ A new box vendor needs a table in the config, not code:
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -101,7 +102,7 @@ class MappedFormat:
                 except (ValueError, OverflowError, OSError) as exc:  # out of datetime's range
                     raise AlertError(f"{path} (occurred_at)", str(exc)) from exc
             elif field in _NAME_FIELDS and isinstance(value, int | float):
-                if isinstance(value, bool):
+                if isinstance(value, bool) or not math.isfinite(value):
                     raise AlertError(f"{path} ({field})", f"expected a name, got {value!r:.40}")
                 value = json_text(value)
             canonical[field] = value

@@ -437,6 +437,8 @@ def test_mapped_values_are_read_the_json_way():
     assert parse(type=True).alert.event_type == "smoke"
     with pytest.raises(AlertError, match=r"ch \(camera_id\): expected a name, got True"):
         parse(ch=True)
+    with pytest.raises(AlertError, match=r"id \(alert_id\): expected a name, got nan"):
+        parse(id=float("nan"))  # JSON's NaN, which Python's reader takes
 
 
 async def test_a_frigate_alert_held_back_by_the_journal_is_not_lost(tmp_path, broker, tiny_model):
