@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -35,6 +36,8 @@ class Backlog:
         self.max_backlog = max_backlog
         #: (-priority, row id): row ids grow with intake, so the oldest comes first
         self._heap: list[tuple[int, int]] = []
+        #: how many queued alerts have each priority: the lowest without a scan of the heap
+        self._priorities: Counter[int] = Counter()
         self._queued: set[int] = set()
         self._active: set[int] = set()
         #: the journal holds unreviewed alerts that are not in the heap
@@ -87,12 +90,14 @@ class Backlog:
             return
         if not self._spilled and len(self._heap) < self.capacity:
             self._push(ref, priority)
-        elif self._heap and -(lowest := max(self._heap))[0] < priority:
+        elif self._heap and min(self._priorities) < priority:
             if len(self._heap) >= self.capacity:
-                # beats the lowest queued alert, which waits in the journal instead
+                # beats the lowest queued alert (the newest of them), which waits in the
+                # journal instead
+                lowest = max(self._heap)
                 self._heap.remove(lowest)
                 heapq.heapify(self._heap)
-                self._queued.discard(lowest[1])
+                self._forget(lowest)
             self._push(ref, priority)
             self._spilled = True
         else:
@@ -102,6 +107,14 @@ class Backlog:
     def _push(self, ref: int, priority: int) -> None:
         heapq.heappush(self._heap, (-priority, ref))
         self._queued.add(ref)
+        self._priorities[priority] += 1
+
+    def _forget(self, entry: tuple[int, int]) -> None:
+        """`entry` is out of the heap: no longer queued."""
+        self._queued.discard(entry[1])
+        self._priorities[-entry[0]] -= 1
+        if not self._priorities[-entry[0]]:
+            del self._priorities[-entry[0]]
 
     def set_max_backlog(self, max_backlog: int) -> None:
         self.max_backlog = max_backlog
@@ -121,8 +134,9 @@ class Backlog:
                     await asyncio.sleep(pause)
                     continue
             if self._heap:
-                _, ref = heapq.heappop(self._heap)
-                self._queued.discard(ref)
+                entry = heapq.heappop(self._heap)
+                self._forget(entry)
+                ref = entry[1]
                 self._active.add(ref)
                 self._update()
                 return ref

@@ -247,7 +247,7 @@ def _earlier_images(out: Path) -> set[str]:
 
 def _as_jpeg(data: bytes) -> bytes:
     """A stored snapshot as the model saw it: its own bytes where a JPEG needs no turning,
-    else decoded as for the model (upright, 16-bit grey scaled, transparency black)."""
+    else decoded as for the model (upright, 16-bit grey scaled, transparent pixels white)."""
     try:
         with Image.open(io.BytesIO(data)) as img:
             as_stored = img.format == "JPEG" and orientation(img) == 1

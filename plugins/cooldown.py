@@ -40,9 +40,8 @@ def iou_matrix(mine: Sequence[Box], theirs: Sequence[Box]) -> np.ndarray:
     inter = width * height
     area = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
     union = area + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1]) - inter
-    same = np.all(a == b, axis=-1).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(union > 0, inter / np.where(union > 0, union, 1.0), same)
+    same = np.all(a == b, axis=-1).astype(np.float64)  # zero-area boxes, as in `iou`
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), same)
 
 
 def overlaps(mine: Sequence[Box], theirs: Sequence[Box], threshold: float) -> bool:
