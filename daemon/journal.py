@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 import structlog
+from pydantic import ValidationError
 
+from daemon.config import describe_validation_error
 from daemon.contract import Alert, Verdict, utc_now
 from daemon.plugin_api import RawImage
 
@@ -132,6 +134,9 @@ class StoredAlert:
     received_at: datetime
     attempts: int
     state: str
+    #: why the stored alert no longer passes the contract's checks (a journal of an older,
+    #: laxer version, a row edited by hand); `alert` then holds what of it could be read
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -554,13 +559,15 @@ class Journal:
                 "SELECT source, data FROM alert_images WHERE alert_ref = ? ORDER BY idx", (ref,)
             )
         ]
+        alert, problem = _stored_alert(row)
         return StoredAlert(
             ref=ref,
-            alert=Alert.model_validate_json(row["alert"]),
+            alert=alert,
             images=images,
             received_at=datetime.fromisoformat(row["received_at"]),
             attempts=int(row["attempts"]),
             state=row["state"],
+            problem=problem,
         )
 
     async def unpublished(self, limit: int = 100, after: int = 0) -> list[OutboxItem]:
@@ -749,6 +756,40 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
 
 #: whether alert `a` carries an operator's feedback
 HAS_FEEDBACK = "SELECT 1 FROM feedback f WHERE f.alert_ref = a.id"
+
+
+def _stored_alert(row: Any) -> tuple[Alert, str | None]:
+    """The alert of a journal row, or, when it no longer passes the contract's checks, what
+    is wrong with it and its identity as far as it can be read (the row's own columns, the
+    JSON's texts): enough for a verdict that forwards it unreviewed."""
+    try:
+        return Alert.model_validate_json(row["alert"]), None
+    except ValidationError as exc:
+        problem = describe_validation_error(exc).replace("\n", "; ")
+    try:
+        data = json.loads(row["alert"])
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        data = {}
+
+    def text(key: str) -> str:
+        value = data.get(key)
+        return value[:256] if isinstance(value, str) else ""
+
+    salvaged = Alert.model_construct(
+        alert_id=row["alert_id"],
+        box_id=row["box_id"],
+        camera_id=text("camera_id"),
+        event_type=text("event_type"),
+        occurred_at=text("occurred_at"),
+        image_url=None,
+        score=None,
+        boxes=[],
+        site=text("site") or None,
+        extra={},
+    )
+    return salvaged, problem
 
 
 def _snapshots_of(

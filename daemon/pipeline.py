@@ -500,6 +500,11 @@ class Pipeline:
 
     async def _verdicts_for(self, stored: StoredAlert, attempts: int) -> list[PlannedVerdict]:
         alert = stored.alert
+        if stored.problem is not None:
+            # judged at each try alike: forwarded unreviewed now, not retried without end
+            log.error("the stored alert fails the contract's checks", problem=stored.problem)
+            reason = f"the stored alert fails the contract's checks: {stored.problem}"
+            return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, reason))]
         if attempts > self.settings.pipeline.max_attempts:
             reason = f"review interrupted {attempts - 1} times; giving up"
             return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, reason))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 
 import pytest
 
@@ -71,6 +72,43 @@ async def test_a_review_interrupted_too_often_ends_unreviewed(tmp_path, tiny_mod
     [verdict] = record["verdicts"]
     assert verdict["verdict"] == "unreviewed"
     assert verdict["reason"] == "review interrupted 3 times; giving up"
+
+
+async def test_a_stored_alert_that_fails_the_checks_is_forwarded_unreviewed(tmp_path, tiny_model):
+    """An alert in the journal that no longer validates (a laxer older version wrote it,
+    a hand edit) ends unreviewed with what is wrong, once; the alerts behind it go on."""
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    path = settings.storage.dir / JOURNAL_FILE
+    journal = await Journal.open(path)
+    for alert_id in ("bad-score", "bad-camera", "fine"):
+        incoming = CanonicalFormat().parse(json.dumps(make_alert(alert_id)).encode(), topic=None)
+        await journal.record_alert(incoming.alert, incoming.images, source="http", topic=None)
+    await journal.close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE alerts SET alert = json_set(alert, '$.score', 7) WHERE alert_id = 'bad-score'"
+        )
+        db.execute(
+            "UPDATE alerts SET alert = json_set(alert, '$.camera_id', 5) "
+            "WHERE alert_id = 'bad-camera'"
+        )
+    async with run_daemon(settings) as d:
+        records = {a: await d.wait_reviewed(a) for a in ("bad-score", "bad-camera", "fine")}
+        assert await d.daemon.journal.count_pending() == 0
+        payloads = {
+            json.loads(row[0])["alert_id"]: json.loads(row[0])
+            for row in await d.daemon.journal.read("SELECT payload FROM verdicts")
+        }
+    [score] = records["bad-score"]["verdicts"]
+    assert score["verdict"] == "unreviewed" and score["rule"] is None
+    assert score["reason"].startswith("the stored alert fails the contract's checks: score:")
+    assert payloads["bad-score"]["camera_id"] == "cam-1"  # what could be read
+    [camera] = records["bad-camera"]["verdicts"]
+    assert camera["verdict"] == "unreviewed" and "camera_id: Input should be" in camera["reason"]
+    assert payloads["bad-camera"]["camera_id"] == ""
+    assert records["bad-score"]["attempts"] == records["bad-camera"]["attempts"] == 1
+    assert records["fine"]["verdicts"][0]["rule"] == "fire"
 
 
 async def test_a_resend_of_an_alert_whose_intake_was_cut_short_is_reviewed(tmp_path, tiny_model):
