@@ -8,6 +8,7 @@ exported as training data.
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any, Literal
 
 import structlog
@@ -178,7 +179,10 @@ async def record(
         note=feedback.note,
         source=source,
     )
-    feedback_id = await journal.record_feedback(stored)
+    try:
+        feedback_id = await journal.record_feedback(stored)
+    except sqlite3.IntegrityError as exc:  # the foreign key: the alert was pruned meanwhile
+        raise FeedbackError(404, f"no alert {alert_id!r}: pruned meanwhile") from exc
     if stats is not None:
         stats.count("feedback", rule=stored.rule, correct=str(correct).lower())
     log.info("feedback", alert_id=alert_id, rule=stored.rule, label=label, correct=correct)

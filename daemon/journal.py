@@ -445,7 +445,8 @@ class Journal:
         snapshots = 0
         while True:
             sized = await self._write(partial(_snapshots_of, aged, cutoffs))
-            snapshots += await self._prune_snapshots(sized)
+            # still aged when deleted: feedback given meanwhile keeps an alert's snapshots
+            snapshots += await self._prune_snapshots(sized, aged, cutoffs)
             if len(sized) < PRUNE_CHUNK:
                 break
         alerts = await self._in_chunks(
@@ -499,12 +500,14 @@ class Journal:
             pass
         return Pruned(alerts=alerts, snapshots=snapshots + capped, snapshot_bytes=max(0, total))
 
-    async def _prune_snapshots(self, sized: list[tuple[int, int]]) -> int:
-        """Delete the snapshots of these (alert, bytes) pairs, a bounded chunk per commit;
-        how many."""
+    async def _prune_snapshots(
+        self, sized: list[tuple[int, int]], where: str = "1", args: tuple[str, ...] = ()
+    ) -> int:
+        """Delete the snapshots of these (alert, bytes) pairs whose alert (`a`) still meets
+        `where` (taking `args`), a bounded chunk per commit; how many."""
         deleted = 0
         for chunk in _chunks_by_bytes(sized, SNAPSHOT_PRUNE_CHUNK, SNAPSHOT_PRUNE_BYTES):
-            deleted += await self._write(partial(_delete_snapshots, chunk))
+            deleted += await self._write(partial(_delete_snapshots, chunk, where, args))
         return deleted
 
     async def _in_chunks(self, sql: str, bound: Any) -> int:
@@ -806,10 +809,14 @@ def _snapshots_of(
     return [(int(ref), int(size)) for ref, size in rows]
 
 
-def _delete_snapshots(refs: list[int], db: sqlite3.Connection) -> int:
-    """Delete the snapshots of these alerts; how many."""
+def _delete_snapshots(
+    refs: list[int], where: str, args: tuple[str, ...], db: sqlite3.Connection
+) -> int:
+    """Delete the snapshots of these alerts that meet `where` (`a`, taking `args`); how many."""
     return db.executemany(
-        "DELETE FROM alert_images WHERE alert_ref = ?", [(ref,) for ref in refs]
+        "DELETE FROM alert_images WHERE alert_ref = ? AND EXISTS "
+        f"(SELECT 1 FROM alerts a WHERE a.id = alert_images.alert_ref AND {where})",
+        [(ref, *args) for ref in refs],
     ).rowcount
 
 

@@ -15,16 +15,17 @@ from datetime import timedelta
 import pytest
 from PIL import Image
 
-from daemon import history
+from daemon import feedback, history
 from daemon.contract import utc_now
 from daemon.feedback import Feedback, FeedbackError, judged
-from daemon.journal import SCHEMA_VERSION, Journal
+from daemon.journal import SCHEMA_VERSION, Journal, PlannedVerdict
 from plugins.canonical import CanonicalFormat
 from tests.conftest import (
     FIRE_RULE,
     jpeg_bytes,
     make_alert,
     make_settings,
+    make_verdict,
     publish,
     run_daemon,
 )
@@ -129,6 +130,26 @@ def test_feedback_on_verdicts_without_a_side_needs_a_label():
         None,
         False,
     )
+
+
+async def test_feedback_on_an_alert_pruned_meanwhile_is_a_404_not_a_journal_failure(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    incoming = CanonicalFormat().parse(json.dumps(make_alert("gone")).encode(), topic=None)
+    ref = (await journal.record_alert(incoming.alert, [], source="http", topic=None)).ref
+    await journal.finish_review(ref, [PlannedVerdict(make_verdict("gone"), "t")])
+    record = journal.record_feedback
+
+    async def pruned_first(row):  # the prune's commit lands between the lookup and the insert
+        await journal._write(lambda db: db.execute("DELETE FROM alerts WHERE id = ?", (ref,)))
+        return await record(row)
+
+    journal.record_feedback = pruned_first
+    with pytest.raises(FeedbackError, match="no alert 'gone': pruned meanwhile") as refused:
+        await feedback.record(
+            journal, Feedback(correct=True), alert_id="gone", box_id=None, source="http"
+        )
+    assert refused.value.status == 404
+    await journal.close()
 
 
 async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):

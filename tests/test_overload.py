@@ -629,6 +629,31 @@ async def test_an_alert_with_feedback_keeps_its_snapshot_as_long_as_the_alert(tm
     await journal.close()
 
 
+async def test_feedback_given_while_snapshots_are_pruned_keeps_its_alerts_snapshot(tmp_path):
+    journal = await Journal.open(tmp_path / "j.sqlite3")
+    await reviewed_with_snapshots(journal, 4)
+    write = journal._write
+
+    async def feedback_meanwhile(op):
+        result = await write(op)
+        if getattr(op, "func", None) is journal_module._snapshots_of and result:
+            # the operator's feedback lands between the choice and the deletion
+            await journal.record_feedback(FeedbackRow(2, "fire", "confirmed", "real", True))
+        return result
+
+    journal._write = feedback_meanwhile
+    now = utc_now()
+    pruned = await journal.prune(
+        snapshots_before=now + timedelta(days=1),
+        alerts_before=now - timedelta(days=1),
+        snapshot_max_bytes=10**9,
+        published_only=False,
+    )
+    kept = await journal.read("SELECT alert_ref FROM alert_images ORDER BY alert_ref")
+    assert pruned.snapshots == 3 and [row["alert_ref"] for row in kept] == [2]
+    await journal.close()
+
+
 def test_refs_are_chunked_by_count_and_by_bytes():
     sized = [(1, 10), (2, 10), (3, 50), (4, 5), (5, 5), (6, 5)]
     assert journal_module._chunks_by_bytes(sized, 2, 30) == [[1, 2], [3], [4, 5], [6]]
