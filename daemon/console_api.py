@@ -324,6 +324,8 @@ class ConsoleApi:
             gauges["model_waiting"] = worker["waiting"]
         if "busy_for_s" in worker:
             gauges["model_busy_for_seconds"] = worker["busy_for_s"]
+        if "batch_limit" in worker:
+            gauges["model_batch_limit"] = worker["batch_limit"]
         gauges["healthy"] = 1 if d.status()[0] == "ok" else 0
         body = metrics.render(d.stats, gauges, worker)
         return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})

@@ -82,6 +82,8 @@ GAUGES = {
     "rules": "Rules loaded",
     "model_waiting": "Requests waiting for the model",
     "model_busy_for_seconds": "How long the model's current pass has run (0: idle)",
+    "model_batch_limit": "The largest batch formed now: max_batch, or less since a batch ran "
+    "out of memory",
     "healthy": "1 while /healthz answers ok (0: starting, stopping, or the model worker "
     "failed, ended or is stuck)",
 }

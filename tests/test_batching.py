@@ -157,6 +157,30 @@ async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model, error):
     assert len(flaky.failed_tensors) >= 4 and not any(flaky.still_held)
 
 
+async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_again(
+    tiny_model, monkeypatch
+):
+    monkeypatch.setattr("daemon.inference.batcher.PROBE_AFTER", 3)
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    flaky = OutOfMemoryAbove(runner, limit=4, error=torch.OutOfMemoryError("CUDA out of memory."))
+    choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
+    requests = choice + choice[:2]  # eight
+    limits = []
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        for _ in range(3):
+            await asyncio.gather(*(batcher.submit(r) for r in requests))
+            limits.append(batcher.report()["batch_limit"])
+        running.cancel()
+    # 8 ran out: halves, and batches of 4 from then on; after three full passes of 4 the
+    # limit is 8 again, and the next 8 run out once more
+    assert flaky.sizes == [8, 4, 4, 4, 4, 8, 4, 4]
+    assert limits == [4, 8, 4] and batcher.health.oom_splits == 2
+
+
 async def test_a_request_whose_answers_cannot_be_scored_fails_alone(tiny_model):
     runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
     good = ModelRequest(ChoiceQuery("Is there fire?", YES_NO), [Image.new("RGB", (56, 56))])

@@ -219,6 +219,7 @@ async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):
     assert value("secondlook_healthy ") == 1 and value("secondlook_model_busy_for_seconds ") == 0
     assert value("secondlook_model_failures_total ") == 0
     assert "secondlook_model_oom_splits_total 0.0" in lines
+    assert value("secondlook_model_batch_limit ") == d.settings.model.max_batch
 
 
 async def test_a_version_2_journal_is_migrated_without_losing_anything(tmp_path):

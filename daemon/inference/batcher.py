@@ -8,6 +8,10 @@ model's own thread. So the next batch is prepared while the model works on this 
 
 A batch that runs out of accelerator memory is split in halves and retried; a single
 request that still does not fit fails alone (its rule's `on_error` decides what follows).
+The batches formed next are no larger than the halves (`batch_limit`), so that a device
+too small for `max_batch` does not run out at every full batch; after PROBE_AFTER full
+passes at that limit it is doubled again, up to `max_batch` (one pass in so many may fail
+while the limit is sought, none once it is found).
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
 from daemon.waiting import wait_event
 
 log = structlog.get_logger(__name__)
+
+#: full passes at a lowered `batch_limit` before it is doubled again (see above)
+PROBE_AFTER = 50
 
 
 class BatchRunner(Protocol):
@@ -54,6 +61,8 @@ class WorkerHealth:
     requests: int = 0
     oom_splits: int = 0
     failures: int = 0
+    #: the largest batch formed now: max_batch, or less since a batch ran out of memory
+    batch_limit: int = 0
     #: time.monotonic() when the running batch started (None: idle)
     busy_since: float | None = None
     #: seconds spent in passes, all told (busy_s over wall time: how busy the device was)
@@ -78,6 +87,7 @@ class WorkerHealth:
             "largest_batch": self.largest_batch,
             "batch_sizes": dict(self.batch_sizes),
             "oom_splits": self.oom_splits,
+            "batch_limit": self.batch_limit,
             "failures": self.failures,
             "waiting": waiting,
         }
@@ -100,7 +110,9 @@ class MicroBatcher:
         self.model_pool = model_pool
         self.prep_pool = prep_pool
         self.out_of_memory = out_of_memory
-        self.health = WorkerHealth()
+        self.health = WorkerHealth(batch_limit=max_batch)
+        #: full passes at a lowered batch limit since it was last changed
+        self._full_passes = 0
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
         self._collated: asyncio.Queue[tuple[list[_Waiting], Any]] = asyncio.Queue(maxsize=1)
@@ -173,13 +185,14 @@ class MicroBatcher:
         return await self._in(self.prep_pool, self.runner.collate, _requests(items))
 
     async def _next_batch(self) -> list[_Waiting]:
-        """The oldest waiting request and up to max_batch - 1 of its kind behind it."""
+        """The oldest waiting request and those of its kind behind it, up to the batch limit."""
         while not self._waiting:
             self._arrived.clear()
             await self._arrived.wait()
         kind = query_kind(self._waiting[0].request)
         deadline = self._waiting[0].since + self.max_wait_s
-        while self._count(kind) < self.max_batch and (wait := deadline - time.monotonic()) > 0:
+        limit = self.health.batch_limit
+        while self._count(kind) < limit and (wait := deadline - time.monotonic()) > 0:
             self._arrived.clear()
             if not await wait_event(self._arrived, wait):
                 break
@@ -188,7 +201,7 @@ class MicroBatcher:
             item = self._waiting.popleft()
             if item.future.done():
                 continue  # its caller gave up (shutdown)
-            if query_kind(item.request) == kind and len(batch) < self.max_batch:
+            if query_kind(item.request) == kind and len(batch) < limit:
                 batch.append(item)
             else:
                 rest.append(item)
@@ -237,6 +250,7 @@ class MicroBatcher:
             health.largest_batch = max(health.largest_batch, len(batch))
             health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
             health.last_batch_at = time.monotonic()
+            self._passed(len(batch))
             for item, answer in zip(batch, answers, strict=True):
                 if item.future.done():
                     continue
@@ -255,9 +269,26 @@ class MicroBatcher:
             return
         health.oom_splits += 1
         half = len(batch) // 2
-        log.warning("out of memory: splitting the batch", size=len(batch))
+        if half < health.batch_limit:
+            health.batch_limit = half
+            self._full_passes = 0
+        log.warning(
+            "out of memory: splitting the batch", size=len(batch), batch_limit=health.batch_limit
+        )
         for part in (batch[:half], batch[half:]):
             await self._forward(part)
+
+    def _passed(self, size: int) -> None:
+        """A pass of `size` requests ran: after PROBE_AFTER full ones at a lowered limit, the
+        limit is doubled (towards max_batch)."""
+        health = self.health
+        if health.batch_limit >= self.max_batch or size < health.batch_limit:
+            return
+        self._full_passes += 1
+        if self._full_passes >= PROBE_AFTER:
+            health.batch_limit = min(self.max_batch, 2 * health.batch_limit)
+            self._full_passes = 0
+            log.info("trying larger batches again", batch_limit=health.batch_limit)
 
     def _failed(self, batch: list[_Waiting], exc: Exception) -> None:
         """A pass that failed otherwise than by running out of memory."""
