@@ -391,7 +391,13 @@ def try_(
     as_json: bool,
 ) -> None:
     """Try a prompt or a rule on one image: verdict, P(real), fields, raw output, latency."""
-    from daemon.playground import RULE_NAME, PlaygroundError, rule_toml
+    from daemon.playground import (
+        PLAYGROUND_RULE,
+        RULE_NAME,
+        PlaygroundError,
+        prompt_rule_kind,
+        rule_toml,
+    )
 
     if (prompt is None) == (rule_file is None):
         raise click.UsageError("give either --prompt or --rule")
@@ -405,10 +411,11 @@ def try_(
             f"--save-rule {save_as!r}: letters, digits, '_', '-' and '.', starting with a "
             "letter or digit"
         )
-    if prompt is not None and kind in ("classify", "extract"):
-        raise click.UsageError(
-            f"a {kind} rule needs its labels or fields: write a rule file and try it with --rule"
-        )
+    if prompt is not None:
+        try:
+            prompt_rule_kind(kind, "write a rule file and try it with --rule")
+        except PlaygroundError as exc:
+            raise click.UsageError(str(exc)) from exc
     if rule_file is not None:
         try:
             text = rule_file.read_text(encoding="utf-8")
@@ -427,7 +434,7 @@ def try_(
                 _try(
                     _offline(settings, scratch),
                     text,
-                    rule_file.stem if rule_file else "playground",
+                    rule_file.stem if rule_file else PLAYGROUND_RULE,
                     image.read_bytes(),
                     camera_id,
                     event_type,

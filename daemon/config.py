@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.contract import Name
+from daemon.contract import Name, problem_text
 from daemon.plugin_api import MAX_NEW_TOKENS
 
 DEFAULT_VERDICT_TOPIC = "secondlook/verdicts/{verdict}/{box_id}/{camera_id}/{event_type}"
@@ -536,8 +536,14 @@ def key_path(loc: tuple[int | str, ...], prefix: str = "") -> str:
 
 
 def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
-    """One line per problem: `key.path: reason`."""
-    return "\n".join(f"{key_path(item['loc'], prefix)}: {item['msg']}" for item in error.errors())
+    """One line per problem: `key.path: reason` (a check across sections names its keys
+    in its reason)."""
+    return "\n".join(
+        f"{key_path(item['loc'], prefix)}: {problem_text(item)}"
+        if item["loc"]
+        else prefix + problem_text(item)
+        for item in error.errors()
+    )
 
 
 def load_settings(path: Path | None) -> Settings:

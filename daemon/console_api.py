@@ -201,12 +201,11 @@ class ConsoleApi:
         try:
             body = await _json_object(request)
             image, like = await self._playground_image(body)
+            _known_keys(body, TRY_KEYS)
             text = (
                 _text(body, "rule_toml")
                 if body.get("rule_toml")
-                else playground.rule_toml(
-                    _text(body, "prompt"), kind=str(body.get("kind") or "verdict")
-                )
+                else playground.rule_toml(_text(body, "prompt"), kind=_prompt_kind(body))
             )
             rule = playground.load_rule(
                 text, d.registry.rule_kinds, d.rules.check_choices, folder=d.rules.directory
@@ -257,6 +256,7 @@ class ConsoleApi:
         try:
             if request.content_type == "application/json":
                 body = await _json_object(request)
+                _known_keys(body, SAVE_KEYS)
                 event_types = _texts(body, "event_types")
                 if not event_types:
                     raise playground.PlaygroundError(
@@ -264,7 +264,7 @@ class ConsoleApi:
                     )
                 text = playground.rule_toml(
                     _text(body, "prompt"),
-                    kind=str(body.get("kind") or "verdict"),
+                    kind=_prompt_kind(body),
                     event_types=event_types,
                     description=str(body.get("description") or ""),
                 )
@@ -368,6 +368,32 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise playground.PlaygroundError("expected a JSON object")
     return body
+
+
+#: the keys of the JSON bodies of POST /v1/try and PUT /v1/rules/{name}
+TRY_KEYS = frozenset(
+    {"image", "snapshot", "prompt", "kind", "rule_toml", "camera_id", "event_type"}
+)
+SAVE_KEYS = frozenset({"prompt", "kind", "event_types", "description"})
+#: a rule with labels or fields is sent as a rule file's text
+AS_TOML = "send the rule file's text (rule_toml; a TOML body to PUT /v1/rules/{name})"
+
+
+def _known_keys(body: dict[str, Any], known: frozenset[str]) -> None:
+    """Refuse a key the request does not take (a rule's labels, say), not drop it."""
+    if unknown := sorted(set(body) - known):
+        raise playground.PlaygroundError(
+            f"{unknown[0]}: not a key of this request (it takes {', '.join(sorted(known))}); "
+            f"for a rule with labels or fields, {AS_TOML}"
+        )
+
+
+def _prompt_kind(body: dict[str, Any]) -> str:
+    """The kind of a rule made of a prompt (verdict unless said)."""
+    kind = body.get("kind") or "verdict"
+    if not isinstance(kind, str):
+        raise playground.PlaygroundError("kind: a rule kind's name is required")
+    return playground.prompt_rule_kind(kind, AS_TOML)
 
 
 def _text(body: dict[str, Any], key: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Annotated, Any
@@ -176,6 +177,17 @@ class Verdict(BaseModel):
 
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
+
+
+def problem_text(item: Mapping[str, Any]) -> str:
+    """One problem of a pydantic ValidationError in words: its "Value error, " prefix
+    dropped, an unexpected key called unknown."""
+    if item["type"] == "extra_forbidden":
+        return "unknown key"
+    message: str = item["msg"]
+    for prefix in ("Value error, ", "Assertion failed, "):
+        message = message.removeprefix(prefix)
+    return message
 
 
 def utc_now() -> datetime:

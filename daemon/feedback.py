@@ -12,8 +12,9 @@ import sqlite3
 from typing import Any, Literal
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
+from daemon.contract import problem_text
 from daemon.journal import FeedbackRow, Journal
 from daemon.rules import Rule, RuleBook
 from daemon.stats import StageStats
@@ -42,7 +43,7 @@ class Feedback(BaseModel):
     #: the rule whose verdict is judged; may be left out when the alert has one verdict
     rule: str | None = None
     #: the verdict was right (true) or wrong (false)
-    correct: bool | None = None
+    correct: StrictBool | None = None  # JSON's true or false: "yes" or 1 is no answer
     #: or: what the alert really was
     label: Literal["real", "false"] | None = None
     #: classify and extract rules: the right fields (classify: {"label": ...})
@@ -65,7 +66,7 @@ def parse_feedback(payload: bytes | str | dict[str, Any]) -> Feedback:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or None
-        raise FeedbackError(400, f"{field or 'feedback'}: {first['msg']}", field) from exc
+        raise FeedbackError(400, f"{field or 'feedback'}: {problem_text(first)}", field) from exc
 
 
 def alert_id_of(feedback: Feedback, in_path: str | None = None) -> str:
@@ -91,7 +92,7 @@ def judged(
     if verdict not in ("confirmed", "rejected"):
         if correct is not None:
             raise FeedbackError(
-                400, f"a {verdict} verdict is neither right nor wrong: give label", "correct"
+                400, f"an {verdict} verdict is neither right nor wrong: give label", "correct"
             )
         return label, None
     real_if_right = verdict == "confirmed"

@@ -446,12 +446,14 @@ class MqttLink:
 
     def _warn_qos0(self, message: aiomqtt.Message) -> None:
         subscription = self._subscription_of(message)
-        topic = subscription.topic if subscription is not None else None
-        if topic is not None and topic not in self._qos0_warned:
+        if subscription is not None and subscription.topic not in self._qos0_warned:
+            topic = subscription.topic
             self._qos0_warned.add(topic)
+            # Frigate publishes at QoS 0 and cannot be told otherwise: the fact, no advice
+            advice = "" if subscription.format == "frigate" else "; publish them at QoS 1"
             log.warning(
                 "alerts arrive at QoS 0: the broker neither keeps them while the daemon is "
-                "down or paused nor delivers them again; publish them at QoS 1",
+                f"down or paused nor delivers them again{advice}",
                 subscription=topic,
             )
 

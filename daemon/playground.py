@@ -57,12 +57,29 @@ def toml_string(text: str) -> str:
     return '"' + "".join(out) + '"'
 
 
+#: the name of a rule under trial that is no file (a prompt, a text sent to /v1/try)
+PLAYGROUND_RULE = "playground"
+
+
 class PlaygroundError(ValueError):
     """Input the playground cannot use; the message says what is wrong."""
 
 
 class RuleFileExists(PlaygroundError):
     """A rule file of that name is there already (and was not to be replaced)."""
+
+
+#: built-in rule kinds whose rules need more than a prompt (labels or fields)
+KINDS_BEYOND_A_PROMPT = ("classify", "extract")
+
+
+def prompt_rule_kind(kind: str, advice: str) -> str:
+    """`kind`, for a rule made of a prompt alone; PlaygroundError (with `advice`: how to give
+    the rest) for a kind that needs its labels or fields too."""
+    if kind in KINDS_BEYOND_A_PROMPT:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise PlaygroundError(f"{article} {kind} rule needs its labels or fields: {advice}")
+    return kind
 
 
 def rule_toml(
@@ -91,7 +108,7 @@ def load_rule(
     text: str,
     kinds: Mapping[str, RuleKind],
     check_choices: ChoiceChecker | None = None,
-    name: str = "playground",
+    name: str = PLAYGROUND_RULE,
     *,
     folder: Path,
 ) -> Rule:
@@ -100,6 +117,10 @@ def load_rule(
     try:
         return parse_rule(folder / f"{name}.toml", text, kinds, check_choices)
     except RuleError as exc:
+        if name == PLAYGROUND_RULE:  # no file: where in the rule, not a path it never had
+            raise PlaygroundError(
+                f"{exc.where}: {exc.reason}" if exc.where else exc.reason
+            ) from exc
         raise PlaygroundError(str(exc)) from exc
 
 

@@ -87,6 +87,8 @@ def make_plugin_manager(
             if pm.get_plugin(name) is None:
                 pm.register(importlib.import_module(module), name=name)
         if plugins_dir is not None:
+            if not plugins_dir.is_dir():  # a typo would otherwise leave its plugins out quietly
+                raise PluginError(f"[plugins] dir {plugins_dir}: no such directory")
             for path in sorted(plugins_dir.glob("*.py")):
                 pm.register(load_plugin_file(path), name=f"file:{path.name}")
         for plugin in extra_plugins:

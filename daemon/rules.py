@@ -17,7 +17,7 @@ import structlog
 from pydantic import BaseModel, ValidationError
 
 from daemon.config import describe_validation_error, key_path
-from daemon.contract import Alert
+from daemon.contract import Alert, problem_text
 from daemon.plugin_api import RuleKind
 from daemon.rule_file import CooldownSpec, ImageMode, MatchSpec, RuleFile
 from daemon.rules_saved import SavedRules
@@ -89,7 +89,7 @@ def _validation_error(path: Path, exc: ValidationError, prefix: str = "") -> Rul
     where = key_path(first["loc"], prefix)
     # the first problem is told after its key; any others, each on a line of its own
     others = describe_validation_error(exc, prefix=prefix).split("\n")[1:]
-    return RuleError(path, where, "\n".join([first["msg"], *others]))
+    return RuleError(path, where, "\n".join([problem_text(first), *others]))
 
 
 def parse_rule(

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import pybase64
 from pydantic import ValidationError
 
-from daemon.contract import Alert, too_many_boxes
+from daemon.contract import Alert, problem_text, too_many_boxes
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import AlertError, IncomingAlert, RawImage
 
@@ -74,7 +74,7 @@ def validate_alert(data: dict[str, Any]) -> Alert:
         return Alert.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise AlertError(field_path(first["loc"]), first["msg"]) from exc
+        raise AlertError(field_path(first["loc"]), problem_text(first)) from exc
 
 
 def alert_from_dict(data: dict[str, Any]) -> IncomingAlert:

@@ -41,7 +41,16 @@ stop() {
     echo "pid $1 did not stop in 30 s: killing it"
     kill -KILL "$1" 2>/dev/null || true
 }
-cleanup() { for pid in "${pids[@]}"; do stop "$pid"; done; }
+# the daemon first (its retained `offline` then cleared: the broker keeps nothing of the demo),
+# then a broker started here
+cleanup() {
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        stop "${pids[i]}"
+        if [ "${pids[i]}" = "${daemon:-}" ]; then
+            mosquitto_pub -h 127.0.0.1 -q 1 -r -n -t "$prefix/status" 2>/dev/null || true
+        fi
+    done
+}
 trap cleanup EXIT
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then

@@ -87,8 +87,9 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
 
         # refusals name what is wrong
         assert (await feedback("nobody", {"correct": True}))[0] == 404
-        status, body = await feedback("fire-0", {"correct": "maybe"})
-        assert status == 400 and body["field"] == "correct"
+        for said in ("maybe", "yes", 1):  # JSON's true or false only
+            status, body = await feedback("fire-0", {"correct": said})
+            assert status == 400 and body["error"] == "correct: Input should be a valid boolean"
         status, body = await feedback("fire-0", {})
         assert status == 400 and "give correct" in body["error"]
         status, body = await feedback("fire-0", {"rule": "smoke", "correct": True})
@@ -123,7 +124,7 @@ def test_feedback_on_verdicts_without_a_side_needs_a_label():
     assert judged("confirmed", 0.9, Feedback(correct=False)) == ("false", False)
     assert judged("rejected", 0.1, Feedback(correct=False)) == ("real", False)
     assert judged("uncertain", 0.5, Feedback(label="real")) == ("real", None)
-    with pytest.raises(FeedbackError, match="neither right nor wrong"):
+    with pytest.raises(FeedbackError, match="an uncertain verdict is neither right nor wrong"):
         judged("uncertain", 0.5, Feedback(correct=True))
     # extract rules: no P(real); what was said is kept
     assert judged("confirmed", None, Feedback(correct=False, fields={"plate": "B1"})) == (

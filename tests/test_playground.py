@@ -128,7 +128,15 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         status, body = await call(
             "POST", "/v1/try", json={"image": upload, "rule_toml": "[review]\nkind = 1\n"}
         )
-        assert status == 400 and "playground.toml" in body["error"]
+        # where in the rule; no path of a file it never was
+        assert status == 400 and "\nreview.kind: Input should be" in body["error"]
+        assert body["error"].startswith("match: Field required") and ".toml" not in body["error"]
+        status, body = await call(
+            "POST", "/v1/try", json={"image": upload, "prompt": "Who?", "kind": "extract"}
+        )
+        assert status == 400 and body["error"].startswith(
+            "an extract rule needs its labels or fields: send the rule file's text (rule_toml"
+        )
         status, body = await call("POST", "/v1/try", json={"image": upload, "rule_toml": ["x"]})
         assert status == 400 and "rule_toml: a non-empty text is required" in body["error"]
         for key, value, message in (
@@ -158,6 +166,10 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         assert status == 400 and "match.event_types" in body["error"]
         status, body = await call("PUT", "/v1/rules/bad", json={"prompt": "x", "event_types": 5})
         assert status == 400 and "event_types: a text or a list of texts" in body["error"]
+        # a classify rule's labels are refused by name, never dropped
+        classify = {"prompt": "x", "kind": "classify", "event_types": ["fire"], "labels": ["a"]}
+        status, body = await call("PUT", "/v1/rules/bad", json=classify)
+        assert status == 400 and body["error"].startswith("labels: not a key of this request")
         assert not (settings.rules.dir / "bad.toml").exists()
         # a name with a newline; a rule's name another file holds; any Unicode in a prompt
         status, body = await call("PUT", "/v1/rules/nl%0A", data=FIRE_RULE)

@@ -408,6 +408,14 @@ def test_a_broken_plugin_file_stops_the_start_naming_the_file(tmp_path, text, er
     assert "secondlook_plugin_broken" not in sys.modules
 
 
+def test_a_plugin_directory_that_does_not_exist_stops_the_start(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_text('[plugins]\ndir = "plugins.dd"\n')  # a typo
+    listing = CliRunner().invoke(main, ["plugins", "--config", str(config)])
+    assert listing.exit_code != 0
+    assert f"[plugins] dir {tmp_path / 'plugins.dd'}: no such directory" in listing.output
+
+
 HOOKS_DOC = ROOT / "docs" / "hooks.md"
 
 

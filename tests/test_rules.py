@@ -29,7 +29,7 @@ KINDS = Registry.collect(make_plugin_manager()).rule_kinds
 BROKEN = {
     "syntax.toml": ('[match]\nevent_types = "fire\n[review]\n', "line 2", "not valid TOML"),
     "no_match.toml": ('[review]\nprompt = "x"\n', "match", "Field required"),
-    "typo.toml": (FIRE_RULE + "\nconfirm_att = 0.5\n", "confirm_att", "Extra inputs"),
+    "typo.toml": (FIRE_RULE + "\nconfirm_att = 0.5\n", "confirm_att", "unknown key"),
     "bad_kind.toml": (FIRE_RULE.replace('"verdict"', '"verdikt"'), "review.kind", "unknown kind"),
     "thresholds.toml": (
         FIRE_RULE + "confirm_at = 0.3\nreject_below = 0.5\n",

@@ -332,8 +332,8 @@ def test_a_relative_model_path_is_a_directory_beside_the_config_or_a_hub_id(tmp_
     ("text", "message"),
     [
         ("[mqtt]\nport = 'x'\n", "mqtt.port: Input should be a valid integer"),
-        ("[mqtt]\nprot = 1\n", "mqtt.prot: Extra inputs are not permitted"),
-        ("[http]\nlisten = '8080'\n", "http.listen: Value error, expected HOST:PORT"),
+        ("[mqtt]\nprot = 1\n", "mqtt.prot: unknown key"),
+        ("[http]\nlisten = '8080'\n", "http.listen: expected HOST:PORT"),
         ("[model\n", "not valid TOML"),
     ],
 )
