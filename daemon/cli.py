@@ -391,13 +391,7 @@ def try_(
     as_json: bool,
 ) -> None:
     """Try a prompt or a rule on one image: verdict, P(real), fields, raw output, latency."""
-    from daemon.playground import (
-        PLAYGROUND_RULE,
-        RULE_NAME,
-        PlaygroundError,
-        prompt_rule_kind,
-        rule_toml,
-    )
+    from daemon.playground import RULE_NAME, PlaygroundError, prompt_rule_kind, rule_toml
 
     if (prompt is None) == (rule_file is None):
         raise click.UsageError("give either --prompt or --rule")
@@ -434,7 +428,7 @@ def try_(
                 _try(
                     _offline(settings, scratch),
                     text,
-                    rule_file.stem if rule_file else PLAYGROUND_RULE,
+                    rule_file.stem if rule_file else None,
                     image.read_bytes(),
                     camera_id,
                     event_type,
@@ -460,7 +454,7 @@ def try_(
 async def _try(
     settings: Settings,
     text: str,
-    name: str,
+    name: str | None,
     image: bytes,
     camera_id: str,
     event_type: str | None,
@@ -469,11 +463,12 @@ async def _try(
     rules_dir: Path,
     console: Console,
 ) -> tuple[dict[str, Any], tuple[Path, bool] | None]:
-    """The rule's result (the rule read as a file of `folder`), and where it was saved
-    into `rules_dir` (and whether that replaced a file)."""
+    """The rule's result (the rule read as a file of `folder`, named `name`; None: made of
+    a prompt), and where it was saved into `rules_dir` (and whether that replaced a file)."""
     from daemon.app import Daemon
     from daemon.images import ImageError, inspect_image
     from daemon.playground import (
+        PLAYGROUND_RULE,
         PlaygroundError,
         load_rule,
         playground_alert,
@@ -488,10 +483,12 @@ async def _try(
         settings.model_copy(update={"rules": settings.rules.model_copy(update={"dir": empty})})
     )
     kinds = daemon.registry.rule_kinds
+    is_file = name is not None
+    name = name or PLAYGROUND_RULE
     # a mistake in the rule, the image or the alert is told before the model loads
-    rule = load_rule(text, kinds, None, name, folder=folder)
+    rule = load_rule(text, kinds, None, name, folder=folder, is_file=is_file)
     if save_as is not None:
-        load_rule(text, kinds, None, name, folder=rules_dir)
+        load_rule(text, kinds, None, name, folder=rules_dir, is_file=is_file)
         _writable_dir(rules_dir)
     playground_alert(rule, camera_id=camera_id, event_type=event_type)
     try:
@@ -503,7 +500,7 @@ async def _try(
         with console.status(f"loading model {settings.model.path}"):
             await daemon.start_model()
         check = daemon.rules.check_choices
-        rule = load_rule(text, kinds, check, name, folder=folder)
+        rule = load_rule(text, kinds, check, name, folder=folder, is_file=is_file)
         result = await try_rule(
             pipeline.reviewer,
             rule,

@@ -200,15 +200,19 @@ class ConsoleApi:
         d = self.daemon
         try:
             body = await _json_object(request)
-            image, like = await self._playground_image(body)
             _known_keys(body, TRY_KEYS)
+            image, like = await self._playground_image(body)
             text = (
                 _text(body, "rule_toml")
                 if body.get("rule_toml")
                 else playground.rule_toml(_text(body, "prompt"), kind=_prompt_kind(body))
             )
             rule = playground.load_rule(
-                text, d.registry.rule_kinds, d.rules.check_choices, folder=d.rules.directory
+                text,
+                d.registry.rule_kinds,
+                d.rules.check_choices,
+                folder=d.rules.directory,
+                is_file=False,
             )
             assert d.pipeline is not None
             result = await playground.try_rule(
@@ -236,7 +240,13 @@ class ConsoleApi:
             stored = await history.snapshot(self.journal, ref, idx)
             if stored is None:
                 raise playground.PlaygroundError("snapshot: no such stored snapshot")
-            alert = (await self.journal.load_alert(ref)).alert
+            stored_alert = await self.journal.load_alert(ref)
+            if stored_alert.problem is not None:  # tried as its alert, it would be another
+                raise playground.PlaygroundError(
+                    f"snapshot: its alert fails the contract's checks ({stored_alert.problem}): "
+                    "upload the image instead"
+                )
+            alert = stored_alert.alert
             given = {key: body[key] for key in ("camera_id", "event_type") if body.get(key)}
             if not stored.is_frame:  # the detection boxes are of the alert's frame
                 given["boxes"] = []

@@ -24,7 +24,7 @@ import structlog
 from pydantic import ValidationError
 
 from daemon.config import describe_validation_error
-from daemon.contract import Alert, Verdict, utc_now
+from daemon.contract import Alert, Verdict, parse_rfc3339, utc_now
 from daemon.plugin_api import RawImage
 
 if TYPE_CHECKING:
@@ -759,6 +759,8 @@ def _commit(ops: list[WriteOp], db: sqlite3.Connection) -> list[Any]:
 
 #: whether alert `a` carries an operator's feedback
 HAS_FEEDBACK = "SELECT 1 FROM feedback f WHERE f.alert_ref = a.id"
+#: the problems of a stored alert told in its verdict's reason, at most
+MAX_PROBLEMS_TOLD = 3
 
 
 def _stored_alert(row: Any) -> tuple[Alert, str | None]:
@@ -768,7 +770,11 @@ def _stored_alert(row: Any) -> tuple[Alert, str | None]:
     try:
         return Alert.model_validate_json(row["alert"]), None
     except ValidationError as exc:
-        problem = describe_validation_error(exc).replace("\n", "; ")
+        problems = describe_validation_error(exc).split("\n")
+        more = len(problems) - MAX_PROBLEMS_TOLD
+        problem = "; ".join(problems[:MAX_PROBLEMS_TOLD]) + (
+            f"; and {more} more" if more > 0 else ""
+        )
     try:
         data = json.loads(row["alert"])
     except ValueError:
@@ -780,12 +786,18 @@ def _stored_alert(row: Any) -> tuple[Alert, str | None]:
         value = data.get(key)
         return value[:256] if isinstance(value, str) else ""
 
+    try:  # the contract's verdicts carry an RFC 3339 time: the alert's, or its arrival's
+        occurred_at = text("occurred_at")
+        parse_rfc3339(occurred_at)
+    except ValueError:
+        occurred_at = row["received_at"]
+
     salvaged = Alert.model_construct(
         alert_id=row["alert_id"],
         box_id=row["box_id"],
         camera_id=text("camera_id"),
         event_type=text("event_type"),
-        occurred_at=text("occurred_at"),
+        occurred_at=occurred_at,
         image_url=None,
         score=None,
         boxes=[],

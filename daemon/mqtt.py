@@ -435,7 +435,7 @@ class MqttLink:
                 if dropped:
                     log.warning(
                         "intake behind: QoS 0 messages dropped (the broker keeps no QoS 0 "
-                        "message back; publish alerts at QoS 1)",
+                        "message back; publish alerts at QoS 1 where the sender can)",
                         dropped=dropped,
                         waiting=waiting - dropped,
                     )

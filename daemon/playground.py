@@ -111,13 +111,15 @@ def load_rule(
     name: str = PLAYGROUND_RULE,
     *,
     folder: Path,
+    is_file: bool = True,
 ) -> Rule:
     """A rule from its text, checked as the rules directory would check it, as a file of
-    `folder` (what a relative `adapter` path is relative to)."""
+    `folder` (what a relative `adapter` path is relative to). `is_file`: errors name the
+    file (else only where in the rule: a prompt, a text sent to try)."""
     try:
         return parse_rule(folder / f"{name}.toml", text, kinds, check_choices)
     except RuleError as exc:
-        if name == PLAYGROUND_RULE:  # no file: where in the rule, not a path it never had
+        if not is_file:  # where in the rule, not a path it never had
             raise PlaygroundError(
                 f"{exc.where}: {exc.reason}" if exc.where else exc.reason
             ) from exc

@@ -14,7 +14,8 @@ from PIL import Image
 
 from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
-from daemon.inference.batcher import MicroBatcher
+from daemon.inference.batch_limit import PROBE_AFTER, BatchLimit, SplitOutcome
+from daemon.inference.batcher import MicroBatcher, _Waiting
 from daemon.inference.runner import ModelRunner
 from daemon.inference.transformers_backend import TransformersBackend
 from daemon.plugin_api import (
@@ -160,7 +161,7 @@ async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model, error):
 async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_again(
     tiny_model, monkeypatch
 ):
-    monkeypatch.setattr("daemon.inference.batcher.PROBE_AFTER", 3)
+    monkeypatch.setattr("daemon.inference.batch_limit.PROBE_AFTER", 3)
     runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
     flaky = OutOfMemoryAbove(runner, limit=4, error=torch.OutOfMemoryError("CUDA out of memory."))
     choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
@@ -171,14 +172,92 @@ async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_
             flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
         )
         running = asyncio.create_task(batcher.run())
-        for _ in range(3):
+        for _ in range(4):
             await asyncio.gather(*(batcher.submit(r) for r in requests))
             limits.append(batcher.report()["batch_limit"])
         running.cancel()
-    # 8 ran out: halves, and batches of 4 from then on; after three full passes of 4 the
-    # limit is 8 again, and the next 8 run out once more
-    assert flaky.sizes == [8, 4, 4, 4, 4, 8, 4, 4]
-    assert limits == [4, 8, 4] and batcher.health.oom_splits == 2
+    # 8 ran out and its halves fit: batches of 4 from then on; after three full passes of 4
+    # the limit is 8 again, and the next 8 run out once more
+    assert flaky.sizes == [8, 4, 4, 4, 4, 4, 4, 8, 4, 4]
+    assert limits == [4, 4, 8, 4] and batcher.health.oom_splits == 2
+
+
+class OutOfMemoryWith(OutOfMemoryAbove):
+    """Any batch that holds `culprit` runs out of memory, alone too."""
+
+    def __init__(self, runner: ModelRunner, culprit: ModelRequest) -> None:
+        super().__init__(runner, limit=0, error=torch.OutOfMemoryError("CUDA out of memory."))
+        self.culprit = culprit
+
+    def forward(self, requests, inputs):
+        self.sizes.append(len(requests))
+        if any(request is self.culprit for request in requests):
+            raise torch.OutOfMemoryError("CUDA out of memory.")
+        return self.runner.forward(requests, inputs)
+
+
+async def test_one_request_that_fits_no_batch_leaves_the_limit_alone(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
+    requests = choice + choice[:2]
+    flaky = OutOfMemoryWith(runner, culprit=requests[5])
+    answers, batcher = await batched(flaky, requests)
+    assert [isinstance(a, torch.OutOfMemoryError) for a in answers] == [False] * 5 + [
+        True,
+        False,
+        False,
+    ]
+    # 8, then its halves down to the culprit alone: the others fit in every size tried
+    assert flaky.sizes == [8, 4, 4, 2, 1, 1, 2]
+    assert batcher.report()["batch_limit"] == 8
+
+
+async def test_a_batch_formed_before_the_limit_fell_is_cut_to_it(tiny_model):
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    flaky = OutOfMemoryAbove(runner, limit=8, error=torch.OutOfMemoryError("CUDA out of memory."))
+    choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        loop = asyncio.get_running_loop()
+        items = [_Waiting(r, loop.create_future()) for r in choice]
+        inputs = await batcher._inputs(items)  # collated at 6, then the limit falls to 4
+        batcher.limit.value = 4
+        await batcher._forward(items, inputs)
+    assert flaky.sizes == [4, 2] and all(item.future.done() for item in items)
+    for item, request in zip(items, choice, strict=True):
+        assert_same(item.future.result(), runner.run(request))
+
+
+def test_a_raised_limit_that_runs_out_again_waits_twice_as_long_before_the_next_try():
+    limit = BatchLimit(16)
+    limit.ran_out(SplitOutcome(largest_passed=8))
+    waits = []
+    for _ in range(3):
+        passes = 0
+        while limit.value == 8:
+            limit.passed(8)
+            passes += 1
+        waits.append(passes)
+        assert limit.value == 16
+        limit.ran_out(SplitOutcome(largest_passed=8))  # the try at 16 ran out again
+    assert waits == [PROBE_AFTER, 2 * PROBE_AFTER, 4 * PROBE_AFTER]
+    limit.passed(8)
+    while limit.value == 8:
+        limit.passed(8)
+    limit.passed(16)  # this time 16 fits: the next lowering waits PROBE_AFTER again
+    limit.ran_out(SplitOutcome(largest_passed=8))
+    passes = 0
+    while limit.value == 8:
+        limit.passed(8)
+        passes += 1
+    assert passes == PROBE_AFTER
+    # smaller passes count for nothing; a part that failed alone, or no part that passed,
+    # changes nothing
+    limit.ran_out(SplitOutcome(largest_passed=4, lone_failure=True))
+    limit.ran_out(SplitOutcome())
+    assert limit.value == 16
 
 
 async def test_a_request_whose_answers_cannot_be_scored_fails_alone(tiny_model):

@@ -125,6 +125,8 @@ async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_r
         assert status == 400 and "image" in body["error"]
         status, body = await call("POST", "/v1/try", json={"image": upload})
         assert status == 400 and "prompt" in body["error"]
+        status, body = await call("POST", "/v1/try", json={"img": upload, "prompt": "x"})
+        assert status == 400 and body["error"].startswith("img: not a key of this request")
         status, body = await call(
             "POST", "/v1/try", json={"image": upload, "rule_toml": "[review]\nkind = 1\n"}
         )

@@ -90,8 +90,8 @@ async def test_a_stored_alert_that_fails_the_checks_is_forwarded_unreviewed(tmp_
             "UPDATE alerts SET alert = json_set(alert, '$.score', 7) WHERE alert_id = 'bad-score'"
         )
         db.execute(
-            "UPDATE alerts SET alert = json_set(alert, '$.camera_id', 5) "
-            "WHERE alert_id = 'bad-camera'"
+            "UPDATE alerts SET alert = json_set(alert, '$.camera_id', 5, '$.occurred_at', "
+            "'yesterday', '$.boxes', json('[1, 2, 3, 4]')) WHERE alert_id = 'bad-camera'"
         )
     async with run_daemon(settings) as d:
         records = {a: await d.wait_reviewed(a) for a in ("bad-score", "bad-camera", "fine")}
@@ -100,13 +100,28 @@ async def test_a_stored_alert_that_fails_the_checks_is_forwarded_unreviewed(tmp_
             json.loads(row[0])["alert_id"]: json.loads(row[0])
             for row in await d.daemon.journal.read("SELECT payload FROM verdicts")
         }
+        # its snapshot is no playground subject as that alert: it would be another one
+        row = await d.daemon.journal.read_one("SELECT id FROM alerts WHERE alert_id = 'bad-score'")
+        snapshot = {"ref": row["id"], "idx": 0}
+        async with d.http.post(
+            f"{d.base_url}/v1/try", json={"snapshot": snapshot, "prompt": "Fire?"}
+        ) as response:
+            assert response.status == 400
+            assert (await response.json())["error"].startswith(
+                "snapshot: its alert fails the contract's checks (score: "
+            )
     [score] = records["bad-score"]["verdicts"]
     assert score["verdict"] == "unreviewed" and score["rule"] is None
     assert score["reason"].startswith("the stored alert fails the contract's checks: score:")
     assert payloads["bad-score"]["camera_id"] == "cam-1"  # what could be read
     [camera] = records["bad-camera"]["verdicts"]
-    assert camera["verdict"] == "unreviewed" and "camera_id: Input should be" in camera["reason"]
+    assert camera["verdict"] == "unreviewed" and camera["reason"].endswith(
+        "camera_id: Input should be a valid string; occurred_at: expected an RFC 3339 time such "
+        "as 2026-11-20T14:03:12+08:00; boxes.0: Input should be an object; and 3 more"
+    )
+    # what cannot be read is empty; the time is the alert's arrival, a time as the contract says
     assert payloads["bad-camera"]["camera_id"] == ""
+    assert payloads["bad-camera"]["occurred_at"] == records["bad-camera"]["received_at"]
     assert records["bad-score"]["attempts"] == records["bad-camera"]["attempts"] == 1
     assert records["fine"]["verdicts"][0]["rule"] == "fire"
 

@@ -8,10 +8,7 @@ model's own thread. So the next batch is prepared while the model works on this 
 
 A batch that runs out of accelerator memory is split in halves and retried; a single
 request that still does not fit fails alone (its rule's `on_error` decides what follows).
-The batches formed next are no larger than the halves (`batch_limit`), so that a device
-too small for `max_batch` does not run out at every full batch; after PROBE_AFTER full
-passes at that limit it is doubled again, up to `max_batch` (one pass in so many may fail
-while the limit is sought, none once it is found).
+The batches formed next are no larger than the parts that fit (see `batch_limit`).
 """
 
 from __future__ import annotations
@@ -28,14 +25,12 @@ from typing import Any, Protocol
 import structlog
 import torch
 
+from daemon.inference.batch_limit import BatchLimit, SplitOutcome
 from daemon.inference.runner import query_kind
 from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
 from daemon.waiting import wait_event
 
 log = structlog.get_logger(__name__)
-
-#: full passes at a lowered `batch_limit` before it is doubled again (see above)
-PROBE_AFTER = 50
 
 
 class BatchRunner(Protocol):
@@ -111,8 +106,7 @@ class MicroBatcher:
         self.prep_pool = prep_pool
         self.out_of_memory = out_of_memory
         self.health = WorkerHealth(batch_limit=max_batch)
-        #: full passes at a lowered batch limit since it was last changed
-        self._full_passes = 0
+        self.limit = BatchLimit(max_batch)
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
         self._collated: asyncio.Queue[tuple[list[_Waiting], Any]] = asyncio.Queue(maxsize=1)
@@ -191,7 +185,7 @@ class MicroBatcher:
             await self._arrived.wait()
         kind = query_kind(self._waiting[0].request)
         deadline = self._waiting[0].since + self.max_wait_s
-        limit = self.health.batch_limit
+        limit = self.limit.value
         while self._count(kind) < limit and (wait := deadline - time.monotonic()) > 0:
             self._arrived.clear()
             if not await wait_event(self._arrived, wait):
@@ -217,17 +211,25 @@ class MicroBatcher:
         while True:
             await self._forward(*await self._collated.get())  # no reference kept to the inputs
 
-    async def _forward(self, batch: list[_Waiting], inputs: Any = None) -> None:
+    async def _forward(
+        self, batch: list[_Waiting], inputs: Any = None, split: SplitOutcome | None = None
+    ) -> None:
         """One pass over a collated batch (`inputs`: None to collate it here); a batch that
-        runs out of memory is split in halves, each retried."""
+        runs out of memory is split in halves, each retried (`split`: what the parts of the
+        batch they come from do)."""
         health = self.health
         if health.fatal:  # collated before the model became unusable: not passed to it
             _fail(batch, BackendUnusable(health.fatal))
             return
+        if split is None and len(batch) > (limit := self.limit.value):
+            del inputs  # formed before a batch ran out of memory at a smaller size
+            for start in range(0, len(batch), limit):
+                await self._forward(batch[start : start + limit])
+            return
         if inputs is None:
             groups = await self._collate(batch)
             while len(groups) > 1:  # some would not collate together: each group on its own
-                await self._forward(*groups.pop(0))
+                await self._forward(*groups.pop(0), split)
             if not groups:
                 return
             batch, inputs = groups.pop()  # `del inputs` below must free them
@@ -250,7 +252,10 @@ class MicroBatcher:
             health.largest_batch = max(health.largest_batch, len(batch))
             health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
             health.last_batch_at = time.monotonic()
-            self._passed(len(batch))
+            self.limit.passed(len(batch))
+            health.batch_limit = self.limit.value
+            if split is not None:
+                split.passed(len(batch))
             for item, answer in zip(batch, answers, strict=True):
                 if item.future.done():
                     continue
@@ -265,30 +270,19 @@ class MicroBatcher:
         _release_cached_memory()
         if len(batch) == 1:
             health.failures += 1
+            if split is not None:
+                split.lone_failure = True
             _fail(batch, out_of_memory)
             return
         health.oom_splits += 1
         half = len(batch) // 2
-        if half < health.batch_limit:
-            health.batch_limit = half
-            self._full_passes = 0
-        log.warning(
-            "out of memory: splitting the batch", size=len(batch), batch_limit=health.batch_limit
-        )
+        log.warning("out of memory: splitting the batch", size=len(batch))
+        outcome = split or SplitOutcome()
         for part in (batch[:half], batch[half:]):
-            await self._forward(part)
-
-    def _passed(self, size: int) -> None:
-        """A pass of `size` requests ran: after PROBE_AFTER full ones at a lowered limit, the
-        limit is doubled (towards max_batch)."""
-        health = self.health
-        if health.batch_limit >= self.max_batch or size < health.batch_limit:
-            return
-        self._full_passes += 1
-        if self._full_passes >= PROBE_AFTER:
-            health.batch_limit = min(self.max_batch, 2 * health.batch_limit)
-            self._full_passes = 0
-            log.info("trying larger batches again", batch_limit=health.batch_limit)
+            await self._forward(part, split=outcome)
+        if split is None:  # the first batch of the splits: what its parts did sets the limit
+            self.limit.ran_out(outcome)
+            health.batch_limit = self.limit.value
 
     def _failed(self, batch: list[_Waiting], exc: Exception) -> None:
         """A pass that failed otherwise than by running out of memory."""

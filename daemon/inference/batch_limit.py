@@ -1,0 +1,73 @@
+"""The largest batch to form: `max_batch`, or less on a device that runs out of memory there.
+
+A batch that runs out of memory is split in halves until its parts fit (see the batcher).
+When the splits end with a request that fails alone, that request explains the failures:
+the limit stays. Otherwise the largest part that passed becomes the limit, so that the next
+full batches do not run out alike. After PROBE_AFTER full passes at a lowered limit it is
+doubled, up to `max_batch`; a doubled limit that runs out again waits twice as many passes
+before the next try (at most PROBE_AFTER_MOST), so that a device that never fits
+`max_batch` fails fewer and fewer passes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: full passes at a lowered limit before it is doubled again
+PROBE_AFTER = 50
+#: ... at most, however often a doubled limit ran out again
+PROBE_AFTER_MOST = 50 * 2**10
+
+
+@dataclass
+class SplitOutcome:
+    """What the parts of one batch that ran out of memory did."""
+
+    #: the largest part that passed (0: none)
+    largest_passed: int = 0
+    #: a single request ran out of memory alone
+    lone_failure: bool = False
+
+    def passed(self, size: int) -> None:
+        self.largest_passed = max(self.largest_passed, size)
+
+
+class BatchLimit:
+    def __init__(self, max_batch: int) -> None:
+        self.max_batch = max_batch
+        self.value = max_batch
+        self._full_passes = 0
+        self._probe_after = PROBE_AFTER
+        #: the limit was raised by a try that no full pass has confirmed yet
+        self._probing = False
+
+    def passed(self, size: int) -> None:
+        """A pass of `size` requests ran."""
+        if size < self.value:
+            return
+        if self._probing:  # the raised limit fits
+            self._probing = False
+            self._probe_after = PROBE_AFTER
+        if self.value >= self.max_batch:
+            return
+        self._full_passes += 1
+        if self._full_passes >= self._probe_after:
+            self.value = min(self.max_batch, 2 * self.value)
+            self._full_passes = 0
+            self._probing = True
+            log.info("trying larger batches again", batch_limit=self.value)
+
+    def ran_out(self, split: SplitOutcome) -> None:
+        """A batch ran out of memory and its parts did as `split` says."""
+        if split.lone_failure or not 0 < split.largest_passed < self.value:
+            return
+        if self._probing:  # the raised limit did not fit: the next try waits longer
+            self._probe_after = min(2 * self._probe_after, PROBE_AFTER_MOST)
+            self._probing = False
+        self.value = split.largest_passed
+        self._full_passes = 0
+        log.warning("batches limited after running out of memory", batch_limit=self.value)
