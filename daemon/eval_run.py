@@ -187,6 +187,12 @@ def print_report(result: dict[str, Any], console: Console, out_dir: Path) -> Non
             f"* fitted to these alerts, which hold fewer than {enough} real ones: missing none "
             "of them says little of the next ones; label more before trusting it"
         )
+    if any((rule.get("best") or {}).get("filters_nothing") for rule in result["rules"].values()):
+        console.print(
+            "(filters none): no pair rejects a false alarm without rejecting too many real "
+            "ones: the rule's P(real) does not tell them apart on these alerts, so its pair "
+            "only decides what is confirmed; change the prompt (or the model) first"
+        )
     console.print(f"report.json, sweep.png, calibration.png in {out_dir}", markup=False)
 
 
@@ -200,6 +206,8 @@ def _pair(point: dict[str, Any] | None) -> str:
     pair = f"{point['confirm_at']:g} / {point['reject_below']:g}"
     if point.get("few_real_alarms"):
         pair += " *"
+    if point.get("filters_nothing"):
+        pair += "\n(filters none)"
     if point.get("precision_target_met") is False:
         pair += f"\n(precision {_pct(point['confirmed_precision'])})"
     return pair

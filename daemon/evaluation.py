@@ -16,8 +16,10 @@ the pairs whose confirmations are at least that share real, the best by the rest
 current pair is a candidate too (it may lie off the grid), so the advice is never worse than
 it; a rule that judged only real or only false alarms gets no advice (any pair looks right).
 The advice is fitted to the alerts it is measured on: it says so when they hold fewer real
-alarms than 1 / the target miss rate (`few_real_alarms`), and whether the precision target
-was reached (`precision_target_met`).
+alarms than 1 / the target miss rate (`few_real_alarms`), whether the precision target
+was reached (`precision_target_met`), and when no allowed pair filters any false alarm
+(`filters_nothing`: the rule's P(real) does not tell them from the real ones; the pair then
+only decides what is confirmed, and may be to confirm every alert).
 """
 
 from __future__ import annotations
@@ -183,7 +185,8 @@ def _caveats(
     with fewer real alarms than 1 / the target miss rate, missing none of them says little of
     the next ones; and a precision target may be out of reach of every allowed pair."""
     caveats: dict[str, Any] = {
-        "few_real_alarms": target_miss_rate > 0 and real < math.ceil(1 / target_miss_rate)
+        "few_real_alarms": target_miss_rate > 0 and real < math.ceil(1 / target_miss_rate),
+        "filters_nothing": not best["false_alarms_filtered"],
     }
     if target_precision is not None:
         precision = best["confirmed_precision"]

@@ -305,7 +305,12 @@ def test_the_advice_says_what_it_cannot_promise():
     best = rule_report(rows, current, target_miss_rate=0.05)["best"]
     assert best["few_real_alarms"] is True and "precision_target_met" not in best
     many = [Judged("", "real", "", 0.9)] * 20 + [Judged("", "false", "", 0.1)]
-    assert rule_report(many, current, target_miss_rate=0.05)["best"]["few_real_alarms"] is False
+    best = rule_report(many, current, target_miss_rate=0.05)["best"]
+    assert best["few_real_alarms"] is False and best["filters_nothing"] is False
+    # every false alarm scored above a real one: none can be rejected without missing it
+    backwards = [Judged("", "real", "", 0.3), Judged("", "false", "", 0.9)]
+    best = rule_report(backwards, current, target_miss_rate=0.0)["best"]
+    assert best["false_alarms_filtered"] == 0 and best["filters_nothing"] is True
 
 
 PAGER = """
