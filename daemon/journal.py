@@ -652,14 +652,8 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
     # autocommit mode: the writer opens and commits its transactions itself
     writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    # pages freed by pruning go back to the file system (takes effect in a new file)
-    writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
-    writer.execute("PRAGMA journal_mode = WAL")
-    # the write-ahead log is cut back to this size after checkpoints (a prune or a burst
-    # would otherwise leave it at its largest until the daemon stops)
-    writer.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
-    writer.execute("PRAGMA synchronous = FULL")
     try:
+        # first: a journal of a newer version is refused before anything changes its file
         row = writer.execute("PRAGMA user_version").fetchone()
         version = int(row[0]) if row else 0
         if version > SCHEMA_VERSION:
@@ -668,6 +662,13 @@ def _open_writer(path: Path) -> sqlite3.Connection:
                 f"knows {SCHEMA_VERSION}): upgrade secondlook, or start with another "
                 "[storage] dir"
             )
+        # pages freed by pruning go back to the file system (takes effect in a new file)
+        writer.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        writer.execute("PRAGMA journal_mode = WAL")
+        # the write-ahead log is cut back to this size after checkpoints (a prune or a burst
+        # would otherwise leave it at its largest until the daemon stops)
+        writer.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
+        writer.execute("PRAGMA synchronous = FULL")
         if 1 <= version < SCHEMA_VERSION:
             log.info(
                 "upgrading the journal's schema: the alerts and verdicts tables are copied "

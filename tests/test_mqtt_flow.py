@@ -97,13 +97,17 @@ async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
         # "\ud800" in JSON decodes to a lone surrogate: no Unicode, so no journal can keep it
         json.dumps({**make_alert(), "extra": {"z": "\ud800"}}).encode(),
     ]
-    async with collect(broker, VERDICTS) as out, run_daemon(settings):
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
         with capture_logs() as logs:
             for payload in bad:
                 await publish(broker, "secondlook/alerts/box-t", payload)
             await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("after-bad")))
             [(_, verdict)] = await out.wait_for(1)
+        rejects = await d.daemon.journal.rejects()  # each recorded too, with its field
     assert verdict["alert_id"] == "after-bad"
+    assert [field for field, _ in rejects] == [
+        entry["field"] for entry in logs if entry["event"] == "alert refused"
+    ]
     # each refused once, with the field named: none broke intake (no reconnect, no redelivery)
     refused = [entry for entry in logs if entry["event"] == "alert refused"]
     assert [entry["field"] for entry in refused] == [
@@ -296,6 +300,27 @@ async def test_a_retained_alert_is_not_delivered_again_at_each_reconnect(tmp_pat
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.5)
         assert [v["alert_id"] for _, v in out.verdicts()] == ["kept"]
+    finally:
+        broker.stop()
+
+
+async def test_a_broker_that_lost_its_sessions_is_subscribed_to_again(tmp_path, tiny_model):
+    broker = private_broker(tmp_path)
+    try:
+        settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+        (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+        async with run_daemon(settings) as d:
+            d.daemon.link.connected.clear()
+            broker.stop()  # and with it the sessions and their subscriptions: a new broker
+            (broker.workdir / "mosquitto.db").unlink(missing_ok=True)
+            broker.start()
+            async with asyncio.timeout(15):
+                while not d.daemon.link.connected.is_set():
+                    await asyncio.sleep(0.1)
+            async with collect(broker, VERDICTS) as out:
+                await publish(broker, "secondlook/alerts/b", json.dumps(make_alert("after")))
+                [(_, verdict)] = await out.wait_for(1)
+        assert verdict["alert_id"] == "after"
     finally:
         broker.stop()
 

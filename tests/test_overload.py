@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import re
 import sqlite3
@@ -239,8 +240,8 @@ async def test_a_full_disk_pauses_intake_with_a_clear_error_and_loses_nothing(
         assert out.verdicts() == []
         await journal.call_writer(lambda db: db.execute("PRAGMA max_page_count = 1073741823"))
         verdicts = await out.wait_for(1, timeout=30)
-        status, _ = await d.post_alert(make_alert("full-http", image=noise))  # sent again
-        assert status == 202
+        status, body = await d.post_alert(make_alert("full-http", image=noise))  # sent again
+        assert status == 202 and body["status"] == "accepted"  # nothing of it was kept at 503
         verdicts = await out.wait_for(2, timeout=30)
     assert sorted(v["alert_id"] for _, v in verdicts) == ["full-http", "full-mqtt"]
 
@@ -289,7 +290,7 @@ async def test_reviews_that_fail_on_the_journal_pause_instead_of_spinning(
 
         async def full_disk_for_3_s(ref):
             tries.append(asyncio.get_running_loop().time())
-            if tries[-1] - tries[0] < 3:
+            if tries[-1] - tries[0] < 3 or len(tries) == 5:
                 raise sqlite3.OperationalError("database or disk is full")
             return await begin_review(ref)
 
@@ -298,9 +299,15 @@ async def test_reviews_that_fail_on_the_journal_pause_instead_of_spinning(
         assert status == 202
         verdicts = await out.wait_for(1, timeout=30)
         assert (await d.daemon.health())["status"] == "ok"
-    # pauses of 0.5, 1, 2 s: the alert was tried a few times, not in a loop, then reviewed once
-    assert 3 <= len(tries) <= 5, tries
-    assert [v["alert_id"] for _, v in verdicts] == ["paused"]
+        # a failure after a review that went through pauses the first pause again
+        await d.post_alert(make_alert("again"))
+        verdicts = await out.wait_for(2, timeout=30)
+    # pauses of 0.5, 1, 2 s: tried four times, not in a loop, then reviewed once; then 0.5 s
+    gaps = [later - earlier for earlier, later in itertools.pairwise(tries)]
+    assert len(tries) == 6, tries
+    for gap, pause in zip([gaps[0], gaps[1], gaps[2], gaps[4]], [0.5, 1, 2, 0.5], strict=True):
+        assert pause <= gap < pause + 0.75, gaps
+    assert [v["alert_id"] for _, v in verdicts] == ["paused", "again"]
 
 
 async def test_a_verdict_the_journal_could_not_write_costs_the_alert_no_attempt(
