@@ -413,6 +413,12 @@ class Daemon:
             await self._record_feedback(feedback.parse_feedback(payload))
         except feedback.FeedbackError as exc:
             log.warning("feedback refused", topic=topic, error=str(exc), field=exc.field)
+        except IntakeDeferred:
+            raise
+        except Exception:
+            # a bug: this message is dropped (acknowledged), not delivered again for ever
+            # ahead of the alerts
+            log.exception("feedback refused: it could not be handled", topic=topic)
 
     async def _record_feedback(self, said: feedback.Feedback) -> None:
         """Journal MQTT feedback, trying again every BUSY_RETRY_S while the journal cannot
@@ -443,6 +449,14 @@ class Daemon:
         """Ingest one MQTT alert; while the journal cannot take it, hold it (unacknowledged)
         and try again."""
         assert self.pipeline is not None
+        limit = int(self.settings.mqtt.max_payload_mb * 1024 * 1024)
+        if len(payload) > limit:
+            over = AlertError(
+                "payload",
+                f"{len(payload)} bytes, over the limit of {limit} ([mqtt] max_payload_mb)",
+            )
+            await self.pipeline.refuse(over, payload, source="mqtt", topic=topic)
+            return
         parsed = None  # once parsed, never again: formats may keep state
         while True:
             try:

@@ -107,6 +107,8 @@ class MqttSettings(_Section):
     #: subscriptions, `$share/<group>/<topic>`): each alert is reviewed by one gateway
     share_group: str | None = Field(default=None, pattern=r"^[^/+#]+$")
     keepalive_s: int = Field(default=30, ge=5, le=65535)  # MQTT's keep-alive is 16 bits
+    #: larger alert messages are refused (recorded and acknowledged), as HTTP's max_body_mb
+    max_payload_mb: float = Field(default=20, gt=0)
     status_topic: str = "secondlook/status"
     #: operators' feedback on verdicts (JSON with alert_id, box_id, rule, correct | label);
     #: empty: not subscribed

@@ -75,7 +75,7 @@ class ConsoleApi:
             web.get("/v1/alerts", self.list_alerts),
             # more digits than a row id has: no such snapshot (404), not a number to parse
             web.get("/v1/snapshots/{ref:\\d{1,19}}/{idx:\\d{1,19}}", self.snapshot),
-            web.post("/v1/alerts/{alert_id}/feedback", self.feedback),
+            web.post("/v1/alerts/{alert_id:[^/]+}/feedback", self.feedback),
             web.post("/v1/feedback", self.feedback),
             web.get("/v1/rules", self.rules),
             web.put("/v1/rules/{name}", self.save_rule),

@@ -115,7 +115,8 @@ def check_fields(fields: dict[str, Any], verdict: dict[str, Any], rule: Rule | N
     labels; an extract rule's its fields, each of its type (they become training targets)."""
     scores = (verdict.get("fields") or {}).get("scores")
     if isinstance(scores, dict):  # classify
-        if set(fields) != {"label"} or fields["label"] not in scores:
+        label = fields.get("label")
+        if set(fields) != {"label"} or not isinstance(label, str) or label not in scores:
             raise FeedbackError(400, f'fields: give {{"label": one of {sorted(scores)}}}', "fields")
         return
     if rule is not None and rule.kind == "verdict":

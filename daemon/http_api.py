@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -21,6 +22,8 @@ from urllib.parse import quote, urlencode
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from daemon.pipeline import Pipeline
 from daemon.plugin_api import AlertError
@@ -61,6 +64,11 @@ class SlowBody(Exception):
     """A request body that stopped arriving (see BODY_GRACE_S)."""
 
 
+class UnreadableBody(Exception):
+    """A request body that cannot be decoded as sent (a `Content-Encoding` it does not
+    have, a chunked encoding broken off)."""
+
+
 async def read_body(request: web.Request, max_bytes: int) -> bytes:
     """The body, while it keeps coming: within BODY_GRACE_S plus a second per BODY_MIN_RATE
     bytes received (else SlowBody); over `max_bytes` (declared or sent): 413."""
@@ -75,6 +83,9 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         try:
             async with asyncio.timeout(max(left, 0.0)):
                 chunk = await request.content.readany()
+        except (RequestPayloadError, HttpProcessingError) as exc:
+            why = re.sub(r"^\d+, message:\s*", "", str(exc))  # aiohttp's own "400, message:"
+            raise UnreadableBody(f"the request body cannot be read: {why}") from None
         except TimeoutError:
             waited = loop.time() - start
             raise SlowBody(
@@ -111,6 +122,16 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return error(413, _too_large(request), "payload")
     except SlowBody as exc:
         answer = error(408, str(exc), "payload")
+        answer.force_close()
+        return answer
+    except UnreadableBody as exc:
+        answer = error(400, str(exc), "payload")
+        answer.force_close()
+        return answer
+    except ConnectionResetError:
+        # the client left before its request was read: nobody to answer, nothing to fix
+        log.info("http client went away mid-request", path=request.path)
+        answer = error(400, "the connection was closed mid-request", "payload")
         answer.force_close()
         return answer
     except web.HTTPException as exc:
@@ -240,7 +261,7 @@ class HttpApi:
         self.app.add_routes(
             [
                 web.post("/v1/alerts", self.post_alert),
-                web.get("/v1/alerts/{alert_id}", self.get_alert),
+                web.get("/v1/alerts/{alert_id:[^/]+}", self.get_alert),
                 web.get("/healthz", self.healthz),
             ]
         )
@@ -280,10 +301,11 @@ class HttpApi:
             refused = AlertError("payload", _too_large(request))
             await self.pipeline.refuse(refused, b"", source="http")
             return error(413, refused.message, refused.field)
-        except SlowBody as exc:
+        except (SlowBody, UnreadableBody) as exc:
             refused = AlertError("payload", str(exc))
             await self.pipeline.refuse(refused, b"", source="http")
-            answer = error(408, refused.message, refused.field)
+            status = 408 if isinstance(exc, SlowBody) else 400
+            answer = error(status, refused.message, refused.field)
             answer.force_close()  # the rest of the body may still be on its way
             return answer
         result = await self.pipeline.ingest(

@@ -116,8 +116,8 @@ def parse_payload(
             )
         for image in incoming.images:
             check_raw_image(image, images)
-        if incoming.alert.image_url and not incoming.images:
-            check_image_url(incoming.alert.image_url, images)
+        if incoming.alert.image_url and not any(i.source == "image" for i in incoming.images):
+            check_image_url(incoming.alert.image_url, images)  # the frame, fetched at review
     except AlertError:
         raise
     except BaseException as exc:

@@ -16,7 +16,7 @@ from pydantic_core import to_json
 
 from daemon.config import ModelSettings
 from daemon.contract import Alert, VerdictKind, parse_rfc3339
-from daemon.images import Budget, Resample
+from daemon.images import Budget, ImageError, Resample
 from daemon.journal import StoredAlert
 from daemon.plugin_api import (
     MAX_NEW_TOKENS,
@@ -205,7 +205,9 @@ class Reviewer:
                 on_error=rule.on_error,
                 kind=rule.kind,
                 kind_module=type(kind).__module__,
-                exc_info=exc,
+                # a snapshot that cannot be used is the alert's doing, told in the error: the
+                # traceback is for everything else (a plugin's bug, the model's)
+                exc_info=None if isinstance(exc, ImageError) else exc,
             )
             if rule.on_error == "drop":
                 return None

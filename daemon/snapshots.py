@@ -41,14 +41,18 @@ def check_raw_image(image: RawImage, settings: ImageSettings) -> None:
 def check_image_url(url: str, settings: ImageSettings) -> None:
     """Only http(s) URLs on an allowed host may be fetched, and never from a link-local,
     unspecified, multicast or reserved address (see daemon.url_guard)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError as exc:  # "http://[::1", a host that NFKC makes a "#" of …
+        raise AlertError("image_url", f"not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not hostname:
         raise AlertError("image_url", "expected an http(s) URL")
-    if parts.hostname.rstrip(".") not in settings.url_hosts:
+    if hostname.rstrip(".") not in settings.url_hosts:
         raise AlertError(
-            "image_url", f"host {parts.hostname!r} is not in the allowed hosts ([images] url_hosts)"
+            "image_url", f"host {hostname!r} is not in the allowed hosts ([images] url_hosts)"
         )
-    literal = literal_address(parts.hostname)
+    literal = literal_address(hostname)
     if literal is not None and (reason := refusal(literal, loopback_allowed=True)):
         raise AlertError("image_url", f"{reason} address {literal} is never fetched from")
 

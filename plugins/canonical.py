@@ -83,7 +83,7 @@ def alert_from_dict(data: dict[str, Any]) -> IncomingAlert:
     images = []
     if data.get("image") is not None:
         images.append(decode_base64_image(data["image"], "image"))
-    elif alert.image_url is None:
+    elif not alert.image_url:
         raise AlertError("image", "one of image or image_url is required")
     extra = data.get("images") or []
     if not isinstance(extra, list):

@@ -79,6 +79,8 @@ async def test_feedback_becomes_llava_samples_with_the_right_answers(tmp_path, t
             ("x-wrong", {"fields": {"persons": 4}}, "persons: not a field of this rule"),
             ("x-wrong", {"fields": {"people": "many"}}, "people: "),
             ("c-fixed", {"fields": {"label": "dance"}}, "one of ['fight', 'play']"),
+            ("c-fixed", {"fields": {"label": []}}, "one of ['fight', 'play']"),
+            ("c-fixed", {"fields": {"label": {"a": 1}}}, "one of ['fight', 'play']"),
             ("v-none", {"fields": {"note": "x"}}, "a verdict rule has no fields to correct"),
         ):
             async with d.http.post(

@@ -63,10 +63,17 @@ async def test_unknown_alert_is_404_and_ambiguous_id_is_409(tmp_path, tiny_model
         status, body = await d.get_alert("shared-id", box_id="box-b")
         assert status == 200 and body["box_id"] == "box-b"
         # the answer's url finds the alert whatever its id holds
-        status, body = await d.post_alert(make_alert("a/b?c#d é", box_id="box &c"))
-        async with d.http.get(URL(f"{d.base_url}{body['url']}", encoded=True)) as response:
-            assert response.status == 200
-            assert (await response.json())["alert_id"] == "a/b?c#d é"
+        for alert_id in ("a/b?c#d é", "{a}b{"):
+            status, body = await d.post_alert(make_alert(alert_id, box_id="box &c"))
+            url = URL(f"{d.base_url}{body['url']}", encoded=True)
+            async with d.http.get(url) as response:
+                assert response.status == 200
+                assert (await response.json())["alert_id"] == alert_id
+            await d.wait_reviewed(alert_id)
+            feedback = url.with_path(url.raw_path + "/feedback", encoded=True)
+            async with d.http.post(feedback, json={"label": "real"}) as response:
+                # its route found (no rule here to judge it), not aiohttp's plain 404
+                assert response.status == 409 and "no rule" in (await response.json())["error"]
 
 
 async def test_answers_carry_headers_that_keep_browsers_from_misreading_them(tmp_path, tiny_model):
@@ -104,6 +111,18 @@ BAD_ALERTS = [
     ),
     (make_alert(image=None), "image", "one of image or image_url"),
     (make_alert(image=None, image_url="http://169.254.169.254/x"), "image_url", "allowed hosts"),
+    (make_alert(image=None, image_url=""), "image", "one of image or image_url"),
+    (make_alert(image=None, image_url="http://[::1/x"), "image_url", "not a valid URL"),
+    # extra frames, and the frame itself behind a URL: that URL is checked at intake too
+    (
+        make_alert(
+            image=None,
+            images=[base64.b64encode(jpeg_bytes()).decode()],
+            image_url="http://169.254.169.254/x",
+        ),
+        "image_url",
+        "allowed hosts",
+    ),
     (make_alert(boxes=[{"x1": 5, "y1": 5, "x2": 1, "y2": 9}]), "boxes[0]", "x2/y2"),
 ]
 
@@ -140,9 +159,36 @@ async def test_body_over_the_limit_is_413_and_wrong_type_is_415(tmp_path, tiny_m
         ) as response:
             assert response.status == 415
             assert (await response.json())["field"] == "Content-Type"
+        # a body that does not decode as its Content-Encoding says: 400, not a 500
+        gzip_said = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+        with capture_logs() as logs:
+            async with d.http.post(
+                f"{d.base_url}/v1/alerts", data=b'{"a": 1}', headers=gzip_said
+            ) as response:
+                assert response.status == 400
+                assert (await response.json())["error"].startswith(
+                    "the request body cannot be read"
+                )
+            # a client that leaves mid-body: no traceback, intake goes on
+            host, port = d.settings.http.listen.rsplit(":", 1)
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST /v1/feedback HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                b'\r\nContent-Length: 1000\r\n\r\n{"alert_id": '
+            )
+            await writer.drain()
+            writer.close()
+            await asyncio.sleep(0.3)
+        worse = [e for e in logs if e["log_level"] in ("error", "critical")]
+        assert [e["event"] for e in worse] == ["alert refused"], logs
+        assert (
+            worse[0]["error"]
+            == "the request body cannot be read: Can not decode content-encoding: gzip"
+        )
+        assert (await d.post_alert(make_alert("after-the-odd-ones")))[0] == 202
         # recorded like every refusal
         rejects = await d.daemon.journal.rejects()
-    assert [field for field, _ in rejects] == ["payload", "Content-Type"]
+    assert [field for field, _ in rejects] == ["payload", "Content-Type", "payload"]
     assert "over the limit of 10485 bytes" in rejects[0][1] and "text/plain" in rejects[1][1]
 
 

@@ -76,6 +76,24 @@ async def test_duplicate_alert_id_is_reviewed_once(tmp_path, broker, tiny_model)
     assert record["attempts"] == 1 and len(record["verdicts"]) == 1
 
 
+async def test_an_mqtt_alert_over_max_payload_is_refused_and_the_next_is_reviewed(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(
+        tmp_path, broker=broker, model=tiny_model, mqtt={"max_payload_mb": 0.05}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with collect(broker, VERDICTS) as out, run_daemon(settings) as d:
+        huge = make_alert("huge", extra={"pad": "x" * 60_000})
+        await publish(broker, "secondlook/alerts/box-t", json.dumps(huge))
+        await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("small")))
+        [(_, verdict)] = await out.wait_for(1)
+        [(field, why)] = await d.daemon.journal.rejects()
+        assert (await d.get_alert("huge"))[0] == 404
+    assert verdict["alert_id"] == "small" and field == "payload"
+    assert why.endswith("bytes, over the limit of 52428 ([mqtt] max_payload_mb)")
+
+
 async def test_malformed_mqtt_alerts_are_refused_and_the_next_is_reviewed(
     tmp_path, broker, tiny_model
 ):

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from daemon import feedback, history
 from daemon.contract import utc_now
@@ -247,15 +248,31 @@ async def test_a_version_2_journal_is_migrated_without_losing_anything(tmp_path)
 
 
 async def test_feedback_on_the_mqtt_topic_is_stored_and_bad_feedback_is_refused(
-    tmp_path, broker, tiny_model
+    tmp_path, broker, tiny_model, monkeypatch
 ):
     settings = make_settings(tmp_path, broker=broker, model=tiny_model)
     (settings.rules.dir / "fire.toml").write_text(CONFIRM_ALL)
+    record = feedback.record
+
+    async def a_bug_for_one_alert(journal, said, **kwargs):
+        if kwargs["alert_id"] == "bug":
+            raise TypeError("unhashable type: 'list'")
+        return await record(journal, said, **kwargs)
+
+    monkeypatch.setattr(feedback, "record", a_bug_for_one_alert)
     async with run_daemon(settings) as d:
         assert (await d.post_alert(make_alert("mqtt-fb")))[0] == 202
         await d.wait_reviewed("mqtt-fb")
         await publish(broker, "secondlook/feedback/op-1", b"{not json")
         await publish(broker, "secondlook/feedback/op-1", json.dumps({"correct": True}))
+        # a message that meets a bug is dropped, not delivered again ahead of the rest
+        with capture_logs() as logs:
+            bug = {"alert_id": "bug", "label": "false"}
+            await publish(broker, "secondlook/feedback/op-1", json.dumps(bug))
+            await asyncio.sleep(0.5)
+        events = [entry["event"] for entry in logs]
+        assert "feedback refused: it could not be handled" in events
+        assert not any(event.startswith("alert intake failed") for event in events)
         body = {"alert_id": "mqtt-fb", "box_id": "box-t", "label": "false"}
         await publish(broker, "secondlook/feedback/op-1", json.dumps(body))
         deadline = asyncio.get_running_loop().time() + 10
