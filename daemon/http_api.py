@@ -64,6 +64,10 @@ class SlowBody(Exception):
     """A request body that stopped arriving (see BODY_GRACE_S)."""
 
 
+class ClientLeft(Exception):
+    """The client closed its connection before its request body was read."""
+
+
 class UnreadableBody(Exception):
     """A request body that cannot be decoded as sent (a `Content-Encoding` it does not
     have, a chunked encoding broken off)."""
@@ -84,8 +88,13 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
             async with asyncio.timeout(max(left, 0.0)):
                 chunk = await request.content.readany()
         except (RequestPayloadError, HttpProcessingError) as exc:
+            # no more of it is read (aiohttp would read on after the answer, fail alike and
+            # log that with a traceback)
+            request.content.feed_eof()
             why = re.sub(r"^\d+, message:\s*", "", str(exc))  # aiohttp's own "400, message:"
             raise UnreadableBody(f"the request body cannot be read: {why}") from None
+        except ConnectionResetError:
+            raise ClientLeft from None
         except TimeoutError:
             waited = loop.time() - start
             raise SlowBody(
@@ -128,8 +137,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         answer = error(400, str(exc), "payload")
         answer.force_close()
         return answer
-    except ConnectionResetError:
-        # the client left before its request was read: nobody to answer, nothing to fix
+    except ClientLeft:
+        # nobody to answer, nothing to fix
         log.info("http client went away mid-request", path=request.path)
         answer = error(400, "the connection was closed mid-request", "payload")
         answer.force_close()

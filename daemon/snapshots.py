@@ -80,7 +80,10 @@ class SnapshotLoader:
 
     async def fetch(self, url: str) -> RawImage:
         """GET an allowed URL: no redirects, a timeout and a size cap."""
-        check_image_url(url, self.settings)
+        try:
+            check_image_url(url, self.settings)  # again: [images] may have changed since
+        except AlertError as exc:
+            raise ImageError(f"image_url: {exc.message}") from None
         if self._session is None:
             # names are checked again at connection time, against what they resolve to
             connector = aiohttp.TCPConnector(resolver=GuardedResolver())

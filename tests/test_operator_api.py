@@ -269,10 +269,10 @@ async def test_feedback_on_the_mqtt_topic_is_stored_and_bad_feedback_is_refused(
         with capture_logs() as logs:
             bug = {"alert_id": "bug", "label": "false"}
             await publish(broker, "secondlook/feedback/op-1", json.dumps(bug))
-            await asyncio.sleep(0.5)
-        events = [entry["event"] for entry in logs]
-        assert "feedback refused: it could not be handled" in events
-        assert not any(event.startswith("alert intake failed") for event in events)
+            async with asyncio.timeout(10):
+                while not any(e["event"].startswith("feedback refused: it") for e in logs):
+                    await asyncio.sleep(0.05)
+        assert not any(entry["event"].startswith("alert intake failed") for entry in logs)
         body = {"alert_id": "mqtt-fb", "box_id": "box-t", "label": "false"}
         await publish(broker, "secondlook/feedback/op-1", json.dumps(body))
         deadline = asyncio.get_running_loop().time() + 10
