@@ -11,6 +11,7 @@ import sys
 
 from click.testing import CliRunner
 
+from daemon.app import JOURNAL_FILE
 from daemon.cli import main
 from tests.conftest import FIRE_RULE, ROOT, collect, free_port, jpeg_bytes, make_alert, publish
 from tests.daemon_proc import (
@@ -88,6 +89,22 @@ def test_run_exits_non_zero_when_the_model_cannot_be_loaded(tmp_path):
     result = run_to_exit(config, timeout=120)
     assert result.returncode == 1
     assert "cannot load model" in result.stderr
+
+
+def test_run_with_a_damaged_journal_exits_1_with_one_error_line_and_leaves_it_as_it_was(
+    tmp_path,
+):
+    config, _ = write_config(tmp_path, free_port(), tmp_path / "missing-model")
+    journal = tmp_path / "var" / JOURNAL_FILE
+    journal.parent.mkdir()
+    journal.write_bytes(b"\x00\xff" * 3000)
+    result = run_to_exit(config)
+    assert result.returncode == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.stderr
+    assert line.startswith(f"error: the journal {journal} cannot be opened: ")
+    assert "the file is damaged: move it aside" in line
+    assert journal.read_bytes() == b"\x00\xff" * 3000
 
 
 def test_every_command_names_a_model_that_cannot_load_without_a_traceback(tmp_path):
