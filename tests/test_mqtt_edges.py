@@ -7,16 +7,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import types
 from typing import Any
 
 import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.config import ConfigError, load_settings
+from daemon.config import ConfigError, Subscription, load_settings
 from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
-from daemon.mqtt import QUEUE_MAX, ConnectionLost
+from daemon.mqtt import QUEUE_MAX, ConnectionLost, MqttLink
 from daemon.outbox import LOSSES_TO_SET_ASIDE, Outbox
 from daemon.stats import StageStats
 from tests.conftest import FIRE_RULE, Broker, collect, jpeg_bytes, make_alert, make_settings
@@ -85,6 +86,28 @@ async def test_a_flooded_paused_intake_drops_qos0_and_loses_no_qos1_alert(
                 await asyncio.sleep(0.2)
         rows = await d.daemon.journal.read("SELECT alert_id FROM alerts")
     assert sorted(row[0] for row in rows) == ids
+
+
+def test_the_qos0_warning_advises_qos1_only_where_the_sender_can_be_told(tmp_path):
+    settings = make_settings(tmp_path, broker=None, model=tmp_path / "unused").mqtt
+    settings = settings.model_copy(
+        update={
+            "subscribe": ["boxes/#"],
+            "subscriptions": [Subscription(topic="frigate/events", format="frigate")],
+        }
+    )
+
+    async def ignore(*_: object) -> None:
+        return None
+
+    link = MqttLink(settings, on_message=ignore)
+    with capture_logs() as logs:
+        for topic in ("boxes/b1", "boxes/b2", "frigate/events", "frigate/events"):
+            link._warn_qos0(types.SimpleNamespace(topic=aiomqtt.Topic(topic)))
+    warned = {e["subscription"]: e["event"] for e in logs}
+    assert len(logs) == 2  # once per subscription
+    assert warned["boxes/#"].endswith("; publish them at QoS 1")
+    assert warned["frigate/events"].endswith("nor delivers them again")  # Frigate cannot
 
 
 async def test_a_stop_while_intake_is_busy_still_says_offline(tmp_path, own_broker):
