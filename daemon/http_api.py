@@ -60,15 +60,27 @@ def busy(reason: str) -> web.Response:
     return error(503, message, **{"Retry-After": str(RETRY_AFTER_S)})
 
 
-class SlowBody(Exception):
+class BodyNotRead(Exception):
+    """A request body that could not be read whole: answered `status`, the connection
+    closed (what is left of the body may still be on its way)."""
+
+    status = 400
+
+
+class SlowBody(BodyNotRead):
     """A request body that stopped arriving (see BODY_GRACE_S)."""
 
+    status = 408
 
-class ClientLeft(Exception):
+
+class ClientLeft(BodyNotRead):
     """The client closed its connection before its request body was read."""
 
+    def __init__(self) -> None:
+        super().__init__("the connection was closed mid-request")
 
-class UnreadableBody(Exception):
+
+class UnreadableBody(BodyNotRead):
     """A request body that cannot be decoded as sent (a `Content-Encoding` it does not
     have, a chunked encoding broken off)."""
 
@@ -129,18 +141,10 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
         return error(413, _too_large(request), "payload")
-    except SlowBody as exc:
-        answer = error(408, str(exc), "payload")
-        answer.force_close()
-        return answer
-    except UnreadableBody as exc:
-        answer = error(400, str(exc), "payload")
-        answer.force_close()
-        return answer
-    except ClientLeft:
-        # nobody to answer, nothing to fix
-        log.info("http client went away mid-request", path=request.path)
-        answer = error(400, "the connection was closed mid-request", "payload")
+    except BodyNotRead as exc:
+        if isinstance(exc, ClientLeft):  # nobody to answer, nothing to fix
+            log.info("http client went away mid-request", path=request.path)
+        answer = error(exc.status, str(exc), "payload")
         answer.force_close()
         return answer
     except web.HTTPException as exc:
@@ -313,8 +317,7 @@ class HttpApi:
         except (SlowBody, UnreadableBody) as exc:
             refused = AlertError("payload", str(exc))
             await self.pipeline.refuse(refused, b"", source="http")
-            status = 408 if isinstance(exc, SlowBody) else 400
-            answer = error(status, refused.message, refused.field)
+            answer = error(exc.status, refused.message, refused.field)
             answer.force_close()  # the rest of the body may still be on its way
             return answer
         result = await self.pipeline.ingest(

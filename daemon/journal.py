@@ -776,10 +776,7 @@ def _stored_alert(row: Any) -> tuple[Alert, str | None]:
         problem = "; ".join(problems[:MAX_PROBLEMS_TOLD]) + (
             f"; and {more} more" if more > 0 else ""
         )
-    try:
-        data = json.loads(row["alert"])
-    except ValueError:
-        data = None
+    data = json.loads(row["alert"])  # JSON always: the journal's json_extract index sees to it
     if not isinstance(data, dict):
         data = {}
 

@@ -44,7 +44,7 @@ from daemon.plugins import Registry, call_impl, is_plugin_failure, plain_impls
 from daemon.review_gate import ReviewGate
 from daemon.reviewer import Reviewer
 from daemon.rules import Rule, RuleBook
-from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image
+from daemon.snapshots import SnapshotLoader, check_image_url, check_raw_image, has_own_frame
 from daemon.stats import StageStats
 from daemon.templates import check_topic_template, render_topic
 
@@ -116,8 +116,9 @@ def parse_payload(
             )
         for image in incoming.images:
             check_raw_image(image, images)
-        if incoming.alert.image_url and not any(i.source == "image" for i in incoming.images):
-            check_image_url(incoming.alert.image_url, images)  # the frame, fetched at review
+        url = incoming.alert.image_url
+        if url and not has_own_frame(incoming.images):
+            check_image_url(url, images)  # fetched at review
     except AlertError:
         raise
     except BaseException as exc:

@@ -38,6 +38,12 @@ def check_raw_image(image: RawImage, settings: ImageSettings) -> None:
         raise AlertError(image.source, str(exc)) from exc
 
 
+def has_own_frame(images: Sequence[RawImage]) -> bool:
+    """Whether an alert came with its frame (`image`); else the one behind its `image_url`
+    is fetched at review."""
+    return any(image.source == "image" for image in images)
+
+
 def check_image_url(url: str, settings: ImageSettings) -> None:
     """Only http(s) URLs on an allowed host may be fetched, and never from a link-local,
     unspecified, multicast or reserved address (see daemon.url_guard)."""
@@ -114,7 +120,7 @@ class SnapshotLoader:
     async def collect(self, images: Sequence[RawImage], image_url: str | None) -> list[RawImage]:
         """The alert's snapshots, the one behind `image_url` fetched first if needed."""
         raw = list(images)
-        if image_url and not any(image.source == "image" for image in raw):
+        if image_url and not has_own_frame(raw):
             raw.insert(0, await self.fetch(image_url))
         if not raw:
             raise ImageError("the alert has no snapshot")

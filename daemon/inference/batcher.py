@@ -56,8 +56,6 @@ class WorkerHealth:
     requests: int = 0
     oom_splits: int = 0
     failures: int = 0
-    #: the largest batch formed now: max_batch, or less since a batch ran out of memory
-    batch_limit: int = 0
     #: time.monotonic() when the running batch started (None: idle)
     busy_since: float | None = None
     #: seconds spent in passes, all told (busy_s over wall time: how busy the device was)
@@ -82,7 +80,6 @@ class WorkerHealth:
             "largest_batch": self.largest_batch,
             "batch_sizes": dict(self.batch_sizes),
             "oom_splits": self.oom_splits,
-            "batch_limit": self.batch_limit,
             "failures": self.failures,
             "waiting": waiting,
         }
@@ -105,7 +102,7 @@ class MicroBatcher:
         self.model_pool = model_pool
         self.prep_pool = prep_pool
         self.out_of_memory = out_of_memory
-        self.health = WorkerHealth(batch_limit=max_batch)
+        self.health = WorkerHealth()
         self.limit = BatchLimit(max_batch)
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
@@ -253,7 +250,6 @@ class MicroBatcher:
             health.batch_sizes[len(batch)] = health.batch_sizes.get(len(batch), 0) + 1
             health.last_batch_at = time.monotonic()
             self.limit.passed(len(batch))
-            health.batch_limit = self.limit.value
             if split is not None:
                 split.passed(len(batch))
             for item, answer in zip(batch, answers, strict=True):
@@ -282,7 +278,6 @@ class MicroBatcher:
             await self._forward(part, split=outcome)
         if split is None:  # the first batch of the splits: what its parts did sets the limit
             self.limit.ran_out(outcome)
-            health.batch_limit = self.limit.value
 
     def _failed(self, batch: list[_Waiting], exc: Exception) -> None:
         """A pass that failed otherwise than by running out of memory."""
@@ -310,7 +305,8 @@ class MicroBatcher:
         return await asyncio.get_running_loop().run_in_executor(pool, _no_stop_iteration, fn, *args)
 
     def report(self) -> dict[str, Any]:
-        return self.health.report(len(self._waiting))
+        # the largest batch formed now: max_batch, or less since a batch ran out of memory
+        return {**self.health.report(len(self._waiting)), "batch_limit": self.limit.value}
 
     def _fail_waiting(self, error: BaseException) -> None:
         _fail(list(self._waiting), error)
