@@ -33,6 +33,7 @@ from daemon.bench_pipeline import synthetic_jpegs
 from daemon.config import ModelSettings
 from daemon.images import Budget, decode, load_for_model
 from daemon.inference.batcher import MicroBatcher
+from daemon.inference.compiling import eager
 from daemon.inference.processors import ImageOnlyProcessor
 from daemon.inference.runner import ModelRunner, pick_device, pick_dtype, prepare_for_inference
 from daemon.inference.synthetic import (
@@ -249,7 +250,9 @@ def build_random_runner(arch: str, device: str, dtype: str, compile: bool = Fals
     prepare_for_inference(model, compile)
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     processor = ImageOnlyProcessor(tokenizer, image_processor_for(family), QWEN2_VL_CHAT_TEMPLATE)
-    return ModelRunner(model, processor, torch_device, max_new_tokens=BASELINE_NEW_TOKENS)
+    return ModelRunner(
+        model, processor, torch_device, max_new_tokens=BASELINE_NEW_TOKENS, compiled=compile
+    )
 
 
 def visual_tokens(runner: ModelRunner, size: tuple[int, int], image_processor: Any) -> int:
@@ -273,7 +276,7 @@ def run_baseline(
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     latencies, yes = [], 0
-    with peak_memory(runner.device) as peak, stock_vision_attention(runner.model):
+    with peak_memory(runner.device) as peak, stock_vision_attention(runner.model), eager():
         start = time.perf_counter()
         for jpeg in jpegs:
             began = time.perf_counter()

@@ -273,7 +273,8 @@ class ModelSettings(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     #: auto: flash_attention_2 on CUDA when installed, else sdpa
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    #: torch.compile the model; every new batch or image size compiles when first seen
+    #: torch.compile each block of the model (see daemon/inference/compiling.py); the warm-up
+    #: compiles for every batch and image size
     compile: bool = False
     #: one small pass before READY, so the first alert does not pay for initialisation
     warmup: bool = True

@@ -11,11 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
 from daemon.inference.batch_limit import PROBE_AFTER, BatchLimit, SplitOutcome
 from daemon.inference.batcher import MicroBatcher, _Waiting
+from daemon.inference.compiling import compile_repeated_blocks
 from daemon.inference.runner import ModelRunner
 from daemon.inference.transformers_backend import TransformersBackend
 from daemon.plugin_api import (
@@ -78,6 +80,56 @@ async def test_batched_answers_equal_answers_alone(tiny_model):
     # 6 choice queries in one pass, 3 generate queries in another
     assert health["batches"] == 2 and health["largest_batch"] == 6 and health["requests"] == 9
     assert health["busy_s"] > 0 and health["busy_for_s"] == 0.0
+
+
+def test_a_compiled_model_answers_as_the_eager_one_and_compiles_nothing_after_its_warm_up(
+    tiny_model,
+):
+    settings = ModelSettings(path=str(tiny_model), max_new_tokens=9)
+    requests = mixed_requests()
+    choice = [r for r in requests if isinstance(r.query, ChoiceQuery)]
+    generate = [r for r in requests if isinstance(r.query, GenerateQuery)]
+    # of one request, mixed image sizes and prompt lengths, two requests of one size, text
+    batches = [choice[1:2], choice, choice[2:4], [choice[0], choice[0]], generate]
+    plain = ModelRunner.load(settings)
+    expected = [plain.run_batch(batch) for batch in batches]
+    compiled = ModelRunner.load(settings.model_copy(update={"compile": True}))
+    assert compiled.compiled
+    before = counters["stats"]["unique_graphs"]
+    compiled.warm_up()
+    warmed = counters["stats"]["unique_graphs"]
+    answers = [compiled.run_batch(batch) for batch in batches]
+    assert warmed > before  # the warm-up compiled
+    assert counters["stats"]["unique_graphs"] == warmed  # and nothing after it did
+    for got, want in zip(answers, expected, strict=True):
+        for together, alone in zip(got, want, strict=True):
+            assert_same(together, alone)
+
+
+def test_each_block_of_a_models_stacks_is_compiled_and_a_model_without_stacks_whole():
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block() for _ in range(3)])
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(2)])
+            self.mixed = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.ReLU()])
+
+    def compiled(module: torch.nn.Module) -> bool:
+        return module._compiled_call_impl is not None
+
+    model = Model()
+    assert compile_repeated_blocks(model) == 5
+    assert all(compiled(block) for block in [*model.blocks, *model.layers])
+    # not the parts of a compiled block, a list of different modules, nor the whole
+    assert not any(compiled(part) for block in model.blocks for part in block.parts)
+    assert not any(compiled(module) for module in [*model.mixed, model])
+    flat = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    assert compile_repeated_blocks(flat) == 0 and compiled(flat)
 
 
 async def test_a_batching_loop_that_ends_makes_the_model_unusable(tiny_model):

@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from daemon.config import ModelSettings
+from daemon.inference.compiling import compile_repeated_blocks, eager
 from daemon.inference.processors import load_processor
 from daemon.inference.vision_attention import use_grouped_attention
 from daemon.plugin_api import (
@@ -291,12 +292,12 @@ def collate_checked(
 
 
 def prepare_for_inference(model: Any, compile: bool) -> str:
-    """Evaluation mode, grouped vision attention on SDPA, optional torch.compile. Returns the
-    vision tower's attention implementation."""
+    """Evaluation mode, grouped vision attention on SDPA, optional torch.compile (block by
+    block, see `compiling`). Returns the vision tower's attention implementation."""
     model.eval()
     use_grouped_attention(model)
     if compile:
-        model.compile(dynamic=True)
+        compile_repeated_blocks(model)
     vision = getattr(model.config, "vision_config", None)
     return str(getattr(vision, "_attn_implementation", None))
 
@@ -310,8 +311,17 @@ class ModelRunner:
     """The loaded model and processor. `collate` is CPU work (any thread); `forward` runs
     on the model's own thread."""
 
-    def __init__(self, model: Any, processor: Any, device: torch.device, max_new_tokens: int):
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        device: torch.device,
+        max_new_tokens: int,
+        compiled: bool = False,
+    ):
         self.model = model
+        #: whether `prepare_for_inference` compiled the model's blocks
+        self.compiled = compiled
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.device = device
@@ -381,7 +391,7 @@ class ModelRunner:
             compiled=settings.compile,
             processor=type(processor).__name__,
         )
-        return cls(model, processor, device, settings.max_new_tokens)
+        return cls(model, processor, device, settings.max_new_tokens, settings.compile)
 
     def collate(self, requests: Sequence[ModelRequest]) -> Any:
         """The processor's tensors for a batch (see `collate_checked`), and the positions
@@ -462,11 +472,25 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """One small pass before the daemon reports ready: lazy initialisation, kernel
-        selection and compilation happen here, not on the first alert."""
-        image = Image.new("RGB", (self.image_factor * 4, self.image_factor * 4), (128, 128, 128))
+        selection and compilation happen here, not on the first alert. A compiled model gets
+        three more passes: one snapshot of another size, two snapshots, and two of different
+        sizes and prompts (padded). torch.compile compiles again for sizes that change, keeps
+        a batch of one apart from larger ones, and padded or mixed batches apart from even
+        ones; the kernels of these four passes take any batch after them, and no alert
+        waits for a compile."""
+        side = self.image_factor * 4
         query = ChoiceQuery("Is this grey? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
+        square = ModelRequest(query, [Image.new("RGB", (side, side), (128, 128, 128))])
         started = time.perf_counter()
-        self.run(ModelRequest(query, [image]))
+        self.run(square)
+        if self.compiled:
+            wide = Image.new("RGB", (side + 2 * self.image_factor, side), (128, 128, 128))
+            self.run(ModelRequest(query, [wide]))
+            longer = ChoiceQuery("Is this image grey? Answer yes or no.", query.choices)
+            for batch in ([square, square], [square, ModelRequest(longer, [wide])]):
+                for answer in self.run_batch(batch):
+                    if isinstance(answer, Exception):
+                        raise answer
         log.info("model warmed up", seconds=round(time.perf_counter() - started, 3))
 
     @torch.inference_mode()
@@ -492,16 +516,17 @@ class ModelRunner:
             (isinstance(r.query, GenerateQuery) and r.query.max_new_tokens) or self.max_new_tokens
             for r in requests
         ]
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max(limits),
-            # greedy, whatever the snapshot's generation_config says (Qwen2-VL's Instruct
-            # snapshots ask for a repetition penalty, which bends JSON's repeated braces
-            # and quotes)
-            do_sample=False,
-            repetition_penalty=1.0,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with eager():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max(limits),
+                # greedy, whatever the snapshot's generation_config says (Qwen2-VL's Instruct
+                # snapshots ask for a repetition penalty, which bends JSON's repeated braces
+                # and quotes)
+                do_sample=False,
+                repetition_penalty=1.0,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.tokenizer.batch_decode(
             [row[:limit] for row, limit in zip(new_tokens, limits, strict=True)],

@@ -72,6 +72,7 @@ def _attend(
     return output.transpose(1, 2).reshape(count * length, output.shape[1], output.shape[3])
 
 
+@torch.compiler.disable
 def grouped_sdpa(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -85,7 +86,11 @@ def grouped_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Attention within each packed sequence; (1, total, heads, head_dim) like transformers'
-    attention functions. Inference only: no dropout, no mask beyond the boundaries."""
+    attention functions. Inference only: no dropout, no mask beyond the boundaries.
+
+    Left out of torch.compile (its work is SDPA's kernels, nothing to fuse): traced, its
+    branches on the boundaries would be compiled again for each new image count and mix of
+    lengths."""
     if cu_seq_lens_q is None:
         # attending across the whole packed sequence would mix the images
         raise ValueError("grouped vision attention needs the sequence boundaries (cu_seq_lens_q)")
