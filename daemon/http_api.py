@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable, Sequence
@@ -103,8 +104,7 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
             # no more of it is read (aiohttp would read on after the answer, fail alike and
             # log that with a traceback)
             request.content.feed_eof()
-            why = re.sub(r"^\d+, message:\s*", "", str(exc))  # aiohttp's own "400, message:"
-            raise UnreadableBody(f"the request body cannot be read: {why}") from None
+            raise UnreadableBody(f"the request body cannot be read: {_reason(exc)}") from None
         except ConnectionResetError:
             raise ClientLeft from None
         except TimeoutError:
@@ -118,6 +118,25 @@ async def read_body(request: web.Request, max_bytes: int) -> bytes:
         if received > max_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=received)
         chunks.append(chunk)
+
+
+def _reason(exc: Exception) -> str:
+    """aiohttp's message for a request it cannot read, without its "400, message:"."""
+    return re.sub(r"^\d+, message:\s*", "", str(exc)).strip()
+
+
+class _OneLineForRequestsThatDoNotParse(logging.LoggerAdapter):
+    """aiohttp's server logger, except for a request its HTTP parser refuses (a request line
+    or header over 8,190 bytes, no Host header, bytes that are no HTTP). aiohttp answers it
+    with a plain-text 400 naming the problem, before any handler, and would log a traceback;
+    this logs one line instead, so that a scanner on the port does not fill the log."""
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            peer = args[0] if args else None
+            log.info("http request that does not parse refused", error=_reason(exc_info), peer=peer)
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
 
 
 def body_limit(request: web.Request) -> int:
@@ -136,7 +155,8 @@ def _too_large(request: web.Request) -> str:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error answer is JSON, including aiohttp's own (404, 405, 413)."""
+    """Every error answer is JSON, including aiohttp's own (404, 405, 413); only a request
+    that does not parse as HTTP gets aiohttp's plain text (see the logger above)."""
     try:
         return await handler(request)
     except web.HTTPRequestEntityTooLarge:
@@ -287,6 +307,7 @@ class HttpApi:
             self.app,
             access_log=None,
             handle_signals=False,
+            logger=_OneLineForRequestsThatDoNotParse(logging.getLogger("aiohttp.server")),
             keepalive_timeout=HEADER_TIMEOUT_S,
             shutdown_timeout=STOP_LIMIT_S,
         )

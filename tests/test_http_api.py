@@ -196,6 +196,36 @@ async def test_body_over_the_limit_is_413_and_wrong_type_is_415(tmp_path, tiny_m
     assert "over the limit of 10485 bytes" in rejects[0][1] and "text/plain" in rejects[1][1]
 
 
+async def test_a_request_that_does_not_parse_gets_a_400_naming_why_and_one_log_line(
+    tmp_path, tiny_model, caplog
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    requests = {
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n": "Got more than 8190 bytes",
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"b" * 9000 + b"\r\n\r\n": "8190 bytes",
+        b"GET /healthz HTTP/1.1\r\n\r\n": "Missing 'Host' header",
+    }
+    async with run_daemon(settings) as d:
+        host, port = d.settings.http.listen.rsplit(":", 1)
+        with capture_logs() as logs:
+            for raw, why in requests.items():
+                reader, writer = await asyncio.open_connection(host, int(port))
+                writer.write(raw)
+                await writer.drain()
+                async with asyncio.timeout(10):
+                    answer = await reader.read()
+                writer.close()
+                assert answer.startswith(b"HTTP/1.0 400 Bad Request"), answer[:200]
+                assert why.encode() in answer.split(b"\r\n\r\n", 1)[1]
+        # one line each, naming the problem, no traceback of aiohttp's own
+        refused = [e for e in logs if e["event"] == "http request that does not parse refused"]
+        whys = zip(refused, requests.values(), strict=True)
+        assert all(why in entry["error"] for entry, why in whys), refused
+        assert refused[0]["log_level"] == "info" and refused[0]["peer"] == "127.0.0.1"
+        assert not [r for r in caplog.records if r.name.startswith("aiohttp")], caplog.text
+        assert (await d.post_alert(make_alert("after-the-unparsable")))[0] == 202
+
+
 async def test_healthz_reports_ready_state(tmp_path, tiny_model):
     settings = make_settings(tmp_path, broker=None, model=tiny_model)
     (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)

@@ -205,6 +205,35 @@ async def test_sighup_applies_live_settings_and_names_those_that_need_a_restart(
     assert "pipeline" in refused["error"]
 
 
+async def test_a_verdict_made_within_the_stops_grace_is_published_before_the_exit(
+    tmp_path, broker, tiny_model
+):
+    config, fault, http = faulty_daemon(
+        tmp_path, broker.port, tiny_model, "[pipeline]\nstop_grace_s = 10\n"
+    )
+    status_topic = f"cli/{tmp_path.name}/status"
+    async with collect(broker, status_topic, "secondlook/verdicts/#") as out:
+        proc = start(config, SECONDLOOK_TEST_FAULT=str(fault))
+        try:
+            await wait_http_ok(f"http://{http}", proc)
+            fault.write_text("stall 1.5")
+            assert await post(http, make_alert("late")) == 202
+            await asyncio.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)  # while the review is in its pass
+            assert await asyncio.to_thread(proc.wait, 30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        await out.wait_until(status_topic, b"offline")
+        verdicts = [m for m in out.messages if m[0].startswith("secondlook/verdicts/")]
+    # published by the stopping daemon, before its `offline`
+    assert [json.loads(m[1])["alert_id"] for m in verdicts] == ["late"]
+    assert out.messages.index(verdicts[0]) < [m[1] for m in out.messages].index(b"offline")
+    with sqlite3.connect(config.parent / "var" / "journal.sqlite3") as db:
+        [(published,)] = db.execute("SELECT published_at FROM verdicts")
+    assert published and alert_state(config, "late") == "reviewed"
+
+
 async def test_sigterm_gives_a_stuck_review_its_grace_then_a_second_sigterm_exits_at_once(
     tmp_path, broker, tiny_model
 ):

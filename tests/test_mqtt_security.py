@@ -108,7 +108,7 @@ async def test_verdicts_over_tls_with_credentials_from_the_credentials_directory
     assert PASSWORD not in logged
 
 
-async def test_a_refused_login_is_logged_as_such_and_retried_while_http_serves(
+async def test_a_refused_login_is_logged_retried_while_http_serves_and_mended_by_a_sighup(
     tmp_path, tls_broker, pki, tiny_model
 ):
     wrong = "wrong-pa55-77c1e0"
@@ -121,8 +121,24 @@ async def test_a_refused_login_is_logged_as_such_and_retried_while_http_serves(
             assert proc.poll() is None, log_path(config).read_text()
             assert time.monotonic() < deadline, log_path(config).read_text()
             await asyncio.sleep(0.1)
-        async with aiohttp.ClientSession() as session, session.get(f"http://{http}/healthz") as r:
-            assert (await r.json())["mqtt"] == "disconnected"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://{http}/healthz") as r:
+                assert (await r.json())["mqtt"] == "disconnected"
+            # the password file mended: read again on SIGHUP, used from the next try
+            (tmp_path / "credentials" / "mqtt-password").write_text(PASSWORD + "\n")
+            proc.send_signal(signal.SIGHUP)
+            async with asyncio.timeout(15):
+                while True:
+                    async with session.get(f"http://{http}/healthz") as r:
+                        if (await r.json())["mqtt"] == "connected":
+                            break
+                    await asyncio.sleep(0.1)
+        async with tls_client(tls_broker, pki) as client:
+            await client.subscribe("secondlook/verdicts/#", qos=1)
+            await client.publish("secondlook/alerts/b", json.dumps(make_alert("mended")), qos=1)
+            async with asyncio.timeout(15):
+                message = await anext(aiter(client.messages))
+        assert json.loads(message.payload)["alert_id"] == "mended"  # type: ignore[arg-type]
         logged = await stop(proc, config)
     finally:
         if proc.poll() is None:

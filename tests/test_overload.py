@@ -13,6 +13,8 @@ import sqlite3
 import types
 from datetime import timedelta
 
+import pytest
+
 from daemon import journal as journal_module
 from daemon.app import JOURNAL_FILE, Daemon
 from daemon.backlog import Backlog
@@ -419,10 +421,11 @@ async def test_pruning_forgets_only_what_is_reviewed_and_published(tmp_path):
     await journal.close()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_alerts_published_while_the_daemon_is_down_wait_in_its_session(
-    tmp_path, broker, tiny_model
+    tmp_path, broker, tiny_model, protocol
 ):
-    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model, mqtt={"protocol": protocol})
     (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
     async with collect(broker, VERDICTS) as out:
         async with run_daemon(settings):
