@@ -3,6 +3,7 @@
 # and its JSON result in DIR/NAME.json (default DIR: bench-results):
 #   2b, 2b-compile, 7b      `secondlook bench --arch ...` at 1920x1080 (random weights)
 #   gil                     scripts/gil_contention.py on the full-size 2B, batches of 16
+#   profile                 scripts/profile_pass.py: the same pass eager, profiled, compiled
 #   pipeline-thread/process the daemon with the 2B model on a thread, then in its own process
 # A run that fails or outlasts RUN_LIMIT_S (default 240) is reported and the next one starts.
 # ONLY=name,name runs a subset; ALERTS scales the model benches (default 1024).
@@ -39,6 +40,7 @@ run 2b-compile "$secondlook" bench --arch qwen2-vl-2b "${size[@]}" --alerts "$al
 run 7b "$secondlook" bench --arch qwen2-vl-7b "${size[@]}" --alerts "$((alerts / 2))" \
     --baseline-alerts 4 --json
 run gil "$python" scripts/gil_contention.py --full --device cuda --batch 16 "${size[@]}"
+run profile "$python" scripts/profile_pass.py --device cuda --batch 16 "${size[@]}"
 for worker in thread process; do
     run "pipeline-$worker" "$secondlook" bench --backend pipeline --arch qwen2-vl-2b \
         --worker "$worker" "${size[@]}" --alerts "$((alerts * 2))" --json

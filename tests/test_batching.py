@@ -82,15 +82,25 @@ async def test_batched_answers_equal_answers_alone(tiny_model):
     assert health["busy_s"] > 0 and health["busy_for_s"] == 0.0
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_a_compiled_model_answers_as_the_eager_one_and_compiles_nothing_after_its_warm_up(
-    tiny_model,
+    tiny_model, attention
 ):
-    settings = ModelSettings(path=str(tiny_model), max_new_tokens=9)
+    settings = ModelSettings(path=str(tiny_model), max_new_tokens=9, attn_implementation=attention)
     requests = mixed_requests()
     choice = [r for r in requests if isinstance(r.query, ChoiceQuery)]
     generate = [r for r in requests if isinstance(r.query, GenerateQuery)]
-    # of one request, mixed image sizes and prompt lengths, two requests of one size, text
-    batches = [choice[1:2], choice, choice[2:4], [choice[0], choice[0]], generate]
+    two_images = ModelRequest(choice[0].query, choice[0].images + choice[3].images)
+    # of one request, mixed image sizes and prompt lengths, two requests of one size, three
+    # images in two requests, text
+    batches = [
+        choice[1:2],
+        choice,
+        choice[2:4],
+        [choice[0], choice[0]],
+        [two_images, choice[5]],
+        generate,
+    ]
     plain = ModelRunner.load(settings)
     expected = [plain.run_batch(batch) for batch in batches]
     compiled = ModelRunner.load(settings.model_copy(update={"compile": True}))
@@ -98,7 +108,8 @@ def test_a_compiled_model_answers_as_the_eager_one_and_compiles_nothing_after_it
     before = counters["stats"]["unique_graphs"]
     compiled.warm_up()
     warmed = counters["stats"]["unique_graphs"]
-    answers = [compiled.run_batch(batch) for batch in batches]
+    with torch.compiler.set_stance("fail_on_recompile"):  # nor would run uncompiled
+        answers = [compiled.run_batch(batch) for batch in batches]
     assert warmed > before  # the warm-up compiled
     assert counters["stats"]["unique_graphs"] == warmed  # and nothing after it did
     for got, want in zip(answers, expected, strict=True):

@@ -25,7 +25,11 @@ from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 from daemon.config import ModelSettings
-from daemon.inference.compiling import compile_repeated_blocks, eager
+from daemon.inference.compiling import (
+    compile_repeated_blocks,
+    eager,
+    leave_vision_attention_eager,
+)
 from daemon.inference.processors import load_processor
 from daemon.inference.vision_attention import use_grouped_attention
 from daemon.plugin_api import (
@@ -291,15 +295,19 @@ def collate_checked(
     return inputs
 
 
-def prepare_for_inference(model: Any, compile: bool) -> str:
+def prepare_for_inference(model: Any, compile: bool) -> tuple[str, int]:
     """Evaluation mode, grouped vision attention on SDPA, optional torch.compile (block by
-    block, see `compiling`). Returns the vision tower's attention implementation."""
+    block, see `compiling`). Returns the vision tower's attention implementation and how
+    many blocks were compiled."""
     model.eval()
-    use_grouped_attention(model)
+    grouped = use_grouped_attention(model)
+    blocks = 0
     if compile:
-        compile_repeated_blocks(model)
+        if not grouped:
+            leave_vision_attention_eager(model)
+        blocks = compile_repeated_blocks(model)
     vision = getattr(model.config, "vision_config", None)
-    return str(getattr(vision, "_attn_implementation", None))
+    return str(getattr(vision, "_attn_implementation", None)), blocks
 
 
 def looks_local(path: str) -> bool:
@@ -379,7 +387,7 @@ class ModelRunner:
             model.to(device)
         except Exception as exc:
             raise ModelLoadError(f"cannot move the model to {device}: {exc}") from exc
-        vision_attention = prepare_for_inference(model, settings.compile)
+        vision_attention, compiled_blocks = prepare_for_inference(model, settings.compile)
         log.info(
             "model loaded",
             model=settings.path,
@@ -388,7 +396,7 @@ class ModelRunner:
             dtype=str(dtype).removeprefix("torch."),
             attention=attention,
             vision_attention=vision_attention,
-            compiled=settings.compile,
+            compiled_blocks=compiled_blocks if settings.compile else None,
             processor=type(processor).__name__,
         )
         return cls(model, processor, device, settings.max_new_tokens, settings.compile)
@@ -474,11 +482,11 @@ class ModelRunner:
         """One small pass before the daemon reports ready: lazy initialisation, kernel
         selection and compilation happen here, not on the first alert. A compiled model gets
         three more passes: one snapshot of another size, two snapshots, and two of different
-        sizes and prompts (padded). torch.compile compiles again for sizes that change, keeps
-        a batch of one apart from larger ones, and padded or mixed batches apart from even
-        ones; the kernels of these four passes take any batch after them, and no alert
-        waits for a compile."""
-        side = self.image_factor * 4
+        sizes and prompts (padded). Its blocks are compiled for any size, but apart for a
+        batch of one and of several, without padding and with, and where a size happens to
+        equal another (a vision tower of 64 patches, heads 64 wide); after these four
+        passes no batch compiles anything, and no alert waits for a compile."""
+        side = self.image_factor * 5  # 100 patches: no width of the models' heads
         query = ChoiceQuery("Is this grey? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
         square = ModelRequest(query, [Image.new("RGB", (side, side), (128, 128, 128))])
         started = time.perf_counter()
