@@ -49,20 +49,16 @@ def compile_repeated_blocks(model: torch.nn.Module) -> int:
     return len(compiled)
 
 
-def leave_vision_attention_eager(model: Any) -> int:
+def leave_vision_attention_eager(model: Any) -> None:
     """Run the vision blocks' attention modules outside the compiled graphs. For any
     attention but secondlook's grouped SDPA (which is left out of them by itself), they
     split the packed images on the host, and a traced split compiles again for each new
-    count of images in a batch. Returns how many modules were left eager."""
+    count of images in a batch."""
     inner = getattr(model, "model", model)
-    blocks = getattr(getattr(inner, "visual", None), "blocks", None) or []
-    count = 0
-    for block in blocks:
+    for block in getattr(getattr(inner, "visual", None), "blocks", None) or []:
         attention = getattr(block, "attn", None)
         if isinstance(attention, torch.nn.Module):
             attention.forward = torch.compiler.disable(attention.forward)
-            count += 1
-    return count
 
 
 @contextmanager
