@@ -83,15 +83,28 @@ class ConnectionLost(PublishError):
 
 
 class PubAcks:
-    """The PUBACKs of one connection, by message id."""
+    """The PUBACKs of one connection, by message id; once the connection is lost, each
+    publish still waiting fails with ConnectionLost (it will never be acknowledged)."""
 
     def __init__(self) -> None:
         self._waiting: dict[int, asyncio.Future[ReasonCode]] = {}
+        self._lost = False
 
     def expect(self, mid: int) -> asyncio.Future[ReasonCode]:
         future = asyncio.get_running_loop().create_future()
-        self._waiting[mid] = future
+        if self._lost:
+            future.set_exception(_lost_before_ack())
+        else:
+            self._waiting[mid] = future
         return future
+
+    def lose(self) -> None:
+        """The connection ended: fail every publish that waits."""
+        self._lost = True
+        waiting, self._waiting = self._waiting, {}
+        for future in waiting.values():
+            if not future.done():
+                future.set_exception(_lost_before_ack())
 
     def forget(self, mid: int) -> None:
         self._waiting.pop(mid, None)
@@ -100,6 +113,10 @@ class PubAcks:
         future = self._waiting.pop(mid, None)
         if future is not None and not future.done():
             future.set_result(reason_code)
+
+
+def _lost_before_ack() -> ConnectionLost:
+    return ConnectionLost("connection lost before the broker acknowledged")
 
 
 #: (topic, payload, alert format of the subscription it arrived on)
@@ -240,9 +257,8 @@ class MqttLink:
         self._client: aiomqtt.Client | None = None
         #: the broker's Maximum Packet Size (MQTT 5 CONNACK), None when it names none
         self._max_packet: int | None = None
+        #: the current connection's PUBACKs (a new set for each connection)
         self._acks = PubAcks()
-        #: set when the current connection ends; a new event for each connection
-        self._lost = asyncio.Event()
         self.connected = asyncio.Event()
         #: set once the first subscription is up
         self.subscribed = asyncio.Event()
@@ -330,7 +346,6 @@ class MqttLink:
                         # not shared: the gateway that holds the alert is the one that stores it
                         await self._subscribe(client, s.feedback_topic)
                     self._client = client
-                    self._lost = asyncio.Event()
                     self.connected.set()
                     self.subscribed.set()
                     up = ever_up = True
@@ -351,7 +366,7 @@ class MqttLink:
                     )
             finally:
                 self._client = None
-                self._lost.set()
+                self._acks.lose()
                 self.connected.clear()
             if up and not intake_failed:
                 # a connection that worked: the next one starts with the shortest delay; one
@@ -501,7 +516,7 @@ class MqttLink:
         to be lost (a stalled broker is dropped by the keep-alive). No time limit of its
         own: a message given up on would still be sent by the client later, and then again
         by the outbox."""
-        client, acks, lost = self._client, self._acks, self._lost
+        client, acks = self._client, self._acks
         if client is None:
             raise PublishError("not connected to the broker")
         if (
@@ -515,17 +530,10 @@ class MqttLink:
         info = client._client.publish(topic, payload, qos=1, retain=retain)
         if info.rc != paho_mqtt.MQTT_ERR_SUCCESS:
             raise PublishError(f"could not publish: {paho_mqtt.error_string(info.rc)}")
-        acked = acks.expect(info.mid)
-        dropped = asyncio.ensure_future(lost.wait())
         try:
-            await asyncio.wait({acked, dropped}, return_when=asyncio.FIRST_COMPLETED)
+            reason = await acks.expect(info.mid)  # ConnectionLost when the connection ends
         finally:
-            dropped.cancel()
-            if not acked.done():
-                acks.forget(info.mid)
-        if not acked.done():  # a connection that is gone will never deliver the PUBACK
-            raise ConnectionLost("connection lost before the broker acknowledged")
-        reason = acked.result()
+            acks.forget(info.mid)  # cancelled: nobody waits for it any more
         if reason.is_failure:
             raise PublishRefused(f"the broker refused it: {reason} (reason code {reason.value})")
 

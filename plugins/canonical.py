@@ -8,6 +8,7 @@ import json
 from typing import Any, ClassVar
 
 import pybase64
+import pydantic_core
 from pydantic import ValidationError
 
 from daemon.contract import Alert, problem_text, too_many_boxes
@@ -45,17 +46,31 @@ def decode_base64_image(value: Any, field: str) -> RawImage:
 
 
 def load_json_object(payload: bytes) -> dict[str, Any]:
+    """The payload's JSON object; AlertError says why there is none.
+
+    pydantic-core's parser (several times the standard library's speed on an alert of a
+    hundred kilobytes) reads what it can; whatever it refuses (an error, and the few things
+    the standard library accepts and it does not: a byte order mark, lone surrogates,
+    nesting past 200) goes to the standard library, whose answer or error stands.
+    """
     try:
-        data = json.loads(payload.decode("utf-8-sig"))
+        data = pydantic_core.from_json(payload)
+    except ValueError:
+        data = _load_json_slowly(payload)
+    if not isinstance(data, dict):
+        raise AlertError("payload", f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_json_slowly(payload: bytes) -> Any:
+    try:
+        return json.loads(payload.decode("utf-8-sig"))
     except UnicodeDecodeError as exc:
         raise AlertError("payload", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
     except RecursionError as exc:
         raise AlertError("payload", "not valid JSON: nested too deeply") from exc
     except ValueError as exc:  # a syntax error, or an integer of more than 4300 digits
         raise AlertError("payload", f"not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise AlertError("payload", f"expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 class CanonicalFormat:

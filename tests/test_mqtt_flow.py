@@ -9,9 +9,10 @@ import signal
 from pathlib import Path
 
 import aiomqtt
+import pytest
 from structlog.testing import capture_logs
 
-from daemon.mqtt import MqttLink, publish_all
+from daemon.mqtt import ConnectionLost, MqttLink, publish_all
 from tests.conftest import (
     FIRE_RULE,
     Broker,
@@ -361,6 +362,39 @@ async def test_a_broker_that_stalls_gets_each_verdict_once(tmp_path, tiny_model)
         ids = sorted(v["alert_id"] for _, v in out.verdicts())
         assert ids == [f"stall-{i}" for i in range(5)]  # each once
     finally:
+        broker.stop()
+
+
+async def test_a_publish_waiting_for_its_puback_fails_when_the_connection_ends(
+    tmp_path, tiny_model
+):
+    broker = private_broker(tmp_path)
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+
+    async def ignore(*_: object) -> None:
+        return None
+
+    link = MqttLink(settings.mqtt, on_message=ignore)
+    task = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(link.connected.wait(), 10)
+        await link.publish("t/before", b"acknowledged")
+        broker.proc.send_signal(signal.SIGSTOP)  # it takes the PUBLISH in, and answers never
+        waiting = asyncio.create_task(link.publish("t/stalled", b"never acknowledged"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        broker.proc.kill()  # the kernel closes its sockets: the connection ends
+        broker.proc.wait(10)
+        with pytest.raises(ConnectionLost, match="connection lost before the broker acknowledged"):
+            await asyncio.wait_for(waiting, 10)
+        broker.proc = None
+        broker.start()  # the next connection acknowledges again
+        await asyncio.wait_for(link.connected.wait(), 20)
+        await asyncio.wait_for(link.publish("t/after", b"acknowledged"), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         broker.stop()
 
 

@@ -32,13 +32,14 @@ from daemon.inference.runner import choice_token_ids, label_scores
 from daemon.inference.synthetic import build_tokenizer
 from daemon.logs import configure_logging
 from daemon.mqtt import backoff_delays
-from daemon.plugin_api import ChoiceAnswer, Judgement, RawImage, TextAnswer
+from daemon.plugin_api import AlertError, ChoiceAnswer, Judgement, RawImage, TextAnswer
 from daemon.reviewer import SWEEP_EVERY, RecentReviews, checked_judgement
 from daemon.rules import RuleError, parse_rule
 from daemon.sdnotify import notify
 from daemon.snapshots import SnapshotSet
 from daemon.templates import PROMPT_VALUE_CHARS, check_topic_template, render_topic
 from daemon.waiting import wait_event
+from plugins.canonical import load_json_object
 from plugins.classify import Classify
 from plugins.cooldown import iou, iou_matrix, overlaps
 from plugins.extract import JsonExtract, validate_fields
@@ -748,3 +749,40 @@ def test_a_metrics_scrape_leaves_the_stage_figures_as_they_were():
     before = stats.snapshot()
     assert b"secondlook_stage_seconds" in metrics.render(stats, {}, {})
     assert stats.snapshot() == before  # stages never timed are not added with a count of 0
+
+
+def _stdlib_reading(payload: bytes) -> object:
+    """What the standard library makes of a payload: the value, or the error's class."""
+    try:
+        return json.loads(payload.decode("utf-8-sig"))
+    except (ValueError, RecursionError) as exc:
+        return type(exc).__name__
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"alert_id": "a", "score": 0.1, "boxes": [[1, 2.5e3, -0.0, 1e400]], "n": null}',
+        b'  {"big": 123456789012345678901234567890, "nan": NaN, "e": "\\u00e9\\ud83d\\ude00"} ',
+        b"\xef\xbb\xbf" + b'{"bom": true}',  # a byte order mark
+        b'{"lone": "\\ud800"}',  # a lone surrogate
+        b'{"deep": ' + b"[" * 300 + b"]" * 300 + b"}",  # past the fast parser's nesting
+        b'{"a": 1, "a": 2}',
+        b'["not", "an", "object"]',
+        b'{"a": 1',
+        b'{"a": "\xff"}',
+        b'{"a": 1' + b"0" * 4400 + b"}",
+        b'{"a": "tab\tinside"}',
+        b'{"a": 1} trailing',
+        b"",
+    ],
+)
+def test_a_json_payload_reads_as_the_standard_library_reads_it(payload):
+    expected = _stdlib_reading(payload)
+    try:
+        got: object = load_json_object(payload)
+    except AlertError as exc:
+        assert not isinstance(expected, dict), exc.message  # refused: so is it there
+        return
+    assert isinstance(expected, dict)
+    assert json.dumps(got) == json.dumps(expected)  # NaN (unequal to itself) and -0.0 too
