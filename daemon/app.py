@@ -105,6 +105,8 @@ class Daemon:
         )
         self.backend = self.registry.backends[settings.model.backend](settings.model)
         self.ready = asyncio.Event()
+        #: the model is loaded (rules are checked against its tokenizer from then on)
+        self.model_started = False
         self.stats = StageStats()
         self.stopping = False
         self.journal: Journal | None = None
@@ -288,6 +290,7 @@ class Daemon:
     async def start_model(self) -> None:
         """Load the model, then read the rules again, checked against its tokenizer."""
         await self.backend.start()
+        self.model_started = True
         self.rules.check_choices = getattr(self.backend, "check_choices", None)
         self.rules.final = True
         self.rules.load(recheck=True)

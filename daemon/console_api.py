@@ -123,7 +123,10 @@ class ConsoleApi:
         if request.query.get("thumb") != "1":
             kind = "image/png" if data.startswith(b"\x89PNG") else "image/jpeg"
             return web.Response(body=data, content_type=kind, headers=NOT_STORED)
-        boxes = await self._boxes(ref) if stored.is_frame else []
+        try:
+            boxes = await self._boxes(ref) if stored.is_frame else []
+        except KeyError:  # pruned since the snapshot was read
+            return error(404, "no such snapshot (never stored, or pruned)")
         try:
             thumb = await asyncio.get_running_loop().run_in_executor(None, _thumbnail, data, boxes)
         except ImageError as exc:
@@ -135,7 +138,7 @@ class ConsoleApi:
         return [(b.x1, b.y1, b.x2, b.y2) for b in stored.alert.boxes]
 
     async def feedback(self, request: web.Request) -> web.Response:
-        source = request.headers.get("X-Feedback-Source", "http")
+        source = request.headers.get("X-Feedback-Source") or "http"  # empty: not given
         if not (source.isascii() and source.isprintable()):
             return error(400, "printable ASCII only", "X-Feedback-Source")
         try:
@@ -238,9 +241,12 @@ class ConsoleApi:
                     f"snapshot: ref and idx must be whole numbers from 0 to {MAX_ID}"
                 )
             stored = await history.snapshot(self.journal, ref, idx)
-            if stored is None:
+            try:
+                stored_alert = await self.journal.load_alert(ref) if stored else None
+            except KeyError:  # pruned since the snapshot was read
+                stored_alert = None
+            if stored is None or stored_alert is None:
                 raise playground.PlaygroundError("snapshot: no such stored snapshot")
-            stored_alert = await self.journal.load_alert(ref)
             if stored_alert.problem is not None:  # tried as its alert, it would be another
                 raise playground.PlaygroundError(
                     f"snapshot: its alert fails the contract's checks ({stored_alert.problem}): "
@@ -263,6 +269,14 @@ class ConsoleApi:
     async def save_rule(self, request: web.Request) -> web.Response:
         d = self.daemon
         name = request.match_info["name"]
+        if not d.model_started:
+            # its tokenizer may refuse what passes now (answers it cannot tell apart)
+            return error(
+                503,
+                "the model is loading: rules are checked against its tokenizer once it is "
+                "ready; save the rule again then",
+                **{"Retry-After": "5"},
+            )
         try:
             if request.content_type == "application/json":
                 body = await _json_object(request)
@@ -276,7 +290,7 @@ class ConsoleApi:
                     _text(body, "prompt"),
                     kind=_prompt_kind(body),
                     event_types=event_types,
-                    description=str(body.get("description") or ""),
+                    description=_optional_text(body, "description"),
                 )
             else:
                 text = await _body_text(request)
@@ -287,6 +301,7 @@ class ConsoleApi:
                 d.registry.rule_kinds,
                 d.rules.check_choices,
                 overwrite=request.query.get("overwrite") == "1",
+                in_force={rule.name: rule.path for rule in d.rules.rules},
             )
         except playground.RuleFileExists as exc:
             return error(409, f"{exc}: add ?overwrite=1 to replace it", "name")
@@ -301,6 +316,10 @@ class ConsoleApi:
                 "directory must be writable by the daemon to save rules from the console)",
             )
         d.reload_rules()
+        held = d.rules.get(rule.name)
+        if held is None or held.path != path:  # changed meanwhile by another hand
+            why = next((e.reason for e in d.rules.errors if e.path == path), "not read back")
+            return error(409, f"written to {path.name}, but not in force: {why}", "name")
         return web.json_response(
             {"name": rule.name, "file": path.name, "rule_toml": text}, status=201
         )
@@ -400,8 +419,8 @@ def _known_keys(body: dict[str, Any], known: frozenset[str]) -> None:
 
 def _prompt_kind(body: dict[str, Any]) -> str:
     """The kind of a rule made of a prompt (verdict unless said)."""
-    kind = body.get("kind") or "verdict"
-    if not isinstance(kind, str):
+    kind = body.get("kind", "verdict")
+    if not isinstance(kind, str) or not kind:
         raise playground.PlaygroundError("kind: a rule kind's name is required")
     return playground.prompt_rule_kind(kind, AS_TOML)
 
@@ -410,6 +429,15 @@ def _text(body: dict[str, Any], key: str) -> str:
     value = body.get(key)
     if not isinstance(value, str) or not value.strip():
         raise playground.PlaygroundError(f"{key}: a non-empty text is required")
+    return value
+
+
+def _optional_text(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise playground.PlaygroundError(f"{key}: a text is required")
     return value
 
 

@@ -38,10 +38,10 @@ class Feedback(BaseModel):
 
     #: on MQTT and `POST /v1/feedback` (`POST /v1/alerts/{alert_id}/feedback`: in the path
     #: and the query)
-    alert_id: str | None = Field(default=None, min_length=1)
-    box_id: str | None = Field(default=None, min_length=1)
+    alert_id: str | None = Field(default=None, min_length=1, max_length=256)
+    box_id: str | None = Field(default=None, min_length=1, max_length=256)
     #: the rule whose verdict is judged; may be left out when the alert has one verdict
-    rule: str | None = None
+    rule: str | None = Field(default=None, max_length=256)
     #: the verdict was right (true) or wrong (false)
     correct: StrictBool | None = None  # JSON's true or false: "yes" or 1 is no answer
     #: or: what the alert really was
@@ -70,7 +70,9 @@ def parse_feedback(payload: bytes | str | dict[str, Any]) -> Feedback:
 
 
 def alert_id_of(feedback: Feedback, in_path: str | None = None) -> str:
-    """The alert the feedback is on: named in the URL's path, or in the body."""
+    """The alert the feedback is on: named in the URL's path, or in the body (both: alike)."""
+    if in_path and feedback.alert_id is not None and feedback.alert_id != in_path:
+        raise FeedbackError(400, "alert_id: the body names another alert than the path", "alert_id")
     alert_id = in_path or feedback.alert_id
     if alert_id is None:
         raise FeedbackError(400, "alert_id: field required", "alert_id")

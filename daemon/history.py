@@ -68,6 +68,8 @@ async def recent_alerts(journal: Journal, where: AlertFilter) -> list[dict[str, 
     out = []
     for row in alerts:
         alert = json.loads(row["alert"])
+        if not isinstance(alert, dict):  # edited by hand, or of a laxer version: as the journal
+            alert = {}
         out.append(
             {
                 "ref": row["id"],

@@ -170,7 +170,11 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error(exc.status, exc.reason)
+        answer = error(exc.status, exc.reason)
+        for name, value in exc.headers.items():  # a 405's Allow, say
+            if name.lower() not in ("content-type", "content-length"):
+                answer.headers[name] = value
+        return answer
     except Exception:
         log.exception("http handler failed", path=request.path)
         return error(500, "internal error")
@@ -364,7 +368,9 @@ class HttpApi:
 
     async def get_alert(self, request: web.Request) -> web.Response:
         alert_id = request.match_info["alert_id"]
-        found = await self.pipeline.journal.find_alerts(alert_id, request.query.get("box_id"))
+        # an empty box_id names no box, as on the feedback routes
+        box_id = request.query.get("box_id") or None
+        found = await self.pipeline.journal.find_alerts(alert_id, box_id)
         if not found:
             return error(404, f"no alert {alert_id!r}", "alert_id")
         if len(found) > 1:

@@ -204,13 +204,15 @@ def save_rule(
     check_choices: ChoiceChecker | None = None,
     *,
     overwrite: bool = True,
+    in_force: Mapping[str, Path] | None = None,
 ) -> tuple[Path, Rule]:
     """Check `text` as a rule, then write `<rules_dir>/<name>.toml` at once (a temporary file
     renamed over it), so the rules watcher never reads half a file. A rule whose name (its
-    `name` key) another file of the directory holds is refused: the directory would refuse
-    it too; so is one over the directory's size limit, and without `overwrite` an existing
-    file (RuleFileExists)."""
-    if not RULE_NAME.fullmatch(name):
+    `name` key) another file of the directory holds, or another file's rule `in_force` (by
+    name: a broken file's last good version), is refused: the directory would refuse it too;
+    so is one over the directory's size limit, and without `overwrite` an existing file
+    (RuleFileExists). With `overwrite`, any existing rule file's own name will do."""
+    if not RULE_NAME.fullmatch(name) and not (overwrite and _is_rule_file(rules_dir, name)):
         raise PlaygroundError(
             f"name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit"
         )
@@ -220,7 +222,9 @@ def save_rule(
     target = rules_dir / f"{name}.toml"
     if not overwrite and target.exists():
         raise RuleFileExists(f"{target.name} exists")
-    holder = _file_naming(rules_dir, rule.name, besides=target)
+    holder = (in_force or {}).get(rule.name)
+    if holder is None or holder == target:
+        holder = _file_naming(rules_dir, rule.name, besides=target)
     if holder is not None:
         raise PlaygroundError(f"rule {rule.name!r} is already in {holder.name}")
     rules_dir.mkdir(parents=True, exist_ok=True)
@@ -234,6 +238,15 @@ def save_rule(
         Path(temporary).unlink(missing_ok=True)
         raise
     return target, rule
+
+
+def _is_rule_file(rules_dir: Path, name: str) -> bool:
+    """Whether `<name>.toml` is one of the directory's rule files (a name such as "明火"
+    or "fire rule" that the console may save over, though a new file may not take it)."""
+    try:
+        return any(path.stem == name for path in rule_files(rules_dir))
+    except OSError:
+        return False
 
 
 def _file_naming(rules_dir: Path, name: str, *, besides: Path) -> Path | None:

@@ -318,6 +318,14 @@ async def test_sigterm_while_the_model_loads_stops_without_waiting_for_it(tmp_pa
                     if await post(http, make_alert("during-load")) == 202:
                         break
                 await asyncio.sleep(0.1)
+        # a rule is saved once the model's tokenizer can check it too
+        async with (
+            aiohttp.ClientSession() as session,
+            session.put(f"http://{http}/v1/rules/saved-early", data=FIRE_RULE) as answer,
+        ):
+            assert answer.status == 503 and answer.headers["Retry-After"] == "5"
+            assert "the model is loading" in (await answer.json())["error"]
+        assert not (tmp_path / "rules" / "saved-early.toml").exists()
         stopped_at = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0

@@ -111,6 +111,29 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
             assert response.status == 201 and (await response.json())["alert_id"] == ".."
         async with d.http.post(f"{d.base_url}/v1/feedback", json={"correct": True}) as response:
             assert response.status == 400 and (await response.json())["field"] == "alert_id"
+        # the path and the body name one alert; ids are as long as an alert's at most
+        status, body = await feedback("fire-0", {"alert_id": "fire-1", "correct": True})
+        assert status == 400 and body["field"] == "alert_id" and "another alert" in body["error"]
+        for key in ("alert_id", "box_id", "rule"):
+            long = {"alert_id": "fire-0", "correct": True} | {key: "x" * 100_000}
+            async with d.http.post(f"{d.base_url}/v1/feedback", json=long) as response:
+                said = await response.json()
+                assert response.status == 400 and said["field"] == key
+                assert len(json.dumps(said)) < 300  # the value is not echoed back
+        # an empty source header is none: the default
+        status, body = await feedback("fire-0", {"correct": True}, **{"X-Feedback-Source": ""})
+        assert status == 201
+        [source] = await d.daemon.journal.read(
+            "SELECT source FROM feedback WHERE id = ?", (body["id"],)
+        )
+        assert source["source"] == "http"
+        async with d.http.get(f"{d.base_url}/v1/alerts/fire-0", params={"box_id": ""}) as response:
+            assert response.status == 200  # an empty box_id names no box
+            [verdict] = (await response.json())["verdicts"]
+        # a method a route does not take: 405, naming those it takes
+        async with d.http.delete(f"{d.base_url}/v1/alerts") as response:
+            assert response.status == 405 and "POST" in response.headers["Allow"]
+            assert (await response.json())["error"] == "Method Not Allowed"
 
         # the listing shows the feedback with the verdict, and filters
         async with d.http.get(f"{d.base_url}/v1/alerts", params={"rule": "smoke"}) as response:
@@ -152,6 +175,49 @@ async def test_feedback_on_an_alert_pruned_meanwhile_is_a_404_not_a_journal_fail
         )
     assert refused.value.status == 404
     await journal.close()
+
+
+async def test_an_alert_pruned_or_mangled_in_the_journal_is_told_not_an_internal_error(
+    tmp_path, tiny_model, monkeypatch
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+        for alert_id in ("kept", "mangled", "pruned"):
+            assert (await d.post_alert(make_alert(alert_id)))[0] == 202
+            await d.wait_reviewed(alert_id)
+        journal = d.daemon.journal
+        [[kept], [mangled], [pruned]] = [
+            [
+                row["id"]
+                for row in await journal.read("SELECT id FROM alerts WHERE alert_id = ?", (a,))
+            ]
+            for a in ("kept", "mangled", "pruned")
+        ]
+        # a stored alert that is no JSON object (edited by hand, or by a laxer version)
+        await journal._write(
+            lambda db: db.execute("UPDATE alerts SET alert = '[]' WHERE id = ?", (mangled,))
+        )
+        async with d.http.get(f"{d.base_url}/v1/alerts") as response:
+            assert response.status == 200
+            listed = {a["alert_id"]: a for a in (await response.json())["alerts"]}
+        assert listed["mangled"]["camera_id"] is None and listed["kept"]["camera_id"]
+        # the prune's commit lands between reading a snapshot and reading its alert
+        read_snapshot = history.snapshot
+
+        async def pruned_meanwhile(journal, ref, idx):
+            stored = await read_snapshot(journal, ref, idx)
+            await journal._write(lambda db: db.execute("DELETE FROM alerts WHERE id = ?", (ref,)))
+            return stored
+
+        monkeypatch.setattr(history, "snapshot", pruned_meanwhile)
+        async with d.http.get(f"{d.base_url}/v1/snapshots/{pruned}/0?thumb=1") as response:
+            assert response.status == 404
+            assert "pruned" in (await response.json())["error"]
+        tried = {"snapshot": {"ref": kept}, "prompt": "Real?"}
+        async with d.http.post(f"{d.base_url}/v1/try", json=tried) as response:
+            assert response.status == 400
+            assert (await response.json())["error"] == "snapshot: no such stored snapshot"
 
 
 async def test_recent_alerts_thumbnails_rules_and_metrics(tmp_path, tiny_model):

@@ -283,3 +283,43 @@ async def test_saved_rules_name_their_event_types_and_replace_a_file_only_when_a
             json={"snapshot": {"ref": listed["ref"]}, "rule_toml": asking, "camera_id": "c" * 300},
         )
         assert status == 400 and "camera_id" in body["error"]
+
+
+async def test_a_rule_saved_from_the_console_is_one_the_daemon_puts_in_force(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    rules = settings.rules.dir
+    (rules / "lamps.toml").write_text('name = "blaze"\n' + FIRE_RULE)
+    (rules / "明火.toml").write_text(FIRE_RULE)
+    async with run_daemon(settings) as d:
+
+        async def call(method: str, path: str, **kwargs) -> tuple[int, dict]:
+            async with d.http.request(method, f"{d.base_url}{path}", **kwargs) as response:
+                return response.status, await response.json()
+
+        # lamps.toml breaks: its last good "blaze" stays in force, and keeps its name
+        (rules / "lamps.toml").write_text('name = "blaze"\n' + FIRE_RULE + "\n[[[ oops\n")
+        d.daemon.reload_rules()
+        assert d.daemon.rules.get("blaze").path.name == "lamps.toml"
+        status, body = await call("PUT", "/v1/rules/blaze", data=FIRE_RULE)
+        assert status == 400 and "rule 'blaze' is already in lamps.toml" in body["error"]
+        assert not (rules / "blaze.toml").exists()
+        # a rule file whose name a new file could not take is saved over as itself
+        fiery = FIRE_RULE.replace("test fire rule", "明火")
+        status, body = await call("PUT", "/v1/rules/明火?overwrite=1", data=fiery)
+        assert status == 201 and body["file"] == "明火.toml", body
+        assert (rules / "明火.toml").read_text() == fiery
+        assert d.daemon.rules.get("明火").path.name == "明火.toml"
+        for name in ("明火", "新规则"):  # without overwrite, or no such file: a new name
+            status, body = await call("PUT", f"/v1/rules/{name}", data=FIRE_RULE)
+            assert status == 400 and f"name {name!r}: letters, digits" in body["error"]
+        assert not (rules / "新规则.toml").exists()
+        # what is not a text is refused, not written as Python would print it
+        made = {"prompt": "Real?", "event_types": ["fire"]}
+        for extra, message in (
+            ({"description": {"a": "b"}}, "description: a text is required"),
+            ({"kind": False}, "kind: a rule kind's name is required"),
+            ({"kind": ""}, "kind: a rule kind's name is required"),
+        ):
+            status, body = await call("PUT", "/v1/rules/made", json=made | extra)
+            assert status == 400 and body["error"] == message, body
+        assert not (rules / "made.toml").exists()
