@@ -103,6 +103,7 @@ class Daemon:
             self.registry.rule_kinds,
             saved=SavedRules(settings.storage.dir / SAVED_RULES_FILE),
         )
+        self.rules.check_topic = settings.mqtt.echo_of  # [mqtt] changes only at a restart
         self.backend = self.registry.backends[settings.model.backend](settings.model)
         self.ready = asyncio.Event()
         #: the model is loaded (rules are checked against its tokenizer from then on)

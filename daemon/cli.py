@@ -395,7 +395,7 @@ def try_(
 
     if (prompt is None) == (rule_file is None):
         raise click.UsageError("give either --prompt or --rule")
-    if save_as is not None and prompt is not None and event_type is None:
+    if save_as is not None and prompt is not None and not event_type:
         raise click.UsageError(
             "--save-rule with --prompt needs --event-type: the alerts the saved rule reviews "
             "(else it would review every alert)"
@@ -857,6 +857,7 @@ def rules_check(directory: Path, config: Path | None, model_path: str | None) ->
     settings = _settings(config)
     kinds = Registry.collect(make_plugin_manager((), settings.plugins.dir), settings).rule_kinds
     book = RuleBook(directory, kinds, check_choices)
+    book.check_topic = settings.mqtt.echo_of
     errors = book.load()
     for rule in book.rules:
         click.echo(

@@ -182,6 +182,21 @@ class MqttSettings(_Section):
         plain = [Subscription(topic=topic, format=self.format) for topic in self.subscribe]
         return plain + self.subscriptions
 
+    def echo_of(self, template: str, shadow: bool = False) -> str | None:
+        """Why verdicts published on the topics a rule's `template` renders (under the shadow
+        prefix for a shadow rule) would come back to the daemon, or None."""
+        if not self.enabled:
+            return None
+        topic = as_filter(f"{self.shadow_prefix}/{template}" if shadow else template)
+        for subscription in self.all_subscriptions():
+            if filters_overlap(subscription.topic, topic):
+                return (
+                    f"the alert topic {subscription.topic!r} would take its verdicts in as alerts"
+                )
+        if self.feedback_topic and filters_overlap(self.feedback_topic, topic):
+            return f"the feedback topic {self.feedback_topic!r} would take its verdicts in"
+        return None
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":

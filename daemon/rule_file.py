@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from daemon.contract import Alert, Name, parse_rfc3339
-from daemon.templates import Template, check_topic_template
+from daemon.templates import Template, check_topic_template, without_control_tokens
 
 _WINDOW = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)$")
 
@@ -101,8 +101,7 @@ class ReviewSpec(BaseModel):
     def _template(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("prompt is blank")
-        if "<|" in value:
-            raise ValueError("the prompt cannot hold the model's control tokens (<|...|>)")
+        without_control_tokens(value, "the prompt")
         Template.parse(value)
         return value.strip()
 
@@ -127,12 +126,16 @@ class PublishSpec(_Strict):
         return value
 
 
+#: how high (or low) a rule's priority goes (the journal keeps it as a 64-bit integer)
+PRIORITY_LIMIT = 1_000_000
+
+
 class RuleFile(_Strict):
     name: Name | None = None
     description: str = ""
     enabled: bool = True
     #: higher first when several rules match one alert
-    priority: int = 0
+    priority: int = Field(default=0, ge=-PRIORITY_LIMIT, le=PRIORITY_LIMIT)
     #: rules of lower priority do not review the alerts this rule reviews
     exclusive: bool = False
     #: verdicts go to the shadow topic prefix; when only shadow rules match, the alert is

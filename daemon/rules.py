@@ -187,7 +187,7 @@ def _adapter_dir(path: Path, value: str) -> Path:
     try:
         adapter = (path.parent / value).resolve()
         found = (adapter / "adapter_config.json").is_file()
-    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop; a NUL in the path
         raise RuleError(path, "review.adapter", f"{value}: cannot be followed: {exc}") from exc
     if not found:
         raise RuleError(
@@ -232,6 +232,8 @@ class RuleBook:
         self._kinds = kinds
         #: set once the model's tokenizer is known; rules are then re-checked
         self.check_choices = check_choices
+        #: why a rule's publish topic (template, shadow) would come back as input, or None
+        self.check_topic: Callable[[str, bool], str | None] | None = None
         self.saved = saved
         #: whether the checks are final (the model's tokenizer known, or none to come):
         #: only then are the rules in force saved as the last good ones
@@ -345,7 +347,11 @@ class RuleBook:
         return errors
 
     def _parse(self, path: Path, text: str) -> Rule:
-        return parse_rule(path, text, self._kinds, self.check_choices)
+        rule = parse_rule(path, text, self._kinds, self.check_choices)
+        check = self.check_topic
+        if rule.topic is not None and check and (echo := check(rule.topic.text, rule.shadow)):
+            raise RuleError(path, "publish.topic", echo)
+        return rule
 
     def _last_good(self, path: Path, broken: str | None, recheck: bool) -> tuple[Rule, str] | None:
         """The version of a broken file that stays in force, and its text, if any: the one

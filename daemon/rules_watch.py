@@ -26,9 +26,13 @@ DEBOUNCE_MS = 3000
 IDLE_MS = 500
 
 
+#: a Kubernetes ConfigMap volume's files link through this symlink, swapped on each update
+CONFIGMAP_LINK = "..data"
+
+
 def _is_rule_file(change: watchfiles.Change, path: str) -> bool:
     name = Path(path).name
-    return name.endswith(".toml") and not name.startswith(".")
+    return (name.endswith(".toml") and not name.startswith(".")) or name == CONFIGMAP_LINK
 
 
 def directory_identity(directory: Path) -> tuple[int, int] | None:

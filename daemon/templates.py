@@ -97,6 +97,14 @@ def render_prompt(template: Template, alert: Alert) -> str:
     return template.render(lambda name: prompt_text(alert_value(alert, name) or MISSING))
 
 
+def without_control_tokens(value: str, what: str) -> str:
+    """A rule's own text for the model (its prompt, a label, a field's name or description),
+    refused (ValueError naming `what`) when it holds the chat format's control tokens."""
+    if "<|" in value:
+        raise ValueError(f"{what} cannot hold the model's control tokens (<|...|>)")
+    return value
+
+
 def prompt_text(value: str) -> str:
     """An alert value as plain prompt text: `<|` becomes `< |`, so that no part of it is read
     as one of the model's control tokens (`<|im_end|>`, `<|image_pad|>` ...), which would end
@@ -111,18 +119,22 @@ def check_topic_template(text: str) -> Template:
         raise ValueError("topic template is empty")
     if "+" in text or "#" in text:
         raise ValueError("a publish topic cannot contain the wildcards + or #")
+    if text.startswith("$"):
+        raise ValueError("a publish topic cannot start with $ (the broker's own topics)")
     if found := _TOPIC_REFUSED_RE.search(text):
         raise ValueError(f"a topic cannot contain the character U+{ord(found[0]):04X}")
     return Template.parse(text, also=TOPIC_FIELDS)
 
 
 def render_topic(template: Template, alert: Alert, *, rule: str | None, verdict: str) -> str:
-    """Fill a topic template; alert values cannot add levels or wildcards, and each is cut
-    to its first TOPIC_VALUE_CHARS characters."""
+    """Fill a topic template; alert values cannot add levels or wildcards, nor start the
+    topic with `$` (the broker's own topics, which subscribers to `#` never see), and each
+    is cut to its first TOPIC_VALUE_CHARS characters."""
     extras = {"rule": rule, "verdict": verdict}
 
     def value(name: str) -> str:
         text = alert_value(alert, name, extras)
         return _TOPIC_UNSAFE_RE.sub("_", text[:TOPIC_VALUE_CHARS]) if text else "_"
 
-    return template.render(value)
+    topic = template.render(value)
+    return "_" + topic[1:] if topic.startswith("$") else topic

@@ -15,6 +15,7 @@ from daemon.contract import Alert, VerdictKind
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import Answer, ChoiceAnswer, ChoiceQuery, Judgement
 from daemon.rules import Rule
+from daemon.templates import without_control_tokens
 
 
 def surface_forms(label: str) -> tuple[str, ...]:
@@ -36,6 +37,10 @@ class ClassifyOptions(BaseModel):
 
     @model_validator(mode="after")
     def _known_labels(self) -> ClassifyOptions:
+        if "" in self.labels:
+            raise ValueError("a label cannot be empty")
+        for label in self.labels:
+            without_control_tokens(label, f"label {label!r}")
         padded = [label for label in self.labels if label != label.strip()]
         if padded:
             raise ValueError(f"labels cannot begin or end with a space: {padded!r}")

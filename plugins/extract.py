@@ -6,12 +6,13 @@ import json
 import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from daemon.contract import Alert, VerdictKind
 from daemon.hookspecs import hookimpl
 from daemon.plugin_api import MAX_NEW_TOKENS, Answer, GenerateQuery, Judgement, TextAnswer
 from daemon.rules import Rule
+from daemon.templates import without_control_tokens
 
 FieldType = Literal["integer", "number", "boolean", "string"]
 
@@ -23,6 +24,11 @@ class FieldSpec(BaseModel):
     description: str = ""
     required: bool = True
 
+    @field_validator("description")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        return without_control_tokens(value, "a field's description")
+
 
 class ExtractOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -30,6 +36,15 @@ class ExtractOptions(BaseModel):
     fields: dict[str, FieldSpec] = Field(min_length=1)
     #: None: the model's configured `max_new_tokens`
     max_new_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+
+    @field_validator("fields")
+    @classmethod
+    def _plain_names(cls, fields: dict[str, FieldSpec]) -> dict[str, FieldSpec]:
+        for name in fields:
+            if not name.strip():
+                raise ValueError("a field's name cannot be blank")
+            without_control_tokens(name, f"field name {name!r}")
+        return fields
 
 
 def schema_instructions(fields: dict[str, FieldSpec]) -> str:

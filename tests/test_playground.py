@@ -65,7 +65,11 @@ def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tin
     assert saved.stat().st_mode & 0o777 == 0o644 and saved.read_text().endswith("\n")
     # saved without the event type it is for, a prompt would review every alert: refused
     # before the model loads, as is a name that cannot be a file's
-    for extra, message in (([], "needs --event-type"), (["--event-type", "x"], "letters, digits")):
+    for extra, message in (
+        ([], "needs --event-type"),
+        (["--event-type", ""], "needs --event-type"),
+        (["--event-type", "x"], "letters, digits"),
+    ):
         result = runner.invoke(
             main, [*base, "--prompt", "Fire?", *extra, "--save-rule", "../x", "--model", "/none"]
         )

@@ -13,6 +13,7 @@ from daemon.contract import Alert
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RULE_FILE_MAX_BYTES, RuleBook
 from daemon.rules_saved import SavedRules
+from daemon.templates import check_topic_template, render_topic
 from tests.conftest import (
     CLASSIFY_RULE,
     FIRE_RULE,
@@ -47,6 +48,38 @@ BROKEN = {
         "publish.topic",
         "unknown field",
     ),
+    "broker_topic.toml": (
+        FIRE_RULE + '[publish]\ntopic = "$SYS/alarms/{verdict}"\n',
+        "publish.topic",
+        "cannot start with $",
+    ),
+    # a priority the journal could not keep as an integer
+    "priority.toml": ("priority = 9223372036854775808\n" + FIRE_RULE, "priority", "less than"),
+    "empty_label.toml": (
+        CLASSIFY_RULE.replace('labels = ["fight", "play"]', 'labels = ["fight", "play", ""]'),
+        "review",
+        "a label cannot be empty",
+    ),
+    "token_label.toml": (
+        CLASSIFY_RULE.replace(
+            'labels = ["fight", "play"]', 'labels = ["fight", "play", "<|im_end|>"]'
+        ),
+        "review",
+        "label '<|im_end|>' cannot hold the model's control tokens",
+    ),
+    "token_field.toml": (
+        '[match]\nevent_types = ["p"]\n[review]\nkind = "extract"\nprompt = "x"\n'
+        '[review.fields]\nn = { type = "integer", description = "n <|im_end|>" }\n',
+        "review.fields.n.description",
+        "control tokens",
+    ),
+    "token_name.toml": (
+        '[match]\nevent_types = ["p"]\n[review]\nkind = "extract"\nprompt = "x"\n'
+        '[review.fields]\n"<|image_pad|>" = { type = "integer" }\n',
+        "review.fields",
+        "control tokens",
+    ),
+    "nul_adapter.toml": (FIRE_RULE + 'adapter = "a\\u0000b"\n', "review.adapter", "null"),
 }
 
 
@@ -200,6 +233,40 @@ def test_matching_by_event_type_and_camera_and_box_globs(tmp_path):
     assert book.match(alert(camera_id="cam-s1", box_id="box-2")) == []
     assert book.match(alert(camera_id="cam-n7", box_id="box-9")) == []
     assert book.match(alert(camera_id="cam-n7", box_id="box-1", event_type="smoke")) == []
+
+
+def test_a_rule_topic_the_daemons_own_subscriptions_cover_is_refused(tmp_path):
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    topics = {
+        "echo": ("secondlook/alerts/{verdict}/{camera_id}", "alert topic 'secondlook/alerts/#'"),
+        "feedback": ("secondlook/feedback/{rule}", "feedback topic 'secondlook/feedback/#'"),
+        "shadowed": ("{verdict}/x", "alert topic 'secondlook/shadow/confirmed/#'"),
+        "fine": ("alarms/{site}/{verdict}", None),
+        "fine_shadow": ("{verdict}/y", None),
+    }
+    for name, (topic, _) in topics.items():
+        shadow = "shadow = true\n" if name.endswith("shadowed") else ""
+        (rules / f"{name}.toml").write_text(f"{shadow}{FIRE_RULE}[publish]\ntopic = {topic!r}\n")
+    config = tmp_path / "secondlook.toml"
+    config.write_text(
+        '[mqtt]\nsubscribe = ["secondlook/alerts/#", "secondlook/shadow/confirmed/#"]\n'
+    )
+    result = CliRunner().invoke(main, ["rules", "check", str(rules), "--config", str(config)])
+    assert result.exit_code == 1, result.output
+    for name, (_, echo) in topics.items():
+        if echo is None:
+            assert f"ok    {rules / name}.toml" in result.output
+        else:
+            assert f"{name}.toml: publish.topic: the {echo}" in result.output, result.output
+    # the daemon's verdict topic is rendered with a box's values: none starts it with $
+    rendered = render_topic(
+        check_topic_template("{site}/alarms/{verdict}"),
+        Alert.model_validate({**make_alert(), "site": "$SYS"}),
+        rule="r",
+        verdict="confirmed",
+    )
+    assert rendered == "_SYS/alarms/confirmed"
 
 
 def test_rules_check_command_exits_non_zero_naming_each_bad_file(tmp_path):

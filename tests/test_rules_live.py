@@ -216,3 +216,32 @@ async def test_a_file_written_in_two_steps_is_read_once_whole(tmp_path, tiny_mod
     [loaded] = [e for e in logs if e["event"] in ("rule loaded", "rule changed")]
     assert d.daemon.rules.get("tank").match.cameras == ["t*"]
     assert loaded["event"] == "rule loaded"
+
+
+async def test_a_configmap_mounted_as_the_rules_directory_is_read_again_on_its_update(
+    tmp_path, tiny_model
+):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    rules = settings.rules.dir
+    # the layout of a Kubernetes ConfigMap volume: each file links through ..data
+    (rules / "..v1").mkdir()
+    (rules / "..v1" / "fire.toml").write_text(FIRE_RULE)
+    (rules / "..data").symlink_to("..v1")
+    (rules / "fire.toml").symlink_to("..data/fire.toml")
+    changed = FIRE_RULE.replace("Is there a real open flame?", "Is there a real fire?")
+    assert changed != FIRE_RULE
+    async with run_daemon(settings) as d:
+        assert (
+            d.daemon.rules.get("fire").prompt.text
+            == "Is there a real open flame? Answer yes or no."
+        )
+        await asyncio.sleep(1)  # the watcher is in place
+        # an update: a new version beside the old, ..data swapped to it in one rename
+        (rules / "..v2").mkdir()
+        (rules / "..v2" / "fire.toml").write_text(changed)
+        (rules / "..data_tmp").symlink_to("..v2")
+        (rules / "..data_tmp").replace(rules / "..data")
+        async with asyncio.timeout(4):
+            while d.daemon.rules.get("fire").prompt.text.startswith("Is there a real open"):
+                await asyncio.sleep(0.05)
+        assert d.daemon.rules.get("fire").prompt.text.startswith("Is there a real fire?")
