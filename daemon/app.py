@@ -497,10 +497,12 @@ class Daemon:
         self.stopping = True
         notify("STOPPING=1")
         log.info("stopping: intake closed, finishing in-flight reviews")
+        if self.link is not None:
+            # first: an MQTT alert deferred by the stop is left to the next session, not
+            # taken for a failed intake (which would drop the connection) while HTTP stops
+            self.link.close_intake()
         if api is not None:
             await api.stop()
-        if self.link is not None:
-            self.link.close_intake()
         if not await pipeline.drain(self.settings.pipeline.stop_grace_s):
             log.warning("reviews still running at the deadline; they resume at next start")
         if self.outbox is not None and self.link is not None and self.link.connected.is_set():

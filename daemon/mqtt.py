@@ -412,11 +412,13 @@ class MqttLink:
             asyncio.create_task(self._acknowledge_in_order(client, window, budget)),
             asyncio.create_task(self._take_in(client, window, budget)),
             asyncio.create_task(self._watch_queue(client)),
+            asyncio.create_task(_connection_end(client)),
         }
         try:
             # any ends the connection: the reader when it is lost, the acker when an alert
             # could not be taken in (the reader may be waiting for room meanwhile), the
-            # watcher when too much waits in memory
+            # queue's watcher when too much waits in memory, and the connection's when it
+            # ends while the reader waits at a paused intake (else publishes would wait on)
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in tasks:
@@ -544,6 +546,14 @@ class MqttLink:
                 await self.publish(self.settings.status_topic, OFFLINE, retain=True)
         except (PublishError, TimeoutError) as exc:
             log.warning("could not publish offline status", error=str(exc) or "timed out")
+
+
+async def _connection_end(client: aiomqtt.Client) -> None:
+    """Raise MqttError once the client's connection ends (it never returns)."""
+    # aiomqtt's own future, set when paho loses (or closes) the connection; shielded, as
+    # the cancelling of this watcher must not cancel it
+    await asyncio.shield(client._disconnected)
+    raise aiomqtt.MqttError("the connection ended")
 
 
 def _drop_qos0(client: aiomqtt.Client) -> int:

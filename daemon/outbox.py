@@ -107,43 +107,51 @@ class Outbox:
         await self._mark_acknowledged()
         after = self._refused_upto
         retries = self._retries
-        while batch := await self.journal.unpublished(
+        while read := await self.journal.unpublished(
             limit=1 if self._alone_first else BATCH, after=after
         ):
-            started = time.perf_counter()
-            results = await asyncio.gather(
-                *(self.publisher.publish(item.topic, item.payload) for item in batch),
-                return_exceptions=True,
-            )
-            self.stats.add("publish", time.perf_counter() - started, len(batch))
-            done = [item.id for item, result in zip(batch, results, strict=True) if result is None]
-            self._acknowledged.update(done)
-            await self._mark_acknowledged()
-            if self._alone_first and (refusal := self._sent_alone(batch[0], results[0])):
-                results[0] = refusal
-            for item, result in zip(batch, results, strict=True):
-                if isinstance(result, PublishRefused):
-                    self.refused.add(item.id)
-                    self.stats.count("publish_refused")
-                    log.error(
-                        "verdict refused by the broker; kept unpublished, tried again on SIGHUP "
-                        "or at the next start",
-                        topic=item.topic,
-                        verdict_id=item.id,
-                        error=str(result),
-                    )
-            failed = [r for r in results if r is not None and not isinstance(r, PublishRefused)]
-            # alone until one goes through (or is set aside): a lost connection may be its doing
-            lost = any(isinstance(r, ConnectionLost) for r in failed)
-            self._alone_first = lost or (self._alone_first and bool(failed))
-            if failed:
-                self.stats.count("publish_failures", len(failed))
-                log.warning("verdicts not published yet", pending=len(failed), error=str(failed[0]))
+            # the refused wait for SIGHUP: a flush that stopped short of them reads them again
+            batch = [item for item in read if item.id not in self.refused]
+            if batch and not await self._publish(batch):
                 return
             # all of this batch published or refused: no later flush needs to read it again
-            after = batch[-1].id
+            after = read[-1].id
             if self.refused and self._retries == retries:
                 self._refused_upto = after
+
+    async def _publish(self, batch: list[OutboxItem]) -> bool:
+        """Publish a batch, its PUBACKs awaited together; False when any is still to send."""
+        started = time.perf_counter()
+        results = await asyncio.gather(
+            *(self.publisher.publish(item.topic, item.payload) for item in batch),
+            return_exceptions=True,
+        )
+        self.stats.add("publish", time.perf_counter() - started, len(batch))
+        done = [item.id for item, result in zip(batch, results, strict=True) if result is None]
+        self._acknowledged.update(done)
+        await self._mark_acknowledged()
+        if self._alone_first and (refusal := self._sent_alone(batch[0], results[0])):
+            results[0] = refusal
+        for item, result in zip(batch, results, strict=True):
+            if isinstance(result, PublishRefused):
+                self.refused.add(item.id)
+                self.stats.count("publish_refused")
+                log.error(
+                    "verdict refused by the broker; kept unpublished, tried again on SIGHUP "
+                    "or at the next start",
+                    topic=item.topic,
+                    verdict_id=item.id,
+                    error=str(result),
+                )
+        failed = [r for r in results if r is not None and not isinstance(r, PublishRefused)]
+        # alone until one goes through (or is set aside): a lost connection may be its doing
+        lost = any(isinstance(r, ConnectionLost) for r in failed)
+        self._alone_first = lost or (self._alone_first and bool(failed))
+        if failed:
+            self.stats.count("publish_failures", len(failed))
+            log.warning("verdicts not published yet", pending=len(failed), error=str(failed[0]))
+            return False
+        return True
 
     def _sent_alone(self, item: OutboxItem, result: BaseException | None) -> PublishRefused | None:
         """Count a connection lost while `item` went alone; the last straw turns the result

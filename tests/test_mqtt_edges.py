@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from daemon.config import ConfigError, Subscription, load_settings
 from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
-from daemon.mqtt import QUEUE_MAX, ConnectionLost, MqttLink
+from daemon.mqtt import QUEUE_MAX, ConnectionLost, MqttLink, PublishRefused
 from daemon.outbox import LOSSES_TO_SET_ASIDE, Outbox
 from daemon.stats import StageStats
 from tests.conftest import FIRE_RULE, Broker, collect, jpeg_bytes, make_alert, make_settings
@@ -133,6 +133,21 @@ async def test_a_stop_while_intake_is_busy_still_says_offline(tmp_path, own_brok
         storage.check_space()
         await flood(own_broker, ["held"], 1)
         await asyncio.sleep(0.5)
+        # an HTTP request whose body never comes holds the HTTP side's stop for seconds
+        host, port = settings.http.listen.rsplit(":", 1)
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST /v1/feedback HTTP/1.1\r\nHost: {settings.http.listen}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        with capture_logs() as logs:
+            await d.shutdown()  # meanwhile the held alert's intake meets the stop
+        writer.close()
+    # left to the next session: not taken for a failed intake, nor a reason to reconnect
+    events = [entry["event"] for entry in logs]
+    assert "alert intake failed; reconnecting" not in events and "mqtt connected" not in events
     async with collect(own_broker, "secondlook/status") as status:
         await asyncio.sleep(1)
     assert status.messages[-1][1] == b"offline"
@@ -214,6 +229,34 @@ async def test_a_verdict_that_costs_the_connection_each_time_is_set_aside_alone(
     outbox.retry_refused()  # SIGHUP: offered again
     await outbox.flush()
     assert outbox.refused == set()  # lost once more: counted afresh
+
+
+class RefusesOneAndLosesTheNext:
+    """Refuses verdict 1; verdict 2 goes with the connection the first time it is sent."""
+
+    def __init__(self) -> None:
+        self.connected = asyncio.Event()
+        self.connected.set()
+        self.sent: list[int] = []
+
+    async def publish(self, topic: str, payload: str, *, retain: bool = False) -> None:
+        ident = int(topic.rsplit("/", 1)[1])
+        self.sent.append(ident)
+        if ident == 1:
+            raise PublishRefused("not authorized")
+        if ident == 2 and self.sent.count(2) == 1:
+            raise ConnectionLost("connection lost before the broker acknowledged")
+
+
+async def test_a_refused_verdict_is_not_sent_again_by_the_flush_after_a_lost_connection():
+    journal, broker, stats = ListedJournal([1, 2, 3]), RefusesOneAndLosesTheNext(), StageStats()
+    outbox = Outbox(journal, broker, stats)
+    with capture_logs() as logs:
+        await outbox.flush()  # 1 refused, 2 lost with the connection, 3 published
+        await outbox.flush()  # 2 alone, then on: 1 waits for SIGHUP
+    assert broker.sent.count(1) == 1 and set(journal.rows) == {1}
+    refusals = [entry for entry in logs if entry["event"].startswith("verdict refused")]
+    assert len(refusals) == 1 and stats.events()[("publish_refused", ())] == 1
 
 
 @pytest.mark.parametrize(
