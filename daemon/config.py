@@ -184,9 +184,8 @@ class MqttSettings(_Section):
 
     def echo_of(self, template: str, shadow: bool = False) -> str | None:
         """Why verdicts published on the topics a rule's `template` renders (under the shadow
-        prefix for a shadow rule) would come back to the daemon, or None."""
-        if not self.enabled:
-            return None
+        prefix for a shadow rule) would come back to the daemon, or None. (Judged with MQTT
+        off too: the offline commands judge rules as the daemon would with MQTT on.)"""
         topic = as_filter(f"{self.shadow_prefix}/{template}" if shadow else template)
         for subscription in self.all_subscriptions():
             if filters_overlap(subscription.topic, topic):

@@ -22,6 +22,7 @@ refuses a folder whose `images/` holds pictures of something else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -148,6 +149,10 @@ def pictures(
     return [_jpeg(image) for image in SnapshotSet(raw, boxes, full_size).for_rule(mode, margin)]
 
 
+#: the image files an export writes: its samples' ids (led by the journal's row id) + .jpg
+EXPORTED_IMAGE = re.compile(r"[0-9][A-Za-z0-9_.-]*\.jpg")
+
+
 def image_names(ident: str, count: int) -> list[str]:
     """A sample's image files: one, or numbered."""
     return [f"{ident}.jpg"] if count == 1 else [f"{ident}-{i}.jpg" for i in range(count)]
@@ -167,10 +172,39 @@ def export(
     images = out / "images"
     earlier = _earlier_images(out)
     images.mkdir(parents=True, exist_ok=True)
+    written: set[str] = set()
+    listing, partial = out / "dataset.json", out / ".dataset.json.partial"
+    try:
+        samples, skipped, named = _export(journal, images, written, rules, since, shown, progress)
+        partial.write_text(json.dumps(samples, ensure_ascii=False, indent=1))
+        partial.replace(listing)  # whole, or not at all
+    except BaseException:
+        # cut short (Ctrl-C, a full disk): the folder stays as the earlier export left it,
+        # less the pictures both wrote, so that the next export is not refused
+        for name in written - earlier:
+            (images / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise
+    for stale in earlier - written:  # an earlier export's: they would mix in
+        (images / stale).unlink(missing_ok=True)
+    return Exported(len(samples), dict(skipped), [name for name in rules if name not in named])
+
+
+def _export(
+    journal: Path,
+    images: Path,
+    written: set[str],
+    rules: Sequence[str],
+    since: datetime | None,
+    shown: Mapping[str, tuple[ImageMode, float]] | None,
+    progress: Callable[[], None],
+) -> tuple[list[dict[str, Any]], Counter[str], set[str]]:
+    """Write the samples' pictures into `images` (their names added to `written` as they
+    are); answer the samples, why rows were skipped, and the rules that gave any."""
     samples: list[dict[str, Any]] = []
     skipped: Counter[str] = Counter()
     named: set[str] = set()
-    written: set[str] = set()
     taken: set[str] = set()
     for row, read_snapshots in rows(journal):
         progress()
@@ -214,10 +248,7 @@ def export(
                     ],
                 }
             )
-    (out / "dataset.json").write_text(json.dumps(samples, ensure_ascii=False, indent=1))
-    for stale in earlier - written:  # an earlier export's: they would mix in
-        (images / stale).unlink(missing_ok=True)
-    return Exported(len(samples), dict(skipped), [name for name in rules if name not in named])
+    return samples, skipped, named
 
 
 def _earlier_images(out: Path) -> set[str]:
@@ -233,8 +264,11 @@ def _earlier_images(out: Path) -> set[str]:
     for sample in samples if isinstance(samples, list) else []:
         paths = sample.get("image") if isinstance(sample, dict) else None
         for path in [paths] if isinstance(paths, str) else paths or []:
-            if isinstance(path, str) and path.startswith("images/"):
-                listed.add(path.removeprefix("images/"))
+            # only names an export writes: a dataset.json edited to list "images/../x"
+            # must not have the next export delete x
+            name = path.removeprefix("images/") if isinstance(path, str) else ""
+            if path != name and EXPORTED_IMAGE.fullmatch(name):
+                listed.add(name)
     images = out / "images"
     others = sorted(p.name for p in images.glob("*") if p.name not in listed)
     if others:

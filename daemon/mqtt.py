@@ -328,6 +328,9 @@ class MqttLink:
             aiomqtt_on_connect(paho, userdata, flags, reason, properties)
 
         client._client.on_connect = on_connect
+        # aiomqtt sets this when the connection ends; a link cancelled while it connects (a
+        # daemon whose start fails) leaves no reader, and asyncio would log a traceback
+        client._disconnected.add_done_callback(_read_out)
         return client
 
     async def run(self) -> None:
@@ -546,6 +549,12 @@ class MqttLink:
                 await self.publish(self.settings.status_topic, OFFLINE, retain=True)
         except (PublishError, TimeoutError) as exc:
             log.warning("could not publish offline status", error=str(exc) or "timed out")
+
+
+def _read_out(future: asyncio.Future[None]) -> None:
+    """Mark a future's exception as retrieved (whoever awaits it still gets it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def _connection_end(client: aiomqtt.Client) -> None:

@@ -80,7 +80,9 @@ async def replay(
     """
     daemon = Daemon(settings)
     if each_alone:
-        daemon.rules = EachAlone(settings.rules.dir, daemon.registry.rule_kinds)
+        book = EachAlone(settings.rules.dir, daemon.registry.rule_kinds)
+        book.check_topic = daemon.rules.check_topic
+        daemon.rules = book
     pipeline = await daemon.open()
     pipeline.announce = False  # offline: verdicts go to no pager, webhook or other sink
     rows: list[ReplayRow] = []

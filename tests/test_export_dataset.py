@@ -9,9 +9,11 @@ import json
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from daemon import export_dataset
 from daemon.cli import main
 from tests.conftest import (
     CLASSIFY_RULE,
@@ -262,3 +264,32 @@ async def test_long_names_turned_snapshots_and_files_of_no_export_in_the_folder(
         result.output
     )
     assert (out / "images" / "holiday.jpg").exists()
+    (out / "images" / "holiday.jpg").unlink()
+
+    # a dataset.json edited to list a file outside the folder: it is left alone
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    listing = json.loads((out / "dataset.json").read_text())
+    listing.append({"id": "x", "image": ["images/../../victim.txt", "images/../dataset.json"]})
+    (out / "dataset.json").write_text(json.dumps(listing))
+    result = CliRunner().invoke(main, export)
+    assert result.exit_code == 0 and victim.read_text() == "keep", result.output
+    assert (out / "dataset.json").exists()
+
+    # an export cut short leaves the folder as the last one did: the next one goes through
+    interrupted = tmp_path / "interrupted"
+    journal = settings.storage.dir / "journal.sqlite3"
+
+    def stop() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_dataset.export(journal, interrupted, progress=stop)
+    (interrupted / ".dataset.json.partial").mkdir()  # past its pictures, at its listing
+    with pytest.raises(IsADirectoryError):
+        export_dataset.export(journal, interrupted)
+    assert not list((interrupted / "images").iterdir())
+    assert not (interrupted / "dataset.json").exists()
+    (interrupted / ".dataset.json.partial").rmdir()
+    result = CliRunner().invoke(main, [*export[:-1], str(interrupted)])
+    assert "1 samples written" in result.output, result.output

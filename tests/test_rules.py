@@ -8,6 +8,7 @@ from pathlib import Path
 from click.testing import CliRunner
 from structlog.testing import capture_logs
 
+from daemon.app import Daemon
 from daemon.cli import main
 from daemon.contract import Alert
 from daemon.plugins import Registry, make_plugin_manager
@@ -259,6 +260,16 @@ def test_a_rule_topic_the_daemons_own_subscriptions_cover_is_refused(tmp_path):
             assert f"ok    {rules / name}.toml" in result.output
         else:
             assert f"{name}.toml: publish.topic: the {echo}" in result.output, result.output
+    # judged alike where MQTT is off (replay, eval and an HTTP-only daemon)
+    offline = make_settings(
+        tmp_path,
+        broker=None,
+        model=tmp_path,
+        rules_dir=rules,
+        mqtt={"subscribe": ["secondlook/alerts/#", "secondlook/shadow/confirmed/#"]},
+    )
+    errors = Daemon(offline).rules.load()
+    assert sorted(e.path.stem for e in errors) == ["echo", "feedback", "shadowed"]
     # the daemon's verdict topic is rendered with a box's values: none starts it with $
     rendered = render_topic(
         check_topic_template("{site}/alarms/{verdict}"),

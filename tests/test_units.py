@@ -599,6 +599,36 @@ def test_logs_are_json_lines_off_a_terminal_and_readable_on_one(tty):
         assert record["rule"] == "fire" and record["level"] == "info"
 
 
+@pytest.mark.parametrize("tty", [False, True])
+def test_an_alerts_terminal_escapes_reach_no_log_line_as_such(tty):
+    import json
+    import logging
+
+    import structlog
+
+    from daemon.config import LogSettings
+    from daemon.logs import configure_logging
+
+    forged = "a1\x1b[1A\x1b[2K\x1b]0;owned\x07\x9b2J\nfake line"
+    stream = _Stream(tty)
+    try:
+        configure_logging(LogSettings(), stream)
+        structlog.get_logger("t").info("alert received", alert_id=forged)
+        logging.getLogger("some.library").warning("refused %s", forged)
+    finally:
+        structlog.reset_defaults()
+    lines = stream.getvalue().strip().splitlines()
+    assert len(lines) == 2  # no line of its own for the forged one
+    for line in lines:
+        if tty:  # the renderer's own colours stay; the alert's sequences are shown, inert
+            plain = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            assert not re.search(r"[\x00-\x1f\x7f-\x9f]", plain), repr(plain)
+            assert "a1␛[1A␛[2K␛]0;owned␇\ufffd2J␊fake line" in plain
+        else:
+            record = json.loads(line)
+            assert forged in (record.get("alert_id"), record["event"].removeprefix("refused "))
+
+
 def test_recent_reviews_forget_cameras_whose_window_has_passed(tmp_path, kinds):
     rule = parse_rule(tmp_path / "fire.toml", FIRE_RULE + "[cooldown]\nwindow_s = 0.001\n", kinds)
     recent = RecentReviews()
