@@ -44,8 +44,10 @@ def parse_rfc3339(text: str, default_tz: tzinfo | None = None) -> datetime:
         raise ValueError("expected an RFC 3339 time such as 2026-11-20T14:03:12+08:00")
     if match["offset"] is None and default_tz is None:
         raise ValueError("RFC 3339 time needs a UTC offset (Z or +HH:MM)")
+    # a leap second (RFC 3339 allows :60) is read as the second before it
+    clock = text[11:17] + ("59" if text[17:19] == "60" else text[17:19]) + text[19:]
     try:  # the fields' ranges: month 13, hour 25, offset +24:00 …
-        parsed = datetime.fromisoformat(f"{text[:10]}T{text[11:]}".upper())
+        parsed = datetime.fromisoformat(f"{text[:10]}T{clock}".upper())
     except ValueError:
         raise ValueError(f"not a valid time: {text}") from None
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=default_tz)

@@ -170,7 +170,7 @@ def decode(data: bytes, *, budget: Budget | None = None) -> Image.Image:
         Image.DecompressionBombError,
     ) as exc:
         raise ImageError(f"corrupt image: {_reason(exc)}") from exc
-    if img.mode != "RGB":
+    if img.mode != "RGB" or "transparency" in img.info:
         ours = {key: img.info[key] for key in (DRAFT_SCALED, SOURCE_SIZE)}
         img = _as_rgb(img)
         img.info.update(ours)
@@ -182,11 +182,13 @@ def _as_rgb(img: Image.Image) -> Image.Image:
     transparent pixels white (Pillow would show what they hide; white as Qwen-VL's own
     preprocessing and transformers' `convert_to_rgb` lay them)."""
     if img.mode.startswith("I"):
-        grey = np.asarray(img, dtype=np.uint32) >> 8
-        img = Image.fromarray(np.minimum(grey, 255).astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        img.mode == "P" and "transparency" in img.info
-    ):
+        raw = np.asarray(img, dtype=np.uint32)
+        grey = Image.fromarray(np.minimum(raw >> 8, 255).astype(np.uint8), "L")
+        if isinstance(key := img.info.get("transparency"), int):  # a PNG's transparent grey
+            grey.putalpha(Image.fromarray(np.where(raw == key, 0, 255).astype(np.uint8), "L"))
+        img = grey
+    # a PNG's transparent colour (tRNS) too: Pillow makes the alpha of it for L, RGB and P
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
         rgba = img.convert("RGBA")
         flat = Image.new("RGB", img.size, (255, 255, 255))
         flat.paste(rgba, mask=rgba.getchannel("A"))
@@ -225,19 +227,31 @@ Region = tuple[float, float, float, float]
 MIN_CROP = 32
 
 
-def crop_region(size: tuple[int, int], boxes: list[Region], margin: float) -> tuple[int, ...]:
-    """The union of the boxes, grown by `margin` of its size on each side (to MIN_CROP pixels
-    at least), inside the image."""
+def boxes_inside(size: tuple[int, int], boxes: list[Region]) -> list[Region]:
+    """The boxes that reach into an image of `size` (one on its edge too); ImageError when
+    none does (a box's coordinates of another picture, or wrong)."""
     width, height = size
-    x1 = min(b[0] for b in boxes)
-    y1 = min(b[1] for b in boxes)
-    x2 = max(b[2] for b in boxes)
-    y2 = max(b[3] for b in boxes)
-    if x2 < 0 or y2 < 0 or x1 > width or y1 > height:
+    inside = [b for b in boxes if b[2] >= 0 and b[3] >= 0 and b[0] <= width and b[1] <= height]
+    if boxes and not inside:
+        x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
         raise ImageError(
             f"the detection boxes ({x1:g},{y1:g})-({x2:g},{y2:g}) lie outside the "
             f"{width}x{height} image"
         )
+    return inside
+
+
+def crop_region(size: tuple[int, int], boxes: list[Region], margin: float) -> tuple[int, ...]:
+    """The union of the boxes that reach into the image (one stray box off it does not make
+    the crop the whole frame), grown by `margin` of its size on each side (to MIN_CROP
+    pixels at least), inside the image."""
+    width, height = size
+    inside = boxes_inside(size, boxes)
+    x1 = min(b[0] for b in inside)
+    y1 = min(b[1] for b in inside)
+    x2 = max(b[2] for b in inside)
+    y2 = max(b[3] for b in inside)
     if width < 2 or height < 2:
         raise ImageError(f"a {width}x{height} image is too small to crop")
     left, right = _grown(x1, x2, margin, width)

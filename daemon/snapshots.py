@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from PIL.Image import Image
+from yarl import URL
 
 from daemon.config import ImageSettings
 from daemon.images import (
@@ -14,6 +15,7 @@ from daemon.images import (
     Budget,
     ImageError,
     Region,
+    boxes_inside,
     crop_region,
     decode,
     draw_detections,
@@ -50,6 +52,7 @@ def check_image_url(url: str, settings: ImageSettings) -> None:
     try:
         parts = urlsplit(url)
         hostname = parts.hostname
+        URL(url)  # as the fetch will read it: a port past 65535, a backslash before the host
     except ValueError as exc:  # "http://[::1", a host that NFKC makes a "#" of …
         raise AlertError("image_url", f"not a valid URL: {exc}") from None
     if parts.scheme not in ("http", "https") or not hostname:
@@ -175,7 +178,9 @@ class SnapshotSet:
 
     def marked(self) -> Image:
         frame = self.frame()
-        return draw_detections(frame, self.boxes, frame.info[SOURCE_SIZE])
+        source = frame.info[SOURCE_SIZE]
+        boxes_inside(source, self.boxes)  # none to outline: said, as for a crop
+        return draw_detections(frame, self.boxes, source)
 
     def extras(self) -> list[Image]:
         if self._extras is None:

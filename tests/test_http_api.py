@@ -113,6 +113,10 @@ BAD_ALERTS = [
     (make_alert(image=None, image_url="http://169.254.169.254/x"), "image_url", "allowed hosts"),
     (make_alert(image=None, image_url=""), "image", "one of image or image_url"),
     (make_alert(image=None, image_url="http://[::1/x"), "image_url", "not a valid URL"),
+    # what the fetch could not read either: refused at intake, not unreviewed later
+    (make_alert(image=None, image_url="http://[::1]:99999/x"), "image_url", "not a valid URL"),
+    (make_alert(image=None, image_url="http://[::1]:abc/x"), "image_url", "not a valid URL"),
+    (make_alert(image=None, image_url="http://a\\@[::1]/x"), "image_url", "not a valid URL"),
     # extra frames, and the frame itself behind a URL: that URL is checked at intake too
     (
         make_alert(

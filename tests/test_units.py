@@ -65,6 +65,8 @@ def encode(image: Image.Image, fmt: str) -> bytes:
         "2026-11-20 14:03:12Z",  # its note: a space for the T
         "2026-11-20T14:03:12.123456789012-00:00",
         "9999-12-31T23:59:59-14:00",
+        "2016-12-31T23:59:60Z",  # a leap second
+        "2016-12-31T23:59:60.25Z",
     ],
 )
 def test_rfc3339_times_are_accepted_and_kept_as_sent(text):
@@ -85,6 +87,7 @@ def test_rfc3339_times_are_accepted_and_kept_as_sent(text):
         "2026-11-2\u0661T14:03:12Z",  # an Arabic-Indic digit
         "2026-13-20T14:03:12Z",
         "2026-11-20T14:03:12+24:00",
+        "2026-11-20T14:03:61Z",
     ],
 )
 def test_times_outside_rfc3339_are_refused_naming_the_field(text):
@@ -126,6 +129,21 @@ def test_16_bit_grey_and_transparent_pngs_are_shown_as_they_look():
     hidden = Image.new("RGBA", (64, 48), (255, 0, 255, 0))  # magenta, wholly transparent
     frame = load_for_model(encode(hidden, "PNG"), Budget(448 * 448, 28))
     assert frame.getpixel((10, 10)) == (255, 255, 255)  # as Qwen-VL's preprocessing lays it
+    # a transparent colour (PNG's tRNS) of a grey, 16-bit grey or RGB picture too
+    keyed = [
+        (Image.new("L", (64, 48), 7), 7),
+        (Image.fromarray(np.full((48, 64), 1234, dtype=np.uint16)), 1234),
+        (Image.new("RGB", (64, 48), (7, 8, 9)), (7, 8, 9)),
+    ]
+    for picture, key in keyed:
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG", transparency=key)
+        frame = load_for_model(buffer.getvalue(), Budget(448 * 448, 28))
+        assert frame.getpixel((10, 10)) == (255, 255, 255), picture.mode
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (7, 8, 9)).save(buffer, "PNG", transparency=(0, 0, 0))
+    frame = load_for_model(buffer.getvalue(), Budget(448 * 448, 28))
+    assert frame.getpixel((10, 10)) == (7, 8, 9)  # another colour is transparent: kept
 
 
 def test_load_for_model_decodes_a_1080p_jpeg_to_the_budget():
@@ -210,6 +228,12 @@ def test_a_crop_shows_a_tiny_box_with_context_and_refuses_boxes_outside_the_imag
     assert crop_region(size, [(0, 0, 1e308, 1e308)], 0.25) == (0, 0, 640, 360)
     with pytest.raises(ImageError, match=r"\(700,10\)-\(800,20\) lie outside the 640x360"):
         crop_region(size, [(700, 10, 800, 20)], 0.25)
+    # a stray box off the image neither makes the crop the whole frame nor is drawn unsaid
+    stray = [(10, 10, 50, 40), (5000, 5000, 5100, 5100)]
+    assert crop_region(size, stray, 0.25) == (0, 2, 60, 48)
+    snapshot = [RawImage("image", jpeg_bytes(size))]
+    with pytest.raises(ImageError, match="lie outside the 640x360 image"):
+        SnapshotSet(snapshot, stray[1:], Budget(448 * 448, 28)).for_rule("boxes", 0.25)
     with pytest.raises(ImageError, match="a 1x1 image is too small to crop"):
         crop_region((1, 1), [(0, 0, 1, 1)], 0.25)
 
