@@ -85,12 +85,13 @@ async def test_verdict_confidence_comes_from_the_first_tokens_logprobs(tmp_path)
 async def test_a_label_missing_from_the_top_logprobs_gets_a_bound_from_the_lowest_listed(
     tmp_path,
 ):
-    script = Script(top_logprobs={"Yes": -0.1, "The": -2.0})
+    script = Script(top_logprobs={"Yes": -1.5, "The": -3.0})
     async with openai_server(script) as url:
         [[verdict]] = await review(remote_settings(tmp_path, url), make_alert("r-2"))
-    # each of "no"'s six forms (no, No, NO, " no" ...) below the least listed token
-    no = -2.0 + math.log(6)
-    assert verdict["confidence"] == pytest.approx(1 / (1 + math.exp(no + 0.1)), abs=1e-9)
+    # each of "no"'s six forms (no, No, NO, " no" ...) below the least listed token (and
+    # together below the 73 % the listed tokens leave)
+    no = -3.0 + math.log(6)
+    assert verdict["confidence"] == pytest.approx(1 / (1 + math.exp(no + 1.5)), abs=1e-9)
 
 
 async def test_without_logprobs_the_answer_text_decides(tmp_path):
@@ -270,16 +271,28 @@ def test_labels_of_several_tokens_are_scored_from_the_token_that_begins_them():
     }
     top = [
         {"token": token, "logprob": logprob}
-        for token, logprob in [("fork", -0.22), ("Fork", -2.5), ("ped", -2.6), ("p", -3.0)]
+        for token, logprob in [("fork", -0.4), ("Fork", -2.5), ("ped", -2.6), ("p", -3.0)]
     ]
     answer = choice_from_logprobs(top, choices)
     assert answer is not None
     # "p" begins two labels' forms, and is too short to name one: the lowest listed stands
     # in, for each of the two forms of "person"
-    scores = {"forklift": lse(-0.22, -2.5), "pedestrian": -2.6, "person": -3.0 + math.log(2)}
+    scores = {"forklift": lse(-0.4, -2.5), "pedestrian": -2.6, "person": -3.0 + math.log(2)}
     assert answer.logits == pytest.approx(scores)
     assert answer.probabilities["forklift"] > 0.8
     assert choice_from_logprobs([{"token": "The", "logprob": -0.1}], choices) is None
+
+
+def test_a_label_left_out_of_a_short_list_never_outweighs_what_is_listed():
+    choices = {"yes": ["yes", "Yes", " yes", " Yes", "YES", " YES"], "no": ["no", "No"]}
+    for listed, p_yes in (("Yes", 0.99), ("No", 0.01)):  # top_logprobs = 1
+        answer = choice_from_logprobs([{"token": listed, "logprob": math.log(0.99)}], choices)
+        assert answer is not None
+        assert answer.probabilities["yes"] == pytest.approx(p_yes)
+    # the unlisted label gets what the listed tokens leave, when that is below its bound
+    top = [{"token": "Yes", "logprob": math.log(0.6)}, {"token": "The", "logprob": math.log(0.3)}]
+    answer = choice_from_logprobs(top, choices)
+    assert answer is not None and answer.logits["no"] == pytest.approx(math.log(0.1))
 
 
 def test_a_token_names_the_label_it_equals_and_a_short_one_no_label_it_begins():
@@ -288,7 +301,7 @@ def test_a_token_names_the_label_it_equals_and_a_short_one_no_label_it_begins():
         "animal": ["animal", "Animal"],
         "vehicle": ["vehicle", "Vehicle"],
     }
-    top = [("The", -0.4), ("I", -1.6), ("A", -2.3), ("vehicle", -3.0), ("Anim", -3.5)]
+    top = [("The", -0.6), ("I", -1.6), ("A", -2.3), ("vehicle", -3.0), ("Anim", -3.5)]
     answer = choice_from_logprobs([{"token": t, "logprob": v} for t, v in top], choices)
     assert answer is not None  # "I" and "A" begin words of every kind: they name nothing
     assert answer.logits == pytest.approx(

@@ -123,6 +123,10 @@ def label_of_token(
     return named[0] if len(named) == 1 else None
 
 
+#: the probability left for unlisted tokens, at least (the listed ones may round past 1)
+UNLISTED_MIN = 1e-9
+
+
 def choice_from_logprobs(
     top: Sequence[Mapping[str, Any]], choices: Mapping[str, Sequence[str]]
 ) -> ChoiceAnswer | None:
@@ -133,6 +137,10 @@ def choice_from_logprobs(
     if not listed_tokens:
         return None
     floor = min(logprob for _, logprob in listed_tokens)
+    # nor more likely than what the listed tokens leave: with one listed (top_logprobs = 1)
+    # the least listed is the top one, and a label left out would outweigh it
+    rest = 1.0 - math.fsum(math.exp(logprob) for _, logprob in listed_tokens)
+    left = math.log(max(rest, UNLISTED_MIN))
     per_label: dict[str, list[float]] = {label: [] for label in choices}
     for token, logprob in listed_tokens:
         label = label_of_token(token, choices)
@@ -142,7 +150,7 @@ def choice_from_logprobs(
         return None
     scores = {
         # unlisted: each of its forms' first tokens is less likely than the least listed one
-        label: _logsumexp(got) if got else floor + math.log(len(set(choices[label])))
+        label: _logsumexp(got) if got else min(floor + math.log(len(set(choices[label]))), left)
         for label, got in per_label.items()
     }
     top_score = max(scores.values())
