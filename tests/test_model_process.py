@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
+import sys
+import types
 from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import torch
 from PIL import Image
 
 from daemon.config import ModelSettings
+from daemon.inference import model_process
 from daemon.inference.model_process import ReceiveBlocks, SendBlocks, portable
 from daemon.inference.transformers_backend import TransformersBackend
 from daemon.plugin_api import (
@@ -79,6 +83,53 @@ async def test_an_error_in_the_model_process_reaches_the_caller_as_itself(tiny_m
         # the child goes on: the next batch is answered
         [answer] = await asyncio.gather(backend.run(mixed_requests()[0]))
         assert set(answer.probabilities) == {"yes", "no"}
+    finally:
+        await backend.close()
+
+
+#: a module of the daemon's alone (as a `[plugins] dir` file is): the child cannot import it
+PLUGIN_ONLY = types.ModuleType("secondlook_plugin_only_here")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaggedQuery(ChoiceQuery):
+    tag: str = "night"
+
+
+class Prompt(str):
+    pass
+
+
+TaggedQuery.__module__ = Prompt.__module__ = PLUGIN_ONLY.__name__
+PLUGIN_ONLY.TaggedQuery, PLUGIN_ONLY.Prompt = TaggedQuery, Prompt
+
+
+async def test_a_plugins_own_query_types_reach_the_model_process_as_plain_data(
+    tiny_model, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, PLUGIN_ONLY.__name__, PLUGIN_ONLY)
+    image = Image.new("RGB", (56, 56), (200, 90, 0))
+    odd = [
+        TaggedQuery(FIRE.prompt, FIRE.choices),
+        ChoiceQuery(Prompt(FIRE.prompt), types.MappingProxyType({"yes": ("yes",), "no": ["no"]})),
+    ]
+    requests = [ModelRequest(FIRE, [image]), *(ModelRequest(q, [image]) for q in odd)]
+    settings = ModelSettings(path=str(tiny_model), max_wait_ms=200)
+    alone = await answers_of(TransformersBackend(settings), requests)
+    backend = TransformersBackend(settings.model_copy(update={"worker": "process"}))
+    await backend.start()
+    try:
+        apart = await asyncio.gather(*(backend.run(request) for request in requests))
+        for ours, theirs in zip(apart, alone, strict=True):
+            assert ours.probabilities == pytest.approx(theirs.probabilities, abs=1e-5)
+        # and a message the child cannot unpickle fails its pass alone, not the process
+        runner = backend._runner
+        monkeypatch.setattr(model_process, "without_images", lambda request: request)
+        with pytest.raises(ModuleNotFoundError, match="secondlook_plugin_only_here"):
+            await asyncio.to_thread(runner.forward, requests[1:2], runner.collate(requests[1:2]))
+        monkeypatch.undo()
+        [answer] = await asyncio.gather(backend.run(requests[0]))
+        assert answer.probabilities == pytest.approx(alone[0].probabilities, abs=1e-5)
     finally:
         await backend.close()
 

@@ -32,7 +32,7 @@ from daemon import logs
 from daemon.config import LogSettings, ModelSettings
 from daemon.inference.processors import load_processor
 from daemon.inference.runner import ChoiceIds, ModelRunner, collate_checked, image_factor_of
-from daemon.plugin_api import Answer, BackendUnusable, ModelRequest
+from daemon.plugin_api import Answer, BackendUnusable, ChoiceQuery, GenerateQuery, ModelRequest
 
 log = structlog.get_logger(__name__)
 
@@ -143,8 +143,20 @@ def portable(error: BaseException) -> BaseException:
 
 
 def without_images(request: ModelRequest) -> ModelRequest:
-    """What the child needs of a request once it is collated: its query and adapter."""
-    return dataclasses.replace(request, images=())
+    """What the child needs of a request once it is collated: its query and adapter, as
+    plain data (a plugin's own query class or mapping, which the child could not import or
+    the pipe not carry, must not end the model process)."""
+    query = request.query
+    plain: ChoiceQuery | GenerateQuery = (
+        ChoiceQuery(
+            str(query.prompt),
+            {str(label): tuple(map(str, forms)) for label, forms in query.choices.items()},
+        )
+        if isinstance(query, ChoiceQuery)
+        else GenerateQuery(str(query.prompt), query.max_new_tokens and int(query.max_new_tokens))
+    )
+    adapter = None if request.adapter is None else str(request.adapter)
+    return ModelRequest(plain, (), adapter)
 
 
 class ModelProcess:
@@ -267,7 +279,13 @@ def serve(conn: Connection, settings: ModelSettings, log_settings: LogSettings) 
     try:
         conn.send(("ready", {"dtype": runner.model.dtype, "context": runner.context}))
         while True:
-            message = conn.recv()
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return  # the daemon is gone
+            except Exception as exc:  # read whole, but it does not unpickle here: its pass fails
+                conn.send(("error", portable(exc)))
+                continue
             if message is None:
                 return
             conn.send(run_pass(runner, blocks, *message))
