@@ -11,12 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 from peft import LoraConfig, get_peft_model
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from daemon.cli import main
+from daemon.config import ModelSettings
 from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
-from daemon.plugin_api import Answer, ModelRequest
+from daemon.inference.transformers_backend import TransformersBackend
+from daemon.plugin_api import Answer, ChoiceQuery, ModelRequest
 from daemon.plugins import Registry, make_plugin_manager
 from daemon.rules import RuleError, parse_rule
 from tests.conftest import FIRE_RULE, jpeg_bytes, make_alert, make_settings, run_daemon
@@ -163,3 +166,38 @@ async def test_a_backend_that_applies_no_adapters_is_never_asked_to(tmp_path, ti
         assert d.daemon.backend.requests == []  # judged by the base model it would have been
     assert verdict["verdict"] == "unreviewed"
     assert "the backend of 'fixed' cannot apply LoRA adapters" in verdict["reason"]
+
+
+async def test_an_adapter_that_cannot_load_cleanly_leaves_the_base_model_as_it_was(
+    tmp_path, tiny_model
+):
+    adapters = tmp_path / "adapters"
+    good = save_adapter(tiny_model, adapters / "good", seed=7)
+    missing = Path(shutil.copytree(good, adapters / "missing"))
+    (missing / "adapter_model.safetensors").unlink()
+    damaged = Path(shutil.copytree(good, adapters / "damaged"))
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    get_peft_model(model, config).save_pretrained(adapters / "pissa")  # rewrites base weights
+    image = Image.new("RGB", (56, 56), (200, 80, 30))
+    query = ChoiceQuery("Is there fire? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
+    backend = TransformersBackend(ModelSettings(path=str(tiny_model)))
+    await backend.start()
+    try:
+        before = (await backend.run(ModelRequest(query, [image]))).logits
+        for name, reason in (
+            ("missing", "cannot load the LoRA adapter"),
+            ("damaged", "cannot load the LoRA adapter"),
+            ("pissa", "rewrites the base model's weights"),
+        ):
+            with pytest.raises(ValueError, match=reason):
+                await backend.run(ModelRequest(query, [image], str(adapters / name)))
+            after = (await backend.run(ModelRequest(query, [image]))).logits
+            assert after == before, name  # not a bit changed
+        tuned = (await backend.run(ModelRequest(query, [image], str(good)))).logits
+        assert tuned != before  # a good adapter still loads, and the base stays the base
+        assert (await backend.run(ModelRequest(query, [image]))).logits == before
+    finally:
+        await backend.close()

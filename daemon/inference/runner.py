@@ -246,6 +246,29 @@ def adapter_stamp(path: str) -> AdapterStamp:
         return ()  # unreadable now: loading it says why
 
 
+#: peft initialisations that rewrite the base model's weights as an adapter loads: the other
+#: rules (and the bare model) would see a changed model
+BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def check_adapter(path: str) -> None:
+    """Refuse (ValueError) an adapter before peft touches the model: peft injects its layers
+    first and reads its weights after, so a missing or damaged weights file, or an adapter
+    whose initialisation rewrites the base weights, would change the answers of every
+    other rule."""
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+
+    init = getattr(PeftConfig.from_pretrained(path), "init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise ValueError(
+            f"init_lora_weights = {init!r} rewrites the base model's weights as the adapter "
+            "loads (every other rule would see a changed model): save it converted to a "
+            "plain LoRA adapter"
+        )
+    load_peft_weights(path, device="cpu")  # there, and whole
+
+
 def context_length(model: Any) -> int | None:
     """The model's context (positions), from its text config."""
     config = getattr(model, "config", None)
@@ -461,12 +484,13 @@ class ModelRunner:
         try:
             from peft import PeftModel
 
+            check_adapter(path)
             if self._lora is None:
                 self._lora = PeftModel.from_pretrained(self.model, path, adapter_name=name)
                 self._lora.eval()
             else:
                 self._lora.load_adapter(path, adapter_name=name)
-        except (OSError, ValueError, ImportError, RuntimeError, KeyError) as exc:
+        except Exception as exc:  # safetensors' own error for a damaged file among them
             raise ValueError(f"cannot load the LoRA adapter {path}: {exc}") from exc
 
     def run_batch(self, requests: Sequence[ModelRequest]) -> list[Answer | Exception]:
