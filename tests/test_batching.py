@@ -418,6 +418,7 @@ async def test_a_request_that_breaks_its_batchs_collation_fails_alone(tiny_model
     for request, answer in zip(good, [answers[0], *answers[2:]], strict=True):
         assert_same(answer, runner.run(request))
     assert batcher.health.batches == 1 and batcher.health.requests == 4
+    assert batcher.health.failures == 1  # a request failed at collation is a failure too
 
 
 class AnswersOneTooFew:

@@ -55,6 +55,7 @@ class WorkerHealth:
     batches: int = 0
     requests: int = 0
     oom_splits: int = 0
+    #: requests failed here: at collation, by a pass that failed, or alone in their pass
     failures: int = 0
     #: time.monotonic() when the running batch started (None: idle)
     busy_since: float | None = None
@@ -141,14 +142,14 @@ class MicroBatcher:
             return [(batch, await self._inputs(batch))]
         except Exception as exc:
             if len(batch) == 1:
-                _fail(batch, exc)
+                self.health.failures += _fail(batch, exc)
                 return []
         fit = []
         for item in batch:
             try:
                 await self._inputs([item])
             except Exception as exc:
-                _fail([item], exc)
+                self.health.failures += _fail([item], exc)
             else:
                 fit.append(item)
         # all of them together failed already: halves at once
@@ -166,7 +167,7 @@ class MicroBatcher:
                 return [(items, await self._inputs(items))]
             except Exception as exc:
                 if len(items) == 1:
-                    _fail(items, exc)
+                    self.health.failures += _fail(items, exc)
                     return []
         half = len(items) // 2
         return await self._in_groups(items[:half]) + await self._in_groups(items[half:])
@@ -265,10 +266,9 @@ class MicroBatcher:
         del inputs
         _release_cached_memory()
         if len(batch) == 1:
-            health.failures += 1
             if split is not None:
                 split.lone_failure = True
-            _fail(batch, out_of_memory)
+            health.failures += _fail(batch, out_of_memory)
             return
         health.oom_splits += 1
         half = len(batch) // 2
@@ -282,14 +282,13 @@ class MicroBatcher:
     def _failed(self, batch: list[_Waiting], exc: Exception) -> None:
         """A pass that failed otherwise than by running out of memory."""
         health = self.health
-        health.failures += 1
         if (fatal := unusable_because(exc)) is not None:
             health.fatal = fatal
             log.critical("the model is unusable", error=str(exc))
-            _fail(batch, BackendUnusable(fatal))
+            health.failures += _fail(batch, BackendUnusable(fatal))
             self._fail_waiting(BackendUnusable(fatal))
             return
-        _fail(batch, exc)
+        health.failures += _fail(batch, exc)
 
     async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer | Exception]:
         health = self.health
@@ -369,10 +368,12 @@ def _requests(batch: list[_Waiting]) -> list[ModelRequest]:
     return [item.request for item in batch]
 
 
-def _fail(batch: list[_Waiting], error: BaseException) -> None:
-    for item in batch:
-        if not item.future.done():
-            item.future.set_exception(error)
+def _fail(batch: list[_Waiting], error: BaseException) -> int:
+    """Fail the requests still waiting for an answer; how many."""
+    failed = [item for item in batch if not item.future.done()]
+    for item in failed:
+        item.future.set_exception(error)
+    return len(failed)
 
 
 def _release_cached_memory() -> None:
