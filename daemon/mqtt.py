@@ -411,11 +411,12 @@ class MqttLink:
             INTAKE_WINDOW
         )
         budget = ByteBudget(INTAKE_WINDOW_BYTES)
+        ended = asyncio.create_task(_connection_end(client))
         tasks = {
             asyncio.create_task(self._acknowledge_in_order(client, window, budget)),
             asyncio.create_task(self._take_in(client, window, budget)),
             asyncio.create_task(self._watch_queue(client)),
-            asyncio.create_task(_connection_end(client)),
+            ended,
         }
         try:
             # any ends the connection: the reader when it is lost, the acker when an alert
@@ -427,7 +428,9 @@ class MqttLink:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        done.pop().result()
+        # why it ended: another's reason first (a failed intake disconnects, and its end
+        # may be seen in the same turn)
+        min(done, key=lambda task: task is ended).result()
 
     async def _take_in(
         self,
