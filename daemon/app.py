@@ -102,8 +102,8 @@ class Daemon:
             settings.rules.dir,
             self.registry.rule_kinds,
             saved=SavedRules(settings.storage.dir / SAVED_RULES_FILE),
+            check_topic=settings.mqtt.echo_of,  # [mqtt] changes only at a restart
         )
-        self.rules.check_topic = settings.mqtt.echo_of  # [mqtt] changes only at a restart
         self.backend = self.registry.backends[settings.model.backend](settings.model)
         self.ready = asyncio.Event()
         #: the model is loaded (rules are checked against its tokenizer from then on)

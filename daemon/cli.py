@@ -856,8 +856,7 @@ def rules_check(directory: Path, config: Path | None, model_path: str | None) ->
         check_choices = lambda choices: choice_token_ids(tokenizer, choices)  # noqa: E731
     settings = _settings(config)
     kinds = Registry.collect(make_plugin_manager((), settings.plugins.dir), settings).rule_kinds
-    book = RuleBook(directory, kinds, check_choices)
-    book.check_topic = settings.mqtt.echo_of
+    book = RuleBook(directory, kinds, check_choices, check_topic=settings.mqtt.echo_of)
     errors = book.load()
     for rule in book.rules:
         click.echo(

@@ -88,23 +88,20 @@ class PubAcks:
 
     def __init__(self) -> None:
         self._waiting: dict[int, asyncio.Future[ReasonCode]] = {}
-        self._lost = False
 
     def expect(self, mid: int) -> asyncio.Future[ReasonCode]:
         future = asyncio.get_running_loop().create_future()
-        if self._lost:
-            future.set_exception(_lost_before_ack())
-        else:
-            self._waiting[mid] = future
+        self._waiting[mid] = future
         return future
 
     def lose(self) -> None:
         """The connection ended: fail every publish that waits."""
-        self._lost = True
         waiting, self._waiting = self._waiting, {}
         for future in waiting.values():
             if not future.done():
-                future.set_exception(_lost_before_ack())
+                future.set_exception(
+                    ConnectionLost("connection lost before the broker acknowledged")
+                )
 
     def forget(self, mid: int) -> None:
         self._waiting.pop(mid, None)
@@ -113,10 +110,6 @@ class PubAcks:
         future = self._waiting.pop(mid, None)
         if future is not None and not future.done():
             future.set_result(reason_code)
-
-
-def _lost_before_ack() -> ConnectionLost:
-    return ConnectionLost("connection lost before the broker acknowledged")
 
 
 #: (topic, payload, alert format of the subscription it arrived on)

@@ -80,9 +80,9 @@ async def replay(
     """
     daemon = Daemon(settings)
     if each_alone:
-        book = EachAlone(settings.rules.dir, daemon.registry.rule_kinds)
-        book.check_topic = daemon.rules.check_topic
-        daemon.rules = book
+        daemon.rules = EachAlone(
+            settings.rules.dir, daemon.registry.rule_kinds, check_topic=settings.mqtt.echo_of
+        )
     pipeline = await daemon.open()
     pipeline.announce = False  # offline: verdicts go to no pager, webhook or other sink
     rows: list[ReplayRow] = []

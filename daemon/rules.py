@@ -31,6 +31,9 @@ RULE_FILE_MAX_BYTES = 1024 * 1024
 
 #: checks that a kind's answers can be told apart by their first token (the model's tokenizer)
 ChoiceChecker = Callable[[Mapping[str, Sequence[str]]], None]
+#: why verdicts on a rule's publish topic (its template, and whether the rule is a shadow)
+#: would come back to the daemon as input, or None (see MqttSettings.echo_of)
+TopicChecker = Callable[[str, bool], str | None]
 
 
 @dataclass(frozen=True)
@@ -227,13 +230,13 @@ class RuleBook:
         kinds: Mapping[str, RuleKind],
         check_choices: ChoiceChecker | None = None,
         saved: SavedRules | None = None,
+        check_topic: TopicChecker | None = None,
     ) -> None:
         self.directory = directory
         self._kinds = kinds
         #: set once the model's tokenizer is known; rules are then re-checked
         self.check_choices = check_choices
-        #: why a rule's publish topic (template, shadow) would come back as input, or None
-        self.check_topic: Callable[[str, bool], str | None] | None = None
+        self.check_topic = check_topic
         self.saved = saved
         #: whether the checks are final (the model's tokenizer known, or none to come):
         #: only then are the rules in force saved as the last good ones

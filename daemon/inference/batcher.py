@@ -142,14 +142,14 @@ class MicroBatcher:
             return [(batch, await self._inputs(batch))]
         except Exception as exc:
             if len(batch) == 1:
-                self.health.failures += _fail(batch, exc)
+                self._give_up(batch, exc)
                 return []
         fit = []
         for item in batch:
             try:
                 await self._inputs([item])
             except Exception as exc:
-                self.health.failures += _fail([item], exc)
+                self._give_up([item], exc)
             else:
                 fit.append(item)
         # all of them together failed already: halves at once
@@ -167,7 +167,7 @@ class MicroBatcher:
                 return [(items, await self._inputs(items))]
             except Exception as exc:
                 if len(items) == 1:
-                    self.health.failures += _fail(items, exc)
+                    self._give_up(items, exc)
                     return []
         half = len(items) // 2
         return await self._in_groups(items[:half]) + await self._in_groups(items[half:])
@@ -268,7 +268,7 @@ class MicroBatcher:
         if len(batch) == 1:
             if split is not None:
                 split.lone_failure = True
-            health.failures += _fail(batch, out_of_memory)
+            self._give_up(batch, out_of_memory)
             return
         health.oom_splits += 1
         half = len(batch) // 2
@@ -279,16 +279,20 @@ class MicroBatcher:
         if split is None:  # the first batch of the splits: what its parts did sets the limit
             self.limit.ran_out(outcome)
 
+    def _give_up(self, items: list[_Waiting], error: BaseException) -> None:
+        """Fail the requests still waiting for an answer, each counted as a failure."""
+        self.health.failures += _fail(items, error)
+
     def _failed(self, batch: list[_Waiting], exc: Exception) -> None:
         """A pass that failed otherwise than by running out of memory."""
         health = self.health
         if (fatal := unusable_because(exc)) is not None:
             health.fatal = fatal
             log.critical("the model is unusable", error=str(exc))
-            health.failures += _fail(batch, BackendUnusable(fatal))
+            self._give_up(batch, BackendUnusable(fatal))
             self._fail_waiting(BackendUnusable(fatal))
             return
-        health.failures += _fail(batch, exc)
+        self._give_up(batch, exc)
 
     async def _timed_pass(self, batch: list[_Waiting], inputs: Any) -> list[Answer | Exception]:
         health = self.health
