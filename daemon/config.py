@@ -38,10 +38,17 @@ class _Section(BaseModel):
 
 
 def topic_filter(topic: str) -> str:
-    """A topic filter the broker takes: `+` and `#` each a whole level, `#` the last one."""
+    """A topic filter the broker takes: `+` and `#` each a whole level, `#` the last one; not
+    a shared subscription (`$share/...`: `share_group` makes those, and the checks that the
+    daemon never takes in its own messages compare plain filters)."""
     levels = topic.split("/")
     if not topic or "\0" in topic:
         raise ValueError("a topic filter is neither empty nor holds NUL")
+    if levels[0] in ("$share", "$queue"):
+        raise ValueError(
+            f"{topic!r}: write the plain filter and set [mqtt] share_group for a shared "
+            "subscription"
+        )
     for i, level in enumerate(levels):
         if ("+" in level or "#" in level) and len(level) > 1:
             raise ValueError(f"{topic!r}: a wildcard (+ or #) must be a whole level")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -76,13 +77,18 @@ def json_schema(fields: dict[str, FieldSpec]) -> dict[str, Any]:
     }
 
 
+# where a JSON object can start: a brace, then a key or the closing brace
+OBJECT_START = re.compile(r'\{\s*["}]')
+
+
 def find_json_object(text: str) -> dict[str, Any]:
-    """The first {...} object in the text (code fences and chatter around it are ignored)."""
-    start = text.find("{")
-    if start < 0:
+    """The first {...} object in the text (code fences and chatter around it, braces in the
+    chatter included, are ignored)."""
+    start = OBJECT_START.search(text)
+    if start is None:
         raise ValueError("no JSON object in the output")
     try:
-        value, _ = json.JSONDecoder().raw_decode(text[start:])
+        value, _ = json.JSONDecoder().raw_decode(text[start.start() :])
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON: {exc.msg} at char {exc.pos}") from exc
     if not isinstance(value, dict):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from daemon.config import MappingFormat, Settings, offset_tz
@@ -68,6 +68,8 @@ def to_rfc3339(value: Any, time_format: str, utc_offset: str) -> str:
         # configured offset
         named_utc = "%Z" in time_format and any(name in value for name in _UTC_NAMES)
         parsed = parsed.replace(tzinfo=UTC if named_utc else offset)
+    if parsed.utcoffset() % timedelta(minutes=1):
+        parsed = parsed.astimezone(UTC)  # %z reads offsets in seconds; RFC 3339's are minutes
     return parsed.isoformat()
 
 

@@ -432,6 +432,12 @@ def test_mapped_values_are_read_the_json_way():
     alert = parse().alert
     # a zone name read by %Z is its zone, not the configured offset
     assert alert.occurred_at == "2024-05-01T10:00:00+00:00"
+    # %z reads offsets to the second, which RFC 3339 has not: the same instant in UTC
+    seconds = short_mapping("%Y-%m-%d %H:%M:%S%z")
+    data = {"id": 1, "t": "2024-05-01 10:00:00+053015", "img": image}
+    assert seconds.parse(json.dumps(data).encode(), topic="acme/x").alert.occurred_at == (
+        "2024-05-01T04:29:45+00:00"
+    )
     # numbers name things as JSON writes them; translations are keyed alike
     assert (alert.alert_id, alert.camera_id, alert.event_type) == ("7", "3", "fire")
     assert parse(type=True).alert.event_type == "smoke"

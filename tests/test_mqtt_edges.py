@@ -269,6 +269,9 @@ async def test_a_refused_verdict_is_not_sent_again_by_the_flush_after_a_lost_con
         # what the daemon publishes would come back to it as alerts, each refused
         ('subscribe = ["secondlook/#"]', "'secondlook/#'", "the daemon's own messages"),
         ('subscribe = ["+/verdicts/#"]', "verdict_topic", "the daemon's own messages"),
+        # a shared subscription written by hand would slip past that check
+        ('subscribe = ["$share/g/secondlook/#"]', "subscribe", "share_group"),
+        ('[[mqtt.subscriptions]]\ntopic = "$share/g/x/#"', "topic", "share_group"),
         # feedback would arrive twice: as feedback, and again as an alert
         ('subscribe = ["secondlook/+/x"]', "feedback_topic", "feedback would arrive twice"),
     ],

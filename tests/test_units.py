@@ -442,16 +442,17 @@ def test_extract_prompt_lists_the_fields_and_valid_json_is_confirmed(tmp_path, k
     query = kinds["extract"].compose(Alert.model_validate(make_alert()), rule)
     assert "people (integer): number of people visible" in query.prompt
     assert query.max_new_tokens == 24
-    text = 'Sure:\n```json\n{"people": 4}\n```'
-    judgement = kinds["extract"].interpret(TextAnswer(text), rule)
-    assert judgement.verdict == VerdictKind.CONFIRMED
-    assert judgement.fields == {"people": 4}
+    for text in ('Sure:\n```json\n{"people": 4}\n```', 'Answer {in JSON}: { "people": 4}'):
+        judgement = kinds["extract"].interpret(TextAnswer(text), rule)
+        assert judgement.verdict == VerdictKind.CONFIRMED
+        assert judgement.fields == {"people": 4}
 
 
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
         ("four people", "no JSON object"),
+        ("{four} people", "no JSON object"),
         ('{"people": "four"}', 'people: expected integer, got "four"'),
         ('{"people": 4, "mood": "ok"}', "mood: not a field of this rule"),
         ('{"people": 4', "not valid JSON"),
