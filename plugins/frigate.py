@@ -9,23 +9,29 @@ Subscribe this format to Frigate's topics (prefix `frigate` by default):
     topic = "frigate/+/+/snapshot"
     format = "frigate"
 
-`frigate/<camera>/<label>/snapshot` carries a JPEG of the best frame of the latest object of
-that label on that camera (by default cropped to the object, with its box drawn); a JPEG or
-PNG is kept in memory (MAX_SNAPSHOT_BYTES in all), and checked like any snapshot, with the
-`[images]` settings of the moment, once an alert uses it. `frigate/events` carries
-`{"type": "new" | "update" | "end", "before": {...}, "after": {...}}`; the `after` object of a
-type listed in `[frigate] review` becomes an alert: id, camera, label, start_time, top_score
-and zones. Its snapshot is the latest one kept for its camera and label when that arrived
-after the event's first message of any type (less SNAPSHOT_SLACK_S; an earlier one shows
-an earlier object), or else Frigate's HTTP API (`[frigate] api_url` + /api/events/<id>/snapshot.jpg,
-the whole frame: the alert then carries the detection box too). Without an API, an event
-whose snapshot has not come yet (Frigate publishes the event first) waits for it: the
-snapshot's message, or the event's next one, brings the alert in; its `end` without one is
-refused. An event whose first message here is of a later type than one reviewed (it began
+`frigate/<camera>/<label>/snapshot` carries a JPEG of the best frame of the best object of
+that label on that camera (by default cropped to the object, with its box drawn), and no
+event id; a JPEG or PNG is kept in memory (MAX_SNAPSHOT_BYTES in all), and checked like any
+snapshot, with the `[images]` settings of the moment, once an alert uses it. `frigate/events`
+carries `{"type": "new" | "update" | "end", "before": {...}, "after": {...}}`; the `after`
+object of a type listed in `[frigate] review` becomes an alert: id, camera, label,
+start_time, top_score and zones. Its snapshot is the latest one kept for its camera and label
+when that arrived after the event's first message of any type (less SNAPSHOT_SLACK_S; an
+earlier one shows an earlier object) while no other event of that camera and label was live
+(it could show that one's object instead: an event is live from its first message to its end,
+or until nothing was heard of it for LIVE_S, Frigate repeating an event's message at least
+once a minute), or else Frigate's HTTP API (`[frigate] api_url` +
+/api/events/<id>/snapshot.jpg, the whole frame: the alert then carries the detection box too
+when the event's message gives the box of that frame). Without an API, an event whose
+snapshot has not come yet (Frigate publishes the event first) waits for it: the snapshot's
+message, or the event's next one, brings the alert in; its `end` without one is refused, and
+so is the next message of one dropped from the MAX_WAITING events that wait at most. An event
+whose first message here is of a later type than one reviewed (it began
 before a restart, which may have caught it waiting) is reviewed at that message, with a
 snapshot received since the start; the journal drops it if it was taken in before. A
 retained snapshot (the broker sends it at subscribing, at every reconnect on MQTT 3.1.1) shows
-an object of before: it is never taken as an event's own. Message
+an object of before: it is never taken as an event's own (a retained copy of the snapshot kept
+changes nothing). Message
 shapes follow Frigate's MQTT documentation
 (docs.frigate.video/integrations/mqtt).
 """
@@ -35,7 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 import structlog
@@ -52,14 +58,34 @@ MAX_SNAPSHOTS = 256
 MAX_SNAPSHOT_BYTES = 128 * 2**20
 #: a snapshot received this long before its event's first message still counts as its own
 SNAPSHOT_SLACK_S = 2.0
-#: events waiting for their snapshot, at most (the oldest is dropped past this)
+#: events waiting for their snapshot, at most (the one heard of least recently is dropped)
 MAX_WAITING = 256
 #: events whose first message's arrival is remembered, at most
 MAX_SEEN = 4096
+#: an event is taken as over when nothing was heard of it for this long (Frigate repeats an
+#: event's message at least once a minute while it tracks the object)
+LIVE_S = 150.0
 #: in the order Frigate sends them
 EVENT_TYPES = ("new", "update", "end")
 
 log = structlog.get_logger(__name__)
+
+
+class _Seen(NamedTuple):
+    """An event not ended: when its first and latest messages arrived (Unix time), and what."""
+
+    first: float
+    last: float
+    camera: str
+    label: str
+
+
+class _Snapshot(NamedTuple):
+    #: when it arrived (Unix time; 0 for a retained one)
+    arrived: float
+    data: bytes
+    #: the events of its camera and label live when it arrived: whose object it may show
+    live: frozenset[str]
 
 
 class FrigateFormat:
@@ -69,12 +95,15 @@ class FrigateFormat:
         self.settings = settings
         #: when messages arrive (Unix time)
         self.clock: Callable[[], float] = time.time
-        #: the latest snapshot per camera and label, with when it arrived (Unix time)
-        self._snapshots: dict[tuple[str, str], tuple[float, bytes]] = {}
-        #: events of a reviewed type still without a snapshot, by id
+        #: the latest snapshot per camera and label
+        self._snapshots: dict[tuple[str, str], _Snapshot] = {}
+        #: events of a reviewed type still without a snapshot, by id (least recently heard of
+        #: first)
         self._waiting: dict[str, dict[str, Any]] = {}
-        #: when each recent event's first message (of any type) arrived
-        self._first_seen: dict[str, float] = {}
+        #: ids of events dropped from `_waiting`, refused at their next message
+        self._dropped: dict[str, None] = {}
+        #: recent events not ended, by id (least recently heard of first)
+        self._seen_events: dict[str, _Seen] = {}
         #: when the first message of all arrived
         self._since: float | None = None
 
@@ -94,8 +123,13 @@ class FrigateFormat:
         if not isinstance(event, dict):
             raise AlertError("after", "a Frigate event needs an 'after' object")
         event_id = str(event.get("id"))
-        known = event_id in self._first_seen
-        first_seen = self._seen(event_id, ended=kind == "end")
+        known = event_id in self._seen_events
+        first_seen = self._seen(event_id, event, ended=kind == "end")
+        if self._dropped.pop(event_id, 0) is None:
+            raise AlertError(
+                "image",
+                f"dropped while waiting for its snapshot: over {MAX_WAITING} events waited at once",
+            )
         waiting = self._waiting.pop(event_id, None)
         caught_up = False
         if waiting is None and kind not in self.settings.review:
@@ -105,8 +139,8 @@ class FrigateFormat:
             # stopped; a snapshot received since the start is taken as its own
             caught_up = True
             first_seen = self._since or first_seen
-            if event_id in self._first_seen:
-                self._first_seen[event_id] = first_seen
+            if event_id in self._seen_events:
+                self._seen_events[event_id] = self._seen_events[event_id]._replace(first=first_seen)
         incoming = self._alert(event, first_seen)
         if incoming is not None:
             return incoming
@@ -114,17 +148,24 @@ class FrigateFormat:
             log.info("frigate event seen first at its end, without a snapshot", frigate_id=event_id)
             return None
         if kind == "end":
+            kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
+            shared = kept is not None and kept.arrived >= first_seen - SNAPSHOT_SLACK_S
             raise AlertError(
                 "image",
                 f"no snapshot received for {event['camera']}/{event['label']} before the event "
-                "ended, and no [frigate] api_url to fetch one from",
+                "ended"
+                + (" that could not show another event's object" if shared else "")
+                + ", and no [frigate] api_url to fetch one from",
             )
         self._waiting[event_id] = event
         while len(self._waiting) > MAX_WAITING:
-            dropped = self._waiting.pop(next(iter(self._waiting)))
+            dropped = next(iter(self._waiting))
+            del self._waiting[dropped]
+            self._dropped[dropped] = None
+            while len(self._dropped) > MAX_SEEN:
+                del self._dropped[next(iter(self._dropped))]
             log.warning(
-                "frigate event dropped: waited too long for its snapshot",
-                frigate_id=dropped.get("id"),
+                "frigate event dropped: waited too long for its snapshot", frigate_id=dropped
             )
         return None  # waits for its snapshot
 
@@ -134,14 +175,28 @@ class FrigateFormat:
             earlier in self.settings.review for earlier in EVENT_TYPES[: EVENT_TYPES.index(kind)]
         )
 
-    def _seen(self, event_id: str, *, ended: bool) -> float:
+    def _seen(self, event_id: str, event: dict[str, Any], *, ended: bool) -> float:
         """When the event's first message arrived (now, for its first); forgotten at its end."""
-        first = self._first_seen.pop(event_id, None) or self.clock()
+        now = self.clock()
+        seen = self._seen_events.pop(event_id, None)
+        first = seen.first if seen is not None else now
         if not ended:
-            self._first_seen[event_id] = first
-            while len(self._first_seen) > MAX_SEEN:
-                self._first_seen.pop(next(iter(self._first_seen)))
+            camera, label = str(event.get("camera")), str(event.get("label"))
+            self._seen_events[event_id] = _Seen(first, now, camera, label)
+            while len(self._seen_events) > MAX_SEEN:
+                del self._seen_events[next(iter(self._seen_events))]
         return first
+
+    def _live(self, camera: str, label: str) -> frozenset[str]:
+        """The events of that camera and label heard of within LIVE_S and not ended."""
+        since = self.clock() - LIVE_S
+        live = set()
+        for event_id, seen in reversed(self._seen_events.items()):
+            if seen.last < since:
+                break  # the rest were heard of earlier still
+            if (seen.camera, seen.label) == (camera, label):
+                live.add(event_id)
+        return frozenset(live)
 
     def _snapshot(self, camera: str, label: str, jpeg: bytes) -> IncomingAlert | None:
         """Keep a snapshot; the event that waited for it, if any, comes in with it."""
@@ -149,22 +204,25 @@ class FrigateFormat:
             raise AlertError("image", "not a JPEG or PNG image")
         if len(jpeg) > MAX_SNAPSHOT_BYTES:
             raise AlertError("image", f"{len(jpeg)} bytes, over {MAX_SNAPSHOT_BYTES} kept at most")
-        self._snapshots.pop((camera, label), None)
         # a retained one (sent at subscribing) shows an object of before: never an event's own
         retained = message_retained()
-        self._snapshots[(camera, label)] = (0.0 if retained else self.clock(), jpeg)
+        kept = self._snapshots.pop((camera, label), None)
+        if retained and kept is not None and kept.data == jpeg:
+            self._snapshots[(camera, label)] = kept  # a copy of the one kept: nothing new
+            return None
+        live = frozenset() if retained else self._live(camera, label)
+        self._snapshots[(camera, label)] = _Snapshot(0.0 if retained else self.clock(), jpeg, live)
         while len(self._snapshots) > MAX_SNAPSHOTS or (
             len(self._snapshots) > 1
-            and sum(len(kept) for _, kept in self._snapshots.values()) > MAX_SNAPSHOT_BYTES
+            and sum(len(kept.data) for kept in self._snapshots.values()) > MAX_SNAPSHOT_BYTES
         ):
             self._snapshots.pop(next(iter(self._snapshots)))
-        waiting = [] if retained else list(self._waiting.items())
-        for event_id, event in waiting:
-            if (str(event.get("camera")), str(event.get("label"))) == (camera, label):
-                del self._waiting[event_id]
-                # the snapshot just kept came after the event's first message: it is its own
-                return self._alert(event, self._first_seen.get(event_id, 0.0))
-        return None
+        # it shows the object of the one live event of its camera and label, if there is one
+        [owner] = live if len(live) == 1 else [None]
+        event = self._waiting.pop(owner, None) if owner is not None else None
+        if event is None:
+            return None
+        return self._alert(event, self._seen_events[owner].first)
 
     def _alert(self, event: dict[str, Any], first_seen: float) -> IncomingAlert | None:
         """The event's alert with its snapshot (or its API URL); None while it has none."""
@@ -197,16 +255,30 @@ class FrigateFormat:
         }
         kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
         # one that arrived before the event shows an earlier object (the topic is retained
-        # and holds the latest object of that label on that camera); the MQTT snapshot is
+        # and holds the latest best object of that label on that camera), and one that came
+        # while another event of them was live may show that one's; the MQTT snapshot is
         # cropped to the object by default, so the event's box (in the camera frame's
         # pixels) does not apply to it
-        if kept is not None and kept[0] >= first_seen - SNAPSHOT_SLACK_S:
-            return IncomingAlert(validate_alert(canonical), [RawImage("image", kept[1])])
+        if (
+            kept is not None
+            and kept.arrived >= first_seen - SNAPSHOT_SLACK_S
+            and kept.live <= {str(event["id"])}
+        ):
+            return IncomingAlert(validate_alert(canonical), [RawImage("image", kept.data)])
         if not self.settings.api_url:
             return None
         snapshot = event.get("snapshot")
-        # Frigate 0.14 and later: the box of the frame the snapshot shows
-        box = snapshot.get("box") if isinstance(snapshot, dict) else event.get("box")
+        # the box of the frame the snapshot shows: Frigate 0.14 and later tell it; before,
+        # the event's box is of its latest frame, which is the snapshot's only when their
+        # times are one
+        if isinstance(snapshot, dict):
+            box = snapshot.get("box")
+        elif event.get("snapshot_time") is not None and (
+            event.get("frame_time") == event.get("snapshot_time")
+        ):
+            box = event.get("box")
+        else:
+            box = None
         if isinstance(box, list) and len(box) == 4:
             canonical["boxes"] = [
                 dict(zip(("x1", "y1", "x2", "y2"), box, strict=True), label=event["label"])

@@ -15,7 +15,7 @@ from rich.console import Console
 from daemon.config import FrigateSettings, MappingFormat, Settings
 from daemon.plugin_api import AlertError, IncomingAlert, parsing_retained
 from daemon.replay import NO_ALERT, replay
-from plugins.frigate import FrigateFormat
+from plugins.frigate import LIVE_S, FrigateFormat
 from plugins.mapping import MappedFormat
 from tests.conftest import (
     FIRE_RULE,
@@ -40,6 +40,7 @@ def frigate_event(kind: str, event_id: str, camera: str = "loading_dock") -> str
         "id": event_id,
         "camera": camera,
         "frame_time": 1763647392.5,
+        "snapshot_time": 1763647392.5,
         "label": "person",
         "sub_label": None,
         "top_score": 0.83,
@@ -276,30 +277,101 @@ def test_a_retained_frigate_snapshot_is_never_an_events_own():
     frigate = FrigateFormat(FrigateSettings())
     frigate.clock = lambda: now[0]
     stale, own = jpeg_bytes((64, 48)), jpeg_bytes((48, 64))
-    topic = "frigate/gate/person/snapshot"
+
+    def event(kind: str, camera: str) -> IncomingAlert | None:
+        message = frigate_event(kind, f"evt-{camera}", camera=camera)
+        return frigate.parse(message.encode(), topic="frigate/events")
+
+    def snapshot(camera: str, data: bytes, retained: bool = False) -> IncomingAlert | None:
+        with parsing_retained(retained):
+            return frigate.parse(data, topic=f"frigate/{camera}/person/snapshot")
+
     # a waiting event is not released by the retained snapshot a reconnect brings
-    assert (
-        frigate.parse(frigate_event("new", "evt-w", camera="gate").encode(), topic="frigate/events")
-        is None
-    )
-    with parsing_retained(True):
-        assert frigate.parse(stale, topic=topic) is None
+    assert event("new", "gate") is None and snapshot("gate", stale, retained=True) is None
     # nor is an event that begins just after it, nor one caught up from before the start
+    assert snapshot("yard", stale, retained=True) is None
+    assert snapshot("dock", stale, retained=True) is None
     now[0] = 3000.5
-    assert (
-        frigate.parse(frigate_event("new", "evt-n", camera="gate").encode(), topic="frigate/events")
-        is None
-    )
-    assert (
-        frigate.parse(
-            frigate_event("update", "evt-u", camera="gate").encode(), topic="frigate/events"
-        )
-        is None
-    )
+    assert event("new", "yard") is None and event("update", "dock") is None
     # the live snapshot that follows is theirs
     now[0] = 3001.0
-    came = frigate.parse(own, topic=topic)
+    for camera in ("gate", "yard", "dock"):
+        came = snapshot(camera, own)
+        assert came is not None and came.alert.alert_id == f"evt-{camera}"
+        assert came.images[0].data == own
+
+
+def test_a_retained_copy_of_the_live_frigate_snapshot_leaves_it_the_events_own():
+    now = [500.0]
+    frigate = FrigateFormat(FrigateSettings(review=["end"]))
+    frigate.clock = lambda: now[0]
+    own, topic = jpeg_bytes((64, 48)), "frigate/gate/person/snapshot"
+    assert frigate.parse(frigate_event("new", "e", "gate").encode(), topic="frigate/events") is None
+    now[0] = 500.2
+    assert frigate.parse(own, topic=topic) is None  # its own; reviewed at its end
+    now[0] = 520.0
+    with parsing_retained(True):  # an MQTT 3.1.1 reconnect: the broker sends it again
+        assert frigate.parse(own, topic=topic) is None
+    now[0] = 530.0
+    came = frigate.parse(frigate_event("end", "e", "gate").encode(), topic="frigate/events")
     assert came is not None and came.images[0].data == own
+
+
+def test_a_frigate_snapshot_is_an_events_own_only_when_no_other_event_could_be_its_object():
+    """Frigate's snapshot topic shows the best object of a label on a camera, named by
+    nothing: while two events of them are live, a snapshot may show either's object."""
+    now = [100.0]
+    frigate = FrigateFormat(FrigateSettings())
+    frigate.clock = lambda: now[0]
+    first, second, third = jpeg_bytes((64, 48)), jpeg_bytes((48, 64)), jpeg_bytes((40, 40))
+    topic = "frigate/gate/person/snapshot"
+
+    def event(kind: str, event_id: str) -> IncomingAlert | None:
+        return frigate.parse(frigate_event(kind, event_id, "gate").encode(), topic="frigate/events")
+
+    assert event("new", "a") is None
+    now[0] = 100.2
+    assert frigate.parse(first, topic=topic).alert.alert_id == "a"
+    now[0] = 110.0
+    assert event("new", "b") is None  # a worse object: Frigate sends no snapshot for it
+    now[0] = 112.0
+    assert frigate.parse(second, topic=topic) is None  # a's or b's: b waits
+    assert event("update", "b") is None
+    with pytest.raises(AlertError, match="could not show another event's object"):
+        event("end", "b")
+    # an event not heard of for LIVE_S (its end lost) is over: it claims no snapshot
+    assert event("new", "c") is None
+    now[0] += LIVE_S + 1
+    assert event("new", "d") is None
+    now[0] += 0.3
+    came = frigate.parse(third, topic=topic)
+    assert came is not None and came.alert.alert_id == "d"
+
+
+def test_a_frigate_api_snapshot_carries_only_the_box_of_the_frame_it_shows():
+    frigate = FrigateFormat(FrigateSettings(api_url="http://nvr:5000"))
+
+    def boxes(**changes: Any) -> list[float]:
+        message = json.loads(frigate_event("new", "e"))
+        message["after"] |= changes
+        incoming = frigate.parse(json.dumps(message).encode(), topic="frigate/events")
+        return [box.x1 for box in incoming.alert.boxes]
+
+    assert boxes() == [424]  # the latest frame is the snapshot's
+    assert boxes(frame_time=1763647393.0) == []  # a later frame's box (Frigate before 0.14)
+    assert boxes(frame_time=1763647393.0, snapshot={"box": [10, 20, 30, 40]}) == [10]
+
+
+def test_a_frigate_event_dropped_from_the_waiting_is_refused_at_its_next_message(monkeypatch):
+    monkeypatch.setattr("plugins.frigate.MAX_WAITING", 2)
+    frigate = FrigateFormat(FrigateSettings())
+    for i in range(3):
+        message = frigate_event("new", f"e{i}", f"cam{i}").encode()
+        assert frigate.parse(message, topic="frigate/events") is None
+    with pytest.raises(AlertError, match="dropped while waiting for its snapshot"):
+        frigate.parse(frigate_event("end", "e0", "cam0").encode(), topic="frigate/events")
+    came = frigate.parse(jpeg_bytes((64, 48)), topic="frigate/cam1/person/snapshot")
+    assert came is not None and came.alert.alert_id == "e1"
 
 
 def test_a_frigate_event_begun_before_the_start_is_reviewed_at_its_first_message_here():
