@@ -82,12 +82,15 @@ MAX_BOXES = 256
 def _check_json(value: Any) -> None:
     """ValueError for a JSON value nested more than MAX_EXTRA_DEPTH levels deep, or holding
     NaN or infinity (Python's reader takes them; no JSON can store them, so the journal would
-    keep null); walked without recursion."""
+    keep null), or a key with a lone surrogate (JSON's "\\ud800" escapes: the journal would
+    write U+FFFD for it, and two such keys would become one); walked without recursion."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, float) and not math.isfinite(item):
             raise ValueError(f"holds {item}, which is no JSON number")
+        if isinstance(item, dict) and not all(_is_unicode(key) for key in item):
+            raise ValueError("a key holds a lone UTF-16 surrogate (\\ud800-\\udfff)")
         if isinstance(item, dict | list):
             depth += 1
             if depth > MAX_EXTRA_DEPTH:
@@ -95,6 +98,16 @@ def _check_json(value: Any) -> None:
             stack.extend(
                 (child, depth) for child in (item.values() if isinstance(item, dict) else item)
             )
+
+
+def _is_unicode(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class Detection(BaseModel):

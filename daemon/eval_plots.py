@@ -92,6 +92,8 @@ def _against_reject_below(ax: Axes, name: str, rule: Mapping[str, Any], target: 
     ax.legend(fontsize="x-small", loc="center right")
 
 
+# rule names are shown as written: two `$` in one would be read as a formula (and fail)
+@matplotlib.rc_context({"text.parse_math": False})
 def sweep_plot(report: Mapping[str, Any], path: Path) -> None:
     """Per verdict rule: false alarms filtered against real alarms rejected as `reject_below`
     varies, and both against `reject_below`; the current and the best thresholds marked."""
@@ -111,6 +113,7 @@ def sweep_plot(report: Mapping[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+@matplotlib.rc_context({"text.parse_math": False})
 def calibration_plot(report: Mapping[str, Any], path: Path) -> None:
     """Per rule with P(real): the share really real against the mean P(real) of each bin,
     each point labelled with its number of alerts."""

@@ -172,7 +172,19 @@ def rule_report(
         entry["sweep"] = points
     if scored:
         entry["calibration"] = calibration(rows)
-    return entry
+    return _rounded(entry)
+
+
+def _rounded(value: Any, key: str = "") -> Any:
+    """Shares and means to 4 decimals, for reading (computed and compared unrounded: a share
+    a hair over a target rounds to it); the thresholds as they are."""
+    if isinstance(value, float) and key not in ("confirm_at", "reject_below"):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def _caveats(
@@ -201,8 +213,8 @@ def _bin(p: float, bins: int) -> int:
 
 
 def _share(part: int, whole: int) -> float | None:
-    return round(part / whole, 4) if whole else None
+    return part / whole if whole else None
 
 
 def _mean(values: Sequence[float]) -> float | None:
-    return round(math.fsum(values) / len(values), 4) if values else None
+    return math.fsum(values) / len(values) if values else None

@@ -36,11 +36,10 @@ class StageStats:
             self.add(stage, time.perf_counter() - start)
 
     def add(self, stage: str, seconds: float, count: int = 1) -> None:
-        """`count` items took `seconds` together (each is counted at their mean)."""
-        self._seconds[stage] += seconds
+        """`count` items each waited `seconds` (together: a batch is done when its last is)."""
+        self._seconds[stage] += seconds * count
         self._count[stage] += count
-        each = seconds / count if count else seconds
-        slot = bisect.bisect_left(BUCKETS_S, each)
+        slot = bisect.bisect_left(BUCKETS_S, seconds)
         if slot < len(BUCKETS_S):
             self._buckets[stage][slot] += count
 

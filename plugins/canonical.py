@@ -96,7 +96,7 @@ def alert_from_dict(data: dict[str, Any]) -> IncomingAlert:
     """Validate a dict in the canonical shape, images included (base64)."""
     alert = validate_alert(data)
     images = []
-    if data.get("image") is not None:
+    if data.get("image") not in (None, ""):  # "" beside an image_url: no picture of its own
         images.append(decode_base64_image(data["image"], "image"))
     elif not alert.image_url:
         raise AlertError("image", "one of image or image_url is required")

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from daemon.cli import main
+from daemon.eval_plots import calibration_plot, sweep_plot
 from daemon.eval_run import read_labelled
 from daemon.evaluation import Judged, best_thresholds, rule_report, sweep
 from tests.conftest import RULES, SAMPLES, make_alert
@@ -258,7 +259,7 @@ def test_ties_in_false_alarms_filtered_go_to_the_fewest_uncertain():
     # target) leaves 0.8 and 0.85 uncertain rather than 0.3, 0.8 and 0.85
     best = best_thresholds(points, target_miss_rate=0.34, target_precision=0.8)
     assert best is not None and (best["confirm_at"], best["reject_below"]) == (0.9, 0.35)
-    assert (best["uncertain_share"], best["real_alarms_rejected"]) == (0.4, 0.3333)
+    assert (best["uncertain_share"], best["real_alarms_rejected"]) == pytest.approx((0.4, 1 / 3))
     best = best_thresholds(points, target_miss_rate=0.0, target_precision=0.8)
     assert best is not None and (best["confirm_at"], best["reject_below"]) == (0.9, 0.15)
     assert best_thresholds([p for p in points if p["real_alarms_rejected"] > 0], 0.0) is None
@@ -291,6 +292,20 @@ def test_the_advice_is_never_worse_than_the_current_thresholds_and_needs_both_cl
     # one class only: every pair looks perfect, so nothing is advised
     only_real = rule_report(rows[:2], current, target_miss_rate=0.05)
     assert only_real["best"] is None and only_real["sweep"]
+
+
+def test_the_miss_target_is_compared_with_the_share_unrounded(tmp_path):
+    rows = [Judged("", "real", "", p) for p in (0.9, 0.9, 0.1)] + [
+        Judged("", "false", "", 0.1) for _ in range(3)
+    ]
+    report = rule_report(rows, {"confirm_at": 0.6, "reject_below": 0.05}, target_miss_rate=0.3333)
+    # rejecting at 0.15 misses 1 of 3 real alarms: 0.33333..., over the target
+    assert report["best"]["real_alarms_rejected"] == 0.0
+    # and the plots show a rule named with dollars as written
+    report = {"rules": {"fire_$zone_$": report}, "target_miss_rate": 0.3333}
+    sweep_plot(report, tmp_path / "sweep.png")
+    calibration_plot(report, tmp_path / "calibration.png")
+    assert (tmp_path / "sweep.png").stat().st_size and (tmp_path / "calibration.png").stat().st_size
 
 
 def test_the_advice_says_what_it_cannot_promise():

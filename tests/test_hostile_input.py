@@ -90,6 +90,13 @@ def test_more_extra_frames_than_allowed_are_refused_naming_the_limit():
             "257 detections, over the limit of 256 per alert",
         ),
         ({"extra": {"v": [float("nan")]}}, "extra", "holds nan, which is no JSON number"),
+        # two keys the journal would both write as U+FFFD: one value would be lost
+        (
+            {"extra": {chr(0xD800): 1, chr(0xDC00): 2}},
+            "extra",
+            "a key holds a lone UTF-16 surrogate",
+        ),
+        ({"image": ""}, "image", "one of image or image_url is required"),
         (
             {"boxes": [{"x1": 1, "y1": 1, "x2": 2, "y2": 2, "track": float("inf")}]},
             "boxes[0]",
@@ -101,6 +108,12 @@ def test_odd_shapes_are_refused_naming_the_field(changes, field, message):
     with pytest.raises(AlertError) as refused:
         parse_payload(json.dumps(VALID | changes).encode(), None, CANONICAL, "canonical", IMAGES)
     assert refused.value.field == field and message in refused.value.message
+
+
+def test_an_empty_image_beside_an_image_url_is_no_picture_of_its_own():
+    payload = json.dumps(VALID | {"image": "", "image_url": "http://cams.example/1.jpg"})
+    incoming = parse_payload(payload.encode(), None, CANONICAL, "canonical", IMAGES)
+    assert incoming.images == [] and incoming.alert.image_url == "http://cams.example/1.jpg"
 
 
 def test_an_alert_journalled_before_the_box_limit_still_loads():

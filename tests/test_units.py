@@ -806,6 +806,17 @@ def test_a_metrics_scrape_leaves_the_stage_figures_as_they_were():
     assert stats.snapshot() == before  # stages never timed are not added with a count of 0
 
 
+def test_items_done_together_are_each_timed_at_the_whole_wait():
+    from daemon.stats import BUCKETS_S, StageStats
+
+    stats = StageStats()
+    stats.add("publish", 0.1, 64)  # 64 verdicts whose PUBACKs came after 100 ms
+    cumulative, total, count = stats.histogram("publish")
+    assert cumulative[BUCKETS_S.index(0.05)] == 0 and cumulative[BUCKETS_S.index(0.1)] == 64
+    assert (round(total, 6), count) == (6.4, 64)
+    assert stats.snapshot()["publish"]["mean_ms"] == 100.0
+
+
 def _stdlib_reading(payload: bytes) -> object:
     """What the standard library makes of a payload: the value, or the error's class."""
     try:
