@@ -487,8 +487,9 @@ async def _try(
     name = name or PLAYGROUND_RULE
     # a mistake in the rule, the image or the alert is told before the model loads
     rule = load_rule(text, kinds, None, name, folder=folder, is_file=is_file)
+    echo_of = settings.mqtt.echo_of
     if save_as is not None:
-        load_rule(text, kinds, None, name, folder=rules_dir, is_file=is_file)
+        load_rule(text, kinds, None, name, folder=rules_dir, is_file=is_file, check_topic=echo_of)
         _writable_dir(rules_dir)
     playground_alert(rule, camera_id=camera_id, event_type=event_type)
     try:
@@ -514,7 +515,8 @@ async def _try(
             save_as = save_as.removesuffix(".toml")
             replaced = (rules_dir / f"{save_as}.toml").exists()
             try:
-                saved = (save_rule(rules_dir, save_as, text, kinds, check)[0], replaced)
+                written, _ = save_rule(rules_dir, save_as, text, kinds, check, check_topic=echo_of)
+                saved = (written, replaced)
             except OSError as exc:
                 where = exc.filename or rules_dir
                 raise PlaygroundError(f"cannot write the rule into {where}: {exc}") from exc

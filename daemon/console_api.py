@@ -112,6 +112,11 @@ class ConsoleApi:
             limit=limit,
         )
         alerts = await history.recent_alerts(self.journal, where)
+        for alert in alerts:
+            for verdict in alert["verdicts"]:
+                # what the correction form offers: the kind of the rule in force by that name
+                rule = self.daemon.rules.get(verdict["rule"]) if verdict["rule"] else None
+                verdict["kind"] = rule.kind if rule is not None else None
         return web.json_response({"alerts": alerts})
 
     async def snapshot(self, request: web.Request) -> web.Response:
@@ -302,6 +307,7 @@ class ConsoleApi:
                 d.rules.check_choices,
                 overwrite=request.query.get("overwrite") == "1",
                 in_force={rule.name: rule.path for rule in d.rules.rules},
+                check_topic=d.rules.check_topic,
             )
         except playground.RuleFileExists as exc:
             return error(409, f"{exc}: add ?overwrite=1 to replace it", "name")
@@ -319,7 +325,7 @@ class ConsoleApi:
         held = d.rules.get(rule.name)
         if held is None or held.path != path:  # changed meanwhile by another hand
             why = next((e.reason for e in d.rules.errors if e.path == path), "not read back")
-            return error(409, f"written to {path.name}, but not in force: {why}", "name")
+            return error(409, f"written to {path.name}, but not in force: {why}", "rule")
         return web.json_response(
             {"name": rule.name, "file": path.name, "rule_toml": text}, status=201
         )

@@ -30,6 +30,7 @@ from daemon.rules import (
     ChoiceChecker,
     Rule,
     RuleError,
+    TopicChecker,
     parse_rule,
     read_rule_text,
     rule_files,
@@ -112,12 +113,14 @@ def load_rule(
     *,
     folder: Path,
     is_file: bool = True,
+    check_topic: TopicChecker | None = None,
 ) -> Rule:
     """A rule from its text, checked as the rules directory would check it, as a file of
     `folder` (what a relative `adapter` path is relative to). `is_file`: errors name the
     file (else only where in the rule: a prompt, a text sent to try)."""
     try:
-        return parse_rule(folder / f"{name}.toml", text, kinds, check_choices)
+        path = folder / f"{name}.toml"
+        return parse_rule(path, text, kinds, check_choices, check_topic=check_topic)
     except RuleError as exc:
         if not is_file:  # where in the rule, not a path it never had
             raise PlaygroundError(
@@ -205,20 +208,22 @@ def save_rule(
     *,
     overwrite: bool = True,
     in_force: Mapping[str, Path] | None = None,
+    check_topic: TopicChecker | None = None,
 ) -> tuple[Path, Rule]:
     """Check `text` as a rule, then write `<rules_dir>/<name>.toml` at once (a temporary file
     renamed over it), so the rules watcher never reads half a file. A rule whose name (its
     `name` key) another file of the directory holds, or another file's rule `in_force` (by
     name: a broken file's last good version), is refused: the directory would refuse it too;
     so is one over the directory's size limit, and without `overwrite` an existing file
-    (RuleFileExists). With `overwrite`, any existing rule file's own name will do."""
-    if not RULE_NAME.fullmatch(name) and not (overwrite and _is_rule_file(rules_dir, name)):
+    (RuleFileExists). Any existing rule file's own name will do; `.toml` after it is dropped."""
+    name = name.removesuffix(".toml")
+    if not RULE_NAME.fullmatch(name) and not _is_rule_file(rules_dir, name):
         raise PlaygroundError(
             f"name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit"
         )
     if len(text.encode()) > RULE_FILE_MAX_BYTES:
         raise PlaygroundError(f"over {RULE_FILE_MAX_BYTES} bytes: not a rule file")
-    rule = load_rule(text, kinds, check_choices, name, folder=rules_dir)
+    rule = load_rule(text, kinds, check_choices, name, folder=rules_dir, check_topic=check_topic)
     target = rules_dir / f"{name}.toml"
     if not overwrite and target.exists():
         raise RuleFileExists(f"{target.name} exists")

@@ -100,8 +100,11 @@ def parse_rule(
     text: str,
     kinds: Mapping[str, RuleKind],
     check_choices: ChoiceChecker | None = None,
+    *,
+    check_topic: TopicChecker | None = None,
 ) -> Rule:
-    """Validate one rule file's text; raise RuleError naming the line or key at fault."""
+    """Validate one rule file's text; raise RuleError naming the line or key at fault.
+    `check_topic`: why verdicts on the rule's publish topic would come back, or None."""
     try:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -145,6 +148,12 @@ def parse_rule(
         cooldown=spec.cooldown,
         topic=check_topic_template(spec.publish.topic) if spec.publish.topic else None,
     )
+    if (
+        rule.topic is not None
+        and check_topic
+        and (echo := check_topic(rule.topic.text, rule.shadow))
+    ):
+        raise RuleError(path, "publish.topic", echo)
     choices = getattr(kind, "choices", None)
     if check_choices is not None and choices is not None:
         try:
@@ -350,11 +359,7 @@ class RuleBook:
         return errors
 
     def _parse(self, path: Path, text: str) -> Rule:
-        rule = parse_rule(path, text, self._kinds, self.check_choices)
-        check = self.check_topic
-        if rule.topic is not None and check and (echo := check(rule.topic.text, rule.shadow)):
-            raise RuleError(path, "publish.topic", echo)
-        return rule
+        return parse_rule(path, text, self._kinds, self.check_choices, check_topic=self.check_topic)
 
     def _last_good(self, path: Path, broken: str | None, recheck: bool) -> tuple[Rule, str] | None:
         """The version of a broken file that stays in force, and its text, if any: the one

@@ -15,6 +15,7 @@ from playwright.async_api import Page, async_playwright, expect
 
 from tests.conftest import (
     CLASSIFY_RULE,
+    EXTRACT_RULE,
     FIRE_RULE,
     jpeg_bytes,
     make_alert,
@@ -160,6 +161,15 @@ async def test_playground_verdict_for_an_upload_and_a_rule_saved_from_it(tmp_pat
         await page.get_by_test_id("save-rule").click()
         await expect(page.get_by_test_id("save-result")).to_have_text("saved as forklift_load.toml")
         assert "(v2)" in (settings.rules.dir / "forklift_load.toml").read_text()
+        # a proxy's error page in answer to a save is told as such
+        await page.route(
+            "**/v1/rules/*",
+            lambda route: route.fulfill(status=502, content_type="text/html", body="<html>"),
+        )
+        await page.get_by_test_id("save-rule").click()
+        await expect(page.get_by_test_id("save-result")).to_have_text(
+            "the server answered 502 Bad Gateway without the expected data"
+        )
 
 
 async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_model):
@@ -184,6 +194,11 @@ async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_mode
         await page.get_by_test_id("login-submit").click()
         await expect(page.get_by_test_id("status")).to_contain_text("the token was refused")
         await expect(login).to_be_visible()
+        # nor is the daemon polled with it meanwhile (each refusal is a warning in its log)
+        asked: list[str] = []
+        page.on("request", lambda request: asked.append(request.url))
+        await asyncio.sleep(4.5)  # two rounds of the alerts page's polling
+        assert [url for url in asked if "/v1/" in url] == []
         await page.get_by_test_id("token").fill("console-token-123")
         await page.get_by_test_id("login-submit").click()
         await expect(login).to_be_hidden()
@@ -222,14 +237,18 @@ async def test_the_list_keeps_the_newest_alerts_and_feedback_reaches_any_alert_i
         await dots.get_by_test_id("feedback-right").click()
         await expect(dots.get_by_test_id("feedback-error")).to_contain_text("several boxes")
 
-        # the list shows the newest 50 (alerts no rule matches: forwarded at once)
+        # the list shows the newest 50 (alerts no rule matches: forwarded at once), and no
+        # way to older ones while there are none
         cards = page.get_by_test_id("alert")
-        for batch in range(2):
-            for i in range(30):
+        for batch, size in enumerate((49, 11)):
+            for i in range(size):
                 alert = make_alert(f"smoke-{batch}-{i}", event_type="smoke")
                 assert (await d.post_alert(alert))[0] == 202
-            await expect(cards).to_have_count(31 if batch == 0 else 50)
-        await expect(cards.first).to_have_attribute("data-alert-id", "smoke-1-29")
+            await expect(cards).to_have_count(50)
+            await expect(cards.first).to_have_attribute(
+                "data-alert-id", f"smoke-{batch}-{size - 1}"
+            )
+            await expect(page.get_by_test_id("page-older")).to_be_visible(visible=batch == 1)
         await expect(dots).to_have_count(0)
         # older pages are reached, and the newest again
         await expect(page.get_by_test_id("page-newer")).to_be_hidden()
@@ -281,6 +300,9 @@ async def test_a_classify_verdicts_right_label_and_a_note_are_sent_from_its_card
 ):
     settings = make_settings(tmp_path, broker=None, model=tiny_model)
     (settings.rules.dir / "fight.toml").write_text(CLASSIFY_RULE)
+    # two tokens of a random model are no JSON: an extract verdict that failed
+    short = EXTRACT_RULE.replace("max_new_tokens = 24", "max_new_tokens = 2")
+    (settings.rules.dir / "people.toml").write_text(short)
     async with run_daemon(settings) as d, browser_page() as page:
         await page.goto(f"{d.base_url}/console/")
         assert (await d.post_alert(make_alert("fight-1", event_type="fighting")))[0] == 202
@@ -308,4 +330,17 @@ async def test_a_classify_verdicts_right_label_and_a_note_are_sent_from_its_card
         await expect(card.get_by_test_id("correct-submit")).to_be_focused()
         await expect(card.get_by_test_id("correct-note")).to_have_value("two kids playing")
         rows = await d.daemon.journal.read("SELECT fields, note, source FROM feedback")
-    assert [tuple(row) for row in rows] == [('{"label": "play"}', "two kids playing", "console")]
+        # a failed extraction has no fields, and takes the right ones all the same
+        assert (await d.post_alert(make_alert("crowd-1", event_type="people_gathering")))[0] == 202
+        card = page.locator('[data-testid=alert][data-alert-id="crowd-1"]')
+        await expect(card.get_by_test_id("verdict")).to_have_text("uncertain")
+        await card.locator("summary").click()
+        await expect(card.get_by_test_id("correct-fields")).to_have_value("{}")
+        await card.get_by_test_id("correct-fields").fill('{"people": 3}')
+        await card.get_by_test_id("correct-submit").click()
+        await expect(card.get_by_test_id("feedback-given")).to_contain_text('{"people":3}')
+        rows = await d.daemon.journal.read("SELECT fields, note, source FROM feedback ORDER BY id")
+    assert [tuple(row) for row in rows] == [
+        ('{"label": "play"}', "two kids playing", "console"),
+        ('{"people": 3}', None, "console"),
+    ]

@@ -63,6 +63,13 @@ def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tin
     saved = tmp_path / "site-rules" / "my_fire.toml"
     assert 'event_types = ["fire"]' in saved.read_text()
     assert saved.stat().st_mode & 0o777 == 0o644 and saved.read_text().endswith("\n")
+    # a rule whose verdicts would come back as alerts is not saved (nor the model loaded)
+    echo = tmp_path / "echo.toml"
+    echo.write_text(FIRE_RULE + '[publish]\ntopic = "secondlook/alerts/{camera_id}"\n')
+    trial = ["try", str(image), "--model", "/none", "--config", str(config), "--rule", str(echo)]
+    result = runner.invoke(main, [*trial, "--save-rule", "echo"])
+    assert result.exit_code != 0 and "would take its verdicts in as alerts" in result.output
+    assert not (tmp_path / "site-rules" / "echo.toml").exists()
     # saved without the event type it is for, a prompt would review every alert: refused
     # before the model loads, as is a name that cannot be a file's
     for extra, message in (
@@ -313,10 +320,20 @@ async def test_a_rule_saved_from_the_console_is_one_the_daemon_puts_in_force(tmp
         assert status == 201 and body["file"] == "明火.toml", body
         assert (rules / "明火.toml").read_text() == fiery
         assert d.daemon.rules.get("明火").path.name == "明火.toml"
-        for name in ("明火", "新规则"):  # without overwrite, or no such file: a new name
-            status, body = await call("PUT", f"/v1/rules/{name}", data=FIRE_RULE)
-            assert status == 400 and f"name {name!r}: letters, digits" in body["error"]
+        # without overwrite: the file exists (so the console asks to replace it)
+        status, body = await call("PUT", "/v1/rules/明火", data=FIRE_RULE)
+        assert status == 409 and body["field"] == "name" and "明火.toml exists" in body["error"]
+        status, body = await call("PUT", "/v1/rules/新规则", data=FIRE_RULE)  # a new file
+        assert status == 400 and "name '新规则': letters, digits" in body["error"]
         assert not (rules / "新规则.toml").exists()
+        # a rule whose verdicts would come back as alerts is refused before it is written
+        echo = FIRE_RULE + '[publish]\ntopic = "secondlook/alerts/{camera_id}"\n'
+        status, body = await call("PUT", "/v1/rules/echo", data=echo)
+        assert status == 400 and "would take its verdicts in as alerts" in body["error"]
+        assert not (rules / "echo.toml").exists()
+        # a name given as its file's is taken without ".toml"
+        status, body = await call("PUT", "/v1/rules/suffixed.toml", data=FIRE_RULE)
+        assert status == 201 and body["file"] == "suffixed.toml", body
         # what is not a text is refused, not written as Python would print it
         made = {"prompt": "Real?", "event_types": ["fire"]}
         for extra, message in (

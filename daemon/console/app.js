@@ -19,6 +19,7 @@ const num = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x
 
 // API with the bearer token, when the daemon wants one ------------------------------------
 let token = localStorage.getItem("secondlook-token") || "";
+let refused = false; // the token was refused: no polling until another is entered
 
 // a bearer token is printable ASCII (a header cannot carry anything else)
 const TOKEN_CHARS = /^[\x21-\x7e]+$/;
@@ -37,6 +38,7 @@ async function api(path, options = {}) {
     throw new Error("the daemon cannot be reached (stopped, or the network is down)");
   }
   if (response.status === 401) {
+    refused = true;
     $("#login").hidden = false;
     $("#token").focus();
     throw new Error(token ? "the token was refused: enter a valid one" : "a token is needed");
@@ -50,14 +52,18 @@ function bucketText(seconds) {
   return `${Number(size.toFixed(1))} ${unit}`;
 }
 
-async function json(path, options) {
-  const response = await api(path, options);
-  let body;
+// an answer's JSON body; a proxy's error page or a cut answer says what came instead
+async function bodyOf(response) {
   try {
-    body = await response.json();
+    return await response.json();
   } catch (error) {
     throw new Error(`the server answered ${response.status} ${response.statusText} without the expected data`);
   }
+}
+
+async function json(path, options) {
+  const response = await api(path, options);
+  const body = await bodyOf(response);
   if (!response.ok) throw new Error(body.error || response.statusText);
   return body;
 }
@@ -70,6 +76,7 @@ $("#login").addEventListener("submit", (event) => {
     return;
   }
   localStorage.setItem("secondlook-token", token);
+  refused = false;
   $("#login").hidden = true;
   refresh();
 });
@@ -118,8 +125,8 @@ async function refresh() {
     $("#status").textContent = error.message;
   }
 }
-setInterval(() => { if (page === "alerts") refresh(); }, 2000);
-setInterval(() => { if (page === "rules" || page === "stats") refresh(); }, 10000);
+setInterval(() => { if (page === "alerts" && !refused) refresh(); }, 2000);
+setInterval(() => { if ((page === "rules" || page === "stats") && !refused) refresh(); }, 10000);
 let before = null; // the ref the page shown starts below (null: the newest alerts)
 for (const id of ["#f-camera", "#f-rule", "#f-verdict"]) $(id).addEventListener("change", () => { before = null; refresh(); });
 $("#older").addEventListener("click", () => {
@@ -130,18 +137,21 @@ $("#older").addEventListener("click", () => {
 $("#newer").addEventListener("click", () => { before = null; refresh(); });
 
 // alerts -----------------------------------------------------------------------------------
+const PAGE = 50; // alerts per page
 const cards = new Map(); // ref -> {identity, signature, node}
 let asked = 0; // the newest request for the list: older answers are dropped
 
 async function showAlerts() {
-  const query = new URLSearchParams({ limit: "50" });
+  // one more than shown: whether there are older ones
+  const query = new URLSearchParams({ limit: String(PAGE + 1) });
   if ($("#f-camera").value) query.set("camera_id", $("#f-camera").value);
   if ($("#f-rule").value) query.set("rule", $("#f-rule").value);
   if ($("#f-verdict").value) query.set("verdict", $("#f-verdict").value);
   if (before !== null) query.set("before", String(before));
   const mine = ++asked;
-  const { alerts } = await json(`/v1/alerts?${query}`);
+  const answer = (await json(`/v1/alerts?${query}`)).alerts;
   if (mine !== asked) return; // the filters changed meanwhile
+  const alerts = answer.slice(0, PAGE);
   const list = $("#alert-list");
   // the cards shown are those of this answer only (a journal started afresh reuses refs)
   const shown = new Map(alerts.map((alert) => [alert.ref, `${alert.box_id}\n${alert.alert_id}`]));
@@ -153,7 +163,10 @@ async function showAlerts() {
     }
   }
   $("#alerts-empty").hidden = alerts.length > 0;
-  $("#older").hidden = alerts.length < 50;
+  $("#alerts-empty").textContent = before === null
+    ? "No alerts match these filters (camera and rule are exact names)."
+    : "No older alerts.";
+  $("#older").hidden = answer.length <= PAGE;
   $("#newer").hidden = before === null;
   let previous = null;
   for (const alert of alerts) {
@@ -240,14 +253,15 @@ function verdictRow(alert, v) {
       correctionForm(alert, v, problem)));
 }
 
-// the right fields of a classify or extract verdict (what a model should have answered),
-// with a note: feedback that export-dataset turns into training samples
+// the right fields of a classify or extract verdict (what a model should have answered; one
+// that failed too), with a note: feedback that export-dataset turns into training samples
 function correctionForm(alert, v, problem) {
-  if (!v.rule || !Object.keys(v.fields || {}).length) return null;
-  const classified = "label" in v.fields && "scores" in v.fields;
+  if (!v.rule || !["classify", "extract"].includes(v.kind)) return null;
+  const classified = v.kind === "classify";
   const area = el("textarea", { rows: 2, cols: 40, "data-testid": "correct-fields",
     "aria-label": "the right fields, as JSON" });
-  area.value = JSON.stringify(classified ? { label: v.fields.label } : v.fields);
+  const fields = v.fields || {};
+  area.value = JSON.stringify(classified ? { label: fields.label ?? "" } : fields);
   const note = el("input", { "data-testid": "correct-note", placeholder: "note (optional)",
     "aria-label": "note" });
   const send = (event) => {
@@ -423,16 +437,16 @@ $("#save-form").addEventListener("submit", async (event) => {
   const path = `/v1/rules/${encodeURIComponent(name)}`;
   try {
     let response = await api(path, options);
+    let saved = await bodyOf(response);
     // a rule file of that name exists: replaced only when the operator says so
-    if (response.status === 409 && (await response.clone().json()).field === "name"
-        && window.confirm(`A rule file ${name}.toml exists. Replace it?`)) {
+    if (response.status === 409 && saved.field === "name") {
+      if (!window.confirm(`A rule file ${name}.toml exists. Replace it?`)) {
+        $("#save-result").textContent = `not saved: ${name}.toml exists and was kept`;
+        return;
+      }
       response = await api(`${path}?overwrite=1`, options);
+      saved = await bodyOf(response);
     }
-    if (response.status === 409 && (await response.clone().json()).field === "name") {
-      $("#save-result").textContent = `not saved: ${name}.toml exists and was kept`;
-      return;
-    }
-    const saved = await response.json();
     if (!response.ok) throw new Error(saved.error || response.statusText);
     $("#save-result").textContent = `saved as ${saved.file}`;
   } catch (error) {
