@@ -382,7 +382,7 @@ class Daemon:
             max_body_bytes=int(s.max_body_mb * 1024 * 1024),
             tokens=tokens,
         )
-        api.app.add_routes(ConsoleApi(self).routes())
+        api.add_routes(ConsoleApi(self).routes())
         try:
             await api.start(s.host, s.port)
         except OSError as exc:

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 STATIC = Path(__file__).parent / "console"
+#: what /console/static/ serves
+CONSOLE_FILES = frozenset(path.name for path in STATIC.iterdir() if path.is_file())
 THUMB_PX = 320
 #: the largest row id or index there can be (SQLite's integers are 64-bit)
 MAX_ID = 2**63 - 1
@@ -84,7 +86,7 @@ class ConsoleApi:
             web.get("/metrics", self.metrics),
             web.get("/console", self.console_root),
             web.get("/console/", self.console_index),
-            web.static("/console/static", STATIC),
+            web.get("/console/static/{name}", self.console_file),
         ]
 
     @property
@@ -370,6 +372,13 @@ class ConsoleApi:
 
     async def console_index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
+
+    async def console_file(self, request: web.Request) -> web.FileResponse:
+        """One of the console's own files (a 404 for any other name is JSON, as all errors)."""
+        name = request.match_info["name"]
+        if name not in CONSOLE_FILES:
+            raise web.HTTPNotFound()
+        return web.FileResponse(STATIC / name)
 
 
 def _thumbnail(data: bytes, boxes: list[tuple[float, float, float, float]]) -> bytes:

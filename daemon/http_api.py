@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -46,6 +47,10 @@ BODY_MIN_RATE = 16 * 1024
 #: half-sent upload would otherwise hold the stop, and the reviews' drain, for a minute); a
 #: box cut off gets no 202 and sends again
 STOP_LIMIT_S = 3.0
+#: a connection whose answers wait unread this long, not one byte taken meanwhile, is closed
+#: (looked at every WRITE_SWEEP_S)
+WRITE_STALL_S = 30.0
+WRITE_SWEEP_S = 5.0
 
 
 def error(status: int, message: str, field: str | None = None, **headers: str) -> web.Response:
@@ -207,21 +212,34 @@ class BearerTokens:
         return any(matches)
 
 
+def token_problem(request: web.Request, tokens: BearerTokens) -> str | None:
+    """Why the request's bearer token is not taken, or None (also for the open paths)."""
+    path = request.path
+    if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        return None
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return "a bearer token is required (Authorization: Bearer <token>)"
+    if not tokens.accepts(given.strip()):
+        return WRONG_TOKEN
+    return None
+
+
+WRONG_TOKEN = "the bearer token is not valid"
+
+
 def bearer_auth(tokens: BearerTokens) -> Callable[[web.Request, Handler], Awaitable[Any]]:
     """Every other request needs `Authorization: Bearer <one of tokens>`, checked before its
     body is read; tokens are compared in constant time and never logged."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        path = request.path
-        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
-            return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not given:
-            return _unauthorized("a bearer token is required (Authorization: Bearer <token>)")
-        if not tokens.accepts(given.strip()):
-            log.warning("http request with a wrong token", path=path, peer=request.remote)
-            return _unauthorized("the bearer token is not valid")
+        if problem := token_problem(request, tokens):
+            if problem == WRONG_TOKEN:
+                log.warning(
+                    "http request with a wrong token", path=request.path, peer=request.remote
+                )
+            return _unauthorized(problem)
         return await handler(request)
 
     return check
@@ -240,17 +258,25 @@ def names_this_machine(host: str) -> bool:
         return False
 
 
+def origin_problem(request: web.Request) -> tuple[str, str] | None:
+    """Why a request to a daemon without tokens is refused (the header, the reason), or None."""
+    if not names_this_machine(request.host):
+        return "Host", f"the host {request.host!r} is not this machine's name"
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != f"{request.scheme}://{request.host}":
+        return "Origin", f"requests from {origin!r} (another origin) are refused"
+    return None
+
+
 @web.middleware
 async def local_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Without tokens (a loopback address), what a browser's web page may send is refused:
     a request from another origin (CSRF: a form or a `fetch` posting to the daemon) and one
     naming another host (DNS rebinding: a site's name pointed at 127.0.0.1). With tokens,
     neither can carry the token."""
-    if not names_this_machine(request.host):
-        return error(403, f"the host {request.host!r} is not this machine's name", "Host")
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
-        return error(403, f"requests from {origin!r} (another origin) are refused", "Origin")
+    if problem := origin_problem(request):
+        header, reason = problem
+        return error(403, reason, header)
     return await handler(request)
 
 
@@ -295,7 +321,7 @@ class HttpApi:
         middlewares = [json_errors, local_only if tokens is None else bearer_auth(tokens)]
         self.app = web.Application(middlewares=middlewares, client_max_size=max_body_bytes)
         self.app.on_response_prepare.append(_safety_headers)
-        self.app.add_routes(
+        self.add_routes(
             [
                 web.post("/v1/alerts", self.post_alert),
                 web.get("/v1/alerts/{alert_id:[^/]+}", self.get_alert),
@@ -303,6 +329,35 @@ class HttpApi:
             ]
         )
         self._runner: web.AppRunner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def add_routes(self, routes: Sequence[web.RouteDef]) -> None:
+        """Add routes; those that take a body answer `Expect: 100-continue` by `_expect`."""
+        self.app.add_routes(
+            [
+                web.route(r.method, r.path, r.handler, expect_handler=self._expect, **r.kwargs)
+                if r.method in ("POST", "PUT")
+                else r
+                for r in routes
+            ]
+        )
+
+    async def _expect(self, request: web.Request) -> None:
+        """`Expect: 100-continue` (the client sends its body once told "100 Continue"): told
+        only to a request whose body would be read (its token or origin, its declared size
+        and, for an alert, the intake checked first); any other is answered at once by the
+        middlewares and the handler, its body never asked for. (aiohttp calls this before
+        any middleware, and its own handler tells every request to go on.)"""
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            return None  # an expectation not known: ignored
+        refused = (
+            origin_problem(request) if self.tokens is None else token_problem(request, self.tokens)
+        )
+        too_large = (request.content_length or 0) > body_limit(request)
+        busy = request.path == "/v1/alerts" and self.pipeline.busy_reason()
+        if not (refused or too_large or busy) and request.version >= (1, 1):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return None
 
     async def start(self, host: str, port: int) -> None:
         # aiohttp's keep-alive timer also closes a connection whose first request's headers
@@ -317,9 +372,37 @@ class HttpApi:
         )
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port).start()
+        self._sweeper = asyncio.create_task(self._close_stalled_writes(self._runner.server))
         log.info("http listening", host=host, port=port)
 
+    async def _close_stalled_writes(self, server: web.Server | None) -> None:
+        """Close the connections whose answers have not moved for WRITE_STALL_S: a client
+        that stops reading (pipelining requests it never reads the answers of) would hold
+        its connection, and the handler writing to it, for ever."""
+        stalled: dict[asyncio.BaseTransport, tuple[int, float]] = {}
+        while server is not None:
+            await asyncio.sleep(WRITE_SWEEP_S)
+            now = time.monotonic()
+            waiting: dict[asyncio.BaseTransport, tuple[int, float]] = {}
+            for handler in server.connections:
+                transport = handler.transport
+                if not isinstance(transport, asyncio.WriteTransport):
+                    continue
+                size = transport.get_write_buffer_size()
+                if not size:
+                    continue
+                before = stalled.get(transport)
+                since = before[1] if before is not None and size >= before[0] else now
+                waiting[transport] = (size, since)
+                if now - since >= WRITE_STALL_S:
+                    log.info("http client stopped reading its answers: connection closed")
+                    transport.abort()
+            stalled = waiting
+
     async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

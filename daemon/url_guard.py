@@ -71,10 +71,9 @@ class GuardedResolver(AbstractResolver):
         found = await self._inner.resolve(host, port, family)
         kept: list[ResolveResult] = []
         refused: list[str] = []
+        local = host.rstrip(".").lower() == "localhost"  # as the allowed hosts compare
         for result in found:
-            reason = refusal(
-                ipaddress.ip_address(result["host"]), loopback_allowed=host == "localhost"
-            )
+            reason = refusal(ipaddress.ip_address(result["host"]), loopback_allowed=local)
             if reason is None:
                 kept.append(result)
             else:

@@ -305,6 +305,7 @@ async def test_names_are_checked_against_what_they_resolve_to():
             "mixed.example": ["169.254.169.254", "10.0.0.7"],
             "inside.example": ["127.0.0.1"],
             "localhost": ["127.0.0.1"],
+            "LocalHost.": ["127.0.0.1"],  # as the allowed hosts compare: the same name
         }
     )
     with pytest.raises(
@@ -316,7 +317,8 @@ async def test_names_are_checked_against_what_they_resolve_to():
     assert [r["host"] for r in await resolver.resolve("mixed.example", 80)] == ["10.0.0.7"]
     with pytest.raises(OSError, match=r"loopback 127\.0\.0\.1"):
         await resolver.resolve("inside.example", 80)
-    assert [r["host"] for r in await resolver.resolve("localhost", 80)] == ["127.0.0.1"]
+    for name in ("localhost", "LocalHost."):
+        assert [r["host"] for r in await resolver.resolve(name, 80)] == ["127.0.0.1"]
     await resolver.close()
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import socket
 
 from structlog.testing import capture_logs
 from yarl import URL
@@ -272,6 +274,33 @@ async def test_clients_that_stop_sending_are_cut_off_and_intake_goes_on(
         assert (await d.get_alert("slow-1"))[0] == 404  # never taken
         rejects = await d.daemon.journal.rejects()
     assert ("payload", "request body not received in time: 100 bytes in 1 s") in rejects
+
+
+async def test_a_client_that_stops_reading_its_answers_is_cut_off(
+    tmp_path, tiny_model, monkeypatch
+):
+    monkeypatch.setattr("daemon.http_api.WRITE_STALL_S", 1.0)
+    monkeypatch.setattr("daemon.http_api.WRITE_SWEEP_S", 0.25)
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    closed = "http client stopped reading its answers: connection closed"
+    async with run_daemon(settings) as d:
+        host, port = d.settings.http.listen.split(":")
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect((host, int(port)))
+        reader.setblocking(False)
+        # pipelined requests whose answers are never read: they fill the socket's buffers
+        requests = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n" * 5000
+        with capture_logs() as logs:
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(3):
+                    await asyncio.get_running_loop().sock_sendall(reader, requests)
+            async with asyncio.timeout(10):
+                while not any(entry["event"] == closed for entry in logs):
+                    await asyncio.sleep(0.2)
+        assert d.daemon.api._runner.server.connections == []
+        reader.close()
+        assert (await d.post_alert(make_alert("after-stall")))[0] == 202  # others are served
 
 
 async def test_a_stop_does_not_wait_long_for_an_upload_under_way(tmp_path, tiny_model):

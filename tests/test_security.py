@@ -162,6 +162,34 @@ async def test_http_requests_need_a_bearer_token_from_the_tokens_file(tmp_path, 
         huge = b"x" * (int(settings.http.max_body_mb * 2**20) + 1)
         async with http.post(url, data=huge) as response:
             assert response.status == 401
+        # nor is a body asked for ("Expect: 100-continue") that would not be read
+        host, port = d.settings.http.listen.split(":")
+
+        async def first_line(headers: str) -> bytes:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                b"POST /v1/alerts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Expect: 100-continue\r\n{headers}\r\n".encode()
+            )
+            try:
+                async with asyncio.timeout(5):
+                    return await reader.readline()
+            finally:
+                writer.close()
+
+        bearer = f"Authorization: Bearer {TOKEN}\r\n"
+        assert (await first_line("Content-Length: 10\r\n")).startswith(b"HTTP/1.1 401")
+        over = f"Content-Length: {len(huge)}\r\n"
+        assert (await first_line(bearer + over)).startswith(b"HTTP/1.1 413")
+        assert await first_line(bearer + "Content-Length: 10\r\n") == b"HTTP/1.1 100 Continue\r\n"
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with http.post(url, json=alert, headers=headers, expect100=True) as response:
+            assert response.status == 202
+        # the console's files are open; any other name there is a JSON 404
+        async with http.get(f"{d.base_url}/console/static/app.js") as response:
+            assert response.status == 200
+        async with http.get(f"{d.base_url}/console/static/nope.js") as response:
+            assert response.status == 404 and (await response.json())["error"]
     logged = capsys.readouterr()
     assert "http request with a wrong token" in logged.out + logged.err
     assert TOKEN not in logged.out + logged.err
