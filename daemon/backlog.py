@@ -74,6 +74,12 @@ class Backlog:
     def full(self) -> bool:
         return self.pending + self.reserved >= self.max_backlog
 
+    @property
+    def paused(self) -> bool:
+        """Whether intake waits: from `full` until below nine tenths again (HTTP and MQTT
+        alike: HTTP taking each slot freed would keep MQTT paused for good)."""
+        return not self._room.is_set()
+
     def reserve(self) -> None:
         self.reserved += 1
         self._update()

@@ -331,8 +331,11 @@ class Pipeline:
         """Why intake must wait now, if it must."""
         if self.storage_problem:
             return self.storage_problem
-        if self.backlog.full:
-            return f"{self.backlog.pending} alerts wait for review (max_backlog)"
+        if self.backlog.paused:
+            return (
+                f"{self.backlog.pending} alerts wait for review (max_backlog reached: intake "
+                "goes on below nine tenths of it)"
+            )
         return None
 
     async def wait_for_intake(self) -> None:

@@ -54,6 +54,21 @@ async def test_the_backlog_hands_out_best_first_and_spills_to_the_journal():
     assert backlog.pending == 0 and not backlog.full
 
 
+async def test_intake_stays_paused_until_the_backlog_is_below_nine_tenths():
+    async def read_pending(limit: int) -> list[tuple[int, int]]:
+        return []
+
+    backlog = Backlog(read_pending, capacity=100, max_backlog=20)
+    for ref in range(1, 21):
+        backlog.add(ref, 0)
+    assert backlog.full and backlog.paused
+    for _ in range(2):  # a slot freed is not taken at once (by HTTP, leaving MQTT paused)
+        backlog.done(await backlog.take(), reviewed=True)
+        assert not backlog.full and backlog.paused
+    backlog.done(await backlog.take(), reviewed=True)  # 17 of 20: below nine tenths
+    assert not backlog.paused
+
+
 async def test_alerts_waiting_in_the_journal_are_not_passed_over_by_newer_ones():
     waiting: dict[int, int] = {}  # the journal's unreviewed alerts: priority by row id
 
