@@ -10,6 +10,7 @@ import asyncio
 import fcntl
 import json
 import os
+import re
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +33,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: the tables whose row ids are known outside the journal (the outbox's place, snapshot and
-#: feedback references, exported ids): AUTOINCREMENT, so that an id is never given twice,
-#: even once the newest rows are pruned
+#: feedback references, exported ids, feedback ids answered to operators): AUTOINCREMENT, so
+#: that an id is never given twice, even once the newest rows are pruned
 ALERTS_TABLE = """(
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     box_id      TEXT NOT NULL,
@@ -62,6 +63,20 @@ VERDICTS_TABLE = """(
     prompt       TEXT,                      -- what the model was asked
     raw          TEXT                       -- what it answered (scores as JSON, or text)
 )"""
+FEEDBACK_TABLE = """(
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    alert_ref   INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
+    rule        TEXT NOT NULL,
+    verdict     TEXT NOT NULL,              -- the verdict the operator judged
+    label       TEXT,                       -- real | false: what the alert really was
+    correct     INTEGER,                    -- 1: the verdict was right, 0: wrong
+    fields      TEXT,                       -- extract rules: the corrected fields (JSON)
+    note        TEXT,
+    source      TEXT NOT NULL,              -- http | mqtt | console
+    created_at  TEXT NOT NULL
+)"""
+#: the tables rebuilt with AUTOINCREMENT where a journal has them without
+NUMBERED_TABLES = {"alerts": ALERTS_TABLE, "verdicts": VERDICTS_TABLE, "feedback": FEEDBACK_TABLE}
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS alerts {ALERTS_TABLE};
 CREATE INDEX IF NOT EXISTS alerts_pending ON alerts (priority DESC, id) WHERE state = 'received';
@@ -84,18 +99,7 @@ CREATE INDEX IF NOT EXISTS verdicts_by_alert ON verdicts (alert_ref);
 CREATE INDEX IF NOT EXISTS verdicts_by_rule ON verdicts (rule, alert_ref, verdict);
 CREATE INDEX IF NOT EXISTS verdicts_by_verdict ON verdicts (verdict, alert_ref);
 CREATE INDEX IF NOT EXISTS verdicts_by_time ON verdicts (created_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    id          INTEGER PRIMARY KEY,
-    alert_ref   INTEGER NOT NULL REFERENCES alerts (id) ON DELETE CASCADE,
-    rule        TEXT NOT NULL,
-    verdict     TEXT NOT NULL,              -- the verdict the operator judged
-    label       TEXT,                       -- real | false: what the alert really was
-    correct     INTEGER,                    -- 1: the verdict was right, 0: wrong
-    fields      TEXT,                       -- extract rules: the corrected fields (JSON)
-    note        TEXT,
-    source      TEXT NOT NULL,              -- http | mqtt | console
-    created_at  TEXT NOT NULL
-);
+CREATE TABLE IF NOT EXISTS feedback {FEEDBACK_TABLE};
 CREATE INDEX IF NOT EXISTS feedback_by_alert ON feedback (alert_ref, rule);
 CREATE INDEX IF NOT EXISTS feedback_by_time ON feedback (created_at);
 CREATE TABLE IF NOT EXISTS rejects (
@@ -669,10 +673,10 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         # would otherwise leave it at its largest until the daemon stops)
         writer.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT_BYTES}")
         writer.execute("PRAGMA synchronous = FULL")
-        if 1 <= version < SCHEMA_VERSION:
+        steps = _migrations(writer)  # (the lock beside the journal: no other daemon writes)
+        if steps:
             log.info(
-                "upgrading the journal's schema: the alerts and verdicts tables are copied "
-                "once (seconds per 100,000 rows)",
+                "upgrading the journal's schema: tables are copied once (seconds per 100,000 rows)",
                 journal=str(path),
                 schema=version,
                 to_schema=SCHEMA_VERSION,
@@ -682,7 +686,7 @@ def _open_writer(path: Path) -> sqlite3.Connection:
             "\n".join(
                 [
                     "BEGIN IMMEDIATE;",
-                    *_migrations(version),
+                    *steps,
                     SCHEMA,
                     f"PRAGMA user_version = {SCHEMA_VERSION};",
                     "COMMIT;",
@@ -705,28 +709,35 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     return writer
 
 
-def _migrations(version: int) -> list[str]:
-    """The statements that bring a journal of schema `version` up to SCHEMA_VERSION."""
+def _migrations(db: sqlite3.Connection) -> list[str]:
+    """The statements that bring the journal's tables to this version's shape, judged by the
+    tables themselves rather than the schema number (a version that upgraded one statement at
+    a time may have been cut off between two, its number not yet raised)."""
+    made = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+
+    def columns(table: str) -> set[str]:
+        return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+
     steps = []
-    if version == 1:
+    if "alerts" in made and "priority" not in columns("alerts"):
         steps += [
             "ALTER TABLE alerts ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;",
             "DROP INDEX IF EXISTS alerts_pending;",
         ]
-    if 1 <= version <= 2:
+    if "verdicts" in made:
+        have = columns("verdicts")
         steps += [
-            "ALTER TABLE verdicts ADD COLUMN prompt TEXT;",
-            "ALTER TABLE verdicts ADD COLUMN raw TEXT;",
+            f"ALTER TABLE verdicts ADD COLUMN {c} TEXT;" for c in ("prompt", "raw") if c not in have
         ]
-    if 1 <= version <= 3:
-        # rebuilt with AUTOINCREMENT (SQLite's way of changing a table: a copy renamed);
-        # the columns are in the new table's order by now (those added above come last)
-        for table, columns in (("alerts", ALERTS_TABLE), ("verdicts", VERDICTS_TABLE)):
+    for table, shape in NUMBERED_TABLES.items():
+        if table in made and "AUTOINCREMENT" not in made[table].upper():
+            # SQLite's way of changing a table: a copy renamed
+            names = ", ".join(re.findall(r"^\s+(\w+)\s+(?:INTEGER|TEXT|BLOB)", shape, re.M))
             steps += [
-                f"CREATE TABLE {table}_v4 {columns};",
-                f"INSERT INTO {table}_v4 SELECT * FROM {table};",
+                f"CREATE TABLE {table}_new {shape};",
+                f"INSERT INTO {table}_new ({names}) SELECT {names} FROM {table};",
                 f"DROP TABLE {table};",
-                f"ALTER TABLE {table}_v4 RENAME TO {table};",
+                f"ALTER TABLE {table}_new RENAME TO {table};",
             ]
     return steps
 

@@ -119,7 +119,7 @@ async def test_a_migration_cut_short_leaves_the_journal_as_it_was(tmp_path, monk
     monkeypatch.setattr(
         journal_module,
         "_migrations",
-        lambda version: [real(version)[0], "ALTER TABLE nowhere ADD COLUMN x;"],
+        lambda db: [real(db)[0], "ALTER TABLE nowhere ADD COLUMN x;"],
     )
     with pytest.raises(sqlite3.OperationalError, match="no such table: nowhere"):
         await Journal.open(path)
@@ -166,11 +166,38 @@ async def test_ids_are_never_given_twice_in_a_journal_upgraded_from_schema_3(tmp
         await journal.finish_review(recorded.ref, [PlannedVerdict(make_verdict("new"), "t")])
         rows = await journal.read("SELECT id, alert_ref FROM verdicts ORDER BY id")
         assert [tuple(row) for row in rows] == [(1, 1), (3, 3)]
+        # feedback ids are answered to operators: the newest one pruned, its id stays gone
+        await journal._write(lambda db: db.execute("DELETE FROM alerts WHERE id = 1"))
+        made = await journal._write(
+            lambda db: (
+                db.execute(
+                    "INSERT INTO feedback (alert_ref, rule, verdict, label, source, created_at) "
+                    "VALUES (3, 'fire', 'confirmed', 'real', 'http', '2026-11-25T00:00:03+00:00')"
+                ).lastrowid
+            )
+        )
+        assert made == 2
     finally:
         await journal.close()
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION
         assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+
+
+async def test_a_journal_upgraded_halfway_by_an_older_version_still_opens(tmp_path):
+    """Versions before the one-transaction upgrade ran one statement at a time: cut off
+    after the first, a journal numbered 2 already had `verdicts.prompt`."""
+    path = tmp_path / "journal.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(journal_module.SCHEMA.replace(" AUTOINCREMENT", ""))
+        db.execute("ALTER TABLE verdicts DROP COLUMN raw")
+        db.execute("PRAGMA user_version = 2")
+    await (await Journal.open(path)).close()
+    with sqlite3.connect(path) as db:
+        assert {"prompt", "raw"} <= {row[1] for row in db.execute("PRAGMA table_info(verdicts)")}
+        assert db.execute("PRAGMA user_version").fetchone()[0] == journal_module.SCHEMA_VERSION
+        tables = dict(db.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert all("AUTOINCREMENT" in tables[name] for name in ("alerts", "verdicts", "feedback"))
 
 
 async def test_a_journal_of_a_newer_schema_is_refused_untouched(tmp_path):
