@@ -88,7 +88,9 @@ class LeanClient:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._inbox = bytearray()
-        variable = _string("MQTT") + bytes([4, 0b10]) + struct.pack("!H", 60)
+        # keep-alive 0: no pings to send, and the broker never drops the session for silence
+        # (the boxes' client is idle once every alert is out, while the model works on)
+        variable = _string("MQTT") + bytes([4, 0b10]) + struct.pack("!H", 0)
         self.sock.sendall(packet(CONNECT, 0, variable, _string(client_id)))
         kind, _, body = self._expect()
         if kind != CONNACK or body[1] != 0:

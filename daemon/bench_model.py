@@ -13,6 +13,9 @@ as the real model, no download) or a snapshot directory (`--model`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import io
 import os
 import statistics
@@ -30,12 +33,18 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, Qwen2VLImageProcessorPil
 
 from daemon.bench_pipeline import synthetic_jpegs
-from daemon.config import ModelSettings
+from daemon.config import ModelSettings, PipelineSettings
 from daemon.images import Budget, decode, load_for_model
 from daemon.inference.batcher import MicroBatcher
 from daemon.inference.compiling import eager
 from daemon.inference.processors import ImageOnlyProcessor
-from daemon.inference.runner import ModelRunner, pick_device, pick_dtype, prepare_for_inference
+from daemon.inference.runner import (
+    ModelRunner,
+    pick_attention,
+    pick_device,
+    pick_dtype,
+    prepare_for_inference,
+)
 from daemon.inference.synthetic import (
     QWEN2_VL_CHAT_TEMPLATE,
     build_tokenizer,
@@ -203,9 +212,19 @@ def _rss_mb() -> float:
     return 0.0
 
 
+def _give_back_freed() -> None:
+    """Return what earlier work freed to the system (the C allocator keeps freed pages), so
+    that a side's peak is not the one before it's left-overs."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float | None]]:
-    """Sample the process's resident memory every 20 ms (and the GPU's peak allocation)."""
+    """Sample the process's resident memory every 20 ms (and the GPU's peak allocation),
+    from what it is once freed memory is given back."""
+    _give_back_freed()
     result: dict[str, float | None] = {"rss": _rss_mb(), "gpu": None}
     done = threading.Event()
 
@@ -245,8 +264,11 @@ def build_random_runner(arch: str, device: str, dtype: str, compile: bool = Fals
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     torch.manual_seed(0)
+    attention = pick_attention("auto", torch_device, torch_dtype)  # as the daemon picks it
     with torch_device:  # random initialisation on the target device: seconds, not minutes
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch_dtype)
+        model = AutoModelForImageTextToText.from_config(
+            config, dtype=torch_dtype, attn_implementation=attention
+        )
     prepare_for_inference(model, compile)
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
     processor = ImageOnlyProcessor(tokenizer, image_processor_for(family), QWEN2_VL_CHAT_TEMPLATE)
@@ -262,9 +284,11 @@ def visual_tokens(runner: ModelRunner, size: tuple[int, int], image_processor: A
 
 def run_baseline(
     runner: ModelRunner, jpegs: list[bytes], tick: Callable[[], None]
-) -> tuple[Side, float]:
-    """One at a time, full resolution, generate then parse. Returns the side and the share
-    of answers containing "yes" (random weights answer noise)."""
+) -> tuple[Side, float, float]:
+    """One at a time, full resolution, generate then parse, after one alert untimed (as
+    secondlook's path is warmed up before). Returns the side, the share of answers containing
+    "yes" (random weights answer noise) and the mean number of tokens generated (random
+    weights seldom end an answer early: a trained model answering "Yes." stops at 2-3)."""
     hub = Qwen2VLImageProcessorPil(
         min_pixels=HUB_MIN_PIXELS,
         max_pixels=HUB_MAX_PIXELS,
@@ -275,30 +299,38 @@ def run_baseline(
     processor = ImageOnlyProcessor(runner.tokenizer, hub, runner.processor.chat_template)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    latencies, yes = [], 0
-    with peak_memory(runner.device) as peak, stock_vision_attention(runner.model), eager():
-        start = time.perf_counter()
-        for jpeg in jpegs:
-            began = time.perf_counter()
-            image = decode(jpeg)
-            inputs = processor(text=[text], images=[image]).to(runner.device)
-            with torch.inference_mode():
-                output = runner.model.generate(
-                    **inputs,
-                    max_new_tokens=BASELINE_NEW_TOKENS,
-                    do_sample=False,
-                    pad_token_id=runner.tokenizer.pad_token_id,
-                )
-            answer = runner.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
-            yes += "yes" in answer.lower()
-            latencies.append(time.perf_counter() - began)
-            tick()
-        elapsed = time.perf_counter() - start
+    latencies, yes, generated = [], 0, 0
+
+    def answer(jpeg: bytes, new_tokens: int) -> str:
+        nonlocal generated
+        inputs = processor(text=[text], images=[decode(jpeg)]).to(runner.device)
+        with torch.inference_mode():
+            output = runner.model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=runner.tokenizer.pad_token_id,
+            )
+        prompt_tokens = inputs["input_ids"].shape[1]
+        generated += output.shape[1] - prompt_tokens
+        return str(runner.tokenizer.decode(output[0, prompt_tokens:]))
+
+    with stock_vision_attention(runner.model), eager():
+        answer(jpegs[0], 2)  # untimed: the kernels of the stock path, loaded and tuned
+        generated = 0
+        with peak_memory(runner.device) as peak:
+            start = time.perf_counter()
+            for jpeg in jpegs:
+                began = time.perf_counter()
+                yes += "yes" in answer(jpeg, BASELINE_NEW_TOKENS).lower()
+                latencies.append(time.perf_counter() - began)
+                tick()
+            elapsed = time.perf_counter() - start
     size = decode(jpegs[0]).size
     side = Side(
         latencies, elapsed, peak["rss"] or 0.0, peak["gpu"], visual_tokens(runner, size, hub)
     )
-    return side, yes / len(jpegs)
+    return side, yes / len(jpegs), generated / len(jpegs)
 
 
 async def run_secondlook(
@@ -327,12 +359,17 @@ async def run_secondlook(
         )
         batching = asyncio.create_task(batcher.run())
 
+        # as many alerts under review at once as the daemon takes ([pipeline] workers): the
+        # rest wait their turn as they would in its queue, not as decoded images
+        reviewing = asyncio.Semaphore(PipelineSettings().workers)
+
         async def one(jpeg: bytes) -> float:
-            began = time.perf_counter()
-            image = await loop.run_in_executor(prep_pool, load_for_model, jpeg, budget)
-            await batcher.submit(ModelRequest(query, [image]))
-            tick()
-            return time.perf_counter() - began
+            async with reviewing:
+                began = time.perf_counter()
+                image = await loop.run_in_executor(prep_pool, load_for_model, jpeg, budget)
+                await batcher.submit(ModelRequest(query, [image]))
+                tick()
+                return time.perf_counter() - began
 
         start = time.perf_counter()
         if one_at_a_time:
@@ -380,7 +417,7 @@ def run_model_bench(
     jpegs = synthetic_jpegs(alerts, image_size, seed=1)
     runner.warm_up()
     naive = jpegs[: baseline_alerts or alerts]
-    baseline, yes_share = run_baseline(runner, naive, progress("baseline", len(naive)))
+    baseline, yes_share, new_tokens = run_baseline(runner, naive, progress("baseline", len(naive)))
     ours = asyncio.run(run_secondlook(runner, jpegs, settings, progress("secondlook", alerts)))
     light = jpegs[:LIGHT_LOAD_ALERTS]
     alone = asyncio.run(
@@ -391,7 +428,8 @@ def run_model_bench(
         "device": str(runner.device),
         "baseline": {
             **baseline.summary(),
-            "new_tokens": BASELINE_NEW_TOKENS,
+            "max_new_tokens": BASELINE_NEW_TOKENS,
+            "new_tokens": round(new_tokens, 1),  # generated per alert, on average
             "answers_with_yes": yes_share,
         },
         "secondlook": {

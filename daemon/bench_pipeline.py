@@ -205,28 +205,31 @@ async def _drive(
     broker_before = model_before = 0.0
     figures: dict[str, Any] = {}
     try:
-        async with asyncio.timeout(max(120, alerts / 20)):
-            while line := await generator.stdout.readline():
-                if line.startswith(b"{"):
-                    figures = json.loads(line)
-                    break
-                if not cpu_before:  # the generator's first line: it starts publishing
-                    cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
-                    model_before = process_cpu_s(model_pid) if model_pid else 0.0
-                if progress is not None:
-                    progress(int(line))
-            cpu = thread_cpu_s()
-            broker_cpu = process_cpu_s(broker.pid) - broker_before
-            model_cpu = process_cpu_s(model_pid) - model_before if model_pid else None
-            await generator.wait()
+        # no deadline of its own: the generator ends (without figures) once no verdict came
+        # for IDLE_TIMEOUT_S, however slow the model
+        while line := await generator.stdout.readline():
+            if line.startswith(b"{"):
+                figures = json.loads(line)
+                break
+            if not cpu_before:  # the generator's first line: it starts publishing
+                cpu_before, broker_before = thread_cpu_s(), process_cpu_s(broker.pid)
+                model_before = process_cpu_s(model_pid) if model_pid else 0.0
+            if progress is not None:
+                progress(int(line))
+        cpu = thread_cpu_s()
+        broker_cpu = process_cpu_s(broker.pid) - broker_before
+        model_cpu = process_cpu_s(model_pid) - model_before if model_pid else None
+        await generator.wait()
     finally:
         if generator.returncode is None:
             generator.kill()
             await generator.wait()
     stop.set()  # the daemon's shutdown completes what it counts (the last PUBACKs)
     await task
-    if not figures:
-        raise RuntimeError("the load generator ended without its figures")
+    if not figures:  # its error (no verdict for a while, say) is on stderr above
+        raise click.ClickException(
+            "the load generator ended without its figures (see its error above)"
+        )
     per_alert = {
         role: 1000 * (seconds - cpu_before.get(role, 0.0)) / alerts for role, seconds in cpu.items()
     }

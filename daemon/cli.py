@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import sqlite3
 import sys
 import tempfile
@@ -569,10 +570,12 @@ MAX_ASPECT = 100
 
 
 def _size(_ctx: Any, _param: Any, value: str) -> tuple[int, int]:
-    width, _, height = value.lower().partition("x")
-    if not (width.isdigit() and height.isdigit()) or int(width) < 28 or int(height) < 28:
+    given = re.fullmatch(r"([0-9]+)x([0-9]+)", value.lower())
+    if given is None:
         raise click.BadParameter("expected WIDTHxHEIGHT, e.g. 1920x1080")
-    w, h = int(width), int(height)
+    w, h = int(given[1]), int(given[2])
+    if min(w, h) < 28:
+        raise click.BadParameter("each side at least 28 pixels (one patch of the model)")
     if max(w, h) > JPEG_MAX_SIDE:
         raise click.BadParameter(f"a JPEG's sides are at most {JPEG_MAX_SIDE} pixels")
     if max(w, h) > MAX_ASPECT * min(w, h):

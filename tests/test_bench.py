@@ -46,6 +46,8 @@ def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
     # 3 alerts in batches of 2 at most; the model busy part of the time
     assert ours["batches"] >= 2 and ours["mean_batch"] == round(3 / ours["batches"], 2)
     assert 0 < ours["model_busy_pct"] <= 100
+    # what the baseline generated (a random model seldom stops early), within its cap
+    assert 1 <= figures["baseline"]["new_tokens"] <= figures["baseline"]["max_new_tokens"] == 64
     light = figures["light_load"]
     assert light["alerts"] == 3 and 0 < light["p50_ms"] <= light["p99_ms"]
     # the processor's default resolution against the 448x448 budget
@@ -137,6 +139,8 @@ def test_bench_refuses_options_it_would_ignore_or_could_not_measure():
         (["--image-size", "14000x14000"], "over the daemon's"),  # the model bench too
         (["--image-size", "70000x28"], "at most 65500 pixels"),
         (["--image-size", "6000x28"], "at most 100 times the other"),
+        (["--image-size", "²²x100"], "expected WIDTHxHEIGHT"),  # digits int() cannot read
+        (["--image-size", "27x100"], "each side at least 28 pixels"),
         (["--max-wait-ms", "nan"], "expected a number"),
         (["--max-batch", "1000"], "1<=x<=512"),
         (
