@@ -154,7 +154,7 @@ class ConsoleApi:
                 self.journal,
                 said,
                 alert_id=feedback.alert_id_of(said, request.match_info.get("alert_id")),
-                box_id=request.query.get("box_id") or said.box_id,
+                box_id=feedback.box_id_of(said, request.query.get("box_id")),
                 source=source[:16],
                 stats=self.daemon.stats,
                 rules=self.daemon.rules,

@@ -79,6 +79,13 @@ def alert_id_of(feedback: Feedback, in_path: str | None = None) -> str:
     return alert_id
 
 
+def box_id_of(feedback: Feedback, in_query: str | None = None) -> str | None:
+    """The box that sent the alert, if named: in the query, or in the body (both: alike)."""
+    if in_query and feedback.box_id is not None and feedback.box_id != in_query:
+        raise FeedbackError(400, "box_id: the body names another box than the query", "box_id")
+    return in_query or feedback.box_id
+
+
 def judged(
     verdict: str, confidence: float | None, feedback: Feedback
 ) -> tuple[str | None, bool | None]:

@@ -114,6 +114,11 @@ async def test_feedback_is_stored_and_changes_the_rules_measured_precision(tmp_p
         # the path and the body name one alert; ids are as long as an alert's at most
         status, body = await feedback("fire-0", {"alert_id": "fire-1", "correct": True})
         assert status == 400 and body["field"] == "alert_id" and "another alert" in body["error"]
+        # and the query and the body one box
+        url = f"{d.base_url}/v1/feedback?box_id=box-t"
+        async with d.http.post(url, json={"alert_id": "..", "box_id": "b2", "correct": True}) as r:
+            said = await r.json()
+        assert r.status == 400 and said["field"] == "box_id" and "another box" in said["error"]
         for key in ("alert_id", "box_id", "rule"):
             long = {"alert_id": "fire-0", "correct": True} | {key: "x" * 100_000}
             async with d.http.post(f"{d.base_url}/v1/feedback", json=long) as response:
