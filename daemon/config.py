@@ -379,7 +379,8 @@ class PipelineSettings(_Section):
     #: intake pauses (the broker holds the messages) until it falls below nine tenths
     max_backlog: int = Field(default=20_000, ge=1)
     #: on SIGTERM, reviews under way get this long to finish; the rest stay journalled and
-    #: resume at the next start (keep it below the unit's TimeoutStopSec, less 10 s for
+    #: resume at the next start (keep it about 35 s below the unit's TimeoutStopSec: the stop
+    #: adds up to 3 s for HTTP, 10 s for the last publishing, 10 s for `offline`, 10 s for
     #: closing the model worker)
     stop_grace_s: float = Field(default=20, ge=0)
 

@@ -28,7 +28,7 @@ def register_alert_formats(register: Callable[[Any], None], settings: Any) -> No
 @hookspec
 def register_backends(register: Callable[[str, Any], None]) -> None:
     """Register model backends: call `register(name, factory)`; `factory(model_settings)`
-    returns a Backend (`start`, `run(request)`, `close`, `model_name`)."""
+    returns a Backend (`start`, `run(request)`, `close`, `model_name`, `image_factor`)."""
 
 
 @hookspec(firstresult=True)
@@ -46,6 +46,6 @@ def suppress_alert(alert: Any, rule: Any, recent: Any) -> Any:
 def verdict_ready(alert: Any, rule: Any, verdict: Any) -> Any:
     """Called once a verdict is journalled and handed to the outbox (it may be published
     already), beside the next reviews, with a copy of the alert. `rule` is None for a verdict of
-    no rule (no rule matched, only shadow rules matched, or the review was interrupted
-    `max_attempts` times). May return an awaitable, which the host awaits (60 s at most); errors are
+    no rule (no rule matched, only shadow rules matched, the review was interrupted
+    `max_attempts` times, or a journalled alert fails the contract's checks). May return an awaitable, which the host awaits (60 s at most); errors are
     logged."""
