@@ -121,7 +121,12 @@ def judged(
 
 def check_fields(fields: dict[str, Any], verdict: dict[str, Any], rule: Rule | None) -> None:
     """Corrected fields that could be the right answer: a classify verdict's one of its
-    labels; an extract rule's its fields, each of its type (they become training targets)."""
+    labels; an extract rule's its fields, each of its type (they become training targets).
+    An unreviewed verdict takes none: the model gave no answer to correct."""
+    if verdict.get("verdict") == "unreviewed":
+        raise FeedbackError(
+            400, "fields: an unreviewed verdict has no answer to correct; give label", "fields"
+        )
     scores = (verdict.get("fields") or {}).get("scores")
     if isinstance(scores, dict):  # classify
         label = fields.get("label")

@@ -47,5 +47,5 @@ def verdict_ready(alert: Any, rule: Any, verdict: Any) -> Any:
     """Called once a verdict is journalled and handed to the outbox (it may be published
     already), beside the next reviews, with a copy of the alert. `rule` is None for a verdict of
     no rule (no rule matched, only shadow rules matched, the review was interrupted
-    `max_attempts` times, or a journalled alert fails the contract's checks). May return an awaitable, which the host awaits (60 s at most); errors are
-    logged."""
+    `max_attempts` times, or a journalled alert fails the contract's checks). May return an
+    awaitable, which the host awaits (60 s at most); errors are logged."""

@@ -20,9 +20,11 @@ when that arrived after the event's first message of any type (less SNAPSHOT_SLA
 earlier one shows an earlier object) while no other event of that camera and label was live
 (it could show that one's object instead: an event is live from its first message to its end,
 or until nothing was heard of it for LIVE_S, Frigate repeating an event's message at least
-once a minute), or else Frigate's HTTP API (`[frigate] api_url` +
-/api/events/<id>/snapshot.jpg, the whole frame: the alert then carries the detection box too
-when the event's message gives the box of that frame). Without an API, an event whose
+once a minute, and while its object may be pictured: Frigate sends no snapshot of an object
+that stands still or never moved), and that no other event went with, or else Frigate's
+HTTP API (`[frigate] api_url` + /api/events/<id>/snapshot.jpg, the whole frame: the alert
+then carries the detection box too when the event's message gives the box of that frame).
+Without an API, an event whose
 snapshot has not come yet (Frigate publishes the event first) waits for it: the snapshot's
 message, or the event's next one, brings the alert in; its `end` without one is refused, and
 so is the next message of one dropped from the MAX_WAITING events that wait at most. An event
@@ -78,6 +80,9 @@ class _Seen(NamedTuple):
     last: float
     camera: str
     label: str
+    #: whether Frigate may publish a snapshot of its object now: not of one that stands
+    #: still (`active` false) or never moved (`position_changes` 0), by its latest message
+    pictured: bool
 
 
 class _Snapshot(NamedTuple):
@@ -86,6 +91,8 @@ class _Snapshot(NamedTuple):
     data: bytes
     #: the events of its camera and label live when it arrived: whose object it may show
     live: frozenset[str]
+    #: the event whose alert it went with: no other's
+    taken_by: str | None = None
 
 
 class FrigateFormat:
@@ -182,19 +189,21 @@ class FrigateFormat:
         first = seen.first if seen is not None else now
         if not ended:
             camera, label = str(event.get("camera")), str(event.get("label"))
-            self._seen_events[event_id] = _Seen(first, now, camera, label)
+            pictured = event.get("active") is not False and event.get("position_changes") != 0
+            self._seen_events[event_id] = _Seen(first, now, camera, label, pictured)
             while len(self._seen_events) > MAX_SEEN:
                 del self._seen_events[next(iter(self._seen_events))]
         return first
 
     def _live(self, camera: str, label: str) -> frozenset[str]:
-        """The events of that camera and label heard of within LIVE_S and not ended."""
+        """The events of that camera and label heard of within LIVE_S, not ended, whose
+        object Frigate may take a snapshot of."""
         since = self.clock() - LIVE_S
         live = set()
         for event_id, seen in reversed(self._seen_events.items()):
             if seen.last < since:
                 break  # the rest were heard of earlier still
-            if (seen.camera, seen.label) == (camera, label):
+            if (seen.camera, seen.label, seen.pictured) == (camera, label, True):
                 live.add(event_id)
         return frozenset(live)
 
@@ -253,17 +262,21 @@ class FrigateFormat:
                 "frigate_id": event["id"],
             },
         }
-        kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
+        where = (str(event["camera"]), str(event["label"]))
+        kept = self._snapshots.get(where)
+        event_id = str(event["id"])
         # one that arrived before the event shows an earlier object (the topic is retained
-        # and holds the latest best object of that label on that camera), and one that came
-        # while another event of them was live may show that one's; the MQTT snapshot is
-        # cropped to the object by default, so the event's box (in the camera frame's
-        # pixels) does not apply to it
+        # and holds the latest best object of that label on that camera), one that came
+        # while another event of them was live may show that one's, and one another event
+        # went with is that one's; the MQTT snapshot is cropped to the object by default, so
+        # the event's box (in the camera frame's pixels) does not apply to it
         if (
             kept is not None
             and kept.arrived >= first_seen - SNAPSHOT_SLACK_S
-            and kept.live <= {str(event["id"])}
+            and kept.live <= {event_id}
+            and kept.taken_by in (None, event_id)
         ):
+            self._snapshots[where] = kept._replace(taken_by=event_id)
             return IncomingAlert(validate_alert(canonical), [RawImage("image", kept.data)])
         if not self.settings.api_url:
             return None
@@ -284,8 +297,7 @@ class FrigateFormat:
                 dict(zip(("x1", "y1", "x2", "y2"), box, strict=True), label=event["label"])
             ]
         api = self.settings.api_url.rstrip("/")
-        event_id = quote(str(event["id"]), safe="")
-        canonical["image_url"] = f"{api}/api/events/{event_id}/snapshot.jpg"
+        canonical["image_url"] = f"{api}/api/events/{quote(event_id, safe='')}/snapshot.jpg"
         return IncomingAlert(validate_alert(canonical))
 
 

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from daemon import feedback, history
 from daemon.contract import utc_now
-from daemon.feedback import Feedback, FeedbackError, judged
+from daemon.feedback import Feedback, FeedbackError, check_fields, judged
 from daemon.journal import SCHEMA_VERSION, Journal, PlannedVerdict
 from plugins.canonical import CanonicalFormat
 from tests.conftest import (
@@ -155,6 +155,10 @@ def test_feedback_on_verdicts_without_a_side_needs_a_label():
     assert judged("uncertain", 0.5, Feedback(label="real")) == ("real", None)
     with pytest.raises(FeedbackError, match="an uncertain verdict is neither right nor wrong"):
         judged("uncertain", 0.5, Feedback(correct=True))
+    # an unreviewed verdict has no answer to correct (nor would export find one)
+    unreviewed = {"rule": "fight", "verdict": "unreviewed", "confidence": None, "fields": {}}
+    with pytest.raises(FeedbackError, match="an unreviewed verdict has no answer to correct"):
+        check_fields({"label": "play"}, unreviewed, None)
     # extract rules: no P(real); what was said is kept
     assert judged("confirmed", None, Feedback(correct=False, fields={"plate": "B1"})) == (
         None,

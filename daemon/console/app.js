@@ -253,10 +253,11 @@ function verdictRow(alert, v) {
       correctionForm(alert, v, problem)));
 }
 
-// the right fields of a classify or extract verdict (what a model should have answered; one
-// that failed too), with a note: feedback that export-dataset turns into training samples
+// the right fields of a classify or extract verdict (what a model should have answered; an
+// answer that did not parse too), with a note: feedback that export-dataset turns into
+// training samples (an unreviewed verdict has no answer to correct)
 function correctionForm(alert, v, problem) {
-  if (!v.rule || !["classify", "extract"].includes(v.kind)) return null;
+  if (!v.rule || v.verdict === "unreviewed" || !["classify", "extract"].includes(v.kind)) return null;
   const classified = v.kind === "classify";
   const area = el("textarea", { rows: 2, cols: 40, "data-testid": "correct-fields",
     "aria-label": "the right fields, as JSON" });
