@@ -51,6 +51,8 @@ class Backlog:
         self._available = asyncio.Event()
         self._room = asyncio.Event()
         self._room.set()
+        #: the alerts waiting reached max_backlog: intake waits until below nine tenths
+        self._filled = False
         #: alerts journalled and not yet reviewed, wherever they wait
         self.pending = 0
         #: payloads being taken in right now, counted against `max_backlog` too
@@ -77,7 +79,8 @@ class Backlog:
     @property
     def paused(self) -> bool:
         """Whether intake waits: from `full` until below nine tenths again (HTTP and MQTT
-        alike: HTTP taking each slot freed would keep MQTT paused for good)."""
+        alike: HTTP taking each slot freed would keep MQTT paused for good); when only the
+        payloads being taken in made it full, until it is not."""
         return not self._room.is_set()
 
     def reserve(self) -> None:
@@ -206,7 +209,14 @@ class Backlog:
     def _update(self) -> None:
         if self._heap or self._spilled:
             self._available.set()
+        if self.pending >= self.max_backlog:
+            self._filled = True
         if self.full:
             self._room.clear()
-        elif self.pending + self.reserved < self.max_backlog * 9 // 10 or self.max_backlog < 10:
+        elif (
+            not self._filled  # full of payloads being taken in only: room once they are
+            or self.pending + self.reserved < self.max_backlog * 9 // 10
+            or self.max_backlog < 10
+        ):
+            self._filled = False
             self._room.set()

@@ -357,6 +357,7 @@ class HttpApi:
         busy = request.path == "/v1/alerts" and self.pipeline.busy_reason()
         if not (refused or too_large or busy) and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper has not begun (as aiohttp's)
         return None
 
     async def start(self, host: str, port: int) -> None:

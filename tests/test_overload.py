@@ -67,6 +67,13 @@ async def test_intake_stays_paused_until_the_backlog_is_below_nine_tenths():
         assert not backlog.full and backlog.paused
     backlog.done(await backlog.take(), reviewed=True)  # 17 of 20: below nine tenths
     assert not backlog.paused
+    # full only with a payload being taken in that turns out to add nothing (a duplicate)
+    for ref in range(21, 23):
+        backlog.add(ref, 0)
+    backlog.reserve()
+    assert backlog.paused
+    backlog.release()
+    assert backlog.pending == 19 and not backlog.paused
 
 
 async def test_alerts_waiting_in_the_journal_are_not_passed_over_by_newer_ones():
