@@ -288,9 +288,10 @@ def _grown(low: float, high: float, margin: float, limit: int) -> tuple[int, int
 
 
 def draw_detections(img: Image.Image, boxes: list[Region], source: tuple[int, int]) -> Image.Image:
-    """A copy with each box outlined in red, around it (a small detection stays in sight);
-    `source` is the size of the image the boxes' pixels are of. Boxes are clipped to just
-    outside the image first (a huge one would take the drawing long)."""
+    """A copy with each box outlined in red, around it (a small detection stays in sight),
+    or just inside the image's edge where the box reaches it (a box the size of the frame is
+    outlined too); `source` is the size of the image the boxes' pixels are of. Boxes are
+    clipped to just outside the image first (a huge one would take the drawing long)."""
     marked = img.copy()
     draw = ImageDraw.Draw(marked)
     width = max(2, round(min(img.size) / 150))
@@ -300,16 +301,20 @@ def draw_detections(img: Image.Image, boxes: list[Region], source: tuple[int, in
         # whole pixels: the lines keep off the pixels the box's edges fall in
         left, top = _clamped(x1 * sx, low, x_max), _clamped(y1 * sy, low, y_max)
         right, bottom = _clamped(x2 * sx, low, x_max), _clamped(y2 * sy, low, y_max)
-        draw.rectangle(
-            (
-                math.floor(left) - width,
-                math.floor(top) - width,
-                math.ceil(right) + width - 1,
-                math.ceil(bottom) + width - 1,
-            ),
-            outline=(255, 0, 0),
-            width=width,
-        )
+        outline = [
+            math.floor(left) - width,
+            math.floor(top) - width,
+            math.ceil(right) + width - 1,
+            math.ceil(bottom) + width - 1,
+        ]
+        if right > 0 and bottom > 0 and left < img.width and top < img.height:
+            outline = [
+                max(0, outline[0]),
+                max(0, outline[1]),
+                min(img.width - 1, outline[2]),
+                min(img.height - 1, outline[3]),
+            ]
+        draw.rectangle(outline, outline=(255, 0, 0), width=width)
     return marked
 
 

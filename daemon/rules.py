@@ -189,7 +189,7 @@ def read_rule_text(path: Path) -> str:
     if len(data) > RULE_FILE_MAX_BYTES:
         raise RuleError(path, "", f"over {RULE_FILE_MAX_BYTES} bytes: not a rule file")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte order mark, as Windows editors write, is dropped
     except UnicodeDecodeError as exc:
         raise RuleError(path, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from exc
 
@@ -304,8 +304,18 @@ class RuleBook:
         errors: list[RuleError] = []
         loaded: dict[Path, Rule] = {}
         names: dict[str, Path] = {}
-        # files already loaded first, so that a newcomer cannot take their names
-        for path in sorted(parsed, key=lambda p: (p not in self._by_path, p)):
+
+        def claim_order(path: Path) -> tuple[int, Path]:
+            """Files that keep the name they held first (a broken one keeps its last good
+            version's), then files loaded before under another name, then newcomers: a
+            file cannot take a name another file holds."""
+            previous, rule = self._by_path.get(path), parsed[path]
+            if previous is None:
+                return 2, path
+            keeps = isinstance(rule, RuleError) or rule.name == previous.name
+            return (0 if keeps else 1), path
+
+        for path in sorted(parsed, key=claim_order):
             previous = self._by_path.get(path)
             rule = parsed[path]
             if isinstance(rule, Rule) and rule.name in names:

@@ -351,6 +351,26 @@ def test_a_newcomer_cannot_take_an_established_rules_name(tmp_path):
     assert [(rule.name, rule.path.name) for rule in book.rules] == [("fire", "fire.toml")]
 
 
+def test_a_rule_file_with_a_byte_order_mark_loads(tmp_path):
+    (tmp_path / "fire.toml").write_bytes(b"\xef\xbb\xbf" + FIRE_RULE.encode())  # Notepad's
+    book = RuleBook(tmp_path, KINDS)
+    assert book.load() == [] and book.get("fire") is not None
+
+
+def test_a_loaded_file_renamed_to_another_files_rule_cannot_take_its_name(tmp_path):
+    for holder in (FIRE_RULE, "[match\n"):  # in force, or broken on its last good version
+        (tmp_path / "fire.toml").write_text(FIRE_RULE)
+        (tmp_path / "a.toml").write_text(FIRE_RULE)  # rule "a", sorting first
+        book = RuleBook(tmp_path, KINDS)
+        assert book.load() == []
+        (tmp_path / "fire.toml").write_text(holder)
+        (tmp_path / "a.toml").write_text('name = "fire"\n' + FIRE_RULE)
+        errors = {error.path.name: error.reason for error in book.load()}
+        assert errors["a.toml"].endswith("already in " + str(tmp_path / "fire.toml"))
+        held = {rule.name: rule.path.name for rule in book.rules}
+        assert held["fire"] == "fire.toml" and held["a"] == "a.toml"  # a's last good stays
+
+
 def test_files_that_cannot_be_parsed_at_all_are_refused_alone(tmp_path):
     (tmp_path / "fire.toml").write_text(FIRE_RULE)
     (tmp_path / "deep.toml").write_text("x = " + "[" * 2000 + "]" * 2000 + "\n")

@@ -242,6 +242,14 @@ def test_boxes_far_larger_than_the_image_are_drawn_clipped():
     marked = draw_detections(Image.new("RGB", (64, 48)), [(8, 8, 1e300, 1e300)], (64, 48))
     assert marked.getpixel((7, 30)) == (255, 0, 0) and marked.getpixel((30, 7)) == (255, 0, 0)
     assert marked.getpixel((30, 30)) == (0, 0, 0) and marked.getpixel((8, 8)) == (0, 0, 0)
+    # where a box reaches the image's edge, its line is drawn just inside it
+    assert marked.getpixel((63, 30)) == (255, 0, 0) and marked.getpixel((30, 47)) == (255, 0, 0)
+    whole = draw_detections(Image.new("RGB", (64, 48)), [(0, 0, 64, 48)], (64, 48))
+    assert [whole.getpixel(p) for p in ((0, 20), (63, 20), (30, 0), (30, 47))] == [(255, 0, 0)] * 4
+    assert whole.getpixel((30, 20)) == (0, 0, 0)
+    # one wholly off the image is not drawn on it
+    off = draw_detections(Image.new("RGB", (64, 48)), [(100, 100, 120, 120)], (64, 48))
+    assert off.getextrema() == ((0, 0), (0, 0), (0, 0))
 
 
 def test_inspect_image_accepts_jpeg_and_png():
