@@ -227,6 +227,8 @@ class Daemon:
             "status": status,
             "model": self.backend.model_name,
             "mqtt": mqtt,
+            # filters the broker refused (its access list): nothing arrives on them
+            "subscriptions_refused": dict(self.link.refused) if self.link is not None else {},
             "rules": [rule.name for rule in self.rules.rules],
             "rule_errors": [str(error) for error in self.rules.errors],
             "queued": self.pipeline.backlog.queued if self.pipeline else 0,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -219,7 +220,7 @@ def backoff_delays(minimum: float, maximum: float) -> Callable[[], float]:
 
     def next_delay() -> float:
         nonlocal attempt
-        ceiling = min(maximum, minimum * 2**attempt)
+        ceiling = min(maximum, minimum * 2.0 ** min(attempt, 64))  # an outage of hours: no overflow
         attempt += 1
         return random.uniform(ceiling / 2, ceiling)
 
@@ -255,6 +256,11 @@ class MqttLink:
         self.connected = asyncio.Event()
         #: set once the first subscription is up
         self.subscribed = asyncio.Event()
+        #: the filters the broker refused on this connection (its access list, or no shared
+        #: subscriptions), with its reason
+        self.refused: dict[str, str] = {}
+        #: `offline` was published on this connection: leaving it needs no more
+        self._offline_announced = False
 
     def reread_credentials(self) -> None:
         """Read the password and TLS files again (SIGHUP), for the next connection; a file
@@ -335,21 +341,15 @@ class MqttLink:
             up, intake_failed, error = False, False, "the connection ended"
             try:
                 async with self._make_client() as client:
-                    await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
-                    for subscription in self.subscriptions:
-                        await self._subscribe(client, self._filter(subscription.topic))
-                    if s.feedback_topic:
-                        # not shared: the gateway that holds the alert is the one that stores it
-                        await self._subscribe(client, s.feedback_topic)
-                    self._client = client
-                    self.connected.set()
-                    self.subscribed.set()
-                    up = ever_up = True
-                    topics = [subscription.topic for subscription in self.subscriptions]
-                    log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
-                    self.on_connected()
-                    _raise_if_cancelled()
-                    await self._intake(client)
+                    try:
+                        await self._connected(client)
+                        up = ever_up = True
+                        _raise_if_cancelled()
+                        await self._intake(client)
+                    except BaseException as exc:
+                        if not isinstance(exc, aiomqtt.MqttError):  # a stop, a failed start
+                            self._say_offline(client)
+                        raise
             except aiomqtt.MqttError as exc:
                 error = str(exc)
                 intake_failed = isinstance(exc, IntakeFailed)
@@ -380,13 +380,52 @@ class MqttLink:
             log.warning("mqtt disconnected", error=error, retry_in_s=round(delay, 2), **hint)
             await asyncio.sleep(delay)
 
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        """Say `online` (retained; the last will says `offline`), subscribe, and open."""
+        s = self.settings
+        await client.publish(s.status_topic, ONLINE, qos=1, retain=True)
+        self._offline_announced = False
+        self.refused = {}
+        for subscription in self.subscriptions:
+            await self._subscribe(client, self._filter(subscription.topic))
+        if s.feedback_topic:
+            # not shared: the gateway that holds the alert is the one that stores it
+            await self._subscribe(client, s.feedback_topic)
+        self._client = client
+        self.connected.set()
+        self.subscribed.set()
+        topics = [subscription.topic for subscription in self.subscriptions]
+        log.info("mqtt connected", host=s.host, port=s.port, subscribed=topics)
+        self.on_connected()
+
+    def _say_offline(self, client: aiomqtt.Client) -> None:
+        """Before a disconnect of the daemon's own (which makes the broker drop the last
+        will): the retained `offline`, unless said already on this connection. Queued at QoS 0
+        ahead of the DISCONNECT, which goes out after it."""
+        if not self._offline_announced:
+            with contextlib.suppress(Exception):
+                client._client.publish(self.settings.status_topic, OFFLINE, qos=0, retain=True)
+
     async def _subscribe(self, client: aiomqtt.Client, topic: str) -> None:
         """At QoS 1; on MQTT 5 retained messages only with a new subscription (the session
-        keeps it across reconnects, so a retained alert is not delivered at each one)."""
+        keeps it across reconnects, so a retained alert is not delivered at each one). A
+        filter the broker refuses is logged and listed in `refused`."""
         if self.settings.protocol == "5":
-            await client.subscribe(topic, options=SubscribeOptions(qos=1, retainHandling=1))
+            granted = await client.subscribe(
+                topic, options=SubscribeOptions(qos=1, retainHandling=1)
+            )
         else:
-            await client.subscribe(topic, qos=1)
+            granted = await client.subscribe(topic, qos=1)
+        # MQTT 5: reason codes; 3.1.1: the granted QoS, 0x80 for a refusal
+        for code in granted if isinstance(granted, list | tuple) else []:
+            if getattr(code, "is_failure", code == 0x80):
+                reason = str(code) if hasattr(code, "is_failure") else "failure (0x80)"
+                self.refused[topic] = reason
+                log.error(
+                    "mqtt subscription refused by the broker: nothing arrives on it",
+                    topic=topic,
+                    reason=reason,
+                )
 
     def _filter(self, topic: str) -> str:
         group = self.settings.share_group
@@ -506,6 +545,7 @@ class MqttLink:
                 # not journalled: no PUBACK. Dropping the connection makes the broker deliver
                 # it (and everything after it) again on the next one.
                 log.exception("alert intake failed; reconnecting", topic=str(message.topic))
+                self._say_offline(client)
                 client._client.disconnect()
                 raise IntakeFailed(f"alert intake failed: {exc!r}") from exc
             # PUBACK now: the alert is journalled (or the reason it was refused is)
@@ -543,6 +583,7 @@ class MqttLink:
         try:
             async with asyncio.timeout(PUBLISH_TIMEOUT_S):
                 await self.publish(self.settings.status_topic, OFFLINE, retain=True)
+            self._offline_announced = True
         except (PublishError, TimeoutError) as exc:
             log.warning("could not publish offline status", error=str(exc) or "timed out")
 

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import types
 from typing import Any
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 from structlog.testing import capture_logs
 
+from daemon.app import Daemon
 from daemon.config import ConfigError, Subscription, load_settings
 from daemon.hookspecs import hookimpl
 from daemon.inference.instant import InstantBackend
-from daemon.mqtt import QUEUE_MAX, ConnectionLost, MqttLink, PublishRefused
+from daemon.mqtt import QUEUE_MAX, ConnectionLost, MqttLink, PublishRefused, backoff_delays
 from daemon.outbox import LOSSES_TO_SET_ASIDE, Outbox
 from daemon.stats import StageStats
 from tests.conftest import FIRE_RULE, Broker, collect, jpeg_bytes, make_alert, make_settings
@@ -282,3 +286,86 @@ def test_a_topic_the_broker_would_refuse_is_a_config_error_naming_it(tmp_path, l
     with pytest.raises(ConfigError) as raised:
         load_settings(config)
     assert key in str(raised.value) and error in str(raised.value)
+
+
+def test_the_reconnect_delay_stays_capped_through_an_outage_of_hours():
+    next_delay = backoff_delays(0.5, 30.0)
+    delays = [next_delay() for _ in range(5000)]  # past 2**1024, which no float holds
+    assert max(delays) <= 30.0 and min(delays[20:]) >= 15.0
+
+
+async def retained_status(broker: Broker, topic: str) -> bytes | None:
+    async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+        await client.subscribe(topic, qos=1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for message in client.messages:
+                    return bytes(message.payload)
+    return None
+
+
+class LoadsThenFails(InstantBackend):
+    async def start(self) -> None:
+        await asyncio.sleep(1.0)  # the link is up by now, `online` retained
+        raise RuntimeError("the model cannot be loaded")
+
+
+class LoadsThenFailsPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("loads-then-fails", LoadsThenFails)
+
+
+async def test_the_status_says_offline_after_a_failed_start_and_a_reconnect_of_its_own(
+    tmp_path, own_broker
+):
+    settings = make_settings(tmp_path, broker=own_broker, model=tmp_path)
+    failing = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"backend": "loads-then-fails"})}
+    )
+    daemon = Daemon(failing, extra_plugins=[LoadsThenFailsPlugin()])
+    with pytest.raises(BaseException, match=r"unhandled errors|cannot be loaded"):
+        await asyncio.wait_for(daemon.run(asyncio.Event()), 20)
+    # aiomqtt's clean DISCONNECT drops the last will: the daemon says it itself
+    assert await retained_status(own_broker, settings.mqtt.status_topic) == b"offline"
+    # an intake that fails reconnects (the broker delivers the alert again): meanwhile
+    slow = settings.model_copy(
+        update={
+            "model": settings.model.model_copy(update={"backend": "instant"}),
+            "mqtt": settings.mqtt.model_copy(update={"reconnect_min_s": 20, "reconnect_max_s": 20}),
+        }
+    )
+    async with run(slow) as d:
+        assert await retained_status(own_broker, settings.mqtt.status_topic) == b"online"
+        ingest = d.daemon.pipeline.ingest
+
+        async def fails_once(*args: Any, **kwargs: Any) -> Any:
+            d.daemon.pipeline.ingest = ingest
+            raise RuntimeError("a plugin's bug")
+
+        d.daemon.pipeline.ingest = fails_once
+        async with aiomqtt.Client("127.0.0.1", own_broker.port) as box:
+            await box.publish("secondlook/alerts/box-t", json.dumps(make_alert("x")), qos=1)
+        async with asyncio.timeout(10):
+            while d.daemon.link.connected.is_set():
+                await asyncio.sleep(0.05)
+        assert await retained_status(own_broker, settings.mqtt.status_topic) == b"offline"
+
+
+async def test_a_subscription_the_broker_refuses_is_logged_and_in_the_health(
+    tmp_path, own_broker, monkeypatch
+):
+    async def refused(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> list[ReasonCode]:
+        # what brokers enforcing access lists at subscribing answer (mosquitto grants it)
+        return [ReasonCode(PacketTypes.SUBACK, "Not authorized")]
+
+    monkeypatch.setattr(aiomqtt.Client, "subscribe", refused)
+    settings = make_settings(tmp_path, broker=own_broker, model=tmp_path)
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"backend": "instant"})}
+    )
+    with capture_logs() as logs:
+        async with run(settings) as d:
+            health = await d.daemon.health()
+    assert health["subscriptions_refused"]["secondlook/alerts/#"] == "Not authorized"
+    assert any(e["event"].startswith("mqtt subscription refused") for e in logs)
