@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -184,6 +185,42 @@ class OutOfMemoryAbove:
             self.failed_tensors += [weakref.ref(activations), weakref.ref(inputs["input_ids"])]
             raise type(self.error)(*self.error.args)  # a fresh one, as torch raises
         return self.runner.forward(requests, inputs)
+
+
+class SlowPasses:
+    """The real runner, each pass taking at least `seconds` (as a busy GPU's would)."""
+
+    def __init__(self, runner: ModelRunner, seconds: float) -> None:
+        self.runner, self.seconds = runner, seconds
+        self.batches: list[list[str]] = []
+
+    def collate(self, requests):
+        return self.runner.collate(requests)
+
+    def forward(self, requests, inputs):
+        self.batches.append([request.query.prompt for request in requests])
+        time.sleep(self.seconds)
+        return self.runner.forward(requests, inputs)
+
+
+async def test_requests_that_arrive_during_a_pass_share_the_next_batch(tiny_model):
+    runner = SlowPasses(ModelRunner.load(ModelSettings(path=str(tiny_model))), 0.4)
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            runner, max_batch=16, max_wait_s=0.01, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        asked = []
+        for prompt in ("r1", "r2", "r3", "r4"):
+            asked.append(
+                asyncio.create_task(batcher.submit(ModelRequest(ChoiceQuery(prompt, YES_NO), [])))
+            )
+            await asyncio.sleep(0.1)
+        await asyncio.gather(*asked)
+        running.cancel()
+    # r1 alone; r2 (during r1's pass) next; r3 and r4 (during r2's) together: the batch
+    # after the one running is formed once the model takes it, not as soon as it is queued
+    assert runner.batches == [["r1"], ["r2"], ["r3", "r4"]]
 
 
 @pytest.mark.parametrize(

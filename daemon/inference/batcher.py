@@ -108,6 +108,8 @@ class MicroBatcher:
         self._waiting: deque[_Waiting] = deque()
         self._arrived = asyncio.Event()
         self._collated: asyncio.Queue[tuple[list[_Waiting], Any]] = asyncio.Queue(maxsize=1)
+        #: set when the model stage takes a collated batch
+        self._taken = asyncio.Event()
 
     async def submit(self, request: ModelRequest) -> Answer:
         if self.health.fatal:
@@ -127,6 +129,11 @@ class MicroBatcher:
 
     async def _collect(self) -> None:
         while True:
+            # one batch ahead of the model, not two: the next is formed once the model has
+            # taken the one before, so that requests arriving during a pass can join it
+            while self._collated.full():
+                self._taken.clear()
+                await self._taken.wait()
             batch = await self._next_batch()
             groups = await self._collate(batch) if batch else []
             while groups:
@@ -207,7 +214,12 @@ class MicroBatcher:
 
     async def _run_batches(self) -> None:
         while True:
-            await self._forward(*await self._collated.get())  # no reference kept to the inputs
+            await self._forward(*await self._take())  # no reference kept to the inputs
+
+    async def _take(self) -> tuple[list[_Waiting], Any]:
+        item = await self._collated.get()
+        self._taken.set()
+        return item
 
     async def _forward(
         self, batch: list[_Waiting], inputs: Any = None, split: SplitOutcome | None = None
