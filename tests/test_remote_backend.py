@@ -195,8 +195,16 @@ HOSTILE = {
     # a numeric string is read as its number
     "text": (
         _completion([{"token": "Yes", "logprob": "-0.1"}, {"token": "No", "logprob": -3}]),
-        None,
+        "yes",  # answered: the likelier label
     ),
+    # no alternatives (a server that ignores top_logprobs): the chosen token's own logprob
+    "alone": (_completion([]), "no"),
+    # errors answered with status 200 (gateways do): their own message
+    "error-body": (
+        {"error": {"message": "upstream overloaded", "code": 400}},
+        "upstream overloaded",
+    ),
+    "vllm-error": ({"object": "error", "message": "bad image", "code": 400}, "an error: bad image"),
     "word": (_completion([{"token": "Yes", "logprob": "high"}]), "not a number"),
     "old-style": (_completion({"Yes": -0.1}), "top_logprobs is dict"),
     "entry": (_completion(["Yes"]), "no {token, logprob} entry"),
@@ -231,9 +239,9 @@ async def test_answers_that_are_no_log_probabilities_or_no_json_fail_the_request
         try:
             for name, (_, message) in HOSTILE.items():
                 mode["name"] = name
-                if message is None:
+                if message in ("yes", "no"):
                     answer_ = await backend.run(request)
-                    assert answer_.probabilities["yes"] > 0.5, name
+                    assert answer_.probabilities[message] > 0.5, name
                     continue
                 with pytest.raises(RemoteError, match=re.escape(message)):
                     await backend.run(request)
@@ -247,6 +255,28 @@ async def test_answers_that_are_no_log_probabilities_or_no_json_fail_the_request
                     await backend.run(request)
         finally:
             await backend.close()
+
+
+async def test_an_error_body_of_a_passing_kind_is_retried(tmp_path):
+    asked = []
+
+    async def answer(request: web.Request) -> web.Response:
+        asked.append(1)
+        if len(asked) == 1:  # status 200, the error in the body (as some gateways answer)
+            return web.json_response({"error": {"message": "overloaded", "code": 503}})
+        return web.json_response(_completion([{"token": "No", "logprob": -0.01}]))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    async with serve(app) as base:
+        backend = OpenAIBackend(remote_settings(tmp_path, f"{base}/v1", max_retries=2).model)
+        await backend.start()
+        try:
+            request = ModelRequest(ChoiceQuery("Fire?", {"yes": ["Yes"], "no": ["No"]}))
+            assert (await backend.run(request)).probabilities["no"] > 0.5
+        finally:
+            await backend.close()
+    assert len(asked) == 2
 
 
 async def test_a_key_file_of_more_than_one_line_stops_the_start_naming_it(tmp_path):

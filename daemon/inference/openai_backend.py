@@ -339,6 +339,8 @@ class OpenAIBackend:
             if not isinstance(tokens[0], dict):
                 raise RemoteError(f"logprobs.content[0] is {type(tokens[0]).__name__}, not dict")
             top = _field(tokens[0], "top_logprobs", list, "logprobs.content[0]")
+            if not top:  # a server that gives the chosen token's logprob alone
+                top = [tokens[0]]
             # no more than were asked for
             answer = choice_from_logprobs(top[: self.remote.top_logprobs], query.choices)
             if answer is not None:
@@ -413,7 +415,26 @@ class OpenAIBackend:
             raise RemoteError(f"{url} answered {kind} that is no JSON: {text[:80]!r}") from None
         if not isinstance(data, dict):
             raise RemoteError(f"{url} answered {type(data).__name__}, not a JSON object")
+        _raise_for_error_body(data, url)
         return data
+
+
+def _raise_for_error_body(data: Mapping[str, Any], url: str) -> None:
+    """An error answered with status 200 (some proxies and gateways do): its own message,
+    retried where its code says it is passing (429, 5xx)."""
+    if "choices" in data:
+        return
+    error = data.get("error")
+    if error is None and data.get("object") == "error":  # vLLM's shape
+        error = data
+    if error is None:
+        return
+    message = error.get("message") if isinstance(error, dict) else error
+    code = error.get("code") if isinstance(error, dict) else None
+    text = f"{url} answered an error: {str(message)[:200]}"
+    if isinstance(code, int) and not isinstance(code, bool) and (code == 429 or code >= 500):
+        raise _Retryable(text, None)
+    raise RemoteError(text)
 
 
 async def _read_capped(response: aiohttp.ClientResponse, url: str) -> bytes:
