@@ -358,6 +358,12 @@ def test_a_raised_limit_that_runs_out_again_waits_twice_as_long_before_the_next_
     limit.ran_out(SplitOutcome(largest_passed=4, lone_failure=True))
     limit.ran_out(SplitOutcome())
     assert limit.value == 16
+    # a try at 16 that runs out in a batch of 12, whose halves of 6 pass: 8 stays, proven
+    limit.ran_out(SplitOutcome(largest_passed=8))
+    while limit.value == 8:
+        limit.passed(8)
+    limit.ran_out(SplitOutcome(largest_passed=6))
+    assert limit.value == 8
 
 
 async def test_a_request_whose_answers_cannot_be_scored_fails_alone(tiny_model):

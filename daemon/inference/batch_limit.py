@@ -44,6 +44,8 @@ class BatchLimit:
         self._probe_after = PROBE_AFTER
         #: the limit was raised by a try that no full pass has confirmed yet
         self._probing = False
+        #: the limit before that try: full passes confirmed it
+        self._confirmed = max_batch
 
     def passed(self, size: int) -> None:
         """A pass of `size` requests ran."""
@@ -56,6 +58,7 @@ class BatchLimit:
             return
         self._full_passes += 1
         if self._full_passes >= self._probe_after:
+            self._confirmed = self.value
             self.value = min(self.max_batch, 2 * self.value)
             self._full_passes = 0
             self._probing = True
@@ -65,9 +68,12 @@ class BatchLimit:
         """A batch ran out of memory and its parts did as `split` says."""
         if split.lone_failure or not 0 < split.largest_passed < self.value:
             return
+        largest = split.largest_passed
         if self._probing:  # the raised limit did not fit: the next try waits longer
             self._probe_after = min(2 * self._probe_after, PROBE_AFTER_MOST)
             self._probing = False
-        self.value = split.largest_passed
+            # a smaller batch's parts passing says nothing against the size confirmed before
+            largest = max(largest, self._confirmed)
+        self.value = largest
         self._full_passes = 0
         log.warning("batches limited after running out of memory", batch_limit=self.value)
