@@ -81,7 +81,8 @@ class _Seen(NamedTuple):
     camera: str
     label: str
     #: whether Frigate may publish a snapshot of its object now: not of one that stands
-    #: still (`active` false) or never moved (`position_changes` 0), by its latest message
+    #: still (`active` false, `stationary` true) or never moved (`position_changes` 0, which
+    #: Frigate before 0.14 checks), by its latest message
     pictured: bool
 
 
@@ -189,7 +190,11 @@ class FrigateFormat:
         first = seen.first if seen is not None else now
         if not ended:
             camera, label = str(event.get("camera")), str(event.get("label"))
-            pictured = event.get("active") is not False and event.get("position_changes") != 0
+            pictured = (
+                event.get("active") is not False
+                and event.get("stationary") is not True
+                and event.get("position_changes") != 0
+            )
             self._seen_events[event_id] = _Seen(first, now, camera, label, pictured)
             while len(self._seen_events) > MAX_SEEN:
                 del self._seen_events[next(iter(self._seen_events))]
