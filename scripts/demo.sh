@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 ./scripts/setup.sh
 MODEL=${MODEL:-Qwen/Qwen2-VL-2B-Instruct}
+# a directory given relative to here (the daemon runs in a folder of its own)
+[ -e "$MODEL" ] && MODEL=$(realpath "$MODEL")
 py=$repo/.venv/bin/python
 
 # the default config reads rules/ and writes var/ in the working directory: a fresh one
@@ -55,14 +57,17 @@ trap cleanup EXIT
 
 if ! (exec 3<>/dev/tcp/127.0.0.1/1883) 2>/dev/null; then
     echo "starting mosquitto on 127.0.0.1:1883"
-    mosquitto -p 1883 >"$work/mosquitto.log" 2>&1 &
+    # /usr/sbin is not on a user's PATH on Debian
+    "$(command -v mosquitto || echo /usr/sbin/mosquitto)" -p 1883 >"$work/mosquitto.log" 2>&1 &
     pids+=($!)
     sleep 1
 fi
 
 echo "starting secondlook with model $MODEL (logs: $work/secondlook.log)"
-(cd "$work" && exec "$repo/.venv/bin/secondlook" run --config secondlook.toml --model "$MODEL") \
-    >"$work/secondlook.log" 2>&1 &
+# a session of its own: Ctrl-C here reaches the script alone, whose cleanup then stops the
+# daemon with one SIGTERM (a second one would make it exit at once)
+(cd "$work" && exec setsid "$repo/.venv/bin/secondlook" run --config secondlook.toml \
+    --model "$MODEL") >"$work/secondlook.log" 2>&1 &
 daemon=$!
 pids+=($daemon)
 if ! "$py" - "$daemon" "$port" <<'PY'
@@ -91,12 +96,23 @@ echo "ready; publishing ${#samples[@]} sample alerts"
 mosquitto_sub -h 127.0.0.1 -q 1 -v -t "$prefix/verdicts/#" -t "$prefix/alarms/#" \
     -C "${#samples[@]}" -W 3600 >"$work/verdicts.txt" &
 sub=$!
+pids+=($sub)
 sleep 0.5
 for file in "${samples[@]}"; do
     box=$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["box_id"])' "$file")
     mosquitto_pub -h 127.0.0.1 -q 1 -t "$prefix/alerts/$box" -f "$file"
 done
-wait "$sub" || echo "some verdicts did not arrive in time"
+complete=yes
+while kill -0 "$sub" 2>/dev/null; do
+    if ! kill -0 "$daemon" 2>/dev/null; then
+        echo "secondlook exited before every verdict came; its log:"
+        tail -n 20 "$work/secondlook.log"
+        complete=no
+        break
+    fi
+    sleep 1
+done
+[ "$complete" = yes ] && { wait "$sub" || complete=no; }
 
 "$py" - "$work/verdicts.txt" <<'PY'
 import json, sys
@@ -111,3 +127,7 @@ PY
 stop "$daemon"
 echo "(verdicts of rules in shadow mode go to $prefix/shadow/...: see the log)"
 echo "journal: $work/var/journal.sqlite3"
+if [ "$complete" = no ] || [ "$(wc -l <"$work/verdicts.txt")" -lt "${#samples[@]}" ]; then
+    echo "not every sample alert got its verdict" >&2
+    exit 1
+fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what secondlook needs on a Debian/Ubuntu machine: mosquitto (broker and clients)
 # when missing, a virtual environment in .venv, torch, and the project with its test tools.
-# TORCH_SPEC picks the torch build (default: torch==2.13.0).
+# TORCH_SPEC picks the torch build (default: torch==2.13.0; pip arguments, so that e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" takes the CPU
+# build on a machine without a GPU, where PyPI's default is the CUDA one of several GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +24,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
+# a venv without pip (made before python3-venv was installed) is made again
+.venv/bin/python -m pip --version >/dev/null 2>&1 || python3 -m venv --clear .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch before the project, so that the project's own `torch` requirement is already met
-.venv/bin/python -c "import torch" >/dev/null 2>&1 || .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+# shellcheck disable=SC2086 # TORCH_SPEC holds pip arguments
+.venv/bin/python -c "import torch" >/dev/null 2>&1 || .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 .venv/bin/python -m pip install -q -e ".[test]"
 echo "secondlook installed in .venv"
