@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText
 
 from daemon.cli import main
@@ -181,6 +182,20 @@ async def test_an_adapter_that_cannot_load_cleanly_leaves_the_base_model_as_it_w
     model = AutoModelForImageTextToText.from_pretrained(tiny_model)
     config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
     get_peft_model(model, config).save_pretrained(adapters / "pissa")  # rewrites base weights
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], bias="all")
+    get_peft_model(model, config).save_pretrained(adapters / "biased")  # trains the base's biases
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    get_peft_model(model, config).save_pretrained(adapters / "prompt")  # no LoRA at all
+    # made for a wider model: each A matrix takes twice this model's inputs
+    wider = Path(shutil.copytree(good, adapters / "wider"))
+    tensors = load_file(wider / "adapter_model.safetensors")
+    tensors = {
+        key: torch.cat([value, value], dim=1) if ".lora_A." in key else value
+        for key, value in tensors.items()
+    }
+    save_file(tensors, wider / "adapter_model.safetensors")
     image = Image.new("RGB", (56, 56), (200, 80, 30))
     query = ChoiceQuery("Is there fire? Answer yes or no.", {"yes": ["yes"], "no": ["no"]})
     backend = TransformersBackend(ModelSettings(path=str(tiny_model)))
@@ -191,6 +206,9 @@ async def test_an_adapter_that_cannot_load_cleanly_leaves_the_base_model_as_it_w
             ("missing", "cannot load the LoRA adapter"),
             ("damaged", "cannot load the LoRA adapter"),
             ("pissa", "rewrites the base model's weights"),
+            ("biased", "trains the base model's biases"),
+            ("prompt", "a PROMPT_TUNING adapter"),
+            ("wider", "made for another model"),
         ):
             with pytest.raises(ValueError, match=reason):
                 await backend.run(ModelRequest(query, [image], str(adapters / name)))

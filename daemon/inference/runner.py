@@ -251,22 +251,53 @@ def adapter_stamp(path: str) -> AdapterStamp:
 BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
-def check_adapter(path: str) -> None:
+def check_adapter(path: str, model: Any = None) -> None:
     """Refuse (ValueError) an adapter before peft touches the model: peft injects its layers
-    first and reads its weights after, so a missing or damaged weights file, or an adapter
-    whose initialisation rewrites the base weights, would change the answers of every
-    other rule."""
+    first and reads its weights after, so a missing or damaged weights file, weights of
+    another model's shapes (`model`: the one it is for), or an adapter that changes the base
+    model (its initialisation rewriting weights, trained biases) or is no LoRA one would
+    change the answers of every other rule."""
     from peft import PeftConfig
     from peft.utils import load_peft_weights
 
-    init = getattr(PeftConfig.from_pretrained(path), "init_lora_weights", True)
+    config = PeftConfig.from_pretrained(path)
+    kind = str(getattr(config.peft_type, "value", config.peft_type))
+    if kind != "LORA":
+        raise ValueError(f"a {kind} adapter: a rule's adapter is a LoRA one")
+    if (bias := getattr(config, "bias", "none")) != "none":
+        raise ValueError(
+            f"bias = {bias!r} trains the base model's biases, which would stay changed for "
+            'every other rule: train it with bias = "none"'
+        )
+    init = getattr(config, "init_lora_weights", True)
     if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
         raise ValueError(
             f"init_lora_weights = {init!r} rewrites the base model's weights as the adapter "
             "loads (every other rule would see a changed model): save it converted to a "
             "plain LoRA adapter"
         )
-    load_peft_weights(path, device="cpu")  # there, and whole
+    weights = load_peft_weights(path, device="cpu")  # there, and whole
+    if model is not None:
+        _check_shapes(weights, model)
+
+
+def _check_shapes(weights: dict[str, Any], model: Any) -> None:
+    """Each LoRA matrix fits the layer it adapts (A: the layer's inputs, B: its outputs)."""
+    modules = dict(model.named_modules())
+    for key, tensor in weights.items():
+        for suffix, side, attribute in (
+            (".lora_A.weight", 1, "in_features"),
+            (".lora_B.weight", 0, "out_features"),
+        ):
+            if not key.endswith(suffix):
+                continue
+            name = key.removeprefix("base_model.model.").removesuffix(suffix)
+            want = getattr(modules.get(name), attribute, None)
+            if isinstance(want, int) and tensor.shape[side] != want:
+                raise ValueError(
+                    f"made for another model: its {name} has {tensor.shape[side]} "
+                    f"{attribute.replace('_', ' ')}, this model's {want}"
+                )
 
 
 def context_length(model: Any) -> int | None:
@@ -484,7 +515,7 @@ class ModelRunner:
         try:
             from peft import PeftModel
 
-            check_adapter(path)
+            check_adapter(path, self.model)
             if self._lora is None:
                 self._lora = PeftModel.from_pretrained(self.model, path, adapter_name=name)
                 self._lora.eval()
