@@ -246,8 +246,8 @@ def checked_query(query: Any, kind: str) -> ChoiceQuery | GenerateQuery:
 
 def checked_judgement(judgement: Any, source: str) -> Judgement:
     """A plugin's judgement, checked against what a verdict may say (the contract): a
-    verdict kind, a P(real) in 0..1 or none (always none when unreviewed), a text reason,
-    fields that are a JSON object."""
+    verdict kind, a P(real) in 0..1 or none (always none when unreviewed), a reason of
+    Unicode text, fields that are a JSON object."""
     if not isinstance(judgement, Judgement):
         raise TypeError(f"{source} returned {type(judgement).__name__}, not a Judgement")
     try:
@@ -264,8 +264,14 @@ def checked_judgement(judgement: Any, source: str) -> Judgement:
         raise ValueError(f"{source} returned the confidence {confidence!r:.40} for {verdict}")
     if not isinstance(judgement.reason, str):
         raise TypeError(f"{source} returned a reason of {type(judgement.reason).__name__}")
+    try:
+        judgement.reason.encode()
+    except UnicodeEncodeError:
+        raise ValueError(f"{source} returned a reason holding a lone UTF-16 surrogate") from None
     if not isinstance(judgement.fields, Mapping):
         raise TypeError(f"{source} returned fields of {type(judgement.fields).__name__}")
+    if not all(isinstance(key, str) for key in judgement.fields):
+        raise TypeError(f"{source} returned fields whose names are not all text")
     try:
         to_json(judgement.fields)
     except (ValueError, TypeError) as exc:

@@ -113,6 +113,12 @@ def check_value(value: Any, kind: FieldType) -> Any:
     raise ValueError(f"expected {kind}, got {json.dumps(value)[:40]}")
 
 
+def _shown(name: str) -> str:
+    """A name the model wrote, as text a verdict can carry (JSON's "\\ud83d" escapes decode to
+    lone surrogates, which no UTF-8 holds: shown escaped)."""
+    return name.encode("utf-8", "backslashreplace").decode()
+
+
 def validate_fields(
     data: dict[str, Any], fields: dict[str, FieldSpec]
 ) -> tuple[dict[str, Any], list[str]]:
@@ -130,7 +136,7 @@ def validate_fields(
             valid[name] = check_value(data[name], spec.type)
         except ValueError as exc:
             problems.append(f"{name}: {exc}")
-    problems += [f"{name}: not a field of this rule" for name in data if name not in fields]
+    problems += [f"{_shown(name)}: not a field of this rule" for name in data if name not in fields]
     return valid, problems
 
 

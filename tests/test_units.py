@@ -426,6 +426,22 @@ def test_a_classify_rule_confident_of_two_confirming_labels_stays_within_certain
         parse_rule(tmp_path / "twice.toml", FIRE_OR_SMOKE.replace('"smoke"]', '"fire"]'), kinds)
 
 
+def test_judgements_a_verdict_cannot_carry_are_refused_as_the_plugins_failure(tmp_path, kinds):
+    def check(judgement: Judgement) -> Judgement:
+        return checked_judgement(judgement, "k")
+
+    with pytest.raises(ValueError, match="a reason holding a lone UTF-16 surrogate"):
+        check(Judgement(VerdictKind.REJECTED, 0.1, "x \ud800"))
+    with pytest.raises(TypeError, match="fields whose names are not all text"):
+        check(Judgement(VerdictKind.REJECTED, 0.1, "ok", {1: "x"}))
+    with pytest.raises(ValueError, match="fields that are no JSON"):
+        check(Judgement(VerdictKind.REJECTED, 0.1, "ok", {"a": "\ud800"}))
+    # an extract answer naming a field with a lone surrogate: said, escaped, and publishable
+    rule = parse_rule(tmp_path / "people.toml", EXTRACT_RULE, kinds)
+    said = kinds["extract"].interpret(TextAnswer('{"people": 2, "\\ud83d": 1}'), rule)
+    assert "\\ud83d: not a field of this rule" in check(said).reason
+
+
 def test_a_repeat_needs_each_of_its_boxes_to_overlap_an_earlier_one():
     lamp, far = (100, 100, 200, 200), (400, 100, 500, 200)
     assert overlaps([lamp], [lamp, far], 0.5)
