@@ -130,15 +130,31 @@ class Reviewer:
     async def judge_all(
         self, stored: StoredAlert, rules: list[Rule]
     ) -> list[tuple[Rule, Judgement]]:
-        """Each rule's judgement, in order; rules whose failure means `drop` are left out."""
+        """Each rule's judgement, in order; rules whose failure means `drop` are left out.
+        The rules are judged side by side (their model calls share batches, and a slow
+        rule, a shadow one under trial say, adds its own time only once)."""
         images = self.images_once(stored)
-        judged = []
-        for rule in rules:
+
+        async def judged_by(rule: Rule) -> Judgement | None:
             with structlog.contextvars.bound_contextvars(rule=rule.name):
-                judgement = await self.judge(stored.alert, rule, images)
-            if judgement is not None:
-                judged.append((rule, judgement))
-        return judged
+                return await self.judge(stored.alert, rule, images)
+
+        if len(rules) == 1:
+            judgements = [await judged_by(rules[0])]
+        else:
+            tasks = [asyncio.create_task(judged_by(rule)) for rule in rules]
+            try:
+                judgements = await asyncio.gather(*tasks)
+            except BaseException:  # cut off (a stop), cancelled: the others end with it
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+        return [
+            (rule, judgement)
+            for rule, judgement in zip(rules, judgements, strict=True)
+            if judgement is not None
+        ]
 
     def images_once(self, stored: StoredAlert) -> Callable[[], Awaitable[SnapshotSet]]:
         """Collect (and fetch) the alert's snapshots at most once, on first need."""

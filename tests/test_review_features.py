@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -12,7 +13,9 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from daemon.cli import main
+from daemon.hookspecs import hookimpl
 from daemon.images import Budget, fit_to_budget
+from daemon.inference.instant import InstantBackend
 from daemon.plugin_api import RawImage
 from daemon.rules import RuleBook
 from daemon.snapshots import SnapshotSet
@@ -142,6 +145,43 @@ async def test_shadow_rule_publishes_on_the_shadow_prefix_and_forwards_unreviewe
     live = by_topic["secondlook/verdicts/unreviewed/box-t/cam-1/fire"]
     assert live["rule"] is None
     assert live["reason"] == "only rules in shadow mode matched: fire_v2"
+
+
+class SlowInstant(InstantBackend):
+    """Answers after a second, as a busy model would; counts the calls under way at once."""
+
+    under_way = 0
+    most = 0
+
+    async def run(self, request):
+        SlowInstant.under_way += 1
+        SlowInstant.most = max(SlowInstant.most, SlowInstant.under_way)
+        try:
+            await asyncio.sleep(1.0)
+            return await super().run(request)
+        finally:
+            SlowInstant.under_way -= 1
+
+
+class SlowInstantPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register("slow-instant", SlowInstant)
+
+
+async def test_the_rules_of_one_alert_are_judged_side_by_side(tmp_path):
+    settings = make_settings(tmp_path, broker=None, model=tmp_path)
+    settings = settings.model_copy(
+        update={"model": settings.model.model_copy(update={"backend": "slow-instant"})}
+    )
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "fire_v2.toml").write_text("shadow = true\n" + FIRE_RULE)
+    async with run_daemon(settings, extra_plugins=[SlowInstantPlugin()]) as d:
+        assert (await d.post_alert(make_alert("both-1")))[0] == 202
+        verdicts = (await d.wait_reviewed("both-1"))["verdicts"]
+    assert sorted(v["rule"] for v in verdicts) == ["fire", "fire_v2"]
+    # one second for both, not one after the other
+    assert SlowInstant.most == 2 and all(v["latency_ms"] < 1900 for v in verdicts)
 
 
 def scene_jpeg() -> bytes:
