@@ -509,10 +509,15 @@ class Pipeline:
             log.error("the stored alert fails the contract's checks", problem=stored.problem)
             reason = f"the stored alert fails the contract's checks: {stored.problem}"
             return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, reason))]
-        if attempts > self.settings.pipeline.max_attempts:
-            reason = f"review interrupted {attempts - 1} times; giving up"
-            return [self._plan(stored, None, Judgement(VerdictKind.UNREVIEWED, None, reason))]
         rules = self.rules.match(alert)
+        if attempts > self.settings.pipeline.max_attempts:
+            # on the topics of the rules it matches, which alarm systems may follow alone
+            reason = f"review interrupted {attempts - 1} times; giving up"
+            given_up = Judgement(VerdictKind.UNREVIEWED, None, reason)
+            live = [rule for rule in rules if not rule.shadow]
+            return [self._plan(stored, rule, given_up) for rule in live] or [
+                self._plan(stored, None, given_up)
+            ]
         if not rules:
             if self.settings.rules.unmatched == "drop":
                 log.info("no rule matches; dropped by config")

@@ -58,7 +58,9 @@ async def test_alerts_journalled_but_not_reviewed_are_reviewed_at_start(tmp_path
 
 async def test_a_review_interrupted_too_often_ends_unreviewed(tmp_path, tiny_model):
     settings = make_settings(tmp_path, broker=None, model=tiny_model)
-    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    (settings.rules.dir / "fire.toml").write_text(
+        FIRE_RULE + '[publish]\ntopic = "alarms/{event_type}/{verdict}"\n'
+    )
     journal = await Journal.open(settings.storage.dir / JOURNAL_FILE)
     incoming = CanonicalFormat().parse(json.dumps(make_alert("loop-1")).encode(), topic=None)
     ref = (
@@ -69,9 +71,14 @@ async def test_a_review_interrupted_too_often_ends_unreviewed(tmp_path, tiny_mod
     await journal.close()
     async with run_daemon(settings) as d:
         record = await d.wait_reviewed("loop-1")
+        topics = await d.daemon.journal.read("SELECT topic FROM verdicts")
     [verdict] = record["verdicts"]
     assert verdict["verdict"] == "unreviewed"
     assert verdict["reason"] == "review interrupted 3 times; giving up"
+    # on the rule's own topic, which an alarm system may follow alone
+    assert verdict["rule"] == "fire" and [row["topic"] for row in topics] == [
+        "alarms/fire/unreviewed"
+    ]
 
 
 async def test_a_stored_alert_that_fails_the_checks_is_forwarded_unreviewed(tmp_path, tiny_model):
