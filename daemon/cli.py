@@ -321,7 +321,7 @@ def export_dataset(
     instruction-tuning data (for LoRA fine-tuning)."""
     from rich.progress import Progress
 
-    from daemon.export_dataset import ExportError, export
+    from daemon.export_dataset import ExportError, RuleNow, export
     from daemon.plugins import Registry, make_plugin_manager
     from daemon.rules import RuleBook
 
@@ -337,7 +337,7 @@ def export_dataset(
     book = RuleBook(settings.rules.dir, Registry.collect(pm, settings).rule_kinds)
     if settings.rules.dir.is_dir():
         book.load()
-    shown = {rule.name: (rule.image, rule.crop_margin) for rule in book.rules}
+    shown = {rule.name: RuleNow.of(rule) for rule in book.rules}
     console = Console(stderr=True)
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("exporting", total=None)

@@ -16,8 +16,9 @@ dataset.json: [{"id", "image": "images/<id>.jpg", "conversations": [{"from": "hu
 LoRA trainers read; a sample of several pictures lists them (`"image": [...]`) and opens its
 prompt with as many `<image>` lines. A rule no longer in the rules directory is taken to
 have shown the frame. The journal is opened read-only: the daemon may keep running. An
-export replaces an earlier one in the same folder (the images its dataset.json lists), and
-refuses a folder whose `images/` holds pictures of something else.
+export replaces an earlier one in the same folder (the images its dataset.json lists; a
+`.secondlook-export` file marks the folder as an export's), and refuses a folder whose
+`images/` holds pictures of something else, or whose dataset.json another tool wrote.
 """
 
 from __future__ import annotations
@@ -65,8 +66,37 @@ class Exported:
     unknown_rules: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class RuleNow:
+    """What an export needs of a rule in force: how it showed the model its snapshots, its
+    kind, and (classify) the label each side holds when it holds one only."""
+
+    image: ImageMode = "frame"
+    crop_margin: float = 0.0
+    kind: str | None = None
+    #: "confirmed" / "rejected" -> the side's one label
+    sole_labels: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, rule: Any) -> RuleNow:
+        """The export's view of a rule of the rule book."""
+        sole = {}
+        if rule.kind == "classify":
+            for verdict, labels in (
+                ("confirmed", rule.options.confirm),
+                ("rejected", rule.options.reject),
+            ):
+                if len(labels) == 1:
+                    sole[verdict] = labels[0]
+        return cls(rule.image, rule.crop_margin, rule.kind, sole)
+
+
+#: the kinds whose answers an export can write
+KNOWN_KINDS = ("verdict", "classify", "extract")
+
+
 def kind_of(verdict: dict[str, Any]) -> str:
-    """verdict, classify or extract, read from a published verdict."""
+    """verdict, classify or extract, read from a published verdict (for a rule gone since)."""
     fields = verdict.get("fields") or {}
     if "scores" in fields and "label" in fields:
         return "classify"
@@ -75,9 +105,11 @@ def kind_of(verdict: dict[str, Any]) -> str:
     return "verdict"
 
 
-def answer_for(row: sqlite3.Row, verdict: dict[str, Any]) -> str | None:
+def answer_for(
+    row: sqlite3.Row, verdict: dict[str, Any], rule: RuleNow | None = None
+) -> str | None:
     """What the model should have answered; None when the feedback does not say."""
-    kind = kind_of(verdict)
+    kind = rule.kind if rule is not None and rule.kind else kind_of(verdict)
     corrected = json.loads(row["corrected"]) if row["corrected"] else None
     right = row["correct"] == 1
     if kind == "verdict":
@@ -85,7 +117,11 @@ def answer_for(row: sqlite3.Row, verdict: dict[str, Any]) -> str | None:
     if kind == "classify":
         if corrected and isinstance(corrected.get("label"), str):
             return str(corrected["label"])
-        return str(verdict["fields"]["label"]) if right else None
+        # "right" says the alert was real (or false) as the verdict said, not that its label
+        # was the one: only where that side has one label (a rule gone since: taken as so)
+        label = str((verdict.get("fields") or {}).get("label"))
+        sole = rule.sole_labels.get(verdict.get("verdict", "")) if rule is not None else label
+        return label if right and sole == label else None
     if corrected:
         return json.dumps(corrected, ensure_ascii=False, separators=(",", ":"))
     if right and verdict.get("verdict") == "confirmed":  # a valid extraction, said right
@@ -136,11 +172,9 @@ def rows(journal: Path) -> Iterator[tuple[sqlite3.Row, Callable[[], list[bytes]]
         db.close()
 
 
-def pictures(
-    row: sqlite3.Row, snapshots: list[bytes], shown: tuple[ImageMode, float]
-) -> list[bytes]:
+def pictures(row: sqlite3.Row, snapshots: list[bytes], shown: RuleNow) -> list[bytes]:
     """The JPEGs of the pictures the rule showed the model (see the module's docstring)."""
-    mode, margin = shown
+    mode, margin = shown.image, shown.crop_margin
     if mode == "frame":
         return [_as_jpeg(data) for data in snapshots]
     boxes = [(b["x1"], b["y1"], b["x2"], b["y2"]) for b in json.loads(row["alert"])["boxes"]]
@@ -149,8 +183,12 @@ def pictures(
     return [_jpeg(image) for image in SnapshotSet(raw, boxes, full_size).for_rule(mode, margin)]
 
 
-#: the image files an export writes: its samples' ids (led by the journal's row id) + .jpg
-EXPORTED_IMAGE = re.compile(r"[0-9][A-Za-z0-9_.-]*\.jpg")
+#: the image files an export writes: its samples' ids (the journal's row id, a dash, the
+#: rest) + .jpg
+EXPORTED_IMAGE = re.compile(r"[0-9]+-[A-Za-z0-9_.-]+\.jpg")
+#: beside an export's dataset.json: a dataset.json without it is another tool's, whose
+#: pictures are none of an export's to replace
+MARKER = ".secondlook-export"
 
 
 def image_names(ident: str, count: int) -> list[str]:
@@ -164,7 +202,7 @@ def export(
     *,
     rules: Sequence[str] = (),
     since: datetime | None = None,
-    shown: Mapping[str, tuple[ImageMode, float]] | None = None,
+    shown: Mapping[str, RuleNow] | None = None,
     progress: Callable[[], None] = lambda: None,
 ) -> Exported:
     """Write out/dataset.json and out/images/ (replacing an earlier export's); answer what
@@ -172,6 +210,7 @@ def export(
     images = out / "images"
     earlier = _earlier_images(out)
     images.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by secondlook export-dataset\n")
     written: set[str] = set()
     listing, partial = out / "dataset.json", out / ".dataset.json.partial"
     try:
@@ -197,7 +236,7 @@ def _export(
     written: set[str],
     rules: Sequence[str],
     since: datetime | None,
-    shown: Mapping[str, tuple[ImageMode, float]] | None,
+    shown: Mapping[str, RuleNow] | None,
     progress: Callable[[], None],
 ) -> tuple[list[dict[str, Any]], Counter[str], set[str]]:
     """Write the samples' pictures into `images` (their names added to `written` as they
@@ -214,7 +253,11 @@ def _export(
         if since and datetime.fromisoformat(row["created_at"]) < since:
             continue
         verdict = json.loads(row["payload"])
-        answer = answer_for(row, verdict)
+        rule = (shown or {}).get(row["rule"])
+        if rule is not None and rule.kind not in KNOWN_KINDS:
+            skipped[f"a rule of kind {rule.kind!r}, whose answers an export cannot write"] += 1
+            continue
+        answer = answer_for(row, verdict, rule)
         if answer is None:
             skipped["the feedback does not give the right answer"] += 1
         elif not row["prompt"]:
@@ -223,7 +266,7 @@ def _export(
             skipped["the snapshot is not stored (pruned, or fetched from image_url)"] += 1
         else:
             try:
-                jpegs = pictures(row, snapshots, (shown or {}).get(row["rule"], ("frame", 0.0)))
+                jpegs = pictures(row, snapshots, rule or RuleNow())
             except ImageError as exc:
                 skipped[f"the snapshot cannot be shown as the rule did: {exc}"] += 1
                 continue
@@ -261,6 +304,11 @@ def _earlier_images(out: Path) -> set[str]:
         samples = []
     except (OSError, ValueError) as exc:
         raise ExportError(f"{out / 'dataset.json'} is no earlier export: {exc}") from exc
+    if (out / "dataset.json").exists() and not (out / MARKER).exists():
+        raise ExportError(
+            f"{out / 'dataset.json'} is another tool's (no {MARKER} beside it): export into "
+            "an empty folder"
+        )
     for sample in samples if isinstance(samples, list) else []:
         paths = sample.get("image") if isinstance(sample, dict) else None
         for path in [paths] if isinstance(paths, str) else paths or []:

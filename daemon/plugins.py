@@ -189,7 +189,7 @@ class Registry:
                     call_impl(impl, arguments)
                 except PluginError:
                     raise
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:  # an exit would end it with status 0
                     raise PluginError(
                         f"plugin {registry._calling}: {hook_name} failed: "
                         f"{type(exc).__name__}: {exc}"

@@ -15,6 +15,8 @@ from PIL import Image
 
 from daemon import export_dataset
 from daemon.cli import main
+from daemon.plugins import Registry, make_plugin_manager
+from daemon.rules import parse_rule
 from tests.conftest import (
     CLASSIFY_RULE,
     EXTRACT_RULE,
@@ -265,6 +267,14 @@ async def test_long_names_turned_snapshots_and_files_of_no_export_in_the_folder(
     )
     assert (out / "images" / "holiday.jpg").exists()
     (out / "images" / "holiday.jpg").unlink()
+    # another tool's dataset (COCO-style names): refused, its pictures kept
+    coco = tmp_path / "coco"
+    (coco / "images").mkdir(parents=True)
+    (coco / "images" / "000000397133.jpg").write_bytes(buffer.getvalue())
+    (coco / "dataset.json").write_text('[{"id": "1", "image": "images/000000397133.jpg"}]')
+    result = CliRunner().invoke(main, [*export[:-1], str(coco)])
+    assert result.exit_code == 1 and "is another tool's" in result.output
+    assert (coco / "images" / "000000397133.jpg").exists()
 
     # a dataset.json edited to list a file outside the folder: it is left alone
     victim = tmp_path / "victim.txt"
@@ -293,3 +303,26 @@ async def test_long_names_turned_snapshots_and_files_of_no_export_in_the_folder(
     (interrupted / ".dataset.json.partial").rmdir()
     result = CliRunner().invoke(main, [*export[:-1], str(interrupted)])
     assert "1 samples written" in result.output, result.output
+
+
+def test_a_right_classify_verdict_vouches_for_its_label_only_when_its_side_has_one(tmp_path):
+    kinds = Registry.collect(make_plugin_manager()).rule_kinds
+    rule = parse_rule(
+        tmp_path / "fire_source.toml",
+        '[match]\nevent_types = ["fire"]\n[review]\nkind = "classify"\nprompt = "What?"\n'
+        'labels = ["fire", "lamp", "sunlight"]\nconfirm = ["fire"]\n'
+        'reject = ["lamp", "sunlight"]\n',
+        kinds,
+    )
+    now = export_dataset.RuleNow.of(rule)
+    assert now.sole_labels == {"confirmed": "fire"}
+    said_right = {"corrected": None, "correct": 1, "label": None}
+
+    def verdict(kind: str, label: str) -> dict:
+        return {"verdict": kind, "confidence": 0.9, "fields": {"label": label, "scores": {}}}
+
+    assert export_dataset.answer_for(said_right, verdict("confirmed", "fire"), now) == "fire"
+    # rejected as a lamp, rightly: a false alarm, but sunlight would have been as right
+    assert export_dataset.answer_for(said_right, verdict("rejected", "lamp"), now) is None
+    corrected = {"corrected": '{"label": "sunlight"}', "correct": 1, "label": None}
+    assert export_dataset.answer_for(corrected, verdict("rejected", "lamp"), now) == "sunlight"

@@ -116,6 +116,8 @@ class BrokenRegistration:
     def register_rule_kinds(self, register):
         if self.what == "raises":
             raise KeyError("zone")
+        if self.what == "exits":  # would end the daemon with status 0: no restart
+            raise SystemExit(0)
         register(NamelessKind())
 
 
@@ -123,6 +125,7 @@ class BrokenRegistration:
     ("what", "error"),
     [
         ("raises", r"plugin broken: register_rule_kinds failed: KeyError: 'zone'"),
+        ("exits", r"plugin broken: register_rule_kinds failed: SystemExit: 0"),
         ("nameless", r"plugin broken: a rule kind's name must be a text, not None"),
     ],
 )
