@@ -257,6 +257,11 @@ def _export(
         if rule is not None and rule.kind not in KNOWN_KINDS:
             skipped[f"a rule of kind {rule.kind!r}, whose answers an export cannot write"] += 1
             continue
+        reviewed = verdict.get("verdict") != "unreviewed"  # (an unreviewed one shows no kind)
+        if rule is not None and reviewed and kind_of(verdict) != rule.kind:
+            # the prompt stored is of the kind it was: an answer of today's would not fit
+            skipped["the rule's kind changed since the verdict"] += 1
+            continue
         answer = answer_for(row, verdict, rule)
         if answer is None:
             skipped["the feedback does not give the right answer"] += 1
@@ -304,7 +309,7 @@ def _earlier_images(out: Path) -> set[str]:
         samples = []
     except (OSError, ValueError) as exc:
         raise ExportError(f"{out / 'dataset.json'} is no earlier export: {exc}") from exc
-    if (out / "dataset.json").exists() and not (out / MARKER).exists():
+    if samples and not (out / MARKER).exists() and not _written_by_an_export(samples):
         raise ExportError(
             f"{out / 'dataset.json'} is another tool's (no {MARKER} beside it): export into "
             "an empty folder"
@@ -325,6 +330,22 @@ def _earlier_images(out: Path) -> set[str]:
             f"{' ...' if len(others) > 3 else ''}): export into an empty folder"
         )
     return listed
+
+
+def _written_by_an_export(samples: Any) -> bool:
+    """Whether a dataset.json without the marker (an export before there was one) lists
+    only pictures named as an export names them."""
+    if not isinstance(samples, list):
+        return False
+    for sample in samples:
+        paths = sample.get("image") if isinstance(sample, dict) else None
+        for path in (
+            [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else [None]
+        ):
+            name = path.removeprefix("images/") if isinstance(path, str) else ""
+            if not (path != name and EXPORTED_IMAGE.fullmatch(name)):
+                return False
+    return True
 
 
 def _as_jpeg(data: bytes) -> bytes:

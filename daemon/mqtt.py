@@ -347,7 +347,9 @@ class MqttLink:
                         _raise_if_cancelled()
                         await self._intake(client)
                     except BaseException as exc:
-                        if not isinstance(exc, aiomqtt.MqttError):  # a stop, a failed start
+                        # a stop, a failed start, a subscription timed out: the connection is
+                        # still up and about to be closed cleanly (a failed intake said it)
+                        if not isinstance(exc, IntakeFailed) and not client._disconnected.done():
                             self._say_offline(client)
                         raise
             except aiomqtt.MqttError as exc:

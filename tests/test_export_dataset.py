@@ -326,3 +326,19 @@ def test_a_right_classify_verdict_vouches_for_its_label_only_when_its_side_has_o
     assert export_dataset.answer_for(said_right, verdict("rejected", "lamp"), now) is None
     corrected = {"corrected": '{"label": "sunlight"}', "correct": 1, "label": None}
     assert export_dataset.answer_for(corrected, verdict("rejected", "lamp"), now) == "sunlight"
+    assert export_dataset.kind_of(verdict("confirmed", "fire")) == now.kind  # else skipped
+
+
+def test_an_export_written_before_the_marker_is_replaced_and_another_tools_refused(tmp_path):
+    ours = tmp_path / "ours"
+    (ours / "images").mkdir(parents=True)
+    (ours / "images" / "7-box-1-alert-9-fire.jpg").write_bytes(b"jpeg")
+    listing = [{"id": "7-box-1-alert-9-fire", "image": "images/7-box-1-alert-9-fire.jpg"}]
+    (ours / "dataset.json").write_text(json.dumps(listing))
+    assert export_dataset._earlier_images(ours) == {"7-box-1-alert-9-fire.jpg"}
+    theirs = tmp_path / "theirs"
+    (theirs / "images").mkdir(parents=True)
+    (theirs / "images" / "000000397133.jpg").write_bytes(b"jpeg")
+    (theirs / "dataset.json").write_text('[{"id": "1", "image": "images/000000397133.jpg"}]')
+    with pytest.raises(export_dataset.ExportError, match="is another tool's"):
+        export_dataset._earlier_images(theirs)

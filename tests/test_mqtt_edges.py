@@ -369,3 +369,34 @@ async def test_a_subscription_the_broker_refuses_is_logged_and_in_the_health(
             health = await d.daemon.health()
     assert health["subscriptions_refused"]["secondlook/alerts/#"] == "Not authorized"
     assert any(e["event"].startswith("mqtt subscription refused") for e in logs)
+
+
+async def test_a_subscription_that_times_out_leaves_offline_for_the_backoff(
+    tmp_path, own_broker, monkeypatch
+):
+    tries = 0
+
+    async def times_out(self: aiomqtt.Client, *args: Any, **kwargs: Any) -> None:
+        nonlocal tries
+        tries += 1
+        raise aiomqtt.MqttError("Operation timed out")  # aiomqtt's, with the connection up
+
+    monkeypatch.setattr(aiomqtt.Client, "subscribe", times_out)
+    settings = make_settings(tmp_path, broker=own_broker, model=tmp_path).mqtt
+    settings = settings.model_copy(update={"reconnect_min_s": 30, "reconnect_max_s": 30})
+
+    async def ignore(*args: Any) -> None:
+        return None
+
+    link = MqttLink(settings, on_message=ignore)
+    running = asyncio.create_task(link.run())
+    try:
+        async with asyncio.timeout(10):
+            while tries == 0:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # the link has given up this connection, and waits
+        monkeypatch.undo()
+        assert await retained_status(own_broker, settings.status_topic) == b"offline"
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
