@@ -283,7 +283,10 @@ def visual_tokens(runner: ModelRunner, size: tuple[int, int], image_processor: A
 
 
 def run_baseline(
-    runner: ModelRunner, jpegs: list[bytes], tick: Callable[[], None]
+    runner: ModelRunner,
+    jpegs: list[bytes],
+    tick: Callable[[], None],
+    max_new_tokens: int = BASELINE_NEW_TOKENS,
 ) -> tuple[Side, float, float]:
     """One at a time, full resolution, generate then parse, after one alert untimed (as
     secondlook's path is warmed up before). Returns the side, the share of answers containing
@@ -322,7 +325,7 @@ def run_baseline(
             start = time.perf_counter()
             for jpeg in jpegs:
                 began = time.perf_counter()
-                yes += "yes" in answer(jpeg, BASELINE_NEW_TOKENS).lower()
+                yes += "yes" in answer(jpeg, max_new_tokens).lower()
                 latencies.append(time.perf_counter() - began)
                 tick()
             elapsed = time.perf_counter() - start
@@ -410,6 +413,7 @@ def run_model_bench(
     settings: ModelSettings,
     progress: Callable[[str, int], Callable[[], None]],
     baseline_alerts: int | None = None,
+    baseline_new_tokens: int = BASELINE_NEW_TOKENS,
 ) -> dict[str, Any]:
     """Both sides on the same snapshots (the baseline on the first `baseline_alerts` of
     them, all by default), then secondlook one alert at a time for its latency at light
@@ -417,7 +421,9 @@ def run_model_bench(
     jpegs = synthetic_jpegs(alerts, image_size, seed=1)
     runner.warm_up()
     naive = jpegs[: baseline_alerts or alerts]
-    baseline, yes_share, new_tokens = run_baseline(runner, naive, progress("baseline", len(naive)))
+    baseline, yes_share, new_tokens = run_baseline(
+        runner, naive, progress("baseline", len(naive)), baseline_new_tokens
+    )
     ours = asyncio.run(run_secondlook(runner, jpegs, settings, progress("secondlook", alerts)))
     light = jpegs[:LIGHT_LOAD_ALERTS]
     alone = asyncio.run(
@@ -428,7 +434,7 @@ def run_model_bench(
         "device": str(runner.device),
         "baseline": {
             **baseline.summary(),
-            "max_new_tokens": BASELINE_NEW_TOKENS,
+            "max_new_tokens": baseline_new_tokens,
             "new_tokens": round(new_tokens, 1),  # generated per alert, on average
             "answers_with_yes": yes_share,
         },

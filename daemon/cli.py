@@ -588,6 +588,7 @@ MODEL_BENCH_OPTIONS = (
     "arch",
     "model_path",
     "baseline_alerts",
+    "baseline_new_tokens",
     "max_batch",
     "max_wait_ms",
     "device",
@@ -652,6 +653,14 @@ def _option_name(context: click.Context, name: str) -> str:
     help="Run the slow naive path on only the first N alerts (default: all).",
 )
 @click.option(
+    "--baseline-new-tokens",
+    type=click.IntRange(1, 1024),
+    default=64,
+    show_default=True,
+    help="Tokens the naive path generates at most (random weights seldom stop early; "
+    "3: as a trained model answering 'Yes.').",
+)
+@click.option(
     "--max-batch",
     type=click.IntRange(1, 512),
     default=None,
@@ -683,6 +692,7 @@ def bench(
     image_size: tuple[int, int],
     alerts: int | None,
     baseline_alerts: int | None,
+    baseline_new_tokens: int,
     max_batch: int | None,
     max_wait_ms: float | None,
     device: str,
@@ -706,8 +716,10 @@ def bench(
     if backend == "instant" and given:
         options = ", ".join(_option_name(context, name) for name in given)
         raise click.UsageError(f"--backend instant runs no model: leave out {options}")
-    if backend == "pipeline" and "baseline_alerts" in given:
-        raise click.UsageError("--backend pipeline runs no naive path: leave out --baseline-alerts")
+    naive = [name for name in ("baseline_alerts", "baseline_new_tokens") if name in given]
+    if backend == "pipeline" and naive:
+        options = ", ".join(_option_name(context, name) for name in naive)
+        raise click.UsageError(f"--backend pipeline runs no naive path: leave out {options}")
     from daemon.config import ImageSettings, ModelSettings
 
     limit = ImageSettings().max_input_pixels  # the daemon would refuse every snapshot
@@ -769,7 +781,13 @@ def bench(
             with console.status(f"building {model_path or arch}"):
                 runner = model_from(model_path, None if model_path else arch, settings)
             result = run_model_bench(
-                runner, alerts or 8, image_size, settings, progress, baseline_alerts
+                runner,
+                alerts or 8,
+                image_size,
+                settings,
+                progress,
+                baseline_alerts,
+                baseline_new_tokens,
             )
     _print_bench(result)
     if as_json:

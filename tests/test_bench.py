@@ -28,6 +28,8 @@ def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
             "3",
             "--baseline-alerts",
             "2",
+            "--baseline-new-tokens",
+            "5",
             "--max-batch",
             "2",
             "--image-size",
@@ -47,7 +49,7 @@ def test_model_bench_runs_both_paths_and_reports_the_speedup(tiny_model):
     assert ours["batches"] >= 2 and ours["mean_batch"] == round(3 / ours["batches"], 2)
     assert 0 < ours["model_busy_pct"] <= 100
     # what the baseline generated (a random model seldom stops early), within its cap
-    assert 1 <= figures["baseline"]["new_tokens"] <= figures["baseline"]["max_new_tokens"] == 64
+    assert 1 <= figures["baseline"]["new_tokens"] <= figures["baseline"]["max_new_tokens"] == 5
     light = figures["light_load"]
     assert light["alerts"] == 3 and 0 < light["p50_ms"] <= light["p99_ms"]
     # the processor's default resolution against the 448x448 budget
@@ -148,6 +150,7 @@ def test_bench_refuses_options_it_would_ignore_or_could_not_measure():
             "leave out --max-batch, --compile, --dtype",
         ),
         (["--backend", "pipeline", "--baseline-alerts", "2"], "leave out --baseline-alerts"),
+        (["--backend", "pipeline", "--baseline-new-tokens", "3"], "leave out --baseline-new"),
     ):
         result = CliRunner().invoke(main, ["bench", *args])
         assert result.exit_code == 2 and message in result.output, (args, result.output)
