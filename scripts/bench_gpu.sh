@@ -2,6 +2,7 @@
 # The benchmark set for a CUDA host, one run after another, each run's output in DIR/NAME.log
 # and its JSON result in DIR/NAME.json (default DIR: bench-results):
 #   2b, 2b-compile, 7b      `secondlook bench --arch ...` at 1920x1080 (random weights)
+#   2b-terse                the 2B against a naive path that generates 3 tokens, not 64
 #   gil                     scripts/gil_contention.py on the full-size 2B, batches of 16
 #   profile                 scripts/profile_pass.py: the same pass eager, profiled, compiled
 #   pipeline-thread/process the daemon with the 2B model on a thread, then in its own process
@@ -35,6 +36,8 @@ run() {
 size=(--image-size 1920x1080)
 run 2b "$secondlook" bench --arch qwen2-vl-2b "${size[@]}" --alerts "$alerts" \
     --baseline-alerts 8 --json
+run 2b-terse "$secondlook" bench --arch qwen2-vl-2b "${size[@]}" --alerts "$alerts" \
+    --baseline-alerts 8 --baseline-new-tokens 3 --json
 run 2b-compile "$secondlook" bench --arch qwen2-vl-2b "${size[@]}" --alerts "$alerts" \
     --baseline-alerts 1 --compile --json
 run 7b "$secondlook" bench --arch qwen2-vl-7b "${size[@]}" --alerts "$((alerts / 2))" \
