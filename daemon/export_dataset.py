@@ -302,26 +302,22 @@ def _export(
 def _earlier_images(out: Path) -> set[str]:
     """The image files of an earlier export in `out` (its dataset.json's); ExportError for
     an `images/` folder holding pictures no export of ours wrote."""
-    listed: set[str] = set()
     try:
         samples = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         samples = []
     except (OSError, ValueError) as exc:
         raise ExportError(f"{out / 'dataset.json'} is no earlier export: {exc}") from exc
-    if samples and not (out / MARKER).exists() and not _written_by_an_export(samples):
+    names = _listed_images(samples)
+    # without the marker, an export before there was one lists only names an export writes
+    if samples and not (out / MARKER).exists() and (not isinstance(samples, list) or None in names):
         raise ExportError(
             f"{out / 'dataset.json'} is another tool's (no {MARKER} beside it): export into "
             "an empty folder"
         )
-    for sample in samples if isinstance(samples, list) else []:
-        paths = sample.get("image") if isinstance(sample, dict) else None
-        for path in [paths] if isinstance(paths, str) else paths or []:
-            # only names an export writes: a dataset.json edited to list "images/../x"
-            # must not have the next export delete x
-            name = path.removeprefix("images/") if isinstance(path, str) else ""
-            if path != name and EXPORTED_IMAGE.fullmatch(name):
-                listed.add(name)
+    # only names an export writes: a dataset.json edited to list "images/../x" must not have
+    # the next export delete x
+    listed = {name for name in names if name is not None}
     images = out / "images"
     others = sorted(p.name for p in images.glob("*") if p.name not in listed)
     if others:
@@ -332,20 +328,18 @@ def _earlier_images(out: Path) -> set[str]:
     return listed
 
 
-def _written_by_an_export(samples: Any) -> bool:
-    """Whether a dataset.json without the marker (an export before there was one) lists
-    only pictures named as an export names them."""
-    if not isinstance(samples, list):
-        return False
-    for sample in samples:
+def _listed_images(samples: Any) -> list[str | None]:
+    """Each picture a dataset.json lists: its file name where an export would have written
+    it (images/ + EXPORTED_IMAGE), else None."""
+    found: list[str | None] = []
+    for sample in samples if isinstance(samples, list) else []:
         paths = sample.get("image") if isinstance(sample, dict) else None
         for path in (
             [paths] if isinstance(paths, str) else paths if isinstance(paths, list) else [None]
         ):
             name = path.removeprefix("images/") if isinstance(path, str) else ""
-            if not (path != name and EXPORTED_IMAGE.fullmatch(name)):
-                return False
-    return True
+            found.append(name if path != name and EXPORTED_IMAGE.fullmatch(name) else None)
+    return found
 
 
 def _as_jpeg(data: bytes) -> bytes:

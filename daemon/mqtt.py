@@ -418,15 +418,14 @@ class MqttLink:
             )
         else:
             granted = await client.subscribe(topic, qos=1)
-        # MQTT 5: reason codes; 3.1.1: the granted QoS, 0x80 for a refusal
-        for code in granted if isinstance(granted, list | tuple) else []:
-            if getattr(code, "is_failure", code == 0x80):
-                reason = str(code) if hasattr(code, "is_failure") else "failure (0x80)"
-                self.refused[topic] = reason
+        # reason codes for either protocol (3.1.1's 0x80 is "Unspecified error")
+        for code in granted:
+            if code.is_failure:
+                self.refused[topic] = str(code)
                 log.error(
                     "mqtt subscription refused by the broker: nothing arrives on it",
                     topic=topic,
-                    reason=reason,
+                    reason=str(code),
                 )
 
     def _filter(self, topic: str) -> str:

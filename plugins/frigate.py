@@ -133,7 +133,8 @@ class FrigateFormat:
         event_id = str(event.get("id"))
         known = event_id in self._seen_events
         first_seen = self._seen(event_id, event, ended=kind == "end")
-        if self._dropped.pop(event_id, 0) is None:
+        if event_id in self._dropped:
+            del self._dropped[event_id]
             raise AlertError(
                 "image",
                 f"dropped while waiting for its snapshot: over {MAX_WAITING} events waited at once",
@@ -156,8 +157,7 @@ class FrigateFormat:
             log.info("frigate event seen first at its end, without a snapshot", frigate_id=event_id)
             return None
         if kind == "end":
-            kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
-            shared = kept is not None and kept.arrived >= first_seen - SNAPSHOT_SLACK_S
+            shared = self._snapshot_since(event, first_seen) is not None
             raise AlertError(
                 "image",
                 f"no snapshot received for {event['camera']}/{event['label']} before the event "
@@ -232,11 +232,17 @@ class FrigateFormat:
         ):
             self._snapshots.pop(next(iter(self._snapshots)))
         # it shows the object of the one live event of its camera and label, if there is one
-        [owner] = live if len(live) == 1 else [None]
-        event = self._waiting.pop(owner, None) if owner is not None else None
-        if event is None:
+        if len(live) != 1:
             return None
-        return self._alert(event, self._seen_events[owner].first)
+        [owner] = live
+        event = self._waiting.pop(owner, None)
+        return None if event is None else self._alert(event, self._seen_events[owner].first)
+
+    def _snapshot_since(self, event: dict[str, Any], first_seen: float) -> _Snapshot | None:
+        """The snapshot kept for the event's camera and label when it came after the event's
+        first message (less SNAPSHOT_SLACK_S): one from before shows an earlier object."""
+        kept = self._snapshots.get((str(event["camera"]), str(event["label"])))
+        return kept if kept is not None and kept.arrived >= first_seen - SNAPSHOT_SLACK_S else None
 
     def _alert(self, event: dict[str, Any], first_seen: float) -> IncomingAlert | None:
         """The event's alert with its snapshot (or its API URL); None while it has none."""
@@ -267,20 +273,14 @@ class FrigateFormat:
                 "frigate_id": event["id"],
             },
         }
-        where = (str(event["camera"]), str(event["label"]))
-        kept = self._snapshots.get(where)
+        kept = self._snapshot_since(event, first_seen)
         event_id = str(event["id"])
-        # one that arrived before the event shows an earlier object (the topic is retained
-        # and holds the latest best object of that label on that camera), one that came
-        # while another event of them was live may show that one's, and one another event
-        # went with is that one's; the MQTT snapshot is cropped to the object by default, so
-        # the event's box (in the camera frame's pixels) does not apply to it
-        if (
-            kept is not None
-            and kept.arrived >= first_seen - SNAPSHOT_SLACK_S
-            and kept.live <= {event_id}
-            and kept.taken_by in (None, event_id)
-        ):
+        # one that came while another event of them was live may show that one's object, and
+        # one another event went with is that one's; the MQTT snapshot is cropped to the
+        # object by default, so the event's box (in the camera frame's pixels) does not
+        # apply to it
+        if kept is not None and kept.live <= {event_id} and kept.taken_by in (None, event_id):
+            where = (str(event["camera"]), str(event["label"]))
             self._snapshots[where] = kept._replace(taken_by=event_id)
             return IncomingAlert(validate_alert(canonical), [RawImage("image", kept.data)])
         if not self.settings.api_url:
