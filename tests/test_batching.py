@@ -223,6 +223,28 @@ async def test_requests_that_arrive_during_a_pass_share_the_next_batch(tiny_mode
     assert runner.batches == [["r1"], ["r2"], ["r3", "r4"]]
 
 
+async def test_a_request_given_up_before_its_batch_forms_does_not_count_towards_it(tiny_model):
+    runner = SlowPasses(ModelRunner.load(ModelSettings(path=str(tiny_model))), 0)
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            runner, max_batch=2, max_wait_s=1.0, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        ask = [
+            asyncio.create_task(batcher.submit(ModelRequest(ChoiceQuery(prompt, YES_NO), [])))
+            for prompt in ("r1", "r2")
+        ]
+        await asyncio.sleep(0)
+        ask[1].cancel()
+        await asyncio.sleep(0.2)
+        assert batcher.report()["waiting"] == 1
+        ask.append(asyncio.create_task(batcher.submit(ModelRequest(ChoiceQuery("r3", YES_NO), []))))
+        await asyncio.gather(ask[0], ask[2])
+        running.cancel()
+    # r1 waited for company: the cancelled r2 did not fill its batch
+    assert runner.batches == [["r1", "r3"]]
+
+
 @pytest.mark.parametrize(
     "error",
     [
@@ -280,6 +302,32 @@ async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_
     # the limit is 8 again, and the next 8 run out once more
     assert flaky.sizes == [8, 4, 4, 4, 4, 4, 4, 8, 4, 4]
     assert limits == [4, 4, 8, 4] and batcher.health.oom_splits == 2
+
+
+async def test_a_probe_whose_halves_run_out_too_lowers_the_limit_below_them(
+    tiny_model, monkeypatch
+):
+    monkeypatch.setattr("daemon.inference.batch_limit.PROBE_AFTER", 3)
+    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
+    flaky = OutOfMemoryAbove(runner, limit=4, error=torch.OutOfMemoryError("CUDA out of memory."))
+    choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
+    requests = choice + choice[:2]  # eight
+    limits = []
+    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
+        batcher = MicroBatcher(
+            flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
+        )
+        running = asyncio.create_task(batcher.run())
+        for round_ in range(4):
+            if round_ == 3:
+                flaky.limit = 2  # less memory free by the time 8 is tried again
+            await asyncio.gather(*(batcher.submit(r) for r in requests))
+            limits.append(batcher.report()["batch_limit"])
+        running.cancel()
+    # the try at 8 runs out, and so do its halves of 4, the size confirmed before: the
+    # limit falls to the quarters that fit, not back to 4 (to run out once more)
+    assert flaky.sizes == [8, 4, 4, 4, 4, 4, 4, 8, 4, 2, 2, 4, 2, 2]
+    assert limits == [4, 4, 8, 2]
 
 
 class OutOfMemoryWith(OutOfMemoryAbove):
@@ -362,8 +410,13 @@ def test_a_raised_limit_that_runs_out_again_waits_twice_as_long_before_the_next_
     limit.ran_out(SplitOutcome(largest_passed=8))
     while limit.value == 8:
         limit.passed(8)
-    limit.ran_out(SplitOutcome(largest_passed=6))
+    limit.ran_out(SplitOutcome(largest_passed=6, smallest_failed=12))
     assert limit.value == 8
+    # a try at 16 whose halves of 8 run out too, their quarters passing: 8 no longer fits
+    while limit.value == 8:
+        limit.passed(8)
+    limit.ran_out(SplitOutcome(largest_passed=4, smallest_failed=8))
+    assert limit.value == 4
 
 
 async def test_a_request_whose_answers_cannot_be_scored_fails_alone(tiny_model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -100,6 +101,25 @@ def test_try_a_prompt_and_rules_of_each_kind_from_the_command_line(tmp_path, tin
         main, ["try", str(not_image), "--model", str(tiny_model), "--prompt", "x"]
     )
     assert result.exit_code != 0 and "image: not a JPEG or PNG" in result.output
+
+
+async def test_a_try_waits_while_an_alert_is_reviewed_alone(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    upload = base64.b64encode(jpeg_bytes(colour=(20, 200, 40))).decode()
+    async with run_daemon(settings) as d:
+
+        async def tried() -> int:
+            body = {"image": upload, "prompt": "Smoke?"}
+            async with d.http.post(f"{d.base_url}/v1/try", json=body) as response:
+                return response.status
+
+        assert await tried() == 200
+        # an alert whose review a crash cut off is reviewed with nothing beside it
+        async with d.daemon.pipeline.gate.review(alone=True):
+            trying = asyncio.create_task(tried())
+            await asyncio.sleep(1.0)
+            assert not trying.done()
+        assert await asyncio.wait_for(trying, 30) == 200
 
 
 async def test_the_playground_api_tries_uploads_and_stored_snapshots_and_saves_rules(

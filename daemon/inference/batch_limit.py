@@ -6,7 +6,9 @@ the limit stays. Otherwise the largest part that passed becomes the limit, so th
 full batches do not run out alike. After PROBE_AFTER full passes at a lowered limit it is
 doubled, up to `max_batch`; a doubled limit that runs out again waits twice as many passes
 before the next try (at most PROBE_AFTER_MOST), so that a device that never fits
-`max_batch` fails fewer and fewer passes.
+`max_batch` fails fewer and fewer passes. The limit then returns to the size confirmed
+before the try, unless parts of that size ran out too (less memory is free now): then the
+largest part that passed becomes the limit.
 """
 
 from __future__ import annotations
@@ -31,9 +33,14 @@ class SplitOutcome:
     largest_passed: int = 0
     #: a single request ran out of memory alone
     lone_failure: bool = False
+    #: the smallest batch or part that ran out (0: none yet)
+    smallest_failed: int = 0
 
     def passed(self, size: int) -> None:
         self.largest_passed = max(self.largest_passed, size)
+
+    def failed(self, size: int) -> None:
+        self.smallest_failed = min(self.smallest_failed or size, size)
 
 
 class BatchLimit:
@@ -72,8 +79,10 @@ class BatchLimit:
         if self._probing:  # the raised limit did not fit: the next try waits longer
             self._probe_after = min(2 * self._probe_after, PROBE_AFTER_MOST)
             self._probing = False
-            # a smaller batch's parts passing says nothing against the size confirmed before
-            largest = max(largest, self._confirmed)
+            # parts smaller than the size confirmed before passing say nothing against it;
+            # a part of that size running out does
+            if not 0 < split.smallest_failed <= self._confirmed:
+                largest = max(largest, self._confirmed)
         self.value = largest
         self._full_passes = 0
         log.warning("batches limited after running out of memory", batch_limit=self.value)

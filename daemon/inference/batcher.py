@@ -115,9 +115,15 @@ class MicroBatcher:
         if self.health.fatal:
             raise BackendUnusable(self.health.fatal)
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiting(request, future))
+        item = _Waiting(request, future)
+        self._waiting.append(item)
         self._arrived.set()
-        return await future
+        try:
+            return await future
+        finally:
+            if future.cancelled() and item in self._waiting:
+                # its caller gave up: it no longer counts towards the batch being formed
+                self._waiting.remove(item)
 
     async def run(self) -> None:
         """Both stages, until cancelled."""
@@ -185,7 +191,11 @@ class MicroBatcher:
 
     async def _next_batch(self) -> list[_Waiting]:
         """The oldest waiting request and those of its kind behind it, up to the batch limit."""
-        while not self._waiting:
+        while True:
+            while self._waiting and self._waiting[0].future.done():
+                self._waiting.popleft()  # its caller gave up (see submit)
+            if self._waiting:
+                break
             self._arrived.clear()
             await self._arrived.wait()
         kind = query_kind(self._waiting[0].request)
@@ -208,7 +218,11 @@ class MicroBatcher:
         return batch
 
     def _count(self, kind: str) -> int:
-        return sum(1 for item in self._waiting if query_kind(item.request) == kind)
+        return sum(
+            1
+            for item in self._waiting
+            if not item.future.done() and query_kind(item.request) == kind
+        )
 
     # model stage ---------------------------------------------------------------------------
 
@@ -277,15 +291,15 @@ class MicroBatcher:
         # out of memory: the halves run once the failed pass's memory is free
         del inputs
         _release_cached_memory()
+        outcome = split or SplitOutcome()
+        outcome.failed(len(batch))
         if len(batch) == 1:
-            if split is not None:
-                split.lone_failure = True
+            outcome.lone_failure = True
             self._give_up(batch, out_of_memory)
             return
         health.oom_splits += 1
         half = len(batch) // 2
         log.warning("out of memory: splitting the batch", size=len(batch))
-        outcome = split or SplitOutcome()
         for part in (batch[:half], batch[half:]):
             await self._forward(part, split=outcome)
         if split is None:  # the first batch of the splits: what its parts did sets the limit
