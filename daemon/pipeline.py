@@ -267,7 +267,9 @@ class Pipeline:
             return IngestResult("consumed")
         alert = incoming.alert
         received_at = utc_now()
-        priority = max((rule.priority for rule in self.rules.match(alert)), default=0)
+        # a shadow rule's trial run does not move its alerts ahead of others
+        matched = self.rules.match(alert)
+        priority = max((rule.priority for rule in matched if not rule.shadow), default=0)
         try:
             with self.stats.time("journal_alert"):
                 recorded = await self.journal.record_alert(

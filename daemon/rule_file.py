@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from fnmatch import fnmatchcase
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,14 +47,24 @@ class MatchSpec(_Strict):
     sites: list[Name] = Field(default_factory=lambda: ["*"], min_length=1)
     #: alerts whose box score is below are left to other rules; alerts without a score pass
     min_score: float = Field(default=0.0, ge=0, le=1)
-    #: local time of day of `occurred_at` (the box's own UTC offset), e.g. ["22:00-06:00"]
+    #: time of day of `occurred_at`, e.g. ["22:00-06:00"]: in `timezone`, else at the UTC
+    #: offset `occurred_at` is written with
     hours: list[str] = Field(default_factory=list)
+    #: an IANA time zone name ("Asia/Shanghai") for `hours`
+    timezone: str | None = None
 
     @field_validator("hours")
     @classmethod
     def _windows(cls, value: list[str]) -> list[str]:
         for text in value:
             parse_window(text)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            _zone(value)
         return value
 
     def matches(self, alert: Alert) -> bool:
@@ -67,9 +79,21 @@ class MatchSpec(_Strict):
             return False
         if self.hours:
             local = parse_rfc3339(alert.occurred_at)
+            if self.timezone is not None:
+                local = local.astimezone(_zone(self.timezone))
             minute = local.hour * 60 + local.minute
             return any(in_window(minute, parse_window(text)) for text in self.hours)
         return True
+
+
+@functools.lru_cache(maxsize=64)
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:  # a path, a folder ...
+        raise ValueError(
+            f"unknown time zone {name!r}: expected an IANA name such as 'Asia/Shanghai' or 'UTC'"
+        ) from exc
 
 
 def _any_glob(value: str, patterns: list[str]) -> bool:

@@ -146,7 +146,11 @@ class SnapshotSet:
         self._extras: list[Image] | None = None
 
     def for_rule(self, mode: ImageMode, margin: float) -> list[Image]:
-        if mode == "frame" or (mode != "boxes" and not self.boxes):
+        if mode == "crop+frame" and not self.boxes:
+            # nothing to crop: the frame stands for the crop too, so that the pictures the
+            # prompt names ("the second ...") and the extra frames after them keep their places
+            first = [self.frame(), self.frame()]
+        elif mode == "frame" or (mode != "boxes" and not self.boxes):
             first = [self.frame()]  # nothing to crop: the whole frame
         elif mode == "boxes":
             first = [self.marked()]

@@ -198,12 +198,20 @@ async def test_alerts_taken_in_while_the_model_loads_carry_their_rules_priority(
 ):
     settings = make_settings(tmp_path, broker=None, model=tiny_model)
     (settings.rules.dir / "fire.toml").write_text("priority = 7\n" + FIRE_RULE)
+    # a rule on trial neither raises its alerts' priority nor gives one to alerts it alone takes
+    trial = "priority = 50\nshadow = true\n" + FIRE_RULE
+    (settings.rules.dir / "fire_trial.toml").write_text(trial)
+    (settings.rules.dir / "smoke_trial.toml").write_text(trial.replace('"fire"', '"smoke"'))
     daemon = Daemon(settings)
     pipeline = await daemon.open()  # intake opens here; the model is not loaded yet
     try:
         result = await pipeline.ingest(json.dumps(make_alert("early")).encode(), source="http")
         assert result.status == "accepted"
-        assert [priority for _, priority in await pipeline.journal.pending_reviews()] == [7]
+        smoke = make_alert("smoke", event_type="smoke")
+        assert (await pipeline.ingest(json.dumps(smoke).encode(), source="http")).status == (
+            "accepted"
+        )
+        assert [priority for _, priority in await pipeline.journal.pending_reviews()] == [7, 0]
     finally:
         await daemon.close()
 

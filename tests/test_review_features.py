@@ -214,6 +214,12 @@ def test_image_modes_frame_crop_boxes_and_crop_plus_frame():
     assert marked.size == frame.size
     crop2, frame2, extra2 = snapshots.for_rule("crop+frame", 0.25)
     assert redness(crop2) > 0.15 and frame2.size == frame.size and extra2.size == extra.size
+    # no boxes: nothing to crop or outline; the frame stands in, the pictures keep their places
+    boxless = SnapshotSet(raw, [], Budget(448 * 448, 28))
+    assert [i.size for i in boxless.for_rule("crop", 0.25)] == [frame.size, extra.size]
+    assert [i.size for i in boxless.for_rule("boxes", 0.25)] == [frame.size, extra.size]
+    both, again, extra3 = boxless.for_rule("crop+frame", 0.25)
+    assert both.tobytes() == again.tobytes() == frame.tobytes() and extra3.size == extra.size
 
 
 def png_scene(size: tuple[int, int], thing: tuple[int, int, int, int]) -> bytes:

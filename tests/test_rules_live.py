@@ -158,6 +158,22 @@ def test_match_windows_scores_and_sites(tmp_path):
     assert names(book, occurred_at="2026-11-20T06:00:00+08:00", score=None, site=None) == ["strong"]
 
 
+def test_hours_are_read_in_the_rules_time_zone_when_it_names_one(tmp_path):
+    window = 'event_types = ["fire"]\nhours = ["22:00-06:00"]'
+    as_written = FIRE_RULE.replace('event_types = ["fire"]', window)
+    shanghai = FIRE_RULE.replace('event_types = ["fire"]', f'{window}\ntimezone = "Asia/Shanghai"')
+    book = book_with(tmp_path, as_written=as_written, shanghai=shanghai)
+    # 23:30 in Shanghai, written in UTC (15:30Z): night there, afternoon at the offset written
+    assert names(book, occurred_at="2026-11-20T15:30:00Z") == ["shanghai"]
+    assert names(book, occurred_at="2026-11-20T23:30:00+08:00") == ["as_written", "shanghai"]
+    # 23:00 at -02:00 is 09:00 in Shanghai
+    assert names(book, occurred_at="2026-11-20T23:00:00-02:00") == ["as_written"]
+    for zone in ("Mars/Olympus", "utc", "/etc/passwd", "../zoneinfo", "Asia", ""):
+        with pytest.raises(RuleError) as info:
+            parse_rule(tmp_path / "bad.toml", shanghai.replace("Asia/Shanghai", zone), KINDS)
+        assert info.value.where == "match.timezone" and "unknown time zone" in info.value.reason
+
+
 def test_bad_windows_and_scores_are_load_errors(tmp_path):
     bad = FIRE_RULE.replace(
         'event_types = ["fire"]', 'event_types = ["fire"]\nhours = ["25:00-06:00"]'
