@@ -28,7 +28,7 @@ import structlog
 from pydantic import ValidationError
 
 from daemon import feedback
-from daemon.config import Settings
+from daemon.config import Settings, looks_local
 from daemon.console_api import ConsoleApi
 from daemon.credentials import CredentialError, read_tokens
 from daemon.http_api import BearerTokens, HttpApi
@@ -152,6 +152,14 @@ class Daemon:
             log.error("config not reloaded; the running settings stay", error=str(exc))
             return
         merged, later = self._merged(new)
+        if problems := _restart_problems(new, later):
+            # applied at the next restart, they would stop it (a restart loop under systemd)
+            log.error(
+                "config not reloaded: the next start would fail; the running settings stay",
+                error="; ".join(problems),
+                restart_needed_for=later,
+            )
+            return
         try:
             # the new live sections beside the running ones that wait for a restart
             Settings.model_validate(merged.model_dump())
@@ -207,7 +215,13 @@ class Daemon:
             self.pipeline.apply_settings(settings)
         if self.storage is not None:
             self.storage.settings = settings.storage
-        log.info("config reloaded", restart_needed_for=later)
+        if later:
+            log.warning(
+                "config reloaded; changes to some sections wait for a restart",
+                restart_needed_for=later,
+            )
+        else:
+            log.info("config reloaded", restart_needed_for=later)
 
     def status(self) -> tuple[str, str | None]:
         """ok, starting, failing or stopping; and what makes it fail (see `unfit`)."""
@@ -557,6 +571,31 @@ def _check_settings(s: Settings, registry: Registry) -> None:
         check_topic_template(s.mqtt.verdict_topic)
     except ValueError as exc:
         raise StartupError(f"[mqtt] verdict_topic: {exc}") from exc
+
+
+def _restart_problems(s: Settings, later: list[str]) -> list[str]:
+    """What in the sections that wait for a restart would stop it, as far as a cheap look
+    tells: a journal folder that cannot be made or written, a model folder that is not there."""
+    problems = []
+    if "storage" in later and (reason := _not_writable(s.storage.dir)):
+        problems.append(f"[storage] dir {s.storage.dir}: {reason}")
+    path = s.model.path
+    local = s.model.backend == "transformers" and looks_local(path)
+    if "model" in later and local and not Path(path).is_dir():
+        problems.append(f"[model] path {path!r}: no such directory")
+    return problems
+
+
+def _not_writable(folder: Path) -> str | None:
+    """Why the daemon could not make or write `folder`, or None."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def _without(section: Any, keys: Iterable[str]) -> Any:

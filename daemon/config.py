@@ -284,6 +284,11 @@ class RemoteSettings(_Section):
     image_factor: int = Field(default=28, ge=1, le=64)
 
 
+def looks_local(path: str) -> bool:
+    """A model path as a user writes a directory (absolute, ./, ../), not a hub id."""
+    return path.startswith(("/", "./", "../")) or path in (".", "..")
+
+
 class ModelSettings(_Section):
     backend: str = "transformers"
     #: hub id or local directory

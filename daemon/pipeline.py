@@ -7,7 +7,6 @@ serves fresh verdicts, reconnects and restarts alike.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import sqlite3
 from collections import OrderedDict
@@ -181,6 +180,9 @@ class Pipeline:
         self._quiet.set()
         #: alerts whose review attempt is counted and not finished
         self._attempting: set[int] = set()
+        #: alerts whose attempt a failing journal (a full disk) kept counted: their next
+        #: review is that attempt (see _review_counted), or the stop takes it back
+        self._uncount_later: set[int] = set()
         #: a stop's grace ran out: reviews not begun by then are not begun at all
         self._cut_off = False
         #: an alert whose review a crash cut off is reviewed alone (see daemon.review_gate)
@@ -432,25 +434,34 @@ class Pipeline:
             # cut off by a clean stop, not by a crash: the attempts do not count towards
             # max_attempts (restarts would otherwise give alerts up unjudged)
             self._cut_off = True
-            if self._attempting:
-                refs = sorted(self._attempting)
-                self._attempting.clear()  # taken back here, not again when they end
-                try:
-                    await self.journal.uncount_attempts(refs)
-                except sqlite3.Error as exc:  # the stop goes on; they count as a crash would
-                    log.error("the journal failed while stopping", error=str(exc))
+            refs = self._attempting | self._uncount_later
+            self._attempting.clear()  # taken back here, not again when they end
+            await self._take_back(refs)
             return False
+        await self._take_back(set(self._uncount_later))
         return True
+
+    async def _take_back(self, refs: set[int]) -> None:
+        """At a stop: take back the attempts of reviews a clean stop cut off, and those a
+        failing journal kept counted."""
+        self._uncount_later.clear()
+        if refs:
+            try:
+                await self.journal.uncount_attempts(sorted(refs))
+            except sqlite3.Error as exc:  # the stop goes on; they count as a crash would
+                log.error("the journal failed while stopping", error=str(exc))
 
     async def review(self, ref: int) -> list[PlannedVerdict] | None:
         """Review one journalled alert with every matching rule; journal the verdicts.
         None: the alert was reviewed already (its verdicts are out)."""
         stored = self._fresh.pop(ref, None) or await self.journal.load_alert(ref)
         if stored.state == "reviewed":
+            self._uncount_later.discard(ref)
             return None
         alert = stored.alert
         # once past max_attempts it is given up without a review: no need to be alone
-        alone = 0 < stored.attempts < self.settings.pipeline.max_attempts
+        counted = stored.attempts - (ref in self._uncount_later)
+        alone = 0 < counted < self.settings.pipeline.max_attempts
         with structlog.contextvars.bound_contextvars(alert_id=alert.alert_id, box_id=alert.box_id):
             async with self.gate.review(alone=alone):
                 if alone:
@@ -485,7 +496,12 @@ class Pipeline:
         alert was journalled first."""
         if self._cut_off:
             raise CutOff
-        attempts = await self.journal.begin_review(ref)
+        if ref in self._uncount_later:
+            # the attempt a failing journal left counted (see below) stands for this one
+            self._uncount_later.discard(ref)
+            attempts = stored.attempts
+        else:
+            attempts = await self.journal.begin_review(ref)
         self._attempting.add(ref)
         try:
             if self._cut_off:  # the stop's deadline came while the attempt was counted
@@ -497,8 +513,10 @@ class Pipeline:
             # neither a crash nor the alert's doing (a full disk, an I/O error): the attempt
             # does not count
             if ref in self._attempting:
-                with contextlib.suppress(sqlite3.Error):
+                try:
                     await self.journal.uncount_attempts([ref])
+                except sqlite3.Error:  # the same failing journal
+                    self._uncount_later.add(ref)
             raise
         finally:
             self._attempting.discard(ref)

@@ -190,7 +190,14 @@ async def test_sighup_applies_live_settings_and_names_those_that_need_a_restart(
         await asyncio.sleep(0.5)
         assert await post(http, make_alert("hup-refused")) == 503
         # a broken config file leaves the running settings alone
-        config.write_text(config.read_text() + "\n[pipeline]\nworkers = 'many'\n")
+        reloaded = config.read_text()
+        config.write_text(reloaded + "\n[pipeline]\nworkers = 'many'\n")
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert proc.poll() is None
+        # so does one whose next start would fail: the journal's folder under a file
+        (tmp_path / "a-file").write_text("")
+        config.write_text(reloaded.replace('dir = "var"', 'dir = "a-file/var"'))
         proc.send_signal(signal.SIGHUP)
         await asyncio.sleep(0.5)
         assert proc.poll() is None
@@ -199,10 +206,14 @@ async def test_sighup_applies_live_settings_and_names_those_that_need_a_restart(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0
     events = log_events(config)
-    [reloaded] = [e for e in events if e["event"] == "config reloaded"]
-    assert reloaded["restart_needed_for"] == ["model"]
-    [refused] = [e for e in events if e["event"].startswith("config not reloaded")]
-    assert "pipeline" in refused["error"]
+    [reloaded] = [e for e in events if e["event"].startswith("config reloaded")]
+    assert reloaded["restart_needed_for"] == ["model"] and reloaded["level"] == "warning"
+    broken, would_fail = [e for e in events if e["event"].startswith("config not reloaded")]
+    assert "pipeline" in broken["error"]
+    assert would_fail["event"].startswith("config not reloaded: the next start would fail")
+    assert would_fail["error"].endswith(
+        "a-file/var: " + str(tmp_path / "a-file") + " is not a folder"
+    )
 
 
 async def test_a_verdict_made_within_the_stops_grace_is_published_before_the_exit(

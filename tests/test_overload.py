@@ -357,7 +357,15 @@ async def test_a_verdict_the_journal_could_not_write_costs_the_alert_no_attempt(
                 raise sqlite3.OperationalError("database or disk is full")
             return await finish_review(ref, planned)
 
+        uncount_attempts = journal.uncount_attempts
+
+        async def full_disk_to_take_back(refs):
+            if len(failures) < 3:  # the same full disk: taking the attempt back fails too
+                raise sqlite3.OperationalError("database or disk is full")
+            return await uncount_attempts(refs)
+
         journal.finish_review = full_disk_three_times
+        journal.uncount_attempts = full_disk_to_take_back
         status, _ = await d.post_alert(make_alert("unwritten"))
         assert status == 202
         for _ in range(150):

@@ -876,3 +876,25 @@ def test_a_json_payload_reads_as_the_standard_library_reads_it(payload):
         return
     assert isinstance(expected, dict)
     assert json.dumps(got) == json.dumps(expected)  # NaN (unequal to itself) and -0.0 too
+
+
+def test_a_reload_is_refused_when_the_next_start_would_fail(tmp_path):
+    from daemon.app import _restart_problems
+    from daemon.config import Settings
+
+    (tmp_path / "a-file").write_text("")
+    fine = Settings.model_validate(
+        {"model": {"path": str(tmp_path)}, "storage": {"dir": str(tmp_path / "new" / "var")}}
+    )
+    assert _restart_problems(fine, ["model", "storage"]) == []
+    gone = Settings.model_validate({"model": {"path": str(tmp_path / "gone")}})
+    assert _restart_problems(gone, ["model"]) == [
+        f"[model] path {str(tmp_path / 'gone')!r}: no such directory"
+    ]
+    assert _restart_problems(gone, []) == []  # unchanged: what runs now started with it
+    hub = Settings.model_validate({"model": {"path": "Qwen/Qwen2-VL-7B-Instruct"}})
+    assert _restart_problems(hub, ["model"]) == []  # a hub id is downloaded at the start
+    under_file = Settings.model_validate({"storage": {"dir": str(tmp_path / "a-file" / "var")}})
+    assert _restart_problems(under_file, ["storage"]) == [
+        f"[storage] dir {tmp_path / 'a-file' / 'var'}: {tmp_path / 'a-file'} is not a folder"
+    ]

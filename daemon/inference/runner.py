@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModelForImageTextToText
 
-from daemon.config import ModelSettings
+from daemon.config import ModelSettings, looks_local
 from daemon.inference.compiling import (
     compile_repeated_blocks,
     eager,
@@ -362,11 +362,6 @@ def prepare_for_inference(model: Any, compile: bool) -> tuple[str, int]:
         blocks = compile_repeated_blocks(model)
     vision = getattr(model.config, "vision_config", None)
     return str(getattr(vision, "_attn_implementation", None)), blocks
-
-
-def looks_local(path: str) -> bool:
-    """A path as a user writes a directory (absolute, ./, ../), not a hub id."""
-    return path.startswith(("/", "./", "../")) or path in (".", "..")
 
 
 class ModelRunner:
