@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
-./scripts/setup.sh
+./scripts/setup.sh --with-broker
 MODEL=${MODEL:-Qwen/Qwen2-VL-2B-Instruct}
 # a directory given relative to here (the daemon runs in a folder of its own)
 [ -e "$MODEL" ] && MODEL=$(realpath "$MODEL")

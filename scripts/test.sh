@@ -3,7 +3,7 @@
 # runs the linters and the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+./scripts/setup.sh --with-broker
 if [ ! -x /usr/bin/chromium ]; then
     echo "installing chromium (browser tests)"
     sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
