@@ -522,6 +522,14 @@ class MqttLink:
             return
         subscription = self._subscription_of(message)
         fmt = subscription.format if subscription is not None else self.settings.format
+        log.debug(
+            "mqtt alert message",
+            topic=str(message.topic),
+            bytes=len(data),
+            qos=message.qos,
+            retained=bool(message.retain),
+            format=fmt,
+        )
         with parsing_retained(bool(message.retain)):
             await self._on_message(str(message.topic), bytes(data), fmt)
 

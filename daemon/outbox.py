@@ -143,6 +143,10 @@ class Outbox:
                     verdict_id=item.id,
                     error=str(result),
                 )
+        if done:
+            log.debug(
+                "verdicts published", count=len(done), topics=sorted({i.topic for i in batch})
+            )
         failed = [r for r in results if r is not None and not isinstance(r, PublishRefused)]
         # alone until one goes through (or is set aside): a lost connection may be its doing
         lost = any(isinstance(r, ConnectionLost) for r in failed)

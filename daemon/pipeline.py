@@ -300,6 +300,14 @@ class Pipeline:
             await self.record_refusal(refused, payload, source=source, topic=topic)
             return IngestResult("refused", error=refused)
         ref = recorded.ref
+        log.debug(
+            "alert journalled",
+            alert_id=alert.alert_id,
+            ref=ref,
+            new=recorded.new,
+            rules=[rule.name for rule in matched],
+            priority=priority,
+        )
         if not recorded.new:
             if not recorded.reviewed and not self.backlog.is_scheduled(ref):
                 # the first delivery was journalled but its intake cut short: review it now

@@ -12,6 +12,8 @@ import aiomqtt
 import pytest
 from structlog.testing import capture_logs
 
+from daemon.config import LogSettings
+from daemon.logs import configure_logging
 from daemon.mqtt import ConnectionLost, MqttLink, publish_all
 from tests.conftest import (
     FIRE_RULE,
@@ -34,6 +36,27 @@ async def test_alert_over_mqtt_yields_a_verdict_on_the_default_topic(tmp_path, b
         [(topic, verdict)] = await out.wait_for(1)
     assert verdict["alert_id"] == "mq-1" and verdict["rule"] == "fire"
     assert topic == f"secondlook/verdicts/{verdict['verdict']}/box-t/cam-1/fire"
+
+
+async def test_debug_logging_follows_an_alert_through_intake_batching_and_publishing(
+    tmp_path, broker, tiny_model
+):
+    settings = make_settings(tmp_path, broker=broker, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    configure_logging(LogSettings(level="debug"))
+    try:
+        with capture_logs() as logs:
+            async with collect(broker, VERDICTS) as out, run_daemon(settings):
+                await publish(broker, "secondlook/alerts/box-t", json.dumps(make_alert("dbg-1")))
+                await out.wait_for(1)
+                await asyncio.sleep(0.2)  # the outbox marks what it published
+    finally:
+        configure_logging(LogSettings())
+    debug = {e["event"]: e for e in logs if e["log_level"] == "debug"}
+    assert debug["mqtt alert message"]["topic"] == "secondlook/alerts/box-t"
+    assert debug["alert journalled"]["rules"] == ["fire"]
+    assert debug["batch formed"]["size"] == 1 and debug["batch formed"]["kind"]
+    assert debug["verdicts published"]["topics"][0].startswith("secondlook/verdicts/")
 
 
 async def test_unmatched_alert_is_forwarded_unreviewed(tmp_path, broker, tiny_model):

@@ -215,6 +215,9 @@ class MicroBatcher:
             else:
                 rest.append(item)
         self._waiting = rest
+        if batch:
+            waited_ms = round((time.monotonic() - batch[0].since) * 1000, 1)
+            log.debug("batch formed", size=len(batch), kind=kind, oldest_waited_ms=waited_ms)
         return batch
 
     def _count(self, kind: str) -> int:
