@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import structlog
@@ -25,6 +25,9 @@ from rich.text import Text
 from daemon.config import ConfigError, Settings, load_settings
 from daemon.entry import HELD, hold, release
 from daemon.logs import configure_logging
+
+if TYPE_CHECKING:
+    from daemon.rules import ChoiceChecker
 
 #: the architectures `bench --arch` knows (kept here so that --help needs no torch import)
 ARCH_NAMES = ("qwen2-vl-2b", "qwen2-vl-7b", "qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-2b")
@@ -858,26 +861,20 @@ def rules() -> None:
 )
 def rules_check(directory: Path, config: Path | None, model_path: str | None) -> None:
     """Validate every *.toml in DIRECTORY; exit 1 naming each bad file. With --config, rule
-    kinds of the config's [plugins] dir are known too."""
+    kinds of the config's [plugins] dir are known too, and classify labels are checked as
+    its model would (the openai backend's rule; a transformers model's tokenizer when it is
+    a directory or downloaded already)."""
     from daemon.plugins import Registry, make_plugin_manager
-    from daemon.rules import ChoiceChecker, RuleBook
+    from daemon.rules import RuleBook
 
     # this command reports on stdout/stderr itself: no log lines
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    settings = _settings(config)
     check_choices: ChoiceChecker | None = None
     if model_path:
-        from transformers import AutoTokenizer
-
-        from daemon.inference.runner import choice_token_ids
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-        except (OSError, ValueError) as exc:
-            raise click.ClickException(
-                f"cannot load the tokenizer of {model_path!r}: {exc}"
-            ) from exc
-        check_choices = lambda choices: choice_token_ids(tokenizer, choices)  # noqa: E731
-    settings = _settings(config)
+        check_choices = _tokenizer_check(model_path)
+    elif config is not None:
+        check_choices = _configured_check(settings)
     kinds = Registry.collect(make_plugin_manager((), settings.plugins.dir), settings).rule_kinds
     book = RuleBook(directory, kinds, check_choices, check_topic=settings.mqtt.echo_of)
     errors = book.load()
@@ -892,6 +889,36 @@ def rules_check(directory: Path, config: Path | None, model_path: str | None) ->
         click.echo(f"no *.toml rule files in {directory}", err=True)
     if errors:
         sys.exit(1)
+
+
+def _tokenizer_check(model_path: str, *, downloaded_only: bool = False) -> ChoiceChecker:
+    """Classify labels checked against a model's tokenizer (`downloaded_only`: a hub id's
+    from the local cache, nothing downloaded)."""
+    from transformers import AutoTokenizer
+
+    from daemon.inference.runner import choice_token_ids
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=downloaded_only)
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"cannot load the tokenizer of {model_path!r}: {exc}") from exc
+    return lambda choices: choice_token_ids(tokenizer, choices)
+
+
+def _configured_check(settings: Settings) -> ChoiceChecker | None:
+    """The label check of the config's backend, as far as it can be made without starting
+    it; None (said on stderr) where it cannot."""
+    model = settings.model
+    if model.backend == "openai":
+        from daemon.inference.openai_backend import check_remote_choices
+
+        return check_remote_choices
+    if model.backend == "transformers":
+        try:
+            return _tokenizer_check(model.path, downloaded_only=True)
+        except click.ClickException as exc:
+            click.echo(f"note: labels not checked against the model: {exc.message}", err=True)
+    return None
 
 
 @main.command("tiny-model")

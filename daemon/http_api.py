@@ -301,8 +301,10 @@ def _unauthorized(message: str) -> web.Response:
 
 
 def alert_url(alert_id: str, box_id: str) -> str:
-    """Where `GET` answers the alert's state and verdicts (any id, `/`, `?` and `#` too)."""
-    return f"/v1/alerts/{quote(alert_id, safe='')}?{urlencode({'box_id': box_id})}"
+    """Where `GET` answers the alert's state and verdicts (any id, `/`, `?` and `#` too;
+    `.` and `..` as %2E, since clients resolve such path segments away)."""
+    segment = quote(alert_id, safe="") if alert_id not in (".", "..") else "%2E" * len(alert_id)
+    return f"/v1/alerts/{segment}?{urlencode({'box_id': box_id})}"
 
 
 class HttpApi:

@@ -80,14 +80,32 @@ def test_labels_whose_first_tokens_collide_are_a_load_error(tmp_path, tiny_model
     [error] = book.load()
     assert error.where == "review" and "cannot be told apart" in error.reason
     assert book.rules == []
-    # `rules check` finds it too when given the model; without one it cannot know
+    # `rules check` finds it too when given the model, or a config naming it; without one
+    # it cannot know
     args = ["rules", "check", str(tmp_path)]
     assert CliRunner().invoke(main, args).exit_code == 0
-    result = CliRunner().invoke(main, [*args, "--model", str(tiny_model)])
-    assert (
-        result.exit_code == 1
-        and "clash.toml: review: answers cannot be told apart" in result.output
+    config = tmp_path.parent / f"{tmp_path.name}.conf"
+    config.write_text(f'[model]\npath = "{tiny_model}"\n')
+    for extra in (["--model", str(tiny_model)], ["--config", str(config)]):
+        result = CliRunner().invoke(main, [*args, *extra])
+        assert (
+            result.exit_code == 1
+            and "clash.toml: review: answers cannot be told apart" in result.output
+        ), result.output
+    # a hub id not downloaded yet: said, and nothing downloaded
+    config.write_text('[model]\npath = "example-org/not-downloaded"\n')
+    result = CliRunner().invoke(main, [*args, "--config", str(config)])
+    assert result.exit_code == 0
+    assert "note: labels not checked against the model" in result.output
+    # the openai backend's own rule: no label may begin another (first tokens would clash)
+    (tmp_path / "clash.toml").write_text(
+        CLASSIFY_RULE.replace('"fire", "lamp"', '"fire", "fireworks", "lamp"')
     )
+    config.write_text('[model]\nbackend = "openai"\n')
+    assert CliRunner().invoke(main, args).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--config", str(config)])
+    assert result.exit_code == 1
+    assert "answer 'fireworks' begins with answer 'fire'" in result.output, result.output
 
 
 COOLDOWN = FIRE_RULE + "[cooldown]\nwindow_s = 60\niou = 0.5\n"

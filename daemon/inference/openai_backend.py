@@ -197,6 +197,16 @@ def choice_from_text(text: str, choices: Mapping[str, Sequence[str]]) -> ChoiceA
     return ChoiceAnswer(probabilities, logits)
 
 
+def check_remote_choices(choices: Mapping[str, Sequence[str]]) -> None:
+    """ValueError for labels whose first tokens a remote server's could not tell apart."""
+    clash = clashing_labels(choices)
+    if clash is not None:
+        raise ValueError(
+            f"answer {clash[1]!r} begins with answer {clash[0]!r}: with a remote server "
+            "its first token could be the other's; rename one of them"
+        )
+
+
 def clashing_labels(choices: Mapping[str, Sequence[str]]) -> tuple[str, str] | None:
     """Two labels one of whose forms begins a form of the other ("fire", "fireworks"), case
     aside; None when there are none."""
@@ -293,12 +303,7 @@ class OpenAIBackend:
 
     def check_choices(self, choices: Mapping[str, Sequence[str]]) -> None:
         """Refuse labels the first token could not tell apart (at rule load)."""
-        clash = clashing_labels(choices)
-        if clash is not None:
-            raise ValueError(
-                f"answer {clash[1]!r} begins with answer {clash[0]!r}: with a remote server "
-                "its first token could be the other's; rename one of them"
-            )
+        check_remote_choices(choices)
 
     async def run(self, request: ModelRequest) -> Answer:
         """The answer, or RemoteError (counted in `health`, as a failed request is)."""
