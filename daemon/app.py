@@ -153,9 +153,11 @@ class Daemon:
             return
         merged, later = self._merged(new)
         if problems := _restart_problems(new, later):
-            # applied at the next restart, they would stop it (a restart loop under systemd)
+            # the file is refused whole, as one that would not start at all: said now, not
+            # at the next restart (which would fail, and under systemd loop)
             log.error(
-                "config not reloaded: the next start would fail; the running settings stay",
+                "config not reloaded: this file would stop the next start, fix it; the "
+                "running settings stay",
                 error="; ".join(problems),
                 restart_needed_for=later,
             )

@@ -225,18 +225,16 @@ class ConsoleApi:
                 is_file=False,
             )
             assert d.pipeline is not None
-            # not beside an alert reviewed alone (a crash cut off its review: see
-            # daemon.review_gate), so that a crash then is still that alert's alone
-            async with d.pipeline.gate.review(alone=False):
-                result = await playground.try_rule(
-                    d.pipeline.reviewer,
-                    rule,
-                    image,
-                    camera_id=_text(body, "camera_id") if body.get("camera_id") else "playground",
-                    event_type=_text(body, "event_type") if body.get("event_type") else None,
-                    max_pixels=d.settings.images.max_input_pixels,
-                    like=like,
-                )
+            result = await playground.try_rule(
+                d.pipeline.reviewer,
+                rule,
+                image,
+                camera_id=_text(body, "camera_id") if body.get("camera_id") else "playground",
+                event_type=_text(body, "event_type") if body.get("event_type") else None,
+                max_pixels=d.settings.images.max_input_pixels,
+                like=like,
+                gate=d.pipeline.gate,
+            )
         except ValueError as exc:  # PlaygroundError, JSON errors
             return error(400, str(exc))
         return web.json_response({**result, "rule_toml": text})

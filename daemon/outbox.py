@@ -144,9 +144,9 @@ class Outbox:
                     error=str(result),
                 )
         if done:
-            log.debug(
-                "verdicts published", count=len(done), topics=sorted({i.topic for i in batch})
-            )
+            published = set(done)
+            topics = sorted({item.topic for item in batch if item.id in published})
+            log.debug("verdicts published", count=len(done), topics=topics)
         failed = [r for r in results if r is not None and not isinstance(r, PublishRefused)]
         # alone until one goes through (or is set aside): a lost connection may be its doing
         lost = any(isinstance(r, ConnectionLost) for r in failed)

@@ -7,6 +7,7 @@ Used by `secondlook try` and by the web console (`POST /v1/try`, `PUT /v1/rules/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -24,6 +25,7 @@ from daemon.contract import Alert, utc_now
 from daemon.images import ImageError, inspect_image
 from daemon.journal import StoredAlert
 from daemon.plugin_api import RawImage, RuleKind
+from daemon.review_gate import ReviewGate
 from daemon.reviewer import Reviewer
 from daemon.rules import (
     RULE_FILE_MAX_BYTES,
@@ -168,9 +170,12 @@ async def try_rule(
     boxes: Sequence[Mapping[str, float]] = (),
     max_pixels: int = 40_000_000,
     like: Alert | None = None,
+    gate: ReviewGate | None = None,
 ) -> dict[str, Any]:
     """The rule's judgement of the image, with the prompt, raw answer and latency; `like`:
-    a stored alert whose fields (camera, event type, boxes, extra ...) the try takes."""
+    a stored alert whose fields (camera, event type, boxes, extra ...) the try takes; `gate`:
+    the daemon's, so that the try waits while an alert is reviewed alone (a crash cut off
+    its review: see daemon.review_gate), and a crash then is still that alert's alone."""
     try:
         inspect_image(image, max_pixels=max_pixels)
     except ImageError as exc:
@@ -179,9 +184,10 @@ async def try_rule(
         rule, camera_id=camera_id, event_type=event_type, boxes=boxes, like=like
     )
     stored = StoredAlert(0, alert, [RawImage("image", image)], utc_now(), 0, "received")
-    started = time.perf_counter()
-    # a try neither reuses a verdict nor lends one to the live alerts of its camera
-    judgement = await reviewer.judge(alert, rule, reviewer.images_once(stored), cooldown=False)
+    async with gate.review(alone=False) if gate is not None else contextlib.nullcontext():
+        started = time.perf_counter()
+        # a try neither reuses a verdict nor lends one to the live alerts of its camera
+        judgement = await reviewer.judge(alert, rule, reviewer.images_once(stored), cooldown=False)
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if judgement is None:  # on_error = "drop"
         raise PlaygroundError("the review failed and the rule drops failed alerts (on_error)")

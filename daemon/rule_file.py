@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from daemon.contract import Alert, Name, parse_rfc3339
 from daemon.templates import Template, check_topic_template, without_control_tokens
@@ -66,6 +66,12 @@ class MatchSpec(_Strict):
         if value is not None:
             _zone(value)
         return value
+
+    @model_validator(mode="after")
+    def _zone_for_hours(self) -> MatchSpec:
+        if self.timezone is not None and not self.hours:
+            raise ValueError("timezone is read for hours only: set hours too, or leave it out")
+        return self
 
     def matches(self, alert: Alert) -> bool:
         if not (

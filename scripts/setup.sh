@@ -47,7 +47,8 @@ case "$interpreter" in
             /root/* | /home/*) ;;
             *) echo "warning: .venv runs $interpreter, which the systemd unit cannot see" \
                 "(ProtectHome=yes); for the service, make it with a system python3:" \
-                "rm -r .venv && PATH=/usr/bin:\$PATH $0" >&2 ;;
+                "rm -r $PWD/.venv && PATH=/usr/bin:\$PATH $PWD/scripts/setup.sh $*" \
+                "(with the same TORCH_SPEC)" >&2 ;;
         esac ;;
 esac
 .venv/bin/python -m pip install -q --upgrade pip

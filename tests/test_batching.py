@@ -243,6 +243,10 @@ async def test_a_request_given_up_before_its_batch_forms_does_not_count_towards_
         running.cancel()
     # r1 waited for company: the cancelled r2 did not fill its batch
     assert runner.batches == [["r1", "r3"]]
+    # waiting requests are told apart by identity (equal ones would compare their pictures)
+    same = ModelRequest(ChoiceQuery("r1", YES_NO), [Image.new("RGB", (56, 56))])
+    loop = asyncio.get_running_loop()
+    assert _Waiting(same, loop.create_future()) != _Waiting(same, loop.create_future())
 
 
 @pytest.mark.parametrize(

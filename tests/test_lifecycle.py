@@ -210,7 +210,9 @@ async def test_sighup_applies_live_settings_and_names_those_that_need_a_restart(
     assert reloaded["restart_needed_for"] == ["model"] and reloaded["level"] == "warning"
     broken, would_fail = [e for e in events if e["event"].startswith("config not reloaded")]
     assert "pipeline" in broken["error"]
-    assert would_fail["event"].startswith("config not reloaded: the next start would fail")
+    assert would_fail["event"].startswith(
+        "config not reloaded: this file would stop the next start"
+    )
     assert would_fail["error"].endswith(
         "a-file/var: " + str(tmp_path / "a-file") + " is not a folder"
     )

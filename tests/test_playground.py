@@ -108,8 +108,8 @@ async def test_a_try_waits_while_an_alert_is_reviewed_alone(tmp_path, tiny_model
     upload = base64.b64encode(jpeg_bytes(colour=(20, 200, 40))).decode()
     async with run_daemon(settings) as d:
 
-        async def tried() -> int:
-            body = {"image": upload, "prompt": "Smoke?"}
+        async def tried(image: str = upload) -> int:
+            body = {"image": image, "prompt": "Smoke?"}
             async with d.http.post(f"{d.base_url}/v1/try", json=body) as response:
                 return response.status
 
@@ -117,6 +117,9 @@ async def test_a_try_waits_while_an_alert_is_reviewed_alone(tmp_path, tiny_model
         # an alert whose review a crash cut off is reviewed with nothing beside it
         async with d.daemon.pipeline.gate.review(alone=True):
             trying = asyncio.create_task(tried())
+            # what needs no model is answered meanwhile
+            not_an_image = base64.b64encode(b"GIF89a").decode()
+            assert await asyncio.wait_for(tried(not_an_image), 5) == 400
             await asyncio.sleep(1.0)
             assert not trying.done()
         assert await asyncio.wait_for(trying, 30) == 200

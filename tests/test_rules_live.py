@@ -172,6 +172,10 @@ def test_hours_are_read_in_the_rules_time_zone_when_it_names_one(tmp_path):
         with pytest.raises(RuleError) as info:
             parse_rule(tmp_path / "bad.toml", shanghai.replace("Asia/Shanghai", zone), KINDS)
         assert info.value.where == "match.timezone" and "unknown time zone" in info.value.reason
+    alone = FIRE_RULE.replace('event_types = ["fire"]', 'event_types = ["fire"]\ntimezone = "UTC"')
+    with pytest.raises(RuleError) as info:
+        parse_rule(tmp_path / "alone.toml", alone, KINDS)
+    assert info.value.where == "match" and "timezone is read for hours only" in info.value.reason
 
 
 def test_bad_windows_and_scores_are_load_errors(tmp_path):

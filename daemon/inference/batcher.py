@@ -41,7 +41,7 @@ class BatchRunner(Protocol):
     ) -> list[Answer | Exception]: ...
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: equal requests would compare their pictures
 class _Waiting:
     request: ModelRequest
     future: asyncio.Future[Answer]
