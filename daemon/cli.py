@@ -395,7 +395,13 @@ def try_(
     as_json: bool,
 ) -> None:
     """Try a prompt or a rule on one image: verdict, P(real), fields, raw output, latency."""
-    from daemon.playground import RULE_NAME, PlaygroundError, prompt_rule_kind, rule_toml
+    from daemon.playground import (
+        RULE_NAME,
+        RULE_NAME_RULE,
+        PlaygroundError,
+        prompt_rule_kind,
+        rule_toml,
+    )
 
     if (prompt is None) == (rule_file is None):
         raise click.UsageError("give either --prompt or --rule")
@@ -405,10 +411,7 @@ def try_(
             "(else it would review every alert)"
         )
     if save_as is not None and not RULE_NAME.fullmatch(save_as):
-        raise click.UsageError(
-            f"--save-rule {save_as!r}: letters, digits, '_', '-' and '.', starting with a "
-            "letter or digit"
-        )
+        raise click.UsageError(f"--save-rule {save_as!r}: {RULE_NAME_RULE}")
     if prompt is not None:
         try:
             prompt_rule_kind(kind, "write a rule file and try it with --rule")

@@ -40,6 +40,8 @@ from daemon.rules import (
 
 #: a rule name: a safe file stem
 RULE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: what RULE_NAME asks for, in words
+RULE_NAME_RULE = "1 to 64 letters, digits, '_', '-' and '.', starting with a letter or digit"
 #: what a TOML basic string must escape besides quote and backslash: control characters
 _TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
 
@@ -219,25 +221,28 @@ def save_rule(
     """Check `text` as a rule, then write `<rules_dir>/<name>.toml` at once (a temporary file
     renamed over it), so the rules watcher never reads half a file. A rule whose name (its
     `name` key) another file of the directory holds, or another file's rule `in_force` (by
-    name: a broken file's last good version), is refused: the directory would refuse it too;
+    name: a broken file's last good version), is refused: the directory would refuse it too
+    (not when the rule in force under that name is the file saved over);
     so is one over the directory's size limit, and without `overwrite` an existing file
     (RuleFileExists). Any existing rule file's own name will do; `.toml` after it is dropped."""
     name = name.removesuffix(".toml")
     if not RULE_NAME.fullmatch(name) and not _is_rule_file(rules_dir, name):
-        raise PlaygroundError(
-            f"name {name!r}: letters, digits, '_', '-' and '.', starting with a letter or digit"
-        )
+        raise PlaygroundError(f"name {name!r}: {RULE_NAME_RULE}")
     if len(text.encode()) > RULE_FILE_MAX_BYTES:
         raise PlaygroundError(f"over {RULE_FILE_MAX_BYTES} bytes: not a rule file")
     rule = load_rule(text, kinds, check_choices, name, folder=rules_dir, check_topic=check_topic)
     target = rules_dir / f"{name}.toml"
+    holder = (in_force or {}).get(rule.name)
+    if holder == target:
+        # the rule in force under that name is this file's: it keeps the name, whatever a
+        # file the directory refused says (that file's own error is shown)
+        holder = None
+    elif holder is None:
+        holder = _file_naming(rules_dir, rule.name, besides=target)
+    if holder is not None:  # before the question whether to replace the file: no use asking
+        raise PlaygroundError(f"rule {rule.name!r} is already in {holder.name}")
     if not overwrite and target.exists():
         raise RuleFileExists(f"{target.name} exists")
-    holder = (in_force or {}).get(rule.name)
-    if holder is None or holder == target:
-        holder = _file_naming(rules_dir, rule.name, besides=target)
-    if holder is not None:
-        raise PlaygroundError(f"rule {rule.name!r} is already in {holder.name}")
     rules_dir.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=rules_dir, prefix=f".{name}.", suffix=".tmp")
     try:

@@ -279,6 +279,17 @@ async def test_the_console_fits_a_phone_and_says_plainly_what_went_wrong(tmp_pat
             await page.get_by_test_id(f"tab-{tab}").click()
             wide = await page.evaluate("document.documentElement.scrollWidth")
             assert wide <= 360, (tab, wide)
+        # a long word in a result (a URL in the prompt) wraps, at a desk's width too
+        await expect(page.get_by_test_id("try-snapshot").locator("option")).to_have_count(2)
+        await page.get_by_test_id("try-snapshot").select_option(index=1)
+        await page.get_by_test_id("try-prompt").fill("Is " + "x" * 300 + " on fire? Yes or no.")
+        for width in (360, 1200):
+            await page.set_viewport_size({"width": width, "height": 740})
+            await page.get_by_test_id("try-run").click()
+            await expect(page.get_by_test_id("try-verdict")).to_be_visible()
+            wide = await page.evaluate("document.documentElement.scrollWidth")
+            assert wide <= width, (width, wide)
+        await page.set_viewport_size({"width": 360, "height": 740})
         await shoot(page, tmp_path, "phone")
         assert console_errors == []  # not even a favicon's 404
         # a proxy's HTML error page, and a daemon that cannot be reached

@@ -347,7 +347,18 @@ async def test_a_rule_saved_from_the_console_is_one_the_daemon_puts_in_force(tmp
         status, body = await call("PUT", "/v1/rules/明火", data=FIRE_RULE)
         assert status == 409 and body["field"] == "name" and "明火.toml exists" in body["error"]
         status, body = await call("PUT", "/v1/rules/新规则", data=FIRE_RULE)  # a new file
-        assert status == 400 and "name '新规则': letters, digits" in body["error"]
+        assert status == 400 and "name '新规则': 1 to 64 letters, digits" in body["error"]
+        # a file the directory refused for taking the name of the rule in force does not
+        # stop that rule being edited
+        (rules / "copycat.toml").write_text('name = "明火"\n' + FIRE_RULE)
+        d.daemon.reload_rules()
+        assert d.daemon.rules.get("明火").path.name == "明火.toml"
+        edited = "priority = 3\n" + fiery
+        status, body = await call("PUT", "/v1/rules/明火?overwrite=1", data=edited)
+        assert status == 201 and (rules / "明火.toml").read_text() == edited, body
+        # a name another file holds is said before the question whether to replace the file
+        status, body = await call("PUT", "/v1/rules/明火", data='name = "blaze"\n' + FIRE_RULE)
+        assert status == 400 and "rule 'blaze' is already in lamps.toml" in body["error"]
         assert not (rules / "新规则.toml").exists()
         # a rule whose verdicts would come back as alerts is refused before it is written
         echo = FIRE_RULE + '[publish]\ntopic = "secondlook/alerts/{camera_id}"\n'

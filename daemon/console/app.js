@@ -72,7 +72,9 @@ $("#login").addEventListener("submit", (event) => {
   event.preventDefault();
   token = $("#token").value.trim();
   if (!TOKEN_CHARS.test(token)) {
-    $("#status").textContent = "the token may hold printable ASCII characters only";
+    $("#status").textContent = token
+      ? "the token may hold printable ASCII characters only"
+      : "enter one of the daemon's tokens";
     return;
   }
   localStorage.setItem("secondlook-token", token);
@@ -86,10 +88,15 @@ const images = new Map(); // ref -> Promise of a blob URL ("" when there is none
 function thumbnail(ref) {
   const img = el("img", { alt: "snapshot", "data-testid": "thumb" });
   if (!images.has(ref)) {
+    // a passing failure (a refused token, a busy daemon, the network) is tried again at the
+    // next drawing; a snapshot pruned (404) or undecodable (422) stays blank
+    const again = () => { images.delete(ref); return ""; };
     images.set(ref, api(`/v1/snapshots/${ref}/0?thumb=1`)
-      .then((r) => (r.ok ? r.blob() : null))
-      .then((blob) => (blob ? URL.createObjectURL(blob) : ""))
-      .catch(() => ""));
+      .then((r) => {
+        if (r.ok) return r.blob().then((blob) => URL.createObjectURL(blob));
+        return r.status === 404 || r.status === 422 ? "" : again();
+      })
+      .catch(again));
   }
   images.get(ref).then((url) => { if (url) img.src = url; });
   return img;
@@ -314,6 +321,8 @@ async function showRules() {
 // a rule's file into the playground: tried there, then saved over itself
 function editRule(rule) {
   $("#try-kind").value = "rule";
+  showEventTypes();
+  $("#try-result").replaceChildren();  // another rule's result would pass for this one's
   $("#try-prompt").value = rule.text;
   $("#save-name").value = rule.file.replace(/\.toml$/, "");
   $("#save-form").hidden = false;
@@ -392,9 +401,14 @@ $("#try-form").addEventListener("submit", async (event) => {
   run.disabled = true;
   try { await tryOnce(); } finally { run.disabled = false; }
 });
+// a rule file names its own event types: the field is for a prompt saved as a rule
+function showEventTypes() { $("#save-events").hidden = $("#try-kind").value === "rule"; }
+$("#try-kind").addEventListener("change", showEventTypes);
+
 async function tryOnce() {
   const out = $("#try-result");
   out.replaceChildren(el("p", {}, "running …"));
+  $("#save-result").textContent = "";
   const body = {};
   const file = $("#try-file").files[0];
   if (file) body.image = await readBase64(file);
