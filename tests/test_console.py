@@ -172,6 +172,31 @@ async def test_playground_verdict_for_an_upload_and_a_rule_saved_from_it(tmp_pat
         )
 
 
+async def test_any_listed_alerts_snapshot_can_be_tried_from_its_card(tmp_path, tiny_model):
+    settings = make_settings(tmp_path, broker=None, model=tiny_model)
+    (settings.rules.dir / "fire.toml").write_text(FIRE_RULE)
+    ids = [f"past-{i:02d}" for i in range(22)]  # the first two are past the newest 20
+    async with run_daemon(settings) as d, browser_page() as page:
+        for alert_id in ids:
+            assert (await d.post_alert(make_alert(alert_id)))[0] == 202
+        await d.wait_reviewed(ids[-1])
+        await page.goto(f"{d.base_url}/console/")
+        card = page.locator(f"[data-testid=alert][data-alert-id={ids[0]}]")
+        await card.get_by_test_id("alert-try").click()
+        await expect(page.get_by_test_id("tab-playground")).to_have_attribute(
+            "aria-selected", "true"
+        )
+        snapshot = page.get_by_test_id("try-snapshot")
+        await expect(snapshot.locator("option:checked")).to_contain_text(ids[0])
+        # the playground's list of the newest 20 is drawn again: the choice stays
+        await page.get_by_test_id("tab-alerts").click()
+        await page.get_by_test_id("tab-playground").click()
+        await expect(snapshot.locator("option:checked")).to_contain_text(ids[0])
+        await page.get_by_test_id("try-prompt").fill("Is there fire?")
+        await page.get_by_test_id("try-run").click()
+        await expect(page.get_by_test_id("try-verdict")).to_be_visible()
+
+
 async def test_the_console_asks_for_the_token_and_then_works(tmp_path, tiny_model):
     tokens = tmp_path / "tokens"
     tokens.write_text("console-token-123\n")

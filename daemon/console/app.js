@@ -222,7 +222,9 @@ function alertCard(alert) {
     el("div", {},
       // <bdi>: an id holding right-to-left text or a bidi override stays within itself
       el("h4", {}, el("bdi", {}, alert.event_type), " · ", el("bdi", {}, alert.camera_id), " · ", el("bdi", {}, alert.box_id)),
-      el("div", {}, el("bdi", {}, alert.alert_id), ` · occurred ${alert.occurred_at} · box score ${alert.score ?? "–"}`),
+      el("div", {}, el("bdi", {}, alert.alert_id), ` · occurred ${alert.occurred_at} · box score ${alert.score ?? "–"}`,
+        alert.images ? el("button", { "data-testid": "alert-try", onclick: () => tryAlert(alert),
+          "aria-label": `try a prompt on the snapshot of alert ${alert.alert_id}` }, "try in playground") : null),
       verdicts));
 }
 
@@ -378,14 +380,30 @@ function chart(name, series, timeline) {
 }
 
 // playground -------------------------------------------------------------------------------
+const snapshotOption = (a) => el("option", { value: a.ref }, `${a.alert_id} (${a.event_type}, ${a.camera_id})`);
+// the newest snapshots, and the one chosen (from an alert's card: it may be older)
 async function fillSnapshots() {
   const { alerts } = await json("/v1/alerts?limit=20");
   const select = $("#try-snapshot");
-  const chosen = select.value;
-  select.replaceChildren(el("option", { value: "" }, "—"),
-    ...alerts.filter((a) => a.images).map((a) => el("option", { value: a.ref }, `${a.alert_id} (${a.event_type}, ${a.camera_id})`)));
-  select.value = chosen;
+  const chosen = select.selectedOptions[0];
+  const listed = alerts.filter((a) => a.images);
+  const kept = chosen?.value && !listed.some((a) => String(a.ref) === chosen.value) ? [chosen] : [];
+  const value = select.value;
+  select.replaceChildren(el("option", { value: "" }, "—"), ...kept, ...listed.map(snapshotOption));
+  select.value = value;
 }
+// an alert's snapshot into the playground (instead of an upload)
+function tryAlert(alert) {
+  const select = $("#try-snapshot");
+  if (![...select.options].some((o) => o.value === String(alert.ref))) select.append(snapshotOption(alert));
+  select.value = String(alert.ref);
+  $("#try-file").value = "";
+  $("#try-result").replaceChildren();
+  $("[data-testid=tab-playground]").click();
+}
+// one image at a time: choosing one clears the other
+$("#try-file").addEventListener("change", () => { if ($("#try-file").files.length) $("#try-snapshot").value = ""; });
+$("#try-snapshot").addEventListener("change", () => { if ($("#try-snapshot").value) $("#try-file").value = ""; });
 
 const readBase64 = (file) => new Promise((resolve, reject) => {
   const reader = new FileReader();
