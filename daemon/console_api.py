@@ -46,6 +46,7 @@ from plugins.canonical import decode_base64_image
 
 if TYPE_CHECKING:
     from daemon.app import Daemon
+    from daemon.rules import Rule
 
 log = structlog.get_logger(__name__)
 
@@ -119,6 +120,7 @@ class ConsoleApi:
                 # what the correction form offers: the kind of the rule in force by that name
                 rule = self.daemon.rules.get(verdict["rule"]) if verdict["rule"] else None
                 verdict["kind"] = rule.kind if rule is not None else None
+                verdict["answers"] = _answers(rule)
         return web.json_response({"alerts": alerts})
 
     async def snapshot(self, request: web.Request) -> web.Response:
@@ -413,6 +415,19 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise playground.PlaygroundError("expected a JSON object")
     return body
+
+
+def _answers(rule: Rule | None) -> dict[str, Any] | None:
+    """What a rule in force may answer, for the correction form: a classify rule's labels,
+    an extract rule's fields and their types; None for other rules."""
+    options = getattr(rule, "options", None)
+    labels = getattr(options, "labels", None)
+    if isinstance(labels, list | tuple):
+        return {"labels": list(labels)}
+    fields = getattr(options, "fields", None)
+    if isinstance(fields, dict):
+        return {"fields": {name: getattr(spec, "type", None) for name, spec in fields.items()}}
+    return None
 
 
 #: the keys of the JSON bodies of POST /v1/try and PUT /v1/rules/{name}

@@ -347,6 +347,7 @@ async def test_a_classify_verdicts_right_label_and_a_note_are_sent_from_its_card
         await card.locator("summary").click()
         fields = card.get_by_test_id("correct-fields")
         await expect(fields).to_have_value(re.compile(r'^\{"label":"(fight|play)"\}$'))
+        await expect(card.get_by_test_id("correct-hint")).to_have_text("labels: fight, play")
         # not JSON: said on the card, nothing sent
         await fields.fill("play")
         await card.get_by_test_id("correct-submit").click()
@@ -365,13 +366,19 @@ async def test_a_classify_verdicts_right_label_and_a_note_are_sent_from_its_card
         await expect(card.locator("details")).to_have_attribute("open", "")
         await expect(card.get_by_test_id("correct-submit")).to_be_focused()
         await expect(card.get_by_test_id("correct-note")).to_have_value("two kids playing")
+        # drawn afresh, the form shows the correction given, not the model's answer
+        await page.reload()
+        await card.locator("summary").click()
+        await expect(fields).to_have_value('{"label":"play"}')
         rows = await d.daemon.journal.read("SELECT fields, note, source FROM feedback")
         # a failed extraction has no fields, and takes the right ones all the same
         assert (await d.post_alert(make_alert("crowd-1", event_type="people_gathering")))[0] == 202
         card = page.locator('[data-testid=alert][data-alert-id="crowd-1"]')
         await expect(card.get_by_test_id("verdict")).to_have_text("uncertain")
         await card.locator("summary").click()
-        await expect(card.get_by_test_id("correct-fields")).to_have_value("{}")
+        # the rule's fields, left for the operator to fill in
+        await expect(card.get_by_test_id("correct-fields")).to_have_value('{"people":null}')
+        await expect(card.get_by_test_id("correct-hint")).to_have_text("fields: people (integer)")
         await card.get_by_test_id("correct-fields").fill('{"people": 3}')
         await card.get_by_test_id("correct-submit").click()
         await expect(card.get_by_test_id("feedback-given")).to_contain_text('{"people":3}')

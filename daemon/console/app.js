@@ -270,8 +270,15 @@ function correctionForm(alert, v, problem) {
   const classified = v.kind === "classify";
   const area = el("textarea", { rows: 2, cols: 40, "data-testid": "correct-fields",
     "aria-label": "the right fields, as JSON" });
-  const fields = v.fields || {};
+  // a correction given already, else the model's answer, with the rule's fields it left out
+  const given = v.feedback?.fields;
+  const declared = Object.keys(v.answers?.fields || {});
+  const fields = given || Object.assign(Object.fromEntries(declared.map((n) => [n, null])), v.fields || {});
   area.value = JSON.stringify(classified ? { label: fields.label ?? "" } : fields);
+  const labels = v.answers?.labels;
+  const hint = labels ? el("div", { "data-testid": "correct-hint" }, `labels: ${labels.join(", ")}`)
+    : declared.length ? el("div", { "data-testid": "correct-hint" },
+      `fields: ${declared.map((n) => `${n} (${v.answers.fields[n]})`).join(", ")}`) : null;
   const note = el("input", { "data-testid": "correct-note", placeholder: "note (optional)",
     "aria-label": "note" });
   const send = (event) => {
@@ -288,7 +295,7 @@ function correctionForm(alert, v, problem) {
   };
   return el("form", { class: "correction", onsubmit: send },
     el("label", {}, classified ? "right label " : "right fields ", area), " ", note, " ",
-    el("button", { type: "submit", "data-testid": "correct-submit" }, "send correction"));
+    el("button", { type: "submit", "data-testid": "correct-submit" }, "send correction"), hint);
 }
 
 async function sendFeedback(alert, rule, said, problem) {
