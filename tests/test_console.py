@@ -168,7 +168,7 @@ async def test_playground_verdict_for_an_upload_and_a_rule_saved_from_it(tmp_pat
         )
         await page.get_by_test_id("save-rule").click()
         await expect(page.get_by_test_id("save-result")).to_have_text(
-            "the server answered 502 Bad Gateway without the expected data"
+            "not saved: the server answered 502 Bad Gateway without the expected data"
         )
 
 

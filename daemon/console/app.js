@@ -490,7 +490,8 @@ $("#save-form").addEventListener("submit", async (event) => {
     if (!response.ok) throw new Error(saved.error || response.statusText);
     $("#save-result").textContent = `saved as ${saved.file}`;
   } catch (error) {
-    $("#save-result").textContent = error.message;
+    // the file named in a refusal is the one it would have written: nothing was written
+    $("#save-result").textContent = `not saved: ${error.message}`;
   }
 });
 
