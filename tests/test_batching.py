@@ -8,6 +8,7 @@ import shutil
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -284,12 +285,13 @@ async def test_an_out_of_memory_batch_is_split_and_retried(tiny_model, error):
     assert len(flaky.failed_tensors) >= 4 and not any(flaky.still_held)
 
 
-async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_again(
-    tiny_model, monkeypatch
-):
-    monkeypatch.setattr("daemon.inference.batch_limit.PROBE_AFTER", 3)
+async def rounds_of_eight(
+    tiny_model: Path, fits: list[int]
+) -> tuple[OutOfMemoryAbove, list[int], MicroBatcher]:
+    """Rounds of eight requests through a batcher (max_batch 8) over a runner that runs out
+    of memory above `fits[i]` in round i; the runner, and the batch limit after each round."""
     runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
-    flaky = OutOfMemoryAbove(runner, limit=4, error=torch.OutOfMemoryError("CUDA out of memory."))
+    flaky = OutOfMemoryAbove(runner, limit=0, error=torch.OutOfMemoryError("CUDA out of memory."))
     choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
     requests = choice + choice[:2]  # eight
     limits = []
@@ -298,10 +300,19 @@ async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_
             flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
         )
         running = asyncio.create_task(batcher.run())
-        for _ in range(4):
+        for fit in fits:
+            flaky.limit = fit
             await asyncio.gather(*(batcher.submit(r) for r in requests))
             limits.append(batcher.report()["batch_limit"])
         running.cancel()
+    return flaky, limits, batcher
+
+
+async def test_batches_stay_below_the_size_that_ran_out_of_memory_then_probe_it_again(
+    tiny_model, monkeypatch
+):
+    monkeypatch.setattr("daemon.inference.batch_limit.PROBE_AFTER", 3)
+    flaky, limits, batcher = await rounds_of_eight(tiny_model, [4, 4, 4, 4])
     # 8 ran out and its halves fit: batches of 4 from then on; after three full passes of 4
     # the limit is 8 again, and the next 8 run out once more
     assert flaky.sizes == [8, 4, 4, 4, 4, 4, 4, 8, 4, 4]
@@ -312,22 +323,8 @@ async def test_a_probe_whose_halves_run_out_too_lowers_the_limit_below_them(
     tiny_model, monkeypatch
 ):
     monkeypatch.setattr("daemon.inference.batch_limit.PROBE_AFTER", 3)
-    runner = ModelRunner.load(ModelSettings(path=str(tiny_model)))
-    flaky = OutOfMemoryAbove(runner, limit=4, error=torch.OutOfMemoryError("CUDA out of memory."))
-    choice = [r for r in mixed_requests() if isinstance(r.query, ChoiceQuery)]
-    requests = choice + choice[:2]  # eight
-    limits = []
-    with ThreadPoolExecutor(1) as model_pool, ThreadPoolExecutor(2) as prep_pool:
-        batcher = MicroBatcher(
-            flaky, max_batch=8, max_wait_s=0.3, model_pool=model_pool, prep_pool=prep_pool
-        )
-        running = asyncio.create_task(batcher.run())
-        for round_ in range(4):
-            if round_ == 3:
-                flaky.limit = 2  # less memory free by the time 8 is tried again
-            await asyncio.gather(*(batcher.submit(r) for r in requests))
-            limits.append(batcher.report()["batch_limit"])
-        running.cancel()
+    # less memory free by the time 8 is tried again
+    flaky, limits, _ = await rounds_of_eight(tiny_model, [4, 4, 4, 2])
     # the try at 8 runs out, and so do its halves of 4, the size confirmed before: the
     # limit falls to the quarters that fit, not back to 4 (to run out once more)
     assert flaky.sizes == [8, 4, 4, 4, 4, 4, 4, 8, 4, 2, 2, 4, 2, 2]
